@@ -1,0 +1,10 @@
+"""Fused kernels for the frozen LLM block: RMSNorm, SwiGLU and non-causal GQA attention.
+
+Each public function takes plain tensors and picks its implementation by device: CUDA -> Triton,
+CPU -> the PyTorch reference beside it. `LLM4SEG_KERNELS=triton|torch` forces one.
+"""
+from kernels.attention import attention
+from kernels.rms_norm import rms_norm
+from kernels.swiglu import swiglu
+
+__all__ = ["attention", "rms_norm", "swiglu"]
