@@ -1,15 +1,269 @@
-"""Non-causal grouped-query attention: softmax(q k^T / sqrt(d)) v per head.
+"""Non-causal grouped-query attention: softmax(q k^T / sqrt(d)) v per head, flash-style.
 
 q (B, Hq, T, d); k, v (B, Hkv, T, d); kv head j serves q heads j*g .. j*g+g-1, g = Hq / Hkv.
+Forward, per q head (c = 1/sqrt(d)):
+    S = c q k^T (T, T)     P = softmax_rows(S)     O = P v     L = logsumexp_rows(S)   (saved)
+Backward (P rebuilt block by block from q, k and L; never stored):
+    delta = rowsum(dO * O)                   (= rowsum(P * dP), the softmax Jacobian's shift)
+    dP = dO v^T     dS = P * (dP - delta)
+    dQ = c dS k     dK = c dS^T q     dV = P^T dO
+    dK, dV of a kv head sum those of its g q heads.
+
+Triton forward: one program per (BLOCK_M query rows, q head); it streams BLOCK_N keys at a time
+with an online softmax (running max m and sum l, in base 2: exp2(S log2 e) = exp(S)), so the
+T x T matrix is never materialised; it saves O and L (one float32 per row, kept in base 2).
+Backward: a preprocess kernel computes delta; a dK/dV program owns BLOCK_N keys of one kv head
+and loops over all query blocks of every q head of its group, so the group sum happens in its
+registers (deterministic, no atomics, no k / v copied per q head); a dQ program owns BLOCK_M
+query rows and loops over the keys. T needs no multiple of a block (tails are masked); d is a
+power of two from 16 to 256; all products accumulate in float32.
 """
+from __future__ import annotations  # keeps `tl.constexpr` in kernel signatures unevaluated: triton is optional
+
+import math
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from kernels._dispatch import jit_once, next_power_of_2, tl, use_triton
+
+LOG2_E = 1.4426950408889634
 
 
 def attention_reference(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return F.scaled_dot_product_attention(q, k, v, enable_gqa=q.shape[1] != k.shape[1])
 
 
+# The kernels are plain functions, wrapped by triton.jit on first use (kernels._dispatch.jit_once).
+# Each (B, H, T, d) operand comes with its (batch, head, time) strides, d being contiguous, so
+# transposed or GQA-shared tensors are read in place. input_precision="ieee" keeps fp32 dots out
+# of TF32 on a GPU and does not change fp16 / bf16 dots.
+def _forward_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
+                    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+                    stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
+                    Hq, T, qk_scale_log2, GROUP: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    batch_head = tl.program_id(1).to(tl.int64)
+    batch, q_head = batch_head // Hq, batch_head % Hq
+    kv_head = q_head // GROUP
+    q_head_ptr = q_ptr + batch * stride_qb + q_head * stride_qh  # this head's (T, d) matrix
+    k_head_ptr = k_ptr + batch * stride_kb + kv_head * stride_kh
+    v_head_ptr = v_ptr + batch * stride_vb + kv_head * stride_vh
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, HEAD_DIM)
+    row_in = rows < T
+    q = tl.load(q_head_ptr + rows[:, None] * stride_qt + cols[None, :], mask=row_in[:, None], other=0.0)
+    m = tl.full((BLOCK_M,), float("-inf"), tl.float32)  # running row max of S log2(e)
+    l = tl.zeros((BLOCK_M,), tl.float32)  # running row sum of exp2(S log2(e) - m)
+    acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)  # running (unnormalised) P v
+    for start_n in range(0, T, BLOCK_N):
+        keys = start_n + tl.arange(0, BLOCK_N)
+        key_in = keys < T
+        k = tl.load(k_head_ptr + keys[:, None] * stride_kt + cols[None, :], mask=key_in[:, None], other=0.0)
+        v = tl.load(v_head_ptr + keys[:, None] * stride_vt + cols[None, :], mask=key_in[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale_log2
+        s = tl.where(key_in[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        p = tl.math.exp2(s - m_new[:, None])
+        rescale = tl.math.exp2(m - m_new)  # earlier blocks were summed against a smaller max
+        l = l * rescale + tl.sum(p, axis=1)
+        acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        m = m_new
+    o_head_ptr = o_ptr + batch * stride_ob + q_head * stride_oh
+    tl.store(o_head_ptr + rows[:, None] * stride_ot + cols[None, :], (acc / l[:, None]).to(o_ptr.dtype.element_ty),
+             mask=row_in[:, None])
+    tl.store(lse_ptr + batch_head * T + rows, m + tl.math.log2(l), mask=row_in)
+
+
+def _delta_kernel(o_ptr, do_ptr, delta_ptr, stride_ob, stride_oh, stride_ot,
+                  stride_dob, stride_doh, stride_dot, Hq, T,
+                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    batch_head = tl.program_id(1).to(tl.int64)
+    batch, q_head = batch_head // Hq, batch_head % Hq
+    o_head_ptr = o_ptr + batch * stride_ob + q_head * stride_oh
+    do_head_ptr = do_ptr + batch * stride_dob + q_head * stride_doh
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, HEAD_DIM)
+    row_in = rows < T
+    o = tl.load(o_head_ptr + rows[:, None] * stride_ot + cols[None, :], mask=row_in[:, None], other=0.0)
+    do = tl.load(do_head_ptr + rows[:, None] * stride_dot + cols[None, :], mask=row_in[:, None], other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(delta_ptr + batch_head * T + rows, delta, mask=row_in)
+
+
+def _dk_dv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+                  stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+                  stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
+                  stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt,
+                  Hq, Hkv, T, sm_scale, qk_scale_log2, GROUP: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    batch_head = tl.program_id(1).to(tl.int64)
+    batch, kv_head = batch_head // Hkv, batch_head % Hkv
+    keys = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, HEAD_DIM)
+    key_in = keys < T
+    k_head_ptr = k_ptr + batch * stride_kb + kv_head * stride_kh
+    v_head_ptr = v_ptr + batch * stride_vb + kv_head * stride_vh
+    k = tl.load(k_head_ptr + keys[:, None] * stride_kt + cols[None, :], mask=key_in[:, None], other=0.0)
+    v = tl.load(v_head_ptr + keys[:, None] * stride_vt + cols[None, :], mask=key_in[:, None], other=0.0)
+    dk = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
+    dv = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
+    for group_member in range(GROUP):  # the q heads this kv head serves; their sum stays here
+        q_head = kv_head * GROUP + group_member
+        q_head_ptr = q_ptr + batch * stride_qb + q_head * stride_qh
+        do_head_ptr = do_ptr + batch * stride_dob + q_head * stride_doh
+        row_stats = (batch * Hq + q_head) * T  # offset of this head's L and delta
+        for start_m in range(0, T, BLOCK_M):
+            rows = start_m + tl.arange(0, BLOCK_M)
+            row_in = rows < T
+            q = tl.load(q_head_ptr + rows[:, None] * stride_qt + cols[None, :], mask=row_in[:, None], other=0.0)
+            do = tl.load(do_head_ptr + rows[:, None] * stride_dot + cols[None, :], mask=row_in[:, None], other=0.0)
+            lse = tl.load(lse_ptr + row_stats + rows, mask=row_in, other=0.0)
+            delta = tl.load(delta_ptr + row_stats + rows, mask=row_in, other=0.0)
+            # Transposed tiles (keys x queries), so dK and dV accumulate without a transpose.
+            s_t = tl.dot(k, tl.trans(q), input_precision="ieee") * qk_scale_log2
+            p_t = tl.where(row_in[None, :], tl.math.exp2(s_t - lse[None, :]), 0.0)
+            dv += tl.dot(p_t.to(do.dtype), do, input_precision="ieee")
+            dp_t = tl.dot(v, tl.trans(do), input_precision="ieee")
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += tl.dot(ds_t.to(q.dtype), q, input_precision="ieee")
+    dk_head_ptr = dk_ptr + batch * stride_dkb + kv_head * stride_dkh
+    dv_head_ptr = dv_ptr + batch * stride_dvb + kv_head * stride_dvh
+    tl.store(dk_head_ptr + keys[:, None] * stride_dkt + cols[None, :], (dk * sm_scale).to(dk_ptr.dtype.element_ty),
+             mask=key_in[:, None])
+    tl.store(dv_head_ptr + keys[:, None] * stride_dvt + cols[None, :], dv.to(dv_ptr.dtype.element_ty),
+             mask=key_in[:, None])
+
+
+def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+               stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+               stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
+               stride_dqb, stride_dqh, stride_dqt,
+               Hq, T, sm_scale, qk_scale_log2, GROUP: tl.constexpr,
+               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    batch_head = tl.program_id(1).to(tl.int64)
+    batch, q_head = batch_head // Hq, batch_head % Hq
+    kv_head = q_head // GROUP
+    q_head_ptr = q_ptr + batch * stride_qb + q_head * stride_qh
+    do_head_ptr = do_ptr + batch * stride_dob + q_head * stride_doh
+    k_head_ptr = k_ptr + batch * stride_kb + kv_head * stride_kh
+    v_head_ptr = v_ptr + batch * stride_vb + kv_head * stride_vh
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, HEAD_DIM)
+    row_in = rows < T
+    q = tl.load(q_head_ptr + rows[:, None] * stride_qt + cols[None, :], mask=row_in[:, None], other=0.0)
+    do = tl.load(do_head_ptr + rows[:, None] * stride_dot + cols[None, :], mask=row_in[:, None], other=0.0)
+    lse = tl.load(lse_ptr + batch_head * T + rows, mask=row_in, other=0.0)
+    delta = tl.load(delta_ptr + batch_head * T + rows, mask=row_in, other=0.0)
+    dq = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
+    for start_n in range(0, T, BLOCK_N):
+        keys = start_n + tl.arange(0, BLOCK_N)
+        key_in = keys < T
+        k = tl.load(k_head_ptr + keys[:, None] * stride_kt + cols[None, :], mask=key_in[:, None], other=0.0)
+        v = tl.load(v_head_ptr + keys[:, None] * stride_vt + cols[None, :], mask=key_in[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale_log2
+        p = tl.where(key_in[None, :], tl.math.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision="ieee")
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
+    dq_head_ptr = dq_ptr + batch * stride_dqb + q_head * stride_dqh
+    tl.store(dq_head_ptr + rows[:, None] * stride_dqt + cols[None, :], (dq * sm_scale).to(dq_ptr.dtype.element_ty),
+             mask=row_in[:, None])
+
+
+def _kernels():
+    return jit_once(_forward_kernel, _delta_kernel, _dk_dv_kernel, _dq_kernel)
+
+
+def _launch_config(head_dim: int, T: int) -> dict:
+    """Tile sizes and warps, by head_dim (reasoning for an H100 in the comments).
+
+    BLOCK_M = 64 query rows: one Hopper warpgroup (4 warps) issues m64 tensor-core instructions,
+    and at B=8, T=256 it still gives 4 row blocks x B*Hq programs (>= 3 waves on 132 SMs).
+    BLOCK_N = 64 keys per step for d <= 128; at d = 256 the k and v tiles and the 64 x 256 float32
+    accumulator would spill, so 32. Warps: 4 up to d = 64; 8 from d = 128, where the float32
+    accumulators (64 x d, two of them in dK/dV) need the registers of twice the threads.
+    The backward dK/dV program streams queries in BLOCK_M = 32 steps and dQ streams keys in 32
+    steps: the transposed score tiles (64 x 32) are live next to two accumulators.
+    Short sequences shrink the blocks (never below 16, the smallest tl.dot side) so T = 1 or 17
+    does not compute 64-wide padding.
+    """
+    fit = max(16, next_power_of_2(T))
+    block = min(64 if head_dim <= 128 else 32, fit)
+    step = min(32, fit)
+    return dict(
+        forward=dict(BLOCK_M=min(64, fit), BLOCK_N=block, num_warps=4 if head_dim <= 64 else 8,
+                     num_stages=3 if head_dim <= 128 else 2),
+        dk_dv=dict(BLOCK_N=block, BLOCK_M=step, num_warps=4 if head_dim <= 64 else 8, num_stages=2),
+        dq=dict(BLOCK_M=block, BLOCK_N=step, num_warps=4 if head_dim <= 64 else 8, num_stages=2),
+    )
+
+
+def _strides(t: Tensor) -> tuple[int, int, int]:
+    """(batch, head, time) strides of a (B, H, T, d) tensor whose last dimension is contiguous."""
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _last_dim_contiguous(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+class _AttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        forward_kernel, *_ = _kernels()
+        q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+        B, Hq, T, d = q.shape
+        config = _launch_config(d, T)["forward"]
+        o = torch.empty_like(q, memory_format=torch.contiguous_format)
+        lse = torch.empty((B, Hq, T), dtype=torch.float32, device=q.device)  # base-2 log-sum-exp
+        sm_scale = 1.0 / math.sqrt(d)
+        grid = (-(-T // config["BLOCK_M"]), B * Hq)
+        forward_kernel[grid](q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+                             Hq, T, sm_scale * LOG2_E, GROUP=Hq // k.shape[1], HEAD_DIM=d, **config)
+        ctx.save_for_backward(q, k, v, o, lse)
+        return o
+
+    @staticmethod
+    def backward(ctx, do: Tensor):
+        _, delta_kernel, dk_dv_kernel, dq_kernel = _kernels()
+        q, k, v, o, lse = ctx.saved_tensors
+        do = _last_dim_contiguous(do)
+        B, Hq, T, d = q.shape
+        Hkv = k.shape[1]
+        config = _launch_config(d, T)
+        sm_scale = 1.0 / math.sqrt(d)
+        delta = torch.empty_like(lse)
+        block_m = config["dq"]["BLOCK_M"]
+        delta_kernel[(-(-T // block_m), B * Hq)](o, do, delta, *_strides(o), *_strides(do), Hq, T,
+                                                 HEAD_DIM=d, BLOCK_M=block_m)
+        dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+        dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+        dk_dv_kernel[(-(-T // config["dk_dv"]["BLOCK_N"]), B * Hkv)](
+            q, k, v, do, lse, delta, dk, dv, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
+            *_strides(dk), *_strides(dv), Hq, Hkv, T, sm_scale, sm_scale * LOG2_E,
+            GROUP=Hq // Hkv, HEAD_DIM=d, **config["dk_dv"])
+        dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+        dq_kernel[(-(-T // block_m), B * Hq)](
+            q, k, v, do, lse, delta, dq, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
+            *_strides(dq), Hq, T, sm_scale, sm_scale * LOG2_E, GROUP=Hq // Hkv, HEAD_DIM=d, **config["dq"])
+        return dq, dk, dv
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """q (B, Hq, T, d), k/v (B, Hkv, T, d) with Hq % Hkv == 0 -> (B, Hq, T, d)."""
-    return attention_reference(q, k, v)
+    if q.dim() != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+        raise ValueError(f"attention: expected q (B, Hq, T, d) and k, v (B, Hkv, T, d), got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"attention: expected Hq a multiple of Hkv, got Hq={q.shape[1]}, Hkv={k.shape[1]}")
+    if not use_triton(q):
+        return attention_reference(q, k, v)
+    d = q.shape[-1]
+    if d not in (16, 32, 64, 128, 256):
+        raise ValueError(f"attention: the Triton kernel expects head_dim a power of two in 16..256, got {d}; "
+                         "set LLM4SEG_KERNELS=torch to use the PyTorch reference")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"attention: expected q, k, v of one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    return _AttentionFunction.apply(q, k, v)

@@ -1,6 +1,23 @@
-"""RMSNorm: y = w * x / sqrt(mean(x^2) + eps), statistics in float32, result in x's dtype."""
+"""RMSNorm: y = w * x / sqrt(mean(x^2) + eps), statistics in float32, result in x's dtype.
+
+Forward, per row x (D,), as Hugging Face's LlamaRMSNorm:
+    r = 1 / sqrt(sum_i x_i^2 / D + eps)          float32, saved (one number per row)
+    n = round_to_x_dtype(x * r)                  Llama rounds before scaling by the weight
+    y = w * n                                    dtype = promote(x.dtype, w.dtype)
+Backward, with x^ = x * r and g = dy * w (float32; the rounding of n counts as identity):
+    dx = r * (g - x^ * sum_j(g_j * x^_j) / D)
+    dw = sum over rows of dy * n                 only when w requires grad (a frozen layer skips it)
+
+Triton: one row per program, the whole row in registers (BLOCK_D = next power of two >= D, the
+tail masked), so x is read once and y written once. The backward walks `rows_per_program` rows per
+program and writes one float32 partial dw per program, summed afterwards: deterministic, no atomics.
+"""
+from __future__ import annotations  # keeps `tl.constexpr` in kernel signatures unevaluated: triton is optional
+
 import torch
 from torch import Tensor
+
+from kernels._dispatch import as_rows, jit_once, next_power_of_2, tl, use_triton
 
 
 def rms_norm_reference(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -10,6 +27,103 @@ def rms_norm_reference(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return weight * normed.to(x.dtype)
 
 
+# The kernels are plain functions, wrapped by triton.jit on first use (kernels._dispatch.jit_once).
+def _forward_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, x_row_stride, y_row_stride, D, eps,
+                    BLOCK_D: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    in_row = cols < D
+    x = tl.load(x_ptr + row * x_row_stride + cols, mask=in_row, other=0.0)
+    w = tl.load(w_ptr + cols, mask=in_row, other=0.0).to(tl.float32)
+    x32 = x.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x32 * x32, axis=0) / D + eps)
+    normed = (x32 * rstd).to(x.dtype).to(tl.float32)
+    tl.store(y_ptr + row * y_row_stride + cols, (normed * w).to(y_ptr.dtype.element_ty), mask=in_row)
+    tl.store(rstd_ptr + row, rstd)
+
+
+def _backward_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_partial_ptr,
+                     dy_row_stride, x_row_stride, dx_row_stride, N, D, rows_per_program,
+                     BLOCK_D: tl.constexpr, COMPUTE_DW: tl.constexpr):
+    program = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_D)
+    in_row = cols < D
+    w = tl.load(w_ptr + cols, mask=in_row, other=0.0).to(tl.float32)
+    dw = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    first_row = program.to(tl.int64) * rows_per_program
+    for i in range(0, tl.minimum(rows_per_program, N - first_row)):
+        row = first_row + i
+        dy = tl.load(dy_ptr + row * dy_row_stride + cols, mask=in_row, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + row * x_row_stride + cols, mask=in_row, other=0.0)
+        rstd = tl.load(rstd_ptr + row)
+        x_hat = x.to(tl.float32) * rstd
+        g = dy * w
+        dx = rstd * (g - x_hat * (tl.sum(g * x_hat, axis=0) / D))
+        tl.store(dx_ptr + row * dx_row_stride + cols, dx.to(dx_ptr.dtype.element_ty), mask=in_row)
+        if COMPUTE_DW:
+            dw += dy * x_hat.to(x.dtype).to(tl.float32)
+    if COMPUTE_DW:
+        tl.store(dw_partial_ptr + program * D + cols, dw, mask=in_row)
+
+
+def _kernels():
+    return jit_once(_forward_kernel, _backward_kernel)
+
+
+def _launch_config(D: int) -> tuple[int, int]:
+    """(BLOCK_D, num_warps): the whole row in one tile; enough warps that each thread holds
+    8-16 elements (one or two 16-byte vector loads), e.g. D=2048 -> 8 warps x 32 threads x 8."""
+    block_d = next_power_of_2(D)
+    if block_d > 65536:
+        raise ValueError(f"rms_norm: expected a last dimension <= 65536, got {D}; use LLM4SEG_KERNELS=torch")
+    num_warps = 4 if block_d <= 1024 else 8 if block_d <= 4096 else 16 if block_d <= 16384 else 32
+    return block_d, num_warps
+
+
+# A weight gradient is reduced from at most this many per-program partials (a couple of waves of
+# programs on a 132-SM H100), so the partial buffer stays small whatever the number of rows.
+_MAX_DW_PARTIALS = 256
+
+
+class _RmsNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        forward_kernel, _ = _kernels()
+        x_rows = as_rows(x)  # (N, D), N = product of the leading dims
+        N, D = x_rows.shape
+        block_d, num_warps = _launch_config(D)
+        y = torch.empty((N, D), dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+        rstd = torch.empty(N, dtype=torch.float32, device=x.device)
+        forward_kernel[(N,)](x_rows, weight, y, rstd, x_rows.stride(0), y.stride(0), D, eps,
+                             BLOCK_D=block_d, num_warps=num_warps)
+        ctx.save_for_backward(x_rows, weight, rstd)
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        _, backward_kernel = _kernels()
+        x_rows, weight, rstd = ctx.saved_tensors
+        N, D = x_rows.shape
+        block_d, num_warps = _launch_config(D)
+        compute_dw = ctx.needs_input_grad[1]
+        rows_per_program = -(-N // _MAX_DW_PARTIALS) if compute_dw else 1
+        n_programs = -(-N // rows_per_program)
+        dy_rows = as_rows(dy)
+        dx = torch.empty_like(x_rows)
+        dw_partial = torch.empty((n_programs, D) if compute_dw else (1,), dtype=torch.float32, device=dy.device)
+        backward_kernel[(n_programs,)](dy_rows, x_rows, weight, rstd, dx, dw_partial,
+                                       dy_rows.stride(0), x_rows.stride(0), dx.stride(0), N, D,
+                                       rows_per_program, BLOCK_D=block_d, COMPUTE_DW=compute_dw,
+                                       num_warps=num_warps)
+        dw = dw_partial.sum(0).to(weight.dtype) if compute_dw else None
+        return dx.view(dy.shape), dw, None
+
+
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """x (..., D), weight (D,) -> (..., D)."""
+    """x (..., D), weight (D,) -> (..., D) in promote(x.dtype, weight.dtype)."""
+    if weight.shape != x.shape[-1:]:
+        raise ValueError(f"rms_norm: expected weight of shape ({x.shape[-1]},) for x {tuple(x.shape)}, "
+                         f"got {tuple(weight.shape)}")
+    if use_triton(x):
+        return _RmsNormFunction.apply(x, weight.contiguous(), eps)
     return rms_norm_reference(x, weight, eps)

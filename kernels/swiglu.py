@@ -1,12 +1,100 @@
-"""SwiGLU gate: silu(gate) * up, where silu(g) = g * sigmoid(g)."""
+"""SwiGLU gate: y = silu(gate) * up, where silu(g) = g * sigmoid(g).
+
+Forward (float32 inside, silu rounded to the input dtype before the product, as eager PyTorch):
+    y = round(g * s) * u,                 s = sigmoid(g)
+Backward (s recomputed from g instead of stored, which saves one tensor of the MLP's width):
+    d_up   = dy * g * s
+    d_gate = dy * u * s * (1 + g * (1 - s))      = dy * u * silu'(g)
+
+Triton: element-wise over a (rows, column blocks) grid; each program handles BLOCK_I columns of
+one row, the tail of a row masked (Qwen's intermediate 8960 is not a power of two). Rows may be
+strided, so gate / up sliced out of a fused projection need no copy.
+"""
+from __future__ import annotations  # keeps `tl.constexpr` in kernel signatures unevaluated: triton is optional
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from kernels._dispatch import as_rows, jit_once, next_power_of_2, tl, use_triton
 
 
 def swiglu_reference(gate: Tensor, up: Tensor) -> Tensor:
     return F.silu(gate) * up
 
 
+# The kernels are plain functions, wrapped by triton.jit on first use (kernels._dispatch.jit_once).
+def _forward_kernel(gate_ptr, up_ptr, y_ptr, gate_row_stride, up_row_stride, y_row_stride, I,
+                    BLOCK_I: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    in_row = cols < I
+    gate = tl.load(gate_ptr + row * gate_row_stride + cols, mask=in_row, other=0.0)
+    up = tl.load(up_ptr + row * up_row_stride + cols, mask=in_row, other=0.0).to(tl.float32)
+    g = gate.to(tl.float32)
+    silu = (g * tl.sigmoid(g)).to(gate.dtype).to(tl.float32)
+    tl.store(y_ptr + row * y_row_stride + cols, (silu * up).to(y_ptr.dtype.element_ty), mask=in_row)
+
+
+def _backward_kernel(dy_ptr, gate_ptr, up_ptr, d_gate_ptr, d_up_ptr,
+                     dy_row_stride, gate_row_stride, up_row_stride, d_row_stride, I,
+                     BLOCK_I: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    in_row = cols < I
+    dy = tl.load(dy_ptr + row * dy_row_stride + cols, mask=in_row, other=0.0).to(tl.float32)
+    g = tl.load(gate_ptr + row * gate_row_stride + cols, mask=in_row, other=0.0).to(tl.float32)
+    up = tl.load(up_ptr + row * up_row_stride + cols, mask=in_row, other=0.0).to(tl.float32)
+    s = tl.sigmoid(g)
+    tl.store(d_up_ptr + row * d_row_stride + cols, (dy * g * s).to(d_up_ptr.dtype.element_ty), mask=in_row)
+    d_gate = dy * up * s * (1.0 + g * (1.0 - s))
+    tl.store(d_gate_ptr + row * d_row_stride + cols, d_gate.to(d_gate_ptr.dtype.element_ty), mask=in_row)
+
+
+def _kernels():
+    return jit_once(_forward_kernel, _backward_kernel)
+
+
+def _launch_config(I: int) -> tuple[int, int]:
+    """(BLOCK_I, num_warps): 1024 columns x 4 warps gives each thread 8 contiguous elements, one
+    16-byte load per tensor in bf16/fp16; narrower rows get one block of the next power of two."""
+    return min(1024, next_power_of_2(I)), 4
+
+
+class _SwiGLUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate: Tensor, up: Tensor) -> Tensor:
+        forward_kernel, _ = _kernels()
+        gate_rows, up_rows = as_rows(gate), as_rows(up)  # (N, I), N = product of the leading dims
+        N, I = gate_rows.shape
+        block_i, num_warps = _launch_config(I)
+        y = torch.empty((N, I), dtype=gate.dtype, device=gate.device)
+        grid = (N, -(-I // block_i))
+        forward_kernel[grid](gate_rows, up_rows, y, gate_rows.stride(0), up_rows.stride(0), y.stride(0), I,
+                             BLOCK_I=block_i, num_warps=num_warps)
+        ctx.save_for_backward(gate_rows, up_rows)
+        return y.view(gate.shape)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        _, backward_kernel = _kernels()
+        gate_rows, up_rows = ctx.saved_tensors
+        N, I = gate_rows.shape
+        block_i, num_warps = _launch_config(I)
+        dy_rows = as_rows(dy)
+        d_gate, d_up = torch.empty_like(gate_rows), torch.empty_like(up_rows)
+        grid = (N, -(-I // block_i))
+        backward_kernel[grid](dy_rows, gate_rows, up_rows, d_gate, d_up,
+                              dy_rows.stride(0), gate_rows.stride(0), up_rows.stride(0), d_gate.stride(0), I,
+                              BLOCK_I=block_i, num_warps=num_warps)
+        return d_gate.view(dy.shape), d_up.view(dy.shape)
+
+
 def swiglu(gate: Tensor, up: Tensor) -> Tensor:
-    """gate, up (..., I) -> (..., I)."""
+    """gate, up (..., I) of one shape and dtype -> (..., I)."""
+    if gate.shape != up.shape or gate.dtype != up.dtype:
+        raise ValueError(f"swiglu: expected gate and up of one shape and dtype, got {tuple(gate.shape)} "
+                         f"{gate.dtype} and {tuple(up.shape)} {up.dtype}")
+    if use_triton(gate):
+        return _SwiGLUFunction.apply(gate, up)
     return swiglu_reference(gate, up)
