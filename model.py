@@ -1,0 +1,297 @@
+"""Segmentation networks of LLM4Seg: a U-Net or CMUNeXt with one LLM decoder layer at the bottleneck.
+
+    image (B, in_channels, H, W)
+    encoder1 ------------------------------------------------ decoder1 -> head -> logits (B, classes, H, W)
+      pool, encoder2 -------------------------------- decoder2
+        pool, encoder3 ------------------------ decoder3
+          pool, encoder4 ---------------- decoder4
+            pool, encoder5 -> bridge -----^             encoder5 gives (B, C, H/16, W/16)
+
+Each pool halves the sides, so H and W must be multiples of 16. Decoder k upsamples x2 to the
+channels of encoder k, concatenates encoder k's output (the skip connection) and fuses the two.
+
+The bridge (LLM4Seg), N = h*w tokens in row-major order, D = the LLM's hidden size (from its config):
+    (B, C, h, w) -> (B, N, C) -> Linear(C, D) -> decoder layer -> Linear(D, C) -> (B, N, C) -> (B, C, h, w)
+The layer (llm_layer.py) runs non-causal and without RoPE. Frozen (the paper's default), only the CNN
+and the two adapters train: the bridge adds C*D + D + D*C + C trainable parameters. Two options
+from MedVisionLlama, both off by default: residual=True computes x + layer(x); lora_rank=r adds
+W + B A (alpha = r, so scale alpha / r = 1) to the frozen q_proj and v_proj, with A (r, in) and
+B (out, r); B starts at zero so training starts from the pre-trained layer.
+A frozen layer's weights are left out of state_dict (llm_layer.DecoderLayer drops them; LoRA's A, B
+stay): they come back from the LLM checkpoint named in `model.config`, which holds everything
+`build_model(**asdict(model.config))` needs.
+
+Backbones, trained from scratch:
+    U-Net   (the CMUNeXt authors' benchmark code): channels 64-128-256-512-1024; stage = 2 x (3x3 conv,
+            BN, ReLU); up = nearest x2, 3x3 conv, BN, ReLU.
+    CMUNeXt (Tang et al., ISBI 2024, github.com/FengheTan9/CMUNeXt): dims 16-32-128-160-256, depths
+            1-1-1-3-1, kernels 3-3-7-7-7; stage = depth x [x + BN(GELU(depthwise kxk)), 1x1 to 4C, GELU,
+            BN, 1x1 to C, GELU, BN] then 3x3 conv, BN, ReLU to the stage's width, after a 3x3 conv+BN+ReLU
+            stem; up = bilinear x2, 3x3 conv, BN, ReLU; fusion = 3x3 conv with groups=2 (skip and
+            upsampled path apart), then the 4x inverted bottleneck.
+
+Measured in tests/test_model.py: trainable parameters and G MACs at 1x3x256x256 (FlopCounterMode,
+convs and matmuls; the paper's thop also counts BatchNorm and upsampling, hence its slightly higher MACs):
+                           params        G MACs    paper's Table 1
+    U-Net                  34,527,041    65.35     34.52 M   65.56
+      + Llama-3.2-1B L15   +4,197,376    82.26     +4.19 M   82.20
+    CMUNeXt                 3,149,185     7.23      3.14 M    7.39
+      + Llama-3.2-1B L15   +1,050,880    23.34     +1.05 M   23.42
+      + DeepSeek-1.5B L28    +788,224    19.61     +0.78 M   19.77
+Left out: the paper's nnU-Net and 3D backbones (MedNeXt, 3D UX-Net).
+"""
+
+from dataclasses import dataclass
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from llm_layer import load_layer
+
+DOWNSAMPLING = 16  # four 2x2 max-pools between encoder1 and encoder5
+MODES = ("none", "frozen", "trainable", "random")  # "none": the plain backbone, the paper's baseline rows
+
+
+@dataclass
+class ModelConfig:
+    """The build_model arguments a model was built with; a checkpoint saves it to rebuild the model."""
+    backbone: str
+    llm: str | None
+    layer: int
+    mode: str
+    in_channels: int
+    num_classes: int
+    lora_rank: int
+    residual: bool
+
+
+# ----------------------------------------------------------------------------- the U-shaped network
+
+class SegmentationNet(nn.Module):
+    """Encoder stages, the optional LLM bridge, decoder stages, 1x1 head; named like the diagram above."""
+
+    def __init__(self, encoders: list[nn.Module], bridge: nn.Module | None, decoders: list[nn.Module],
+                 head: nn.Module, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.encoder1, self.encoder2, self.encoder3, self.encoder4, self.encoder5 = encoders
+        self.pool = nn.MaxPool2d(2)
+        self.bridge = bridge
+        self.decoder4, self.decoder3, self.decoder2, self.decoder1 = decoders
+        self.head = head
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """(B, in_channels, H, W) -> logits (B, num_classes, H, W); H and W must be multiples of 16."""
+        check_image_size(image)
+        x1 = self.encoder1(image)            # (B, C1, H, W)
+        x2 = self.encoder2(self.pool(x1))    # (B, C2, H/2, W/2)
+        x3 = self.encoder3(self.pool(x2))    # (B, C3, H/4, W/4)
+        x4 = self.encoder4(self.pool(x3))    # (B, C4, H/8, W/8)
+        x5 = self.encoder5(self.pool(x4))    # (B, C5, H/16, W/16)
+        if self.bridge is not None:
+            x5 = self.bridge(x5)
+        d4 = self.decoder4(x5, x4)           # (B, C4, H/8, W/8)
+        d3 = self.decoder3(d4, x3)
+        d2 = self.decoder2(d3, x2)
+        d1 = self.decoder1(d2, x1)           # (B, C1, H, W)
+        return self.head(d1)
+
+
+def check_image_size(image: torch.Tensor) -> None:
+    if image.ndim != 4:
+        raise ValueError(f"expected an image batch (B, C, H, W), got shape {tuple(image.shape)}")
+    height, width = image.shape[-2:]
+    if height % DOWNSAMPLING or width % DOWNSAMPLING:
+        nearest = "x".join(str(max(DOWNSAMPLING, round(side / DOWNSAMPLING) * DOWNSAMPLING))
+                           for side in (height, width))
+        raise ValueError(f"got {height}x{width}; height and width must be multiples of {DOWNSAMPLING} "
+                         f"(4 poolings of 2): resize or crop, e.g. to {nearest}")
+
+
+class DecoderStage(nn.Module):
+    """(B, C_deep, h, w), skip (B, C, 2h, 2w) -> (B, C, 2h, 2w): up to C, concat [skip, up], fuse 2C -> C."""
+
+    def __init__(self, up: nn.Module, fuse: nn.Module):
+        super().__init__()
+        self.up = up
+        self.fuse = fuse
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.fuse(torch.cat([skip, self.up(x)], dim=1))  # (B, 2C, 2h, 2w) before the fusion
+
+
+# ----------------------------------------------------------------------------- the LLM bridge
+
+class LLMBridge(nn.Module):
+    """(B, C, h, w) -> (B, C, h, w) through Linear(C, D), one LLM decoder layer, Linear(D, C)."""
+
+    def __init__(self, channels: int, layer: nn.Module, *, residual: bool):
+        super().__init__()
+        width = layer.config.hidden_size
+        self.project_in = nn.Linear(channels, width)
+        self.layer = layer
+        self.project_out = nn.Linear(width, channels)
+        self.residual = residual
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Any h, w: the token count follows the feature map."""
+        B, C, H, W = x.shape
+        tokens = x.flatten(2).transpose(1, 2)    # (B, N, C), N = H*W
+        hidden = self.project_in(tokens)         # (B, N, D)
+        out = self.layer(hidden)                 # (B, N, D)
+        if self.residual:
+            out = hidden + out
+        tokens = self.project_out(out)           # (B, N, C)
+        return tokens.transpose(1, 2).reshape(B, C, H, W)
+
+
+class LoRALinear(nn.Module):
+    """y = base(x) + x A^T B^T with base frozen; A (r, in) kaiming-uniform, B (out, r) zero at start.
+
+    A and B stay float32 (they are trained) and are cast to x's dtype, e.g. a bf16 layer's."""
+
+    def __init__(self, base: nn.Linear, rank: int):
+        super().__init__()
+        self.base = base
+        self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
+        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))  # as nn.Linear and the LoRA paper's code
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        low_rank = F.linear(x, self.lora_a.to(x.dtype))                 # (B, N, r)
+        return self.base(x) + F.linear(low_rank, self.lora_b.to(x.dtype))
+
+
+def add_lora(layer: nn.Module, rank: int) -> None:
+    """LoRA on q_proj and v_proj, the projections MedVisionLlama and the LoRA paper adapt."""
+    attention = layer.self_attn
+    attention.q_proj = LoRALinear(attention.q_proj, rank)
+    attention.v_proj = LoRALinear(attention.v_proj, rank)
+
+
+# ----------------------------------------------------------------------------- shared conv blocks
+
+def conv_bn_relu(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+
+
+def upsample_conv(c_in: int, c_out: int, interpolation: str) -> nn.Sequential:
+    return nn.Sequential(nn.Upsample(scale_factor=2, mode=interpolation), conv_bn_relu(c_in, c_out))
+
+
+# ----------------------------------------------------------------------------- U-Net
+
+UNET_CHANNELS = (64, 128, 256, 512, 1024)
+
+
+def unet_stage(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(conv_bn_relu(c_in, c_out), conv_bn_relu(c_out, c_out))
+
+
+def unet_parts(in_channels: int) -> tuple[list[nn.Module], list[nn.Module], tuple[int, ...]]:
+    """Encoders 1..5, decoders 4..1 sized from the encoder widths, and those widths."""
+    widths = UNET_CHANNELS
+    encoders = [unet_stage(c_in, c_out) for c_in, c_out in zip((in_channels, *widths[:-1]), widths)]
+    decoders = [DecoderStage(upsample_conv(c_deep, c, "nearest"), unet_stage(2 * c, c))
+                for c, c_deep in reversed(list(zip(widths[:-1], widths[1:])))]
+    return encoders, decoders, widths
+
+
+# ----------------------------------------------------------------------------- CMUNeXt
+
+CMUNEXT_DIMS = (16, 32, 128, 160, 256)
+CMUNEXT_DEPTHS = (1, 1, 1, 3, 1)
+CMUNEXT_KERNELS = (3, 3, 7, 7, 7)
+
+
+def conv_gelu_bn(c_in: int, c_out: int, kernel: int = 1, groups: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, kernel, padding=kernel // 2, groups=groups),
+                         nn.GELU(), nn.BatchNorm2d(c_out))
+
+
+def inverted_bottleneck(c_in: int, c_out: int) -> nn.Sequential:
+    """1x1 to 4 * c_out and back: channel mixing after the spatial conv."""
+    return nn.Sequential(conv_gelu_bn(c_in, 4 * c_out), conv_gelu_bn(4 * c_out, c_out))
+
+
+class CMUNeXtBlock(nn.Module):
+    """(B, C, H, W) -> same: x + depthwise large-kernel conv (spatial mixing), then the bottleneck."""
+
+    def __init__(self, channels: int, kernel: int):
+        super().__init__()
+        self.spatial = conv_gelu_bn(channels, channels, kernel, groups=channels)
+        self.mix = inverted_bottleneck(channels, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mix(x + self.spatial(x))
+
+
+def cmunext_stage(c_in: int, c_out: int, depth: int, kernel: int) -> nn.Sequential:
+    blocks = [CMUNeXtBlock(c_in, kernel) for _ in range(depth)]
+    return nn.Sequential(*blocks, conv_bn_relu(c_in, c_out))
+
+
+def cmunext_fusion(c: int) -> nn.Sequential:
+    """[skip, up] (B, 2C, H, W) -> (B, C, H, W); groups=2 convolves the skip and the up path apart."""
+    return nn.Sequential(conv_gelu_bn(2 * c, 2 * c, 3, groups=2), inverted_bottleneck(2 * c, c))
+
+
+def cmunext_parts(in_channels: int) -> tuple[list[nn.Module], list[nn.Module], tuple[int, ...]]:
+    """Encoders 1..5 (encoder1 opens with the stem), decoders 4..1 sized from the encoder widths."""
+    widths = CMUNEXT_DIMS
+    stage_inputs = (widths[0], *widths[:-1])
+    encoders = [cmunext_stage(c_in, c_out, depth, kernel)
+                for c_in, c_out, depth, kernel in zip(stage_inputs, widths, CMUNEXT_DEPTHS, CMUNEXT_KERNELS)]
+    encoders[0] = nn.Sequential(conv_bn_relu(in_channels, widths[0]), encoders[0])  # the stem
+    decoders = [DecoderStage(upsample_conv(c_deep, c, "bilinear"), cmunext_fusion(c))
+                for c, c_deep in reversed(list(zip(widths[:-1], widths[1:])))]
+    return encoders, decoders, widths
+
+
+BACKBONES = {"unet": unet_parts, "cmunext": cmunext_parts}
+
+
+# ----------------------------------------------------------------------------- builders
+
+def build_model(backbone: str = "cmunext", llm: str | None = "llama3.2-1b", layer: int = 15,
+                mode: str = "frozen", *, in_channels: int = 3, num_classes: int = 1,
+                lora_rank: int = 0, residual: bool = False) -> nn.Module:
+    """A U-Net or CMUNeXt; with `llm`, the `layer`-th (1-based) decoder layer of that LLM at the
+    bottleneck, loaded by llm_layer.load_layer in `mode` (frozen / trainable / random).
+    llm=None or mode="none" gives the plain backbone (model.bridge is None)."""
+    if backbone not in BACKBONES:
+        raise ValueError(f"expected backbone one of {sorted(BACKBONES)}, got {backbone!r}")
+    if mode not in MODES:
+        raise ValueError(f"expected mode one of {MODES}, got {mode!r}")
+    plain = llm is None or mode == "none"
+    if lora_rank < 0:
+        raise ValueError(f"expected lora_rank >= 0 (0 = no LoRA), got {lora_rank}")
+    if lora_rank and (plain or mode != "frozen"):
+        raise ValueError(f"LoRA adapts a frozen LLM layer: expected llm set and mode='frozen' with "
+                         f"lora_rank={lora_rank}, got llm={llm!r}, mode={mode!r}")
+    if residual and plain:
+        raise ValueError(f"residual=True wraps the LLM layer: expected an llm and a mode other than "
+                         f"'none', got llm={llm!r}, mode={mode!r}")
+    config = ModelConfig(backbone, None if plain else llm, layer, "none" if plain else mode,
+                         in_channels, num_classes, lora_rank, residual)
+
+    encoders, decoders, widths = BACKBONES[backbone](in_channels)
+    bridge = None
+    if not plain:
+        # A frozen layer keeps the checkpoint's dtype (bf16 halves its memory; it computes in it and
+        # returns float32); trained weights need float32 so that small updates are not rounded away.
+        decoder_layer = load_layer(llm, layer, mode=mode, dtype=torch.float32 if mode == "trainable" else None)
+        if lora_rank:
+            add_lora(decoder_layer, lora_rank)
+        bridge = LLMBridge(widths[-1], decoder_layer, residual=residual)
+    head = nn.Conv2d(widths[0], num_classes, 1)
+    return SegmentationNet(encoders, bridge, decoders, head, config)
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(trainable, frozen) parameter counts; shared parameters count once."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    return trainable, frozen
