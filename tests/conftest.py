@@ -1,0 +1,29 @@
+"""Test-session setup shared by every test file.
+
+The Hugging Face Hub is unreachable here, so a local stand-in (tests/hub_standin.py) serves the
+checkpoints the tests write. huggingface_hub reads HF_ENDPOINT and HF_HOME once, when it is first
+imported, so both are set here, before any test module imports it.
+"""
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from hub_standin import HubStandIn  # noqa: E402
+
+_HUB = HubStandIn().start()
+os.environ["HF_ENDPOINT"] = _HUB.url
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="llm4seg-hf-home-")
+os.environ.pop("HF_TOKEN", None)
+os.environ.pop("HF_HUB_OFFLINE", None)
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def hub() -> HubStandIn:
+    """The running Hub stand-in (HF_ENDPOINT points at it)."""
+    return _HUB

@@ -1,0 +1,332 @@
+"""Tests for llm_layer.py: one decoder layer, fetched alone, equal to Hugging Face's.
+
+Checkpoints are tiny random Llama / Qwen2 models written with transformers' save_pretrained
+(one single-file, one sharded), with non-trivial norm weights and biases, served by the Hub
+stand-in of conftest.py. transformers' own decoder layers are the parity reference.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import llm_layer
+from llm_layer import DecoderLayer, load_layer
+
+LLAMA_REPO = "tiny-org/tiny-llama"            # single model.safetensors
+QWEN2_REPO = "tiny-org/tiny-qwen2-sharded"    # model-0000x-of-0000y.safetensors + index
+GATED_REPO = "tiny-org/gated-llama"
+NUM_LAYERS = 24
+
+
+def _randomise_norms_and_biases(model: torch.nn.Module) -> None:
+    """Fresh HF models have unit norm weights and zero biases, which would hide a norm or bias
+    that is loaded into the wrong place; make every one of them distinct."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+            elif name.endswith(".bias"):
+                p.normal_(0.0, 0.5)
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory, hub):
+    """{repo: local directory}, written by transformers and registered with the Hub stand-in."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("checkpoints")
+    shared = dict(vocab_size=512, num_hidden_layers=NUM_LAYERS, tie_word_embeddings=False)
+    llama = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=160, num_attention_heads=4,
+                                         num_key_value_heads=2, rms_norm_eps=1e-5, **shared))
+    # Qwen2 with DeepSeek-R1-Distill's head grouping (6 query heads per kv head) and q/k/v biases.
+    qwen2 = Qwen2ForCausalLM(Qwen2Config(hidden_size=96, intermediate_size=136, num_attention_heads=6,
+                                         num_key_value_heads=1, rms_norm_eps=1e-6, **shared))
+    dirs = {LLAMA_REPO: root / "llama", QWEN2_REPO: root / "qwen2"}
+    for model, repo, shard in ((llama, LLAMA_REPO, None), (qwen2, QWEN2_REPO, "300KB")):
+        _randomise_norms_and_biases(model)
+        model.save_pretrained(dirs[repo], **({"max_shard_size": shard} if shard else {}))
+        hub.add_repo(repo, dirs[repo])
+    assert (dirs[QWEN2_REPO] / "model.safetensors.index.json").is_file()
+    hub.add_repo(GATED_REPO, dirs[LLAMA_REPO], gated=True)
+    return dirs
+
+
+def hf_layer(directory: Path, layer: int) -> torch.nn.Module:
+    """transformers' decoder layer `layer` (1-based), in float32, non-causal."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, attn_implementation="sdpa")
+    reference = model.model.layers[layer - 1]
+    reference.self_attn.is_causal = False
+    return reference
+
+
+def hf_forward(reference: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """HF's layer with the identity rotation (cos = 1, sin = 0) and no mask: RoPE-free, non-causal."""
+    B, T, _ = x.shape
+    head_dim = reference.self_attn.head_dim
+    cos, sin = torch.ones(B, T, head_dim), torch.zeros(B, T, head_dim)
+    out = reference(x, attention_mask=None, position_embeddings=(cos, sin))
+    return out[0] if isinstance(out, tuple) else out
+
+
+# --- parity with Hugging Face --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("repo", [LLAMA_REPO, QWEN2_REPO])
+@pytest.mark.parametrize("T", [1, 17, 256])
+def test_matches_transformers_forward_and_input_gradient(checkpoints, repo, T):
+    layer_number = 7
+    ours = load_layer(repo, layer_number, dtype=torch.float32)
+    reference = hf_layer(checkpoints[repo], layer_number)
+    torch.manual_seed(T)
+    x = torch.randn(2, T, ours.config.hidden_size)
+    x_ours, x_ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y_ours, y_ref = ours(x_ours), hf_forward(reference, x_ref)
+    grad_out = torch.randn_like(y_ref)
+    y_ours.backward(grad_out)
+    y_ref.backward(grad_out)
+    # Both are fp32 with the same op order up to the attention kernel; 1e-5 / 1e-4 is a few ulps of
+    # fp32 at these magnitudes (|y| ~ 5, |grad| ~ 20) summed over up to 256 tokens.
+    assert (y_ours - y_ref).abs().max() <= 1e-5
+    assert (x_ours.grad - x_ref.grad).abs().max() <= 1e-4
+    assert all(p.grad is None for p in ours.parameters()), "frozen layer must not get weight grads"
+
+
+def test_config_read_from_the_checkpoint(checkpoints):
+    cfg = load_layer(QWEN2_REPO, 28 - 4, mode="random").config
+    assert (cfg.model_type, cfg.hidden_size, cfg.intermediate_size) == ("qwen2", 96, 136)
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (6, 1, 16)
+    assert (cfg.rms_norm_eps, cfg.attention_bias, cfg.o_proj_bias) == (1e-6, True, False)
+    assert (cfg.layer, cfg.index, cfg.repo, cfg.num_hidden_layers) == (24, 23, QWEN2_REPO, NUM_LAYERS)
+    assert len(cfg.commit) == 40
+
+
+def test_layer_numbering_is_one_based(checkpoints):
+    """--layer N is model.layers.{N-1}: compare with the tensor read straight from the file."""
+    stored = load_file(checkpoints[LLAMA_REPO] / "model.safetensors")
+    for number in (1, 15, NUM_LAYERS):
+        layer = load_layer(LLAMA_REPO, number)
+        assert torch.equal(layer.mlp.down_proj.weight, stored[f"model.layers.{number - 1}.mlp.down_proj.weight"])
+
+
+# --- the method: non-causal, RoPE-free --------------------------------------------------------
+
+
+def test_non_causal_last_token_reaches_first(checkpoints):
+    layer = load_layer(LLAMA_REPO, 3, dtype=torch.float32)
+    x = torch.randn(1, 9, layer.config.hidden_size)
+    changed = x.clone()
+    changed[:, -1] += 1.0
+    # A causal layer would leave token 0's output untouched by a change to token 8.
+    assert (layer(x)[:, 0] - layer(changed)[:, 0]).abs().max() > 1e-3
+
+
+def test_rope_free_permuting_tokens_permutes_output(checkpoints):
+    layer = load_layer(QWEN2_REPO, 3, dtype=torch.float32)
+    x = torch.randn(2, 13, layer.config.hidden_size)
+    perm = torch.randperm(13)
+    torch.testing.assert_close(layer(x[:, perm]), layer(x)[:, perm], atol=1e-5, rtol=1e-5)
+
+
+# --- fetching only the layer ------------------------------------------------------------------
+
+
+def _data_bytes_fetched(hub, repo: str, directory: Path) -> tuple[int, int]:
+    """(tensor-data bytes the Hub sent for this repo's safetensors files, their total size)."""
+    fetched = total = 0
+    for file in directory.glob("*.safetensors"):
+        data_start = 8 + int.from_bytes(file.read_bytes()[:8], "little")
+        total += file.stat().st_size
+        fetched += sum(max(0, s.end - max(s.start, data_start)) for s in hub.sent(repo, file.name))
+    return fetched, total
+
+
+@pytest.mark.parametrize("repo", [LLAMA_REPO, QWEN2_REPO])
+def test_fetches_only_the_layer_and_then_works_offline(checkpoints, hub, repo, tmp_path):
+    number = 11
+    hub.log.clear()
+    layer = load_layer(repo, number)
+    layer_bytes = sum(p.numel() * p.element_size() for p in layer.parameters())
+    fetched, total = _data_bytes_fetched(hub, repo, checkpoints[repo])
+    assert total >= 20 * layer_bytes, "the test needs a checkpoint much larger than one layer"
+    assert layer_bytes <= fetched <= 1.02 * layer_bytes
+    if repo == QWEN2_REPO:  # only the shard(s) holding the layer were touched
+        index = json.loads((checkpoints[repo] / "model.safetensors.index.json").read_text())
+        holding = {f for n, f in index["weight_map"].items() if n.startswith(f"model.layers.{number - 1}.")}
+        touched = {s.filename for s in hub.sent(repo) if s.filename.endswith(".safetensors")}
+        assert touched == holding
+
+    hub.log.clear()
+    again = load_layer(repo, number)
+    assert hub.sent(repo) == [], "a cached layer must load without any request"
+    assert all(torch.equal(a, b) for a, b in zip(layer.parameters(), again.parameters()))
+    assert "llm4seg" in str(next(Path(os.environ["HF_HOME"], "llm4seg").rglob("model.layers.10.safetensors")))
+
+    # A new process with the Hub unreachable and HF_HUB_OFFLINE=1 loads the same weights.
+    expected = tmp_path / "expected.safetensors"
+    save_file({k: v.contiguous() for k, v in layer.named_parameters()}, expected)
+    script = (f"import torch, llm_layer; from safetensors.torch import load_file\n"
+              f"layer = llm_layer.load_layer({repo!r}, {number})\n"
+              f"expected = load_file({str(expected)!r})\n"
+              f"assert all(torch.equal(p, expected[n]) for n, p in layer.named_parameters())\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"}
+    subprocess.run([sys.executable, "-c", script], env=env, check=True, cwd=Path(__file__).parents[1])
+
+
+def test_local_directories_single_file_and_sharded(checkpoints):
+    for repo, directory in checkpoints.items():
+        from_disk = load_layer(str(directory), 5)
+        from_hub = load_layer(repo, 5)
+        assert from_disk.config.path == str(directory) and from_disk.config.repo is None
+        assert all(torch.equal(a, b) for a, b in zip(from_disk.parameters(), from_hub.parameters()))
+
+
+# --- modes and dtypes -------------------------------------------------------------------------
+
+
+def test_frozen_mode(checkpoints):
+    layer = load_layer(LLAMA_REPO, 2)
+    assert not any(p.requires_grad for p in layer.parameters())
+    x = torch.randn(1, 5, 64, requires_grad=True)
+    layer(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert all(p.grad is None for p in layer.parameters())
+    # A training checkpoint does not carry frozen weights; loading one leaves them in place.
+    assert layer.state_dict() == {}
+    before = [p.clone() for p in layer.parameters()]
+    layer.load_state_dict({}, strict=True)
+    assert all(torch.equal(a, b) for a, b in zip(before, layer.parameters()))
+
+
+def test_trainable_mode_trains_the_pretrained_weights(checkpoints):
+    frozen, trainable = load_layer(LLAMA_REPO, 2), load_layer(LLAMA_REPO, 2, mode="trainable")
+    assert all(p.requires_grad for p in trainable.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(frozen.parameters(), trainable.parameters()))
+    assert set(trainable.state_dict()) == {n for n, _ in trainable.named_parameters()}
+    trainable(torch.randn(1, 4, 64)).sum().backward()
+    assert all(p.grad is not None for p in trainable.parameters())
+
+
+def test_random_mode_needs_only_config_json(checkpoints, tmp_path):
+    (tmp_path / "config.json").write_text((checkpoints[LLAMA_REPO] / "config.json").read_text())
+    torch.manual_seed(1)
+    fresh = load_layer(str(tmp_path), 4, mode="random")
+    pretrained = load_layer(LLAMA_REPO, 4)
+    assert all(p.requires_grad and p.dtype == torch.float32 for p in fresh.parameters())
+    assert [p.shape for p in fresh.parameters()] == [p.shape for p in pretrained.parameters()]
+    assert not torch.equal(fresh.self_attn.q_proj.weight, pretrained.self_attn.q_proj.weight)
+    assert 0.015 < fresh.mlp.up_proj.weight.std() < 0.025  # HF's init: normal(0, 0.02)
+    assert torch.equal(fresh.input_layernorm.weight, torch.ones(64))
+
+
+def test_dtype_kept_or_cast(checkpoints, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(checkpoints[LLAMA_REPO], dtype=torch.bfloat16).save_pretrained(tmp_path)
+    kept = load_layer(str(tmp_path), 3)
+    cast = load_layer(str(tmp_path), 3, dtype=torch.float32)
+    assert {p.dtype for p in kept.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in cast.parameters()} == {torch.float32}
+    y = kept(torch.randn(1, 3, 64))
+    assert y.dtype == torch.float32 and torch.isfinite(y).all()  # bf16 layer, fp32 in and out
+
+
+# --- errors a user can meet -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("number", [0, NUM_LAYERS + 1])
+def test_layer_out_of_range(checkpoints, number):
+    with pytest.raises(ValueError, match=rf"layer {number} out of range: {LLAMA_REPO} has layers 1\.\.{NUM_LAYERS}"):
+        load_layer(LLAMA_REPO, number)
+
+
+def test_gated_repo_without_token_says_what_to_do(checkpoints, monkeypatch):
+    with pytest.raises(PermissionError, match=r"accept its licence.*hf auth login.*HF_TOKEN"):
+        load_layer(GATED_REPO, 1)
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    assert load_layer(GATED_REPO, 1).config.repo == GATED_REPO
+
+
+def test_unknown_repo_and_alias(checkpoints):
+    with pytest.raises(ValueError, match="tiny-org/no-such-model not found"):
+        load_layer("tiny-org/no-such-model", 1)
+    with pytest.raises(ValueError, match=r"unknown LLM 'llama-9000'.*llama3\.2-1b"):
+        load_layer("llama-9000", 1)
+
+
+def test_unreachable_hub_without_cache(tmp_path):
+    # A closed port stands for the unreachable Hub. The online case skips huggingface_hub's
+    # retry back-off (5 retries, 23 s of sleeping) by no-op'ing time.sleep in that process only.
+    script = ("import time; time.sleep = lambda seconds: None\n"
+              "import llm_layer; llm_layer.load_layer('llama3.2-1b', 15)")
+    env = {**os.environ, "HF_HOME": str(tmp_path), "HF_ENDPOINT": "http://127.0.0.1:9"}
+    for offline in ("0", "1"):
+        result = subprocess.run([sys.executable, "-c", script], env={**env, "HF_HUB_OFFLINE": offline},
+                                capture_output=True, text=True, cwd=Path(__file__).parents[1])
+        assert result.returncode != 0
+        assert "ConnectionError: cannot reach the Hugging Face Hub" in result.stderr
+
+
+@pytest.mark.parametrize("model_type", ["gemma", "phi3", "mixtral"])
+def test_unsupported_architecture(tmp_path, model_type):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type, "num_hidden_layers": 2}))
+    with pytest.raises(ValueError, match=rf"unsupported architecture '{model_type}'.*llama, mistral, qwen2"):
+        load_layer(str(tmp_path), 1, mode="random")
+
+
+def _copy_config(checkpoints, directory: Path) -> None:
+    directory.mkdir(exist_ok=True)
+    (directory / "config.json").write_text((checkpoints[LLAMA_REPO] / "config.json").read_text())
+
+
+def test_missing_and_misshapen_tensors_are_named(checkpoints, tmp_path):
+    tensors = {k: v for k, v in load_file(checkpoints[LLAMA_REPO] / "model.safetensors").items()
+               if k.startswith("model.layers.0.")}
+    _copy_config(checkpoints, tmp_path / "missing")
+    save_file({k: v for k, v in tensors.items() if "up_proj" not in k}, tmp_path / "missing" / "model.safetensors")
+    with pytest.raises(ValueError, match=r"missing tensor model\.layers\.0\.mlp\.up_proj\.weight"):
+        load_layer(str(tmp_path / "missing"), 1)
+
+    _copy_config(checkpoints, tmp_path / "misshapen")
+    tensors["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(16, 64)
+    save_file(tensors, tmp_path / "misshapen" / "model.safetensors")
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.k_proj\.weight .* shape \[16, 64\], expected \[32, 64\]"):
+        load_layer(str(tmp_path / "misshapen"), 1)
+
+
+def test_truncated_files_are_named(checkpoints, hub, tmp_path):
+    _copy_config(checkpoints, tmp_path)
+    data = (checkpoints[LLAMA_REPO] / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"truncated.*tensor"):
+        load_layer(str(tmp_path), NUM_LAYERS)
+
+    # The Hub closing the connection mid-layer: an error naming the tensor and no cached file.
+    hub.add_repo("tiny-org/flaky-llama", checkpoints[LLAMA_REPO], truncate_after=50_000)
+    with pytest.raises(ValueError, match=r"tiny-org/flaky-llama/model\.safetensors is truncated.*for "):
+        load_layer("tiny-org/flaky-llama", 2)
+    assert not list(Path(os.environ["HF_HOME"], "llm4seg", "tiny-org--flaky-llama").rglob("*.safetensors*"))
+
+
+def test_bad_mode_and_layer_type():
+    with pytest.raises(ValueError, match="unknown mode 'freeze'"):
+        load_layer("llama3.2-1b", 15, mode="freeze")
+    with pytest.raises(TypeError, match="layer must be an int"):
+        load_layer("llama3.2-1b", "15")
+
+
+def test_module_names_follow_the_checkpoint(checkpoints):
+    names = {n for n, _ in load_layer(QWEN2_REPO, 1, mode="trainable").named_parameters()}
+    stored = {k.removeprefix("model.layers.0.") for k in
+              json.loads((checkpoints[QWEN2_REPO] / "model.safetensors.index.json").read_text())["weight_map"]
+              if k.startswith("model.layers.0.")}
+    assert names == stored
+    assert isinstance(load_layer(QWEN2_REPO, 1), DecoderLayer)
+    assert llm_layer.ALIASES["llama3.2-1b"] == "meta-llama/Llama-3.2-1B"
