@@ -393,6 +393,11 @@ def test_unpaired_files_reported_with_count_and_examples(tmp_path):
     with pytest.raises(ValueError, match=r"3 images in .* have no mask .*first: x1, x2, x3\); "
                                          r"1 masks in .* have no image .*first: lonely"):
         data.load_dataset("kvasir", str(tmp_path))
+    for stem in ("x1", "x2", "x3", "lonely"):
+        next((tmp_path / "Kvasir-SEG").rglob(f"{stem}.jpg")).unlink()
+    Image.new("RGB", (8, 8)).save(tmp_path / "Kvasir-SEG" / "images" / "cju0000kvasir.png")
+    with pytest.raises(ValueError, match=r"1 case ids in .*images have more than one image .*cju0000"):
+        data.load_dataset("kvasir", str(tmp_path))
 
 
 def test_empty_and_wrong_directories_say_what_was_looked_for(tmp_path, monkeypatch):
@@ -422,6 +427,9 @@ def test_wrong_names_options_and_stale_split_rejected(tmp_path):
                [np.ones((8, 8), bool)])
     with pytest.raises(ValueError, match=r"1 cases in the data are in no split .*benign \(7\).*Delete it"):
         data.load_dataset("busi", str(tmp_path), "val")
+    (tmp_path / "bad.json").write_text("[1, 2")
+    with pytest.raises(ValueError, match=r"split file .*bad\.json is unreadable"):
+        data.load_dataset("busi", str(tmp_path), "val", split_file=str(tmp_path / "bad.json"))
 
 
 # ---------------------------------------------------------------------------------------------
