@@ -1,24 +1,20 @@
-"""Chooses between the Triton kernels and the PyTorch references; the optional triton import.
+"""Chooses between the Triton kernels and the PyTorch references; builds the kernels lazily.
 
 `LLM4SEG_KERNELS=triton` forces Triton (on CPU tensors only under `TRITON_INTERPRET=1`),
 `LLM4SEG_KERNELS=torch` forces the reference; unset, CUDA tensors run Triton when it is
-installed and everything else runs the reference. triton is optional (Linux only): without it
-`import kernels` still works and every call runs the reference. Nothing here queries CUDA.
+installed and everything else runs the reference. Nothing here queries CUDA.
 
-The kernel files define their kernels as plain functions and wrap them with `triton.jit` on
-first Triton use (`jit_once`), because `triton.jit` reads TRITON_INTERPRET when it runs: a test
-that sets it after something else imported `kernels` still gets interpreted kernels.
+triton is optional (Linux only) and is imported on the first Triton call, never by
+`import kernels`: TRITON_INTERPRET is read both when triton is imported (triton.language's own
+helpers such as tl.sum are jitted then) and by each triton.jit, so it only has to be set before
+the first kernel runs. The kernel files therefore define their kernels as plain functions that
+name a module global `tl`, and `jit_once` binds `tl` and applies triton.jit on first use.
 """
 import functools
+import importlib.util
 import os
 
 from torch import Tensor
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = tl = None
 
 ENV_VAR = "LLM4SEG_KERNELS"
 
@@ -29,9 +25,6 @@ def use_triton(x: Tensor) -> bool:
     if choice == "torch":
         return False
     if choice == "triton":
-        if triton is None:
-            raise ImportError(f"{ENV_VAR}=triton needs the triton package (pip install triton, Linux only); "
-                              f"unset {ENV_VAR} or set it to 'torch' to use the PyTorch reference")
         if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
             raise RuntimeError(f"{ENV_VAR}=triton got a tensor on {x.device}, expected CUDA; "
                                "set TRITON_INTERPRET=1 to run the kernels in Triton's CPU interpreter")
@@ -39,13 +32,32 @@ def use_triton(x: Tensor) -> bool:
     if choice:
         raise ValueError(f"{ENV_VAR}: expected 'triton', 'torch' or unset, got {choice!r}")
     # A CUDA build of torch without triton (e.g. on Windows) still works, on the reference.
-    return x.is_cuda and triton is not None
+    return x.is_cuda and importlib.util.find_spec("triton") is not None
 
 
 @functools.cache
 def jit_once(*kernels):
     """The kernels wrapped by triton.jit, built on the first call with these kernels and cached."""
+    triton = _import_triton()
+    for kernel in kernels:
+        kernel.__globals__["tl"] = triton.language  # the name the kernel bodies use
     return tuple(triton.jit(kernel) for kernel in kernels)
+
+
+def _import_triton():
+    try:
+        import triton
+        import triton.language
+    except ImportError as error:
+        raise ImportError(f"{ENV_VAR}=triton needs the triton package (pip install triton, Linux only); "
+                          f"unset {ENV_VAR} or set it to 'torch' to use the PyTorch reference") from error
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if os.environ.get("TRITON_INTERPRET") == "1" and not isinstance(triton.language.sum, InterpretedFunction):
+        raise RuntimeError("triton was imported before TRITON_INTERPRET=1 was set (transformers imports it, "
+                           "for example), so its own helpers cannot be interpreted; set TRITON_INTERPRET=1 "
+                           "before anything imports triton")
+    return triton
 
 
 def next_power_of_2(n: int) -> int:

@@ -18,7 +18,7 @@ registers (deterministic, no atomics, no k / v copied per q head); a dQ program 
 query rows and loops over the keys. T needs no multiple of a block (tails are masked); d is a
 power of two from 16 to 256; all products accumulate in float32.
 """
-from __future__ import annotations  # keeps `tl.constexpr` in kernel signatures unevaluated: triton is optional
+from __future__ import annotations  # `tl.constexpr` in kernel signatures stays text until jitted
 
 import math
 
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels._dispatch import jit_once, next_power_of_2, tl, use_triton
+from kernels._dispatch import jit_once, next_power_of_2, use_triton
 
 LOG2_E = 1.4426950408889634
 
@@ -35,10 +35,13 @@ def attention_reference(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return F.scaled_dot_product_attention(q, k, v, enable_gqa=q.shape[1] != k.shape[1])
 
 
-# The kernels are plain functions, wrapped by triton.jit on first use (kernels._dispatch.jit_once).
+# The kernels: plain functions, wrapped by triton.jit on the first Triton call (see jit_once).
 # Each (B, H, T, d) operand comes with its (batch, head, time) strides, d being contiguous, so
 # transposed or GQA-shared tensors are read in place. input_precision="ieee" keeps fp32 dots out
 # of TF32 on a GPU and does not change fp16 / bf16 dots.
+tl = None  # triton.language, bound by kernels._dispatch.jit_once
+
+
 def _forward_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
                     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                     stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,

@@ -12,12 +12,12 @@ Triton: one row per program, the whole row in registers (BLOCK_D = next power of
 tail masked), so x is read once and y written once. The backward walks `rows_per_program` rows per
 program and writes one float32 partial dw per program, summed afterwards: deterministic, no atomics.
 """
-from __future__ import annotations  # keeps `tl.constexpr` in kernel signatures unevaluated: triton is optional
+from __future__ import annotations  # `tl.constexpr` in kernel signatures stays text until jitted
 
 import torch
 from torch import Tensor
 
-from kernels._dispatch import as_rows, jit_once, next_power_of_2, tl, use_triton
+from kernels._dispatch import as_rows, jit_once, next_power_of_2, use_triton
 
 
 def rms_norm_reference(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -27,7 +27,10 @@ def rms_norm_reference(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return weight * normed.to(x.dtype)
 
 
-# The kernels are plain functions, wrapped by triton.jit on first use (kernels._dispatch.jit_once).
+# The kernels: plain functions, wrapped by triton.jit on the first Triton call (see jit_once).
+tl = None  # triton.language, bound by kernels._dispatch.jit_once
+
+
 def _forward_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, x_row_stride, y_row_stride, D, eps,
                     BLOCK_D: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)

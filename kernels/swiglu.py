@@ -10,20 +10,23 @@ Triton: element-wise over a (rows, column blocks) grid; each program handles BLO
 one row, the tail of a row masked (Qwen's intermediate 8960 is not a power of two). Rows may be
 strided, so gate / up sliced out of a fused projection need no copy.
 """
-from __future__ import annotations  # keeps `tl.constexpr` in kernel signatures unevaluated: triton is optional
+from __future__ import annotations  # `tl.constexpr` in kernel signatures stays text until jitted
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels._dispatch import as_rows, jit_once, next_power_of_2, tl, use_triton
+from kernels._dispatch import as_rows, jit_once, next_power_of_2, use_triton
 
 
 def swiglu_reference(gate: Tensor, up: Tensor) -> Tensor:
     return F.silu(gate) * up
 
 
-# The kernels are plain functions, wrapped by triton.jit on first use (kernels._dispatch.jit_once).
+# The kernels: plain functions, wrapped by triton.jit on the first Triton call (see jit_once).
+tl = None  # triton.language, bound by kernels._dispatch.jit_once
+
+
 def _forward_kernel(gate_ptr, up_ptr, y_ptr, gate_row_stride, up_row_stride, y_row_stride, I,
                     BLOCK_I: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)

@@ -1,0 +1,292 @@
+"""Triton kernels (kernels/) against their PyTorch references, run in Triton's CPU interpreter.
+
+TRITON_INTERPRET=1 is set before `kernels` is imported; the kernels are wrapped by triton.jit only
+on first Triton use, so this also holds when another test file imported `kernels` earlier (a
+subprocess test below proves it). Each Triton test forces LLM4SEG_KERNELS=triton.
+
+Tolerances (atol = rtol unless stated), and why:
+  fp32  1e-5   same float32 math; only the order of sums differs (errors ~1e-7 measured).
+  fp16  2e-3   element-wise: kernel and eager round at different points, at most 2 ulp (2 x 2^-10).
+  bf16  1.6e-2 element-wise only: 2 ulp (2 x 2^-7); bf16 tl.dot is wrong in the interpreter
+               (triton issue 11584), so bf16 attention is covered only by its dtype-generic code.
+  attention fp16 is compared with the float32 reference on the same fp16 inputs, so the bound
+  measures the kernel's own rounding: O within 2e-3; gradients within 4e-3, because P and dS are
+  rounded to fp16 (2^-11 relative) before their tl.dot, as on tensor cores.
+"""
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # must precede the first triton.jit, see the module docstring
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import kernels
+from kernels.attention import _AttentionFunction, attention_reference
+from kernels.rms_norm import _RmsNormFunction, rms_norm_reference
+from kernels.swiglu import _SwiGLUFunction, swiglu_reference
+
+REPO = Path(__file__).resolve().parents[1]
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+ATTENTION_FP16_TOLERANCE = {"output": 2e-3, "grad": 4e-3}
+
+
+@pytest.fixture
+def triton_path(monkeypatch):
+    monkeypatch.setenv("LLM4SEG_KERNELS", "triton")
+
+
+def ran_triton(y: torch.Tensor) -> bool:
+    """True if `y` was produced by one of our Triton autograd Functions."""
+    return getattr(y.grad_fn, "_forward_cls", None) in (_RmsNormFunction, _SwiGLUFunction, _AttentionFunction)
+
+
+def assert_close(actual, expected, tol):
+    torch.testing.assert_close(actual, expected.to(actual.dtype), atol=tol, rtol=tol)
+
+
+def forward_backward(fn, inputs, grad_out_seed=0):
+    """fn(*inputs) and the gradients of sum(out * dy) for a fixed random dy, w.r.t. every input
+    that requires grad (None for the others)."""
+    inputs = [t.detach().clone().requires_grad_(t.requires_grad) for t in inputs]
+    out = fn(*inputs)
+    dy = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_out_seed)).to(out.dtype)
+    out.backward(dy)
+    return out, [t.grad for t in inputs]
+
+
+# ---------------------------------------------------------------------------------------------
+# RMSNorm
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("T, D", [(1, 576), (17, 96), (256, 96)])
+def test_rms_norm_matches_reference(triton_path, dtype, T, D):
+    torch.manual_seed(0)
+    x = torch.randn(2, T, D).to(dtype).requires_grad_()
+    weight = (1 + 0.1 * torch.randn(D)).to(dtype).requires_grad_()
+    out, (dx, dw) = forward_backward(lambda a, w: kernels.rms_norm(a, w, 1e-5), [x, weight])
+    ref, (dx_ref, dw_ref) = forward_backward(lambda a, w: rms_norm_reference(a, w, 1e-5), [x, weight])
+    assert ran_triton(out) and out.dtype == ref.dtype
+    tol = TOLERANCE[dtype]
+    assert_close(out, ref, tol)
+    assert_close(dx, dx_ref, tol)
+    # dw sums 2*T rows; the relative bound still holds because every term is rounded once.
+    assert_close(dw, dw_ref, tol)
+
+
+def test_rms_norm_frozen_weight_gets_no_gradient(triton_path):
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 576, requires_grad=True)
+    weight = 1 + 0.1 * torch.randn(576)  # frozen: the kernel skips the weight-gradient partials
+    out, (dx, dw) = forward_backward(lambda a, w: kernels.rms_norm(a, w, 1e-6), [x, weight])
+    _, (dx_ref, _) = forward_backward(lambda a, w: rms_norm_reference(a, w, 1e-6), [x, weight])
+    assert ran_triton(out) and dw is None
+    assert_close(dx, dx_ref, TOLERANCE[torch.float32])
+
+
+# ---------------------------------------------------------------------------------------------
+# SwiGLU
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("T, I", [(1, 96), (17, 1536), (256, 160)])
+def test_swiglu_matches_reference(triton_path, dtype, T, I):
+    torch.manual_seed(0)
+    gate = (3 * torch.randn(2, T, I)).to(dtype).requires_grad_()  # wide enough to reach silu's tails
+    up = torch.randn(2, T, I).to(dtype).requires_grad_()
+    out, grads = forward_backward(kernels.swiglu, [gate, up])
+    ref, grads_ref = forward_backward(swiglu_reference, [gate, up])
+    assert ran_triton(out)
+    for actual, expected in zip([out, *grads], [ref, *grads_ref]):
+        assert_close(actual, expected, TOLERANCE[dtype])
+
+
+def test_swiglu_reads_strided_rows_of_a_fused_projection(triton_path):
+    torch.manual_seed(0)
+    fused = torch.randn(2, 17, 2 * 8960, requires_grad=True)  # Qwen's ragged width 8960
+    out, (d_fused,) = forward_backward(lambda f: kernels.swiglu(*f.chunk(2, dim=-1)), [fused])
+    ref, (d_fused_ref,) = forward_backward(lambda f: swiglu_reference(*f.chunk(2, dim=-1)), [fused])
+    assert ran_triton(out)
+    assert_close(out, ref, TOLERANCE[torch.float32])
+    assert_close(d_fused, d_fused_ref, TOLERANCE[torch.float32])
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention
+
+
+def qkv(B, Hq, Hkv, T, d, dtype, heads_last):
+    """q (B, Hq, T, d), k, v (B, Hkv, T, d); with heads_last they are transposed views of
+    (B, T, H, d) tensors, the layout a projection produces (and llm_layer passes)."""
+    torch.manual_seed(0)
+    if heads_last:
+        shapes = [(B, T, Hq, d), (B, T, Hkv, d), (B, T, Hkv, d)]
+        return [torch.randn(s).to(dtype).transpose(1, 2).requires_grad_() for s in shapes]
+    shapes = [(B, Hq, T, d), (B, Hkv, T, d), (B, Hkv, T, d)]
+    return [torch.randn(s).to(dtype).requires_grad_() for s in shapes]
+
+
+ATTENTION_CASES = [  # (B, Hq, Hkv, T, d, heads_last): GQA groups 6, 3, 1; ragged and tiny T
+    (1, 6, 1, 17, 64, True),
+    (2, 6, 2, 17, 128, True),
+    (1, 3, 3, 1, 64, True),
+    (1, 3, 3, 256, 64, False),  # the one long sequence: 4 x 4 blocks of 64
+    (1, 2, 1, 40, 16, True),  # the smallest tl.dot side
+    (1, 2, 1, 33, 256, False),  # the largest head_dim, BLOCK_N = 32
+]
+
+
+@pytest.mark.parametrize("B, Hq, Hkv, T, d, heads_last", ATTENTION_CASES)
+def test_attention_float32_matches_reference(triton_path, B, Hq, Hkv, T, d, heads_last):
+    inputs = qkv(B, Hq, Hkv, T, d, torch.float32, heads_last)
+    out, grads = forward_backward(kernels.attention, inputs)
+    ref, grads_ref = forward_backward(attention_reference, inputs)
+    assert ran_triton(out)
+    for actual, expected in zip([out, *grads], [ref, *grads_ref]):
+        assert_close(actual, expected, TOLERANCE[torch.float32])
+
+
+@pytest.mark.parametrize("B, Hq, Hkv, T, d", [(1, 6, 2, 17, 64), (1, 3, 3, 1, 128), (1, 6, 1, 40, 128)])
+def test_attention_float16_matches_float32_reference(triton_path, B, Hq, Hkv, T, d):
+    inputs = qkv(B, Hq, Hkv, T, d, torch.float16, heads_last=True)
+    out, grads = forward_backward(kernels.attention, inputs)
+    ref, grads_ref = forward_backward(attention_reference, [t.detach().float().requires_grad_() for t in inputs])
+    assert ran_triton(out) and out.dtype == torch.float16
+    assert_close(out, ref, ATTENTION_FP16_TOLERANCE["output"])
+    for actual, expected in zip(grads, grads_ref):
+        assert actual.dtype == torch.float16
+        assert_close(actual, expected, ATTENTION_FP16_TOLERANCE["grad"])
+
+
+def test_attention_rejects_head_dim_the_kernel_cannot_tile(triton_path):
+    q = torch.randn(1, 2, 5, 96)
+    with pytest.raises(ValueError, match="power of two in 16..256, got 96"):
+        kernels.attention(q, q, q)
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole decoder layer
+
+
+def test_decoder_layer_on_kernels_equals_reference_path(tmp_path, monkeypatch):
+    """llm_layer's DecoderLayer (random init, head_dim 16, GQA group 3) gives the same output and
+    gradients on the Triton path as on the reference path."""
+    import llm_layer
+
+    config = dict(model_type="llama", hidden_size=96, intermediate_size=160, num_attention_heads=6,
+                  num_key_value_heads=2, num_hidden_layers=2, rms_norm_eps=1e-5)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    torch.manual_seed(0)
+    layer = llm_layer.load_layer(str(tmp_path), 1, mode="random", dtype=torch.float32)
+    x = torch.randn(2, 17, 96, requires_grad=True)
+
+    def run(path):
+        monkeypatch.setenv("LLM4SEG_KERNELS", path)
+        layer.zero_grad(set_to_none=True)
+        out, (dx,) = forward_backward(layer, [x])
+        return out, dx, {name: p.grad for name, p in layer.named_parameters()}
+
+    out_ref, dx_ref, param_grads_ref = run("torch")
+    out, dx, param_grads = run("triton")
+    tol = TOLERANCE[torch.float32]
+    assert_close(out, out_ref, tol)
+    assert_close(dx, dx_ref, tol)
+    for name, grad in param_grads.items():  # the weights' grads pass through every kernel backward
+        assert_close(grad, param_grads_ref[name], tol)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dispatch
+
+
+def small_inputs():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, requires_grad=True)
+    q = torch.randn(1, 2, 3, 16, requires_grad=True)
+    return [(kernels.rms_norm, (x, torch.ones(32), 1e-5)), (kernels.swiglu, (x, x)), (kernels.attention, (q, q, q))]
+
+
+@pytest.mark.parametrize("choice", [None, "torch"])
+def test_cpu_default_and_forced_torch_run_the_reference(monkeypatch, choice):
+    if choice is None:
+        monkeypatch.delenv("LLM4SEG_KERNELS", raising=False)
+    else:
+        monkeypatch.setenv("LLM4SEG_KERNELS", choice)
+    for fn, args in small_inputs():
+        assert not ran_triton(fn(*args))
+
+
+def test_forced_triton_runs_the_kernels(triton_path):
+    for fn, args in small_inputs():
+        assert ran_triton(fn(*args))
+
+
+def test_dispatch_errors_say_what_to_do(monkeypatch):
+    x = torch.randn(2, 8)
+    monkeypatch.setenv("LLM4SEG_KERNELS", "cuda")
+    with pytest.raises(ValueError, match="expected 'triton', 'torch' or unset, got 'cuda'"):
+        kernels.swiglu(x, x)
+    monkeypatch.setenv("LLM4SEG_KERNELS", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(RuntimeError, match="set TRITON_INTERPRET=1"):
+        kernels.swiglu(x, x)
+
+
+def run_python(code: str, **env) -> subprocess.CompletedProcess:
+    clean_env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "LLM4SEG_KERNELS")}
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**clean_env, **env},
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_import_and_reference_path_work_without_triton():
+    code = """
+import sys
+sys.modules["triton"] = sys.modules["triton.language"] = None  # as if triton were not installed
+import os, torch, kernels
+x = torch.randn(2, 3, 8)
+assert torch.equal(kernels.swiglu(x, x), torch.nn.functional.silu(x) * x)
+os.environ["LLM4SEG_KERNELS"] = "triton"
+try:
+    kernels.swiglu(x, x)
+except ImportError as error:
+    print(error)
+"""
+    result = run_python(code, TRITON_INTERPRET="1")
+    assert result.returncode == 0, result.stderr
+    assert "needs the triton package" in result.stdout
+
+
+def test_interpreter_enabled_after_kernels_were_imported():
+    """The kernels are jitted on first use, so setting TRITON_INTERPRET after `import kernels`
+    (another test file imported it first) still runs them in the interpreter."""
+    code = """
+import os, torch, kernels
+os.environ["TRITON_INTERPRET"] = "1"
+os.environ["LLM4SEG_KERNELS"] = "triton"
+x = torch.randn(2, 3, 8)
+print(torch.allclose(kernels.swiglu(x, x), torch.nn.functional.silu(x) * x, atol=1e-6))
+"""
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "True"
+
+
+def test_triton_imported_before_the_interpreter_flag_is_a_clear_error():
+    code = """
+import os, torch, triton, kernels  # triton's helpers are compiled-mode from here on
+os.environ["TRITON_INTERPRET"] = "1"
+os.environ["LLM4SEG_KERNELS"] = "triton"
+x = torch.randn(2, 3, 8)
+try:
+    kernels.swiglu(x, x)
+except RuntimeError as error:
+    print(error)
+"""
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr
+    assert "set TRITON_INTERPRET=1 before anything imports triton" in result.stdout
