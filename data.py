@@ -39,6 +39,7 @@ import shutil
 import tempfile
 import urllib.request
 import zipfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -192,8 +193,8 @@ class SegmentationFiles(Dataset):
         mask = Image.fromarray(read_mask(case, image.size).astype(np.uint8) * 255)
         # PIL's bilinear antialiases when shrinking (ISIC images are ~4000 px wide); nearest keeps
         # the mask binary.
-        image = np.asarray(image.resize(size, Image.BILINEAR))                     # (S, S, 3)
-        mask = np.asarray(mask.resize(size, Image.NEAREST))                        # (S, S)
+        image = np.asarray(image.resize(size, Image.Resampling.BILINEAR))          # (S, S, 3)
+        mask = np.asarray(mask.resize(size, Image.Resampling.NEAREST))             # (S, S)
         image = torch.from_numpy(image.copy()).permute(2, 0, 1).float() / 255      # (3, S, S)
         mask = torch.from_numpy(mask >= 128).float().unsqueeze(0)                  # (1, S, S)
         return make_item(image, mask, case.name, self.augment)
@@ -607,23 +608,27 @@ def load_dataset(name: str, root: str | None = None, split: str = "train", img_s
         source = str(path)
         splits = split_from_json(name, found, path, path == default, seed, val_fraction,
                                  test_fraction)
-    unknown = sorted({n for s in SPLITS for n in splits[s]} - set(found))
+    listed = Counter(n for s in SPLITS for n in splits[s])
+    unknown = sorted(set(listed) - set(found))
     if unknown:
         raise ValueError(f"{len(unknown)} cases named in {source} are not in the data under "
                          f"{root_dir} (first: {', '.join(unknown[:5])}); expected every listed "
                          "case present.")
+    repeated = sorted(n for n, count in listed.items() if count > 1)
+    if repeated:
+        raise ValueError(f"{len(repeated)} cases are in more than one split of {source} (first: "
+                         f"{', '.join(repeated[:5])}); expected disjoint splits. Fix the lists.")
     if not splits[split]:
-        raise ValueError(f"{name} has no {split} cases in {source}; a held-out test set needs "
-                         "test_fraction > 0 (e.g. 0.1)")
+        hint = "; a held-out test set needs test_fraction > 0 (e.g. 0.1)" if split == "test" else ""
+        raise ValueError(f"{name} has no {split} cases in {source}{hint}")
 
     by_name = {case.name: case for case in cases}
     chosen = [by_name[n] for n in splits[split]]
-    listed = sum(len(splits[s]) for s in SPLITS)
     note = ""
     if name == "busi":
         note = "; normal cases included" if include_normal else \
             "; benign + malignant only, as the paper (include_normal=True adds the normal cases)"
-    if listed < len(cases):
-        note += f"; {len(cases) - listed} cases found are in no list and unused"
+    if len(listed) < len(cases):
+        note += f"; {len(cases) - len(listed)} cases found are in no list and unused"
     print(f"{name} {split}: {len(chosen)} cases from {data_dir}, split {source}{note}")
     return SegmentationFiles(chosen, img_size, augment=split == "train")

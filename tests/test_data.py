@@ -165,7 +165,8 @@ def test_tnscui_uppercase_png_grayscale_and_resize(tmp_path):
     for item in val:
         # 64 -> 32 px nearest picks one pixel of each 2x2 block; the rectangles' odd edges may
         # move by one pixel, so compare to the mask's own nearest resize.
-        expected = Image.fromarray(drawn[item["name"]].astype(np.uint8) * 255).resize((32, 32), 0)
+        expected = Image.fromarray(drawn[item["name"]].astype(np.uint8) * 255).resize(
+            (32, 32), Image.Resampling.NEAREST)
         assert torch.equal(item["mask"][0], torch.from_numpy(np.asarray(expected) >= 128).float())
         assert torch.allclose(item["image"][0], item["image"][1] * STD[1] / STD[0]
                               + (MEAN[1] - MEAN[0]) / STD[0], atol=1e-5), "gray -> equal RGB"
@@ -349,13 +350,15 @@ def kvasir_server():
     server.server_close()
 
 
-def test_kvasir_downloads_verifies_and_renames_into_place(tmp_path, kvasir_server, monkeypatch):
+def test_kvasir_downloads_verifies_and_renames_into_place(tmp_path, kvasir_server, monkeypatch,
+                                                          capsys):
     monkeypatch.setenv(data.KVASIR_URL_ENV, f"{kvasir_server}/good.zip")
     monkeypatch.setattr(data, "KVASIR_PAIRS", 3)
     monkeypatch.setenv(data.DATA_ROOT_ENV, str(tmp_path))
     train = data.load_dataset("kvasir", None, "train", img_size=32)  # default root: $LLM4SEG_DATA/kvasir
     assert len(train) == 1 and len(list((tmp_path / "kvasir" / "Kvasir-SEG" / "masks").iterdir())) == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kvasir"], "no temp files left"
+    assert "kvasir-seg.zip" in capsys.readouterr().err, "a tqdm progress bar on stderr"
 
 
 @pytest.mark.parametrize("path, error", [("/cut.zip", ConnectionError), ("/short.zip", ValueError)])
@@ -427,6 +430,9 @@ def test_wrong_names_options_and_stale_split_rejected(tmp_path):
                [np.ones((8, 8), bool)])
     with pytest.raises(ValueError, match=r"1 cases in the data are in no split .*benign \(7\).*Delete it"):
         data.load_dataset("busi", str(tmp_path), "val")
+    with pytest.raises(ValueError, match=r"1 cases are in more than one split .*benign \(1\)"):
+        data.load_dataset("busi", str(tmp_path), "val", split_file=write_split(
+            tmp_path / "leak.json", ["benign (1)"], ["benign (1)"]))
     (tmp_path / "bad.json").write_text("[1, 2")
     with pytest.raises(ValueError, match=r"split file .*bad\.json is unreadable"):
         data.load_dataset("busi", str(tmp_path), "val", split_file=str(tmp_path / "bad.json"))
