@@ -324,13 +324,25 @@ def _from_directory(root: Path, layer: int, need_weights: bool):
         files = sorted(root.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors holding model.layers.{config.index} in {root}")
+    return config, _read_layer_files(files, config, root)
+
+
+def _read_layer_files(files: list[Path], config: LayerConfig, where) -> dict[str, Tensor]:
+    """The layer's tensors from local safetensors files, reading only their bytes."""
     entries = {}
     for file in files:
         with open(file, "rb") as f:
             header_len, header = _parse_header(lambda start, end: _read_exactly(f, start, end, file))
         entries.update(_layer_entries(header, header_len, config, file))
-    _check_entries(entries, config, root)
-    return config, _read_local_tensors(entries)
+    _check_entries(entries, config, where)
+    tensors = {}
+    for file in files:
+        with open(file, "rb") as f:
+            for entry in (e for e in entries.values() if e.file == file):
+                data = _read_exactly(f, entry.start, entry.end, f"{file} (tensor {entry.name})")
+                tensors[entry.name] = torch.frombuffer(
+                    bytearray(data), dtype=SAFETENSORS_DTYPES[entry.dtype]).reshape(entry.shape)
+    return tensors
 
 
 def _read_exactly(f, start: int, end: int, file) -> bytes:
@@ -402,56 +414,32 @@ def _check_entries(entries: dict[str, TensorEntry], config: LayerConfig, where) 
                          f"describes a layer without it")
 
 
-def _tensor_from_bytes(entry: TensorEntry, data) -> Tensor:
-    return torch.frombuffer(bytearray(data), dtype=SAFETENSORS_DTYPES[entry.dtype]).reshape(entry.shape)
-
-
-def _read_local_tensors(entries: dict[str, TensorEntry]) -> dict[str, Tensor]:
-    tensors = {}
-    for file in {e.file for e in entries.values()}:
-        with open(file, "rb") as f:
-            for entry in (e for e in entries.values() if e.file == file):
-                data = _read_exactly(f, entry.start, entry.end, f"{file} (tensor {entry.name})")
-                tensors[entry.name] = _tensor_from_bytes(entry, data)
-    return tensors
-
-
 # --- the Hub ----------------------------------------------------------------------------------
 
 
 def _from_hub(repo: str, layer: int, revision: str | None, need_weights: bool):
-    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub import try_to_load_from_cache
 
-    # A layer fetched before needs no network at all: config.json's cached copy names the commit.
-    cached_config = try_to_load_from_cache(repo, "config.json", revision=revision)
-    if isinstance(cached_config, str):
-        commit = Path(cached_config).parent.name
-        cached_layer = _layer_cache_file(repo, commit, layer - 1, constants.HF_HOME)
-        if not need_weights or cached_layer.is_file():
-            return _layer_from_cache(cached_config, repo, commit, layer, cached_layer, need_weights)
-
-    config_file = _hub_download(repo, "config.json", revision)
-    commit = Path(config_file).parent.name  # the cache stores files under snapshots/<commit>/
-    cached_layer = _layer_cache_file(repo, commit, layer - 1, constants.HF_HOME)
-    if need_weights and not cached_layer.is_file():
-        config = LayerConfig.from_hf(json.loads(Path(config_file).read_text()), layer, repo=repo, commit=commit)
-        _fetch_layer(repo, commit, config, cached_layer)
-    return _layer_from_cache(config_file, repo, commit, layer, cached_layer, need_weights)
-
-
-def _layer_from_cache(config_file, repo, commit, layer, cached_layer: Path, need_weights: bool):
+    # A layer fetched before needs no network at all: config.json's cached copy names the commit
+    # (the Hub cache keeps files under snapshots/<commit>/), which names our layer file.
+    config_file = try_to_load_from_cache(repo, "config.json", revision=revision)
+    if not isinstance(config_file, str) or (
+            need_weights and not _layer_cache_file(repo, Path(config_file).parent.name, layer).is_file()):
+        config_file = _hub_download(repo, "config.json", revision)
+    commit = Path(config_file).parent.name
     config = LayerConfig.from_hf(json.loads(Path(config_file).read_text()), layer, repo=repo, commit=commit)
     if not need_weights:
         return config, None
-    with open(cached_layer, "rb") as f:
-        header_len, header = _parse_header(lambda start, end: _read_exactly(f, start, end, cached_layer))
-    entries = _layer_entries(header, header_len, config, cached_layer)
-    _check_entries(entries, config, cached_layer)
-    return config, _read_local_tensors(entries)
+    cached_layer = _layer_cache_file(repo, commit, layer)
+    if not cached_layer.is_file():
+        _fetch_layer(repo, commit, config, cached_layer)
+    return config, _read_layer_files([cached_layer], config, cached_layer)
 
 
-def _layer_cache_file(repo: str, commit: str, index: int, hf_home: str) -> Path:
-    return Path(hf_home) / "llm4seg" / repo.replace("/", "--") / commit / f"model.layers.{index}.safetensors"
+def _layer_cache_file(repo: str, commit: str, layer: int) -> Path:
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HOME) / "llm4seg" / repo.replace("/", "--") / commit / f"model.layers.{layer - 1}.safetensors"
 
 
 def _hub_download(repo: str, filename: str, revision: str | None) -> str:
