@@ -219,7 +219,9 @@ class _AttentionFunction(torch.autograd.Function):
         q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
         B, Hq, T, d = q.shape
         config = _launch_config(d, T)["forward"]
-        o = torch.empty_like(q, memory_format=torch.contiguous_format)
+        # Outputs take their input's layout: for q viewed from a (B, T, Hq, d) projection, the caller's
+        # transpose(1, 2).reshape(B, T, Hq * d) of o is then a view, not a copy (the same for dq).
+        o = torch.empty_like(q)
         lse = torch.empty((B, Hq, T), dtype=torch.float32, device=q.device)  # base-2 log-sum-exp
         sm_scale = 1.0 / math.sqrt(d)
         grid = (-(-T // config["BLOCK_M"]), B * Hq)
@@ -241,13 +243,13 @@ class _AttentionFunction(torch.autograd.Function):
         block_m = config["dq"]["BLOCK_M"]
         delta_kernel[(-(-T // block_m), B * Hq)](o, do, delta, *_strides(o), *_strides(do), Hq, T,
                                                  HEAD_DIM=d, BLOCK_M=block_m)
-        dk = torch.empty_like(k, memory_format=torch.contiguous_format)
-        dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+        dk = torch.empty_like(k)
+        dv = torch.empty_like(v)
         dk_dv_kernel[(-(-T // config["dk_dv"]["BLOCK_N"]), B * Hkv)](
             q, k, v, do, lse, delta, dk, dv, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
             *_strides(dk), *_strides(dv), Hq, Hkv, T, sm_scale, sm_scale * LOG2_E,
             GROUP=Hq // Hkv, HEAD_DIM=d, **config["dk_dv"])
-        dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+        dq = torch.empty_like(q)
         dq_kernel[(-(-T // block_m), B * Hq)](
             q, k, v, do, lse, delta, dq, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
             *_strides(dq), Hq, T, sm_scale, sm_scale * LOG2_E, GROUP=Hq // Hkv, HEAD_DIM=d, **config["dq"])
