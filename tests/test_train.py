@@ -1,0 +1,266 @@
+"""Tests for train.py: the recipe end to end on synthetic polyps and a tiny local Llama checkpoint.
+
+Every run: 64 x 64 images, batch 4, 7 train / 2 val synthetic cases (2 iterations per epoch),
+workers 0, CPU. Runs go through main(argv) in this process where possible, and through a
+subprocess where the exit code, stderr or torchrun matter. Torch runs on one thread: on this
+shared 2-core machine two OpenMP threads next to another busy process are ~20x slower.
+Resumed runs are compared with uninterrupted ones bit for bit: same seed, same thread count, CPU.
+"""
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from llm_layer import load_layer
+from model import build_model
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+NUM_LAYERS = 2
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tmp_path_factory) -> Path:
+    """A 2-layer Llama (hidden 64) saved by transformers, with non-trivial norm weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128,
+                                         num_attention_heads=4, num_key_value_heads=2,
+                                         num_hidden_layers=NUM_LAYERS, tie_word_embeddings=False))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def small_run(tiny_llm: Path, out: Path, *extra: str) -> list[str]:
+    return ["--data", "synthetic", "--synthetic-size", "10", "--llm", str(tiny_llm), "--layer", "2",
+            "--img-size", "64", "--batch-size", "4", "--workers", "0", "--out", str(out), *extra]
+
+
+def run_subprocess(args: list[str], launcher: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, *launcher, str(REPO_ROOT / "train.py"), *args],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_tensors(file_a: Path, file_b: Path) -> None:
+    a, b = load_file(file_a), load_file(file_b)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def assert_same_metrics(run_a: Path, run_b: Path) -> None:
+    """Everything but the speed, exactly."""
+    def without_speed(lines):
+        return [{k: v for k, v in line.items() if k != "images_per_second"} for line in lines]
+    assert without_speed(metrics(run_a)) == without_speed(metrics(run_b))
+
+
+@pytest.fixture(scope="session")
+def three_epochs(tiny_llm, tmp_path_factory) -> Path:
+    """The uninterrupted reference run."""
+    out = tmp_path_factory.mktemp("runs") / "three-epochs"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    assert train.main(small_run(tiny_llm, out, "--epochs", "3")) == 0
+    torch.set_num_threads(threads)
+    return out
+
+
+# --- a whole run ---------------------------------------------------------------------------------
+
+
+def test_two_epochs_write_config_metrics_checkpoints_and_keep_the_layer_frozen(tiny_llm, tmp_path,
+                                                                              monkeypatch, capsys):
+    built = {}
+
+    def build_and_keep(*args, **kwargs):
+        net = build_model(*args, **kwargs)
+        built["net"] = net
+        built["adapter_before"] = net.bridge.project_in.weight.detach().clone()
+        return net
+
+    monkeypatch.setattr(train, "build_model", build_and_keep)
+    out = tmp_path / "run"
+    assert train.main(small_run(tiny_llm, out, "--epochs", "2")) == 0
+
+    printed = capsys.readouterr().out
+    assert "3,182,273 trainable / 36,992 frozen parameters" in printed  # 36,992 = one layer, D = 64
+    assert f"LLM layer: {tiny_llm} @ local files, model.layers.1 = the paper's layer 2 of 2" in printed
+    assert "device: cpu (float32), 1 process(es), global batch 4 = 1 x 4" in printed
+    assert "7 train / 2 val images at 64px, 2 iterations per epoch" in printed
+
+    lines = metrics(out)
+    assert [line["epoch"] for line in lines] == [1, 2]
+    assert [line["global_step"] for line in lines] == [2, 4]
+    assert all(0 <= line["val_iou"] <= 1 and line["train_loss"] > 0 for line in lines)
+    # poly decay, lr of the last step of each epoch: 0.01 * (1 - 1/4) ** 0.9 and 0.01 * (1 - 3/4) ** 0.9
+    assert [line["lr"] for line in lines] == pytest.approx([0.01 * 0.75 ** 0.9, 0.01 * 0.25 ** 0.9], rel=1e-12)
+
+    net = built["net"]
+    pristine = load_layer(str(tiny_llm), 2)
+    for (name, trained), (_, original) in zip(net.bridge.layer.named_parameters(), pristine.named_parameters()):
+        assert not trained.requires_grad and torch.equal(trained, original), name
+    assert not torch.equal(net.bridge.project_in.weight, built["adapter_before"])
+
+    config = json.loads((out / "config.json").read_text())
+    assert config["train"]["epochs"] == 2 and config["train"]["seed"] == 41
+    assert config["llm_layer"]["path"] == str(tiny_llm) and config["llm_layer"]["layer"] == 2
+    assert config["model"] == {"backbone": "cmunext", "llm": str(tiny_llm), "layer": 2, "mode": "frozen",
+                               "in_channels": 3, "num_classes": 1, "lora_rank": 0, "residual": False}
+
+    # The checkpoint holds what was trained; the config rebuilds the rest.
+    last = load_file(out / "last.safetensors")
+    assert not any(key.startswith("model.bridge.layer.") for key in last)
+    momentum = [key for key in last if key.startswith("optimizer.")]
+    assert len(momentum) == sum(p.requires_grad for p in net.parameters())
+    rebuilt = build_model(**config["model"])
+    rebuilt.load_state_dict({k.removeprefix("model."): v for k, v in last.items() if k.startswith("model.")})
+    for key, value in net.state_dict().items():
+        assert torch.equal(rebuilt.state_dict()[key], value), key
+    best = json.loads((out / "best.json").read_text())
+    assert best["val"]["iou"] == max(line["val_iou"] for line in lines)
+    assert {p.name for p in out.iterdir()} == {"config.json", "metrics.jsonl", "last.safetensors",
+                                               "last.json", "best.safetensors", "best.json"}
+
+
+# --- resuming ------------------------------------------------------------------------------------
+
+
+def test_stop_after_epoch_two_and_resume_equals_three_uninterrupted_epochs(tiny_llm, tmp_path, three_epochs):
+    out = tmp_path / "stopped"
+    assert train.main(small_run(tiny_llm, out, "--epochs", "3", "--stop-after-epoch", "2")) == 0
+    assert [line["epoch"] for line in metrics(out)] == [1, 2]
+    assert train.main(["--resume", str(out)]) == 0
+    assert [line["epoch"] for line in metrics(out)] == [1, 2, 3]
+    assert_same_metrics(out, three_epochs)
+    assert_same_tensors(out / "last.safetensors", three_epochs / "last.safetensors")  # model + momentum
+    assert_same_tensors(out / "best.safetensors", three_epochs / "best.safetensors")
+
+
+@pytest.mark.parametrize("step", [3, 4])
+def test_ctrl_c_mid_epoch_saves_last_and_resume_is_exact(tiny_llm, tmp_path, three_epochs, monkeypatch,
+                                                         capsys, step):
+    """SIGINT during step 3 (epoch 2, batch 1) or 4 (its last batch, before validation): the step
+    completes, is saved, and the resumed run continues with the next batch's data and draws."""
+    loss_calls, real_loss = itertools.count(1), train.bce_dice_loss
+
+    def loss_with_ctrl_c(logits, target):
+        if next(loss_calls) == step:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_loss(logits, target)
+
+    monkeypatch.setattr(train, "bce_dice_loss", loss_with_ctrl_c)
+    out = tmp_path / "interrupted"
+    assert train.main(small_run(tiny_llm, out, "--epochs", "3")) == 130
+    assert f"stopped in epoch 2 after {step - 2} batches" in capsys.readouterr().out
+    saved = json.loads((out / "last.json").read_text())["progress"]
+    assert (saved["epochs_done"], saved["batches_done"], saved["global_step"]) == (1, step - 2, step)
+    assert [line["epoch"] for line in metrics(out)] == [1]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+
+    monkeypatch.setattr(train, "bce_dice_loss", real_loss)
+    assert train.main(["--resume", str(out)]) == 0
+    assert_same_metrics(out, three_epochs)
+    assert_same_tensors(out / "last.safetensors", three_epochs / "last.safetensors")
+
+
+def test_metrics_written_before_a_crash_are_not_repeated(tmp_path):
+    """A kill between the metrics line and last.* leaves a line ahead of the checkpoint."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"epoch": e}) + "\n" for e in (1, 2, 3)))
+    train.keep_metrics_up_to(path, 2)
+    assert [json.loads(line)["epoch"] for line in path.read_text().splitlines()] == [1, 2]
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_llm, tmp_path, monkeypatch, capsys):
+    loss_calls, real_loss = itertools.count(1), train.bce_dice_loss
+
+    def nan_in_epoch_two(logits, target):
+        loss = real_loss(logits, target)
+        return loss * float("nan") if next(loss_calls) == 4 else loss
+
+    monkeypatch.setattr(train, "bce_dice_loss", nan_in_epoch_two)
+    out = tmp_path / "nan"
+    assert train.main(small_run(tiny_llm, out, "--epochs", "3")) == 1
+    assert "error: non-finite loss at epoch 2, step 3 " in capsys.readouterr().err
+    assert json.loads((out / "last.json").read_text())["progress"]["epochs_done"] == 1
+    assert [line["epoch"] for line in metrics(out)] == [1]
+    assert torch.isfinite(torch.cat([t.flatten().float() for t in load_file(out / "last.safetensors").values()])).all()
+
+
+# --- distributed ---------------------------------------------------------------------------------
+
+
+def test_torchrun_two_processes_on_cpu_complete_an_epoch(tiny_llm, tmp_path):
+    out = tmp_path / "ddp"
+    result = run_subprocess(small_run(tiny_llm, out, "--epochs", "1"),
+                            launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("global batch 8 = 2 x 4") == 1  # rank 0 alone prints
+    assert "(gloo)" in result.stdout
+    assert [line["epoch"] for line in metrics(out)] == [1]
+    assert json.loads((out / "config.json").read_text())["world_size"] == 2
+    assert json.loads((out / "last.json").read_text())["world_size"] == 2
+
+
+# --- bad settings --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--data", "imagenet"], "argument --data: invalid choice: 'imagenet'"),
+    (["--backbone", "resnet"], "argument --backbone: invalid choice: 'resnet'"),
+    (["--llm", "not-an-llm"], "unknown LLM 'not-an-llm'"),
+    (["--layer", "3"], "layer 3 out of range"),
+    (["--layer", "0"], "layer 0 out of range"),
+    (["--img-size", "100"], "expected a positive multiple of 16 (the network pools 4 times), got 100; try 96"),
+])
+def test_bad_flags_exit_2_with_one_line_before_any_work(tiny_llm, tmp_path, capsys, flags, message):
+    out = tmp_path / "never-created"
+    try:
+        code = train.main(small_run(tiny_llm, out, *flags))
+    except SystemExit as exit_:  # argparse's own errors
+        code = exit_.code
+    captured = capsys.readouterr()
+    assert code == 2
+    assert captured.err.count("\n") == 1 and captured.err.startswith("error: ") and message in captured.err
+    assert captured.out == ""
+    assert not out.exists()
+
+
+def test_bad_flag_from_the_command_line_has_no_traceback(tiny_llm, tmp_path):
+    result = run_subprocess(small_run(tiny_llm, tmp_path / "run", "--layer", "9"))
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: layer 9 out of range") and result.stderr.count("\n") == 1
+
+
+def test_an_existing_run_is_not_overwritten_and_resume_keeps_its_settings(tiny_llm, three_epochs, capsys):
+    assert train.main(small_run(tiny_llm, three_epochs, "--epochs", "3")) == 2
+    assert f"already holds a run: continue it with --resume {three_epochs}" in capsys.readouterr().err
+    assert train.main(["--resume", str(three_epochs), "--epochs", "5"]) == 2
+    assert "expected --epochs 3 or no --epochs, got 5" in capsys.readouterr().err
