@@ -2,7 +2,9 @@
 
 The Hugging Face Hub is unreachable here, so a local stand-in (tests/hub_standin.py) serves the
 checkpoints the tests write. huggingface_hub reads HF_ENDPOINT and HF_HOME once, when it is first
-imported, so both are set here, before any test module imports it.
+imported, so both are set here, before any test module imports it. Likewise triton reads
+TRITON_INTERPRET when it is first imported (transformers imports it too): without a GPU, the
+Triton kernels run in its CPU interpreter.
 """
 import os
 import sys
@@ -21,6 +23,10 @@ os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")
