@@ -1,5 +1,32 @@
 """Evaluation of a trained LLM4Seg model: the paper's metrics, its Sec. 4.2 feature analysis, pictures.
 
+    python eval.py runs/kvasir_cmunext_llama3.2-1b-L15-frozen_seed41                  # val, best checkpoint
+    python eval.py RUN_DIR --split test --checkpoint last                            # held-out test set
+    python eval.py RUN_DIR --samples 8                                               # + 4 worst, 4 best overlays
+    python eval.py RUN_DIR --analyze                                                 # + Fig. 2 / Sec. 4.2 analysis
+    python eval.py RUN_DIR --data-dir /elsewhere/kvasir --device cpu --batch-size 4 --workers 0
+
+The command rebuilds the model from RUN_DIR/config.json (a frozen LLM layer is read again from
+its local directory or the local Hub cache, and must be the same commit), loads <checkpoint>.safetensors
+and evaluates the split the run's data settings define, writing into RUN_DIR/eval-<split>/:
+    metrics.json    mean and std over images (population std, so one image gives 0) of every
+                    per-image metric below, pooled IoU / Dice, the checkpoint (name, epoch, step)
+                    and the computation report of the paper's Table 1: trainable and frozen
+                    parameters, G MACs of one (1, 3, S, S) forward at the run's image size S
+                    (FlopCounterMode FLOPs / 2 on a meta-device copy: convs and matmuls; the
+                    paper's thop also counts BatchNorm and upsampling, ~1-3 % more)
+    per_image.csv   one row per case: every metric (and with --analyze the analysis values)
+    samples/        --samples N: worst-01_<case>.png .. and best-01_<case>.png .., ranked by IoU,
+                    the image with the true (green) and predicted (red) contours
+    analysis.json   --analyze: concentration IoU, effective rank and LSVR before / after the layer
+    activations/    --analyze: <case>_before.png, <case>_after.png heat maps of the first --maps cases
+Which tensors --analyze reads: the paper's model is t = Encoder(x), t_hat' = Reshape(Transformer(Flatten(t))),
+Decoder(t_hat') (its Eq. 1-3), and Sec. 4.2 takes "the activations t_hat' in R^{C x H x W} before
+decoding". Here that is the bridge's output (B, C, h, w), after Linear(D, C), which the decoder reads;
+"Act. Before" (Fig. 2a/b) is the bridge's input, the encoder's (B, C, h, w) bottleneck. Both sit at the
+CNN's width C (not the LLM's D), so before and after are comparable with each other and with a plain
+backbone's bottleneck, the paper's CMUNeXt column. ER and LSVR are reported for both as well.
+
 Segmentation metrics, per image, threshold 0.5 on sigmoid (the authors' CMUNeXt code, validation
 batch 1, then averaged over images). P = predicted foreground, G = true foreground, TP/FP/FN/TN
 the pixel counts of one image, N = H*W:
@@ -44,13 +71,26 @@ Channels that are exactly zero have no spectrum and are left out of the channel 
 Pictures (Pillow): a jet heat map blended over the image (Fig. 2a) and the image with the ground-truth
 contour (green) and the predicted contour (red).
 """
+import argparse
+import contextlib
+import copy
+import csv
+import json
 import math
+import re
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from data import IMAGENET_MEAN, IMAGENET_STD, load_dataset
+from model import build_model, count_params
 
 IOU_SMOOTH = 1e-5  # the authors' smoothing of IoU: empty vs empty scores 1
 RATIO_EPS = 1e-6  # the authors' guard in the denominators of SE, PC, SP and F1
@@ -59,6 +99,11 @@ NSD_TOLERANCE = 2.0  # pixels
 CONCENTRATION_THRESHOLD = 0.4  # paper Fig. 2(b)
 GT_COLOUR = (0, 255, 0)
 PRED_COLOUR = (255, 0, 0)
+# (key, label, scale, unit) of the printed table; the files keep fractions and pixels unscaled.
+REPORTED = (("iou", "IoU", 100, "%"), ("dice", "Dice", 100, "%"), ("f1", "F1", 100, "%"),
+            ("sensitivity", "SE", 100, "%"), ("precision", "PC", 100, "%"), ("specificity", "SP", 100, "%"),
+            ("accuracy", "ACC", 100, "%"), ("hd95", "HD95", 1, "px"), ("nsd", "NSD", 100, "%"))
+ANALYSED = ("concentration_iou", "effective_rank", "lsvr")
 
 
 # -----------------------------------------------------------------------------
@@ -289,3 +334,302 @@ def overlay_png(image, gt_mask, pred_mask, path) -> None:
         _check_same_size(image, mask, "mask")
         image[_numpy(mask_boundary(torch.from_numpy(mask)))] = colour
     Image.fromarray(image).save(path)
+
+
+# -----------------------------------------------------------------------------
+# the command line: a run directory in, the paper's numbers and pictures out
+
+def read_run_config(run_dir: Path) -> dict:
+    """RUN_DIR/config.json as train.py wrote it: {"train": settings, "model": build_model kwargs, "llm_layer", ...}."""
+    config_file = run_dir / "config.json"
+    if not config_file.is_file():
+        found = "no config.json in it" if run_dir.is_dir() else "no such directory"
+        raise FileNotFoundError(f"{run_dir}: expected a run directory written by train.py (with config.json), "
+                                f"found {found}")
+    return json.loads(config_file.read_text())
+
+
+def load_run(run_dir, checkpoint: str = "best") -> tuple[torch.nn.Module, dict, dict]:
+    """A run of train.py -> (model in eval mode on the CPU, its config.json, the checkpoint's JSON part).
+
+    The model is rebuilt from config["model"]. A frozen LLM layer, which no checkpoint holds, is read again
+    from where the run found it (a local directory, or the local Hub cache) and must be the same commit."""
+    # train.py imports this module for its metrics: importing train at the top would be circular.
+    from train import load_checkpoint
+
+    run_dir = Path(run_dir)
+    config = read_run_config(run_dir)
+    for name in (f"{checkpoint}.safetensors", f"{checkpoint}.json"):
+        if not (run_dir / name).is_file():
+            other = "last" if checkpoint == "best" else "best"
+            raise FileNotFoundError(f"{run_dir / name} not found: expected the '{checkpoint}' checkpoint, which "
+                                    f"train.py writes at the end of each epoch; let the run finish an epoch, "
+                                    f"or try --checkpoint {other}")
+    net = build_model(**config["model"])
+    if net.bridge is not None:
+        loaded, trained = net.bridge.layer.config.commit, (config["llm_layer"] or {}).get("commit")
+        if loaded != trained:
+            raise ValueError(f"the run trained with {config['model']['llm']} at commit {trained}, but commit "
+                             f"{loaded} was loaded; expected the same weights (the layer is not in the checkpoint)")
+    info = load_checkpoint(run_dir, checkpoint, net)
+    return net.eval(), config, info
+
+
+def count_gmacs(net: torch.nn.Module, in_channels: int, img_size: int) -> float:
+    """G multiply-accumulates of one (1, in_channels, S, S) forward: FlopCounterMode's FLOPs / 2 (convs and
+    matmuls), run on a meta-device copy, since the count needs only shapes."""
+    from torch.utils.flop_counter import FlopCounterMode  # 0.2 s of imports that train.py never needs
+
+    meta_net = copy.deepcopy(net).to("meta")
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        meta_net(torch.zeros(1, in_channels, img_size, img_size, device="meta"))
+    return counter.get_total_flops() / 2 / 1e9
+
+
+class BridgeFeatures:
+    """While open, keeps the LLM bridge's input ("before") and output ("after"), (B, C, h, w) float32,
+    of the latest forward pass: the tensors of the module docstring's --analyze."""
+
+    def __init__(self, bridge: torch.nn.Module):
+        self.bridge = bridge
+        self.before = self.after = None
+
+    def __enter__(self):
+        self.hook = self.bridge.register_forward_hook(self.record)
+        return self
+
+    def __exit__(self, *exc):
+        self.hook.remove()
+
+    def record(self, module, inputs, output):
+        self.before, self.after = inputs[0].detach().float(), output.detach().float()
+
+
+def feature_analysis(features: BridgeFeatures, masks: Tensor) -> dict[str, Tensor]:
+    """The bridge's features of the latest batch and its masks (B, 1, H, W) -> per image (B,) values
+    "<concentration_iou|effective_rank|lsvr>_<before|after>"."""
+    results = {}
+    for when, tensor in (("before", features.before), ("after", features.after)):
+        activation = upsample_map(activation_map(tensor), masks.shape[-2:])  # (B, H, W)
+        results[f"concentration_iou_{when}"] = concentration_iou(activation, masks)
+        results[f"effective_rank_{when}"] = effective_rank(tensor)
+        results[f"lsvr_{when}"] = lsvr(tensor)
+    return results
+
+
+def predict(net: torch.nn.Module, images: Tensor, device: torch.device) -> Tensor:
+    """images (B, 3, S, S) -> float32 logits (B, 1, S, S), at train.py's validation precision (bf16 autocast
+    on CUDA, float32 on CPU)."""
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        return net(images.to(device)).float()
+
+
+@torch.no_grad()
+def evaluate_cases(net: torch.nn.Module, loader, device: torch.device,
+                   features: BridgeFeatures | None = None) -> tuple[list[dict], dict[str, float]]:
+    """Every case of `loader`, in order -> one row per case {"case", metric: value, ...} (plus the feature
+    analysis when `features` is open) and the pooled {"pooled_iou", "pooled_dice"}."""
+    rows, pooled = [], PooledOverlap()
+    for batch in tqdm(loader, desc="evaluating", leave=False, disable=None):
+        masks = batch["mask"].to(device)
+        logits = predict(net, batch["image"], device)
+        per_image = {**segmentation_metrics(logits, masks), **surface_metrics(logits, masks)}
+        if features is not None:
+            per_image.update(feature_analysis(features, masks))
+        pooled.update(logits, masks)
+        rows += [{"case": name, **{key: values[i].item() for key, values in per_image.items()}}
+                 for i, name in enumerate(batch["name"])]
+    return rows, pooled.compute()
+
+
+def mean_and_std(rows: list[dict], key: str) -> dict[str, float]:
+    """Over images; population std (ddof 0), so a single image gives 0, not NaN."""
+    values = np.array([row[key] for row in rows], dtype=np.float64)
+    return {"mean": float(values.mean()), "std": float(values.std())}
+
+
+def to_rgb(image: Tensor) -> np.ndarray:
+    """A data.py image (3, H, W), ImageNet-normalised -> (H, W, 3) uint8, the normalisation undone."""
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    rgb = ((image.cpu() * std + mean) * 255).round().clamp(0, 255).to(torch.uint8)
+    return rgb.permute(1, 2, 0).numpy()  # (H, W, 3)
+
+
+def file_stem(case: str) -> str:
+    """A case id as a file name: BUSI's "benign (1)" -> "benign_1_"."""
+    return re.sub(r"[^\w.-]+", "_", case)
+
+
+def ranked_cases(rows: list[dict], count: int) -> list[tuple[str, int]]:
+    """The ceil(count / 2) lowest and floor(count / 2) highest IoU cases, none twice, as (label, row index):
+    worst-01 is the lowest IoU, best-01 the highest. Ties go by case name, so the choice is reproducible."""
+    order = sorted(range(len(rows)), key=lambda i: (rows[i]["iou"], rows[i]["case"]))
+    count = min(count, len(rows))
+    worst = order[:(count + 1) // 2]
+    best = order[len(worst):][::-1][:count // 2]
+    return ([(f"worst-{rank:02d}", i) for rank, i in enumerate(worst, 1)]
+            + [(f"best-{rank:02d}", i) for rank, i in enumerate(best, 1)])
+
+
+def clean_folder(folder: Path) -> Path:
+    """Create `folder`, or empty it of the PNGs a previous evaluation wrote (which may name other cases)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("*.png"):
+        old.unlink()
+    return folder
+
+
+@torch.no_grad()
+def write_samples(net, dataset, rows: list[dict], count: int, device: torch.device, folder: Path) -> list[Path]:
+    """Overlay PNGs of the ranked cases; each is predicted again alone (BatchNorm in eval mode makes that
+    the same prediction), so no prediction of the whole split is kept in memory."""
+    paths = []
+    for label, index in ranked_cases(rows, count):
+        item = dataset[index]
+        assert item["name"] == rows[index]["case"], "the loader must keep the dataset's order"
+        probability = torch.sigmoid(predict(net, item["image"][None], device))[0, 0]  # (S, S)
+        paths.append(folder / f"{label}_{file_stem(item['name'])}.png")
+        overlay_png(to_rgb(item["image"]), item["mask"][0], probability, paths[-1])
+    return paths
+
+
+@torch.no_grad()
+def write_activation_maps(net, features: BridgeFeatures, dataset, count: int, device: torch.device,
+                          folder: Path) -> list[Path]:
+    """Fig. 2(a): heat maps of the activation before and after the LLM layer, first `count` cases."""
+    paths = []
+    for index in range(min(count, len(dataset))):
+        item = dataset[index]
+        predict(net, item["image"][None], device)  # fills `features`
+        image = to_rgb(item["image"])
+        for when, tensor in (("before", features.before), ("after", features.after)):
+            activation = upsample_map(activation_map(tensor), image.shape[:2])[0]  # (S, S)
+            paths.append(folder / f"{file_stem(item['name'])}_{when}.png")
+            heatmap_png(image, activation, paths[-1])
+    return paths
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def print_report(report: dict, analysis: dict | None) -> None:
+    """The one-screen summary: the paper's metrics in %, HD95 in pixels, the computation, the analysis."""
+    checkpoint, computation = report["checkpoint"], report["computation"]
+    print(f"{report['run_dir']}: {report['split']} split, {report['images']} images, checkpoint "
+          f"{checkpoint['name']} (epoch {checkpoint['epoch']}, step {checkpoint['global_step']})")
+    print(f"  {'metric':<10}{'mean':>8} ± std")
+    for key, label, scale, unit in REPORTED:
+        value = report["metrics"][key]
+        print(f"  {label:<5}{unit:>4} {value['mean'] * scale:8.2f} ± {value['std'] * scale:.2f}")
+    print(f"  pooled over pixels: IoU {report['pooled_iou'] * 100:.2f} %, Dice {report['pooled_dice'] * 100:.2f} %")
+    print(f"  {computation['trainable_params']:,} trainable + {computation['frozen_params']:,} frozen parameters, "
+          f"{computation['gmacs']:.2f} G MACs at {'x'.join(map(str, computation['input_shape']))}")
+    if analysis:
+        print(f"  {'bottleneck features':<20}{'before':>8}{'after':>8}   (LLM layer)")
+        for name in ANALYSED:
+            print(f"  {name:<20}{analysis['before'][name]['mean']:8.3f}{analysis['after'][name]['mean']:8.3f}")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Evaluate a run of train.py (see the module docstring for examples).")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by train.py")
+    p.add_argument("--split", default="val", choices=("val", "test"))
+    p.add_argument("--checkpoint", default="best", choices=("best", "last"))
+    p.add_argument("--data-dir", default=None, help="dataset root, when not where the run read it")
+    p.add_argument("--samples", type=int, default=0, metavar="N",
+                   help="write N overlay PNGs: the ceil(N/2) worst and floor(N/2) best cases by IoU")
+    p.add_argument("--analyze", action="store_true",
+                   help="activation maps, concentration IoU, effective rank and LSVR before and after the LLM layer")
+    p.add_argument("--maps", type=int, default=4, metavar="N", help="with --analyze: heat maps of the first N cases")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--workers", type=int, default=4, help="DataLoader worker processes")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit code 0 when evaluated, 2 for what the user can fix (said in one line on stderr)."""
+    args = make_parser().parse_args(argv)
+    try:
+        return evaluate_run(args)
+    except (ValueError, FileNotFoundError, PermissionError, ConnectionError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def evaluate_run(args: argparse.Namespace) -> int:
+    from train import Processes, resolve_device  # see load_run
+
+    for name in ("samples", "maps", "workers"):
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name}: expected a number >= 0, got {getattr(args, name)}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size: expected a positive integer, got {args.batch_size}")
+    run_dir = Path(args.run_dir)
+    config = read_run_config(run_dir)
+    settings = config["train"]
+    if args.analyze and config["model"]["mode"] == "none":
+        raise ValueError(f"--analyze compares the features before and after the LLM layer, but {run_dir} is a "
+                         f"plain {config['model']['backbone']} (trained with --llm none): expected a run with "
+                         f"an LLM bridge; drop --analyze for this run")
+    device = resolve_device(args.device, Processes())
+    dataset = load_dataset(settings["data"], args.data_dir or settings["data_dir"], args.split,
+                           settings["img_size"], settings["seed"], synthetic_size=settings["synthetic_size"])
+    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,
+                        pin_memory=device.type == "cuda")
+
+    net, _, info = load_run(run_dir, args.checkpoint)
+    trainable, frozen = count_params(net)
+    input_shape = [1, config["model"]["in_channels"], settings["img_size"], settings["img_size"]]
+    gmacs = count_gmacs(net, input_shape[1], settings["img_size"])
+    net.to(device)
+
+    out_dir = run_dir / f"eval-{args.split}"
+    out_dir.mkdir(exist_ok=True)
+    analysis = None
+    with BridgeFeatures(net.bridge) if args.analyze else contextlib.nullcontext() as features:
+        rows, pooled = evaluate_cases(net, loader, device, features)
+        if args.analyze:
+            maps = write_activation_maps(net, features, dataset, args.maps, device, clean_folder(out_dir / "activations"))
+            analysis = {
+                "features": {"before": "the LLM bridge's input: the encoder's bottleneck (B, C, h, w)",
+                             "after": "the LLM bridge's output after Linear(D, C), which the decoder reads: "
+                                      "the paper's t_hat' (Sec. 4.2)"},
+                "concentration_threshold": CONCENTRATION_THRESHOLD,
+                "images": len(rows),
+                **{when: {name: mean_and_std(rows, f"{name}_{when}") for name in ANALYSED}
+                   for when in ("before", "after")},
+                "activation_maps": [str(path.relative_to(out_dir)) for path in maps],
+            }
+            (out_dir / "analysis.json").write_text(json.dumps(analysis, indent=1))
+    samples = []
+    if args.samples:
+        samples = write_samples(net, dataset, rows, args.samples, device, clean_folder(out_dir / "samples"))
+
+    epoch = info["epoch"] if "epoch" in info else info["progress"]["epochs_done"]  # best.json / last.json
+    report = {
+        "run_dir": str(run_dir), "split": args.split, "images": len(rows),
+        "checkpoint": {"name": args.checkpoint, "epoch": epoch, "global_step": info["global_step"]},
+        "metrics": {key: mean_and_std(rows, key) for key, *_ in REPORTED},
+        **pooled,
+        "computation": {"trainable_params": trainable, "frozen_params": frozen, "gmacs": gmacs,
+                        "input_shape": input_shape,
+                        "counted_with": "torch.utils.flop_counter.FlopCounterMode, FLOPs / 2 (convs and matmuls)"},
+        "conventions": {"threshold": THRESHOLD, "nsd_tolerance_px": NSD_TOLERANCE,
+                        "std": "population (ddof 0) over images", "empty_cases": "see eval.py's docstring"},
+        "samples": [str(path.relative_to(out_dir)) for path in samples],
+    }
+    (out_dir / "metrics.json").write_text(json.dumps(report, indent=1))
+    write_csv(rows, out_dir / "per_image.csv")
+    print_report(report, analysis)
+    print(f"wrote {out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
