@@ -26,7 +26,7 @@ Run directory (--out, default runs/<data>_<backbone>_<llm>-L<layer>-<mode>_seed<
     last.json          epoch, step, best IoU, optimizer settings, every rank's RNG states
     best.safetensors   model state_dict at the best validation IoU, with best.json
 Every file is written to a temporary name and renamed into place, so a kill -9 loses at most the
-epoch in progress. Ctrl-C (or SIGTERM) stops at the next batch boundary, saves `last` mid-epoch
+epoch in progress. Ctrl-C (or SIGTERM) stops after the current optimizer step, saves `last` mid-epoch
 and exits with 130 (143 for SIGTERM); a second Ctrl-C stops at once. --resume continues from
 `last` exactly: the data order is a function of (seed, epoch), the RNG states are restored, and
 the lr schedule continues from the saved step. A non-finite loss stops the run with exit code 1
@@ -61,9 +61,9 @@ from tqdm import tqdm
 
 from data import DATASETS, load_dataset
 from eval import segmentation_metrics
+from llm_layer import MODES as LLM_MODES
 from model import BACKBONES, DOWNSAMPLING, build_model, count_params
 
-LLM_MODES = ("frozen", "trainable", "random")
 POLY_POWER = 0.9
 BCE_WEIGHT = 0.5
 DICE_SMOOTH = 1e-5
@@ -84,10 +84,11 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = OneLineErrorParser(description="Train LLM4Seg (see the module docstring for examples).")
+    p = OneLineErrorParser(description="Train LLM4Seg (see the module docstring for examples).",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data", default="kvasir", choices=DATASETS, help="dataset name")
     p.add_argument("--data-dir", default=None,
-                   help="dataset root (default $LLM4SEG_DATA/<data>, or ./data/<data>)")
+                   help="dataset root; None means $LLM4SEG_DATA/<data>, or ./data/<data>")
     p.add_argument("--synthetic-size", type=int, default=300, help="cases of --data synthetic")
     p.add_argument("--backbone", default="cmunext", choices=sorted(BACKBONES))
     p.add_argument("--llm", default="llama3.2-1b",
@@ -106,7 +107,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=41)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--workers", type=int, default=4, help="DataLoader worker processes")
-    p.add_argument("--out", default=None, help="run directory (default: named from the settings)")
+    p.add_argument("--out", default=None, help="run directory; None means runs/<name from the settings>")
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR")
     p.add_argument("--stop-after-epoch", type=int, default=None, metavar="N",
                    help="save and exit 0 after epoch N, resumable later (e.g. to fit a time slot)")
@@ -379,31 +380,12 @@ class StopRequests:
         if self.signal:
             raise KeyboardInterrupt
         self.signal = signum
-        print(f"\n{signal.Signals(signum).name}: saving at the next batch boundary (again to abort)",
+        print(f"\n{signal.Signals(signum).name}: saving after the current step (again to abort)",
               file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------------------------
 # Training
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Exit code: 0 done, 1 non-finite loss, 2 bad settings, 128 + signal when stopped by one."""
-    processes = Processes(int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
-                          int(os.environ.get("WORLD_SIZE", 1)))
-    # Other ranks stay quiet (data.py and llm_layer print too); errors still reach stderr.
-    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(sys.stdout if processes.main else devnull):
-        try:
-            run = setup(argv, processes)
-        except (ValueError, FileNotFoundError, PermissionError, ConnectionError) as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
-        try:
-            with StopRequests() as stop:
-                return train(run, stop)
-        finally:
-            if processes.distributed:
-                dist.destroy_process_group()
 
 
 @dataclass
@@ -551,12 +533,13 @@ def train(run: Run, stop: StopRequests) -> int:
                           f"checkpoint (epoch {progress.epochs_done}). Try a lower --lr.", file=sys.stderr)
                 return 1
             run.optimizer.step()
+            loss_value = loss.item()
             progress.global_step += 1
             progress.batches_done += 1
-            progress.epoch_loss_sum += loss.item()
+            progress.epoch_loss_sum += loss_value
             images += len(logits) * run.processes.world_size
             bar.update()
-            bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{images / (time.perf_counter() - start):.1f}")
+            bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{images / (time.perf_counter() - start):.1f}")
             if stopping:
                 # A step boundary: with workers=0 the next batch is not drawn yet, so the RNG state
                 # saved here is the one the next batch would have used.
@@ -614,6 +597,25 @@ def save_last(run: Run, rng: dict) -> None:
         info = {"global_step": run.progress.global_step, "progress": asdict(run.progress),
                 "world_size": run.processes.world_size, "rng": rngs}
         save_checkpoint(run.run_dir, "last", run.net, info, run.optimizer)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit code: 0 done, 1 non-finite loss, 2 bad settings, 128 + signal when stopped by one."""
+    processes = Processes(int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
+                          int(os.environ.get("WORLD_SIZE", 1)))
+    # Other ranks stay quiet (data.py and llm_layer print too); errors still reach stderr.
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(sys.stdout if processes.main else devnull):
+        try:
+            run = setup(argv, processes)
+        except (ValueError, FileNotFoundError, PermissionError, ConnectionError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        try:
+            with StopRequests() as stop:
+                return train(run, stop)
+        finally:
+            if processes.distributed:
+                dist.destroy_process_group()
 
 
 if __name__ == "__main__":
