@@ -1,6 +1,12 @@
 """Tests of eval.py: metrics on hand-made masks with known answers, agreement with an independent
-plain-numpy implementation of the paper's definitions, the Sec. 4.2 analysis, and the PNG helpers."""
+plain-numpy implementation of the paper's definitions, the Sec. 4.2 analysis, the PNG helpers, and
+the command line end to end on tiny runs trained by train.py."""
+import contextlib
+import csv
+import json
 import math
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,6 +14,8 @@ import torch
 from PIL import Image
 
 import eval as ev
+import train
+from data import IMAGENET_MEAN, IMAGENET_STD, load_dataset
 
 FLOAT32_TOL = 1e-5  # float32 ratios of pixel counts up to a few hundred: error well below 1e-6
 
@@ -232,3 +240,171 @@ def test_png_helpers_write_images_pillow_opens_at_the_image_size(tmp_path):
         ev.heatmap_png(image, torch.zeros(6, 8), tmp_path / "bad.png")
     with pytest.raises(ValueError, match="uint8"):
         ev.overlay_png(image.astype(np.float32), gt, pred, tmp_path / "bad.png")
+
+
+# --- the command line, end to end on tiny trained runs ---------------------------------------------
+# Runs: synthetic polyps at 64 x 64 (10 cases: 7 train / 2 val / 1 test), batch 4, 1 epoch, CPU, one
+# thread (two OpenMP threads beside another busy process on this 2-core machine are ~20x slower),
+# with the paper's layer 2 of a 2-layer Llama of hidden size 64 saved by transformers.
+
+IMG_SIZE = 64
+VAL_CASES, TEST_CASES = 2, 1
+
+
+@contextlib.contextmanager
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tmp_path_factory) -> dict:
+    """{"llm": a CMUNeXt + tiny-Llama-layer run, "plain": a plain CMUNeXt run}, 1 epoch each."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    llm = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128,
+                                       num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+                                       tie_word_embeddings=False))
+    root = tmp_path_factory.mktemp("eval-runs")
+    llm.save_pretrained(root / "tiny-llama")
+    runs = {"llm": root / "llm", "plain": root / "plain"}
+    with one_thread():
+        for name, llm_flag in (("llm", str(root / "tiny-llama")), ("plain", "none")):
+            assert train.main(["--data", "synthetic", "--synthetic-size", "10", "--llm", llm_flag, "--layer", "2",
+                               "--img-size", str(IMG_SIZE), "--batch-size", "4", "--workers", "0",
+                               "--epochs", "1", "--out", str(runs[name])]) == 0
+    return runs
+
+
+def run_eval(run_dir, *flags) -> int:
+    with one_thread():
+        return ev.main([str(run_dir), "--workers", "0", "--device", "cpu", *flags])
+
+
+@pytest.fixture(scope="session")
+def evaluated(tiny_runs) -> Path:
+    """eval-val of the LLM run, with 2 overlays and the analysis."""
+    assert run_eval(tiny_runs["llm"], "--samples", "2", "--analyze") == 0
+    return tiny_runs["llm"] / "eval-val"
+
+
+def read_csv(path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_metrics_json_holds_every_metric_in_range_and_the_checkpoint(evaluated):
+    report = json.loads((evaluated / "metrics.json").read_text())
+    assert report["split"] == "val" and report["images"] == VAL_CASES
+    assert report["checkpoint"] == {"name": "best", "epoch": 1, "global_step": 2}  # 7 cases / batch 4
+    assert set(report["metrics"]) == {"iou", "dice", "f1", "sensitivity", "precision", "specificity",
+                                      "accuracy", "hd95", "nsd"}
+    for name, value in report["metrics"].items():
+        upper = math.hypot(IMG_SIZE, IMG_SIZE) if name == "hd95" else 1.0  # HD95 at most the diagonal
+        assert 0 <= value["mean"] <= upper and 0 <= value["std"] <= upper, name
+    assert 0 <= report["pooled_iou"] <= 1 and 0 <= report["pooled_dice"] <= 1
+    computation = report["computation"]
+    # The counts train.py prints for this run (tests/test_train.py): 36,992 = one layer at D = 64.
+    assert (computation["trainable_params"], computation["frozen_params"]) == (3_182_273, 36_992)
+    assert computation["input_shape"] == [1, 3, IMG_SIZE, IMG_SIZE]
+
+
+def test_per_image_csv_has_one_row_per_case_and_the_means_of_metrics_json(evaluated):
+    rows = read_csv(evaluated / "per_image.csv")
+    cases = load_dataset("synthetic", None, "val", IMG_SIZE, 41, synthetic_size=10)
+    assert [row["case"] for row in rows] == [cases[i]["name"] for i in range(len(cases))]
+    report = json.loads((evaluated / "metrics.json").read_text())
+    for name, value in report["metrics"].items():
+        column = np.array([float(row[name]) for row in rows])
+        assert column.mean() == pytest.approx(value["mean"], rel=1e-12, abs=1e-12), name
+
+
+def test_samples_are_the_worst_and_best_cases_as_pngs_of_the_image_size(evaluated):
+    rows = sorted(read_csv(evaluated / "per_image.csv"), key=lambda row: float(row["iou"]))
+    expected = [f"best-01_{rows[-1]['case']}.png", f"worst-01_{rows[0]['case']}.png"]
+    assert sorted(path.name for path in (evaluated / "samples").iterdir()) == expected
+    for name in expected:
+        with Image.open(evaluated / "samples" / name) as picture:
+            assert picture.size == (IMG_SIZE, IMG_SIZE) and picture.mode == "RGB"
+
+
+def test_analyze_writes_finite_numbers_before_and_after_and_heat_maps(evaluated):
+    analysis = json.loads((evaluated / "analysis.json").read_text())
+    assert analysis["images"] == VAL_CASES and analysis["concentration_threshold"] == 0.4
+    for when in ("before", "after"):
+        assert set(analysis[when]) == {"concentration_iou", "effective_rank", "lsvr"}
+        values = analysis[when]
+        assert 0 <= values["concentration_iou"]["mean"] <= 1
+        # A 4 x 4 bottleneck map: ER between 1 and 4, LSVR between 0 and log 4.
+        assert 1 - SPECTRUM_TOL <= values["effective_rank"]["mean"] <= 4 + SPECTRUM_TOL
+        assert -SPECTRUM_TOL <= values["lsvr"]["mean"] <= math.log(4) + SPECTRUM_TOL
+        assert all(math.isfinite(v) for value in values.values() for v in value.values())
+    maps = sorted((evaluated / "activations").iterdir())
+    assert len(maps) == 2 * VAL_CASES and [str(p.relative_to(evaluated)) for p in maps] == sorted(
+        analysis["activation_maps"])
+    for path in maps:
+        with Image.open(path) as picture:
+            assert picture.size == (IMG_SIZE, IMG_SIZE)
+
+
+def test_gmacs_of_backbone_and_bridge_by_hand(tiny_runs, evaluated):
+    """Plain CMUNeXt: model.py's measured 7.23 G MACs at 256 x 256, divided by 16 at 64 x 64 (a conv's MACs
+    scale with its output pixels). The bridge at N = 4 x 4 = 16 tokens, C = 256, D = 64, 4 q heads of 16 and
+    2 kv heads, intermediate 128 adds:
+        adapters         2 N C D         = 524,288
+        q, o / k, v      2 N D D + 2 N D 32 = 131,072 + 65,536
+        MLP              3 N D 128       = 393,216
+        attention        2 * 4 * N N 16  = 32,768       (q k^T and P v)
+    total 1,146,880."""
+    assert run_eval(tiny_runs["plain"]) == 0
+    plain = json.loads((tiny_runs["plain"] / "eval-val" / "metrics.json").read_text())["computation"]
+    bridged = json.loads((evaluated / "metrics.json").read_text())["computation"]
+    assert plain["gmacs"] * 16 == pytest.approx(7.23, abs=0.005)  # model.py's table rounds to 2 decimals
+    assert (bridged["gmacs"] - plain["gmacs"]) * 1e9 == pytest.approx(1_146_880, abs=1)
+    assert plain["frozen_params"] == 0
+
+
+def test_test_split_and_last_checkpoint_print_one_screen(tiny_runs, capsys):
+    assert run_eval(tiny_runs["llm"], "--split", "test", "--checkpoint", "last") == 0
+    report = json.loads((tiny_runs["llm"] / "eval-test" / "metrics.json").read_text())
+    assert report["images"] == TEST_CASES and report["checkpoint"]["name"] == "last"
+    assert len(read_csv(tiny_runs["llm"] / "eval-test" / "per_image.csv")) == TEST_CASES
+    printed = capsys.readouterr().out.splitlines()
+    assert any(line.strip().startswith("IoU") for line in printed)
+    assert any("G MACs at 1x3x64x64" in line for line in printed)
+    assert len(printed) < 25
+
+
+def test_analyze_refuses_a_plain_backbone_run_in_one_line(tiny_runs, capsys):
+    assert run_eval(tiny_runs["plain"], "--analyze", "--split", "test") == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: --analyze") and "--llm none" in error and "\n" not in error
+    assert not (tiny_runs["plain"] / "eval-test").exists()
+
+
+def test_missing_run_or_checkpoint_is_a_one_line_error(tiny_runs, tmp_path, capsys):
+    assert run_eval(tmp_path / "nowhere") == 2
+    assert "expected a run directory written by train.py" in capsys.readouterr().err
+    shutil.copy(tiny_runs["llm"] / "config.json", tmp_path / "config.json")
+    assert run_eval(tmp_path) == 2
+    error = capsys.readouterr().err.strip()
+    assert "best.safetensors not found" in error and "--checkpoint last" in error and "\n" not in error
+
+
+def test_ranked_cases_takes_the_worst_and_best_once_each():
+    rows = [{"case": name, "iou": iou} for name, iou in (("a", 0.5), ("b", 0.1), ("c", 0.9), ("d", 0.1))]
+    assert ev.ranked_cases(rows, 3) == [("worst-01", 1), ("worst-02", 3), ("best-01", 2)]  # b before d: by name
+    assert [label for label, _ in ev.ranked_cases(rows, 10)] == ["worst-01", "worst-02", "best-01", "best-02"]
+    assert ev.ranked_cases(rows, 0) == []
+
+
+def test_to_rgb_undoes_data_normalisation():
+    rgb = torch.randint(0, 256, (3, 5, 7), generator=torch.Generator().manual_seed(0))
+    normalised = (rgb / 255 - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    assert np.array_equal(ev.to_rgb(normalised), rgb.permute(1, 2, 0).numpy().astype(np.uint8))
+    assert ev.file_stem("benign (12)") == "benign_12_"
