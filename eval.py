@@ -536,11 +536,12 @@ def print_report(report: dict, analysis: dict | None) -> None:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Evaluate a run of train.py (see the module docstring for examples).")
+    p = argparse.ArgumentParser(description="Evaluate a run of train.py (see the module docstring for examples).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by train.py")
     p.add_argument("--split", default="val", choices=("val", "test"))
     p.add_argument("--checkpoint", default="best", choices=("best", "last"))
-    p.add_argument("--data-dir", default=None, help="dataset root, when not where the run read it")
+    p.add_argument("--data-dir", default=None, help="dataset root; None means where the run read it")
     p.add_argument("--samples", type=int, default=0, metavar="N",
                    help="write N overlay PNGs: the ceil(N/2) worst and floor(N/2) best cases by IoU")
     p.add_argument("--analyze", action="store_true",
@@ -563,6 +564,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def evaluate_run(args: argparse.Namespace) -> int:
+    """The checks that need no model first, then data, model, evaluation, pictures and files."""
     from train import Processes, resolve_device  # see load_run
 
     for name in ("samples", "maps", "workers"):

@@ -387,13 +387,19 @@ def test_analyze_refuses_a_plain_backbone_run_in_one_line(tiny_runs, capsys):
     assert not (tiny_runs["plain"] / "eval-test").exists()
 
 
-def test_missing_run_or_checkpoint_is_a_one_line_error(tiny_runs, tmp_path, capsys):
+def test_missing_run_checkpoint_or_data_is_a_one_line_error(tiny_runs, tmp_path, capsys):
     assert run_eval(tmp_path / "nowhere") == 2
     assert "expected a run directory written by train.py" in capsys.readouterr().err
     shutil.copy(tiny_runs["llm"] / "config.json", tmp_path / "config.json")
     assert run_eval(tmp_path) == 2
     error = capsys.readouterr().err.strip()
     assert "best.safetensors not found" in error and "--checkpoint last" in error and "\n" not in error
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["train"].update(data="busi", data_dir=str(tmp_path / "no-busi"))
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert run_eval(tmp_path) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: ") and "Dataset_BUSI_with_GT" in error and "\n" not in error
 
 
 def test_ranked_cases_takes_the_worst_and_best_once_each():
