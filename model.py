@@ -65,6 +65,7 @@ class ModelConfig:
     num_classes: int
     lora_rank: int
     residual: bool
+    revision: str | None = None  # the LLM's Hub revision (a commit pins the exact weights)
 
 
 # ----------------------------------------------------------------------------- the U-shaped network
@@ -257,9 +258,10 @@ BACKBONES = {"unet": unet_parts, "cmunext": cmunext_parts}
 
 def build_model(backbone: str = "cmunext", llm: str | None = "llama3.2-1b", layer: int = 15,
                 mode: str = "frozen", *, in_channels: int = 3, num_classes: int = 1,
-                lora_rank: int = 0, residual: bool = False) -> nn.Module:
+                lora_rank: int = 0, residual: bool = False, revision: str | None = None) -> nn.Module:
     """A U-Net or CMUNeXt; with `llm`, the `layer`-th (1-based) decoder layer of that LLM at the
-    bottleneck, loaded by llm_layer.load_layer in `mode` (frozen / trainable / random).
+    bottleneck, loaded by llm_layer.load_layer in `mode` (frozen / trainable / random) at the Hub
+    `revision` (branch, tag or commit; None = main).
     llm=None or mode="none" gives the plain backbone (model.bridge is None)."""
     if backbone not in BACKBONES:
         raise ValueError(f"expected backbone one of {sorted(BACKBONES)}, got {backbone!r}")
@@ -275,14 +277,15 @@ def build_model(backbone: str = "cmunext", llm: str | None = "llama3.2-1b", laye
         raise ValueError(f"residual=True wraps the LLM layer: expected an llm and a mode other than "
                          f"'none', got llm={llm!r}, mode={mode!r}")
     config = ModelConfig(backbone, None if plain else llm, layer, "none" if plain else mode,
-                         in_channels, num_classes, lora_rank, residual)
+                         in_channels, num_classes, lora_rank, residual, None if plain else revision)
 
     encoders, decoders, widths = BACKBONES[backbone](in_channels)
     bridge = None
     if not plain:
         # A frozen layer keeps the checkpoint's dtype (bf16 halves its memory; it computes in it and
         # returns float32); trained weights need float32 so that small updates are not rounded away.
-        decoder_layer = load_layer(llm, layer, mode=mode, dtype=torch.float32 if mode == "trainable" else None)
+        decoder_layer = load_layer(llm, layer, mode=mode, dtype=torch.float32 if mode == "trainable" else None,
+                                   revision=revision)
         if lora_rank:
             add_lora(decoder_layer, lora_rank)
         bridge = LLMBridge(widths[-1], decoder_layer, residual=residual)

@@ -422,7 +422,9 @@ def setup(argv: list[str] | None, processes: Processes) -> Run:
     random.seed(args.seed)
     with rank_zero_first(processes):
         if saved_config:
-            net = build_model(**saved_config["model"])
+            # Pin the commit the run started from, so a resumed run trains the same frozen weights.
+            saved_layer = saved_config["llm_layer"] or {}
+            net = build_model(**saved_config["model"] | {"revision": saved_layer.get("commit")})
         else:
             local = Path(args.llm).expanduser()
             llm = None if args.llm == "none" else str(local.resolve()) if local.is_dir() else args.llm

@@ -132,7 +132,7 @@ def test_two_epochs_write_config_metrics_checkpoints_and_keep_the_layer_frozen(t
     assert config["train"]["epochs"] == 2 and config["train"]["seed"] == 41
     assert config["llm_layer"]["path"] == str(tiny_llm) and config["llm_layer"]["layer"] == 2
     assert config["model"] == {"backbone": "cmunext", "llm": str(tiny_llm), "layer": 2, "mode": "frozen",
-                               "in_channels": 3, "num_classes": 1, "lora_rank": 0, "residual": False}
+                               "in_channels": 3, "num_classes": 1, "lora_rank": 0, "residual": False, "revision": None}
 
     # The checkpoint holds what was trained; the config rebuilds the rest.
     last = load_file(out / "last.safetensors")
