@@ -539,8 +539,9 @@ def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Evaluate a run of train.py (see the module docstring for examples).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory written by train.py")
-    p.add_argument("--split", default="val", choices=("val", "test"))
-    p.add_argument("--checkpoint", default="best", choices=("best", "last"))
+    p.add_argument("--split", default="val", choices=("val", "test"), help="which cases to evaluate")
+    p.add_argument("--checkpoint", default="best", choices=("best", "last"),
+                   help="best validation IoU, or the latest epoch")
     p.add_argument("--data-dir", default=None, help="dataset root; None means where the run read it")
     p.add_argument("--samples", type=int, default=0, metavar="N",
                    help="write N overlay PNGs: the ceil(N/2) worst and floor(N/2) best cases by IoU")
@@ -548,7 +549,7 @@ def make_parser() -> argparse.ArgumentParser:
                    help="activation maps, concentration IoU, effective rank and LSVR before and after the LLM layer")
     p.add_argument("--maps", type=int, default=4, metavar="N", help="with --analyze: heat maps of the first N cases")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (metrics stay per image)")
     p.add_argument("--workers", type=int, default=4, help="DataLoader worker processes")
     return p
 
