@@ -428,8 +428,9 @@ def predict(net: torch.nn.Module, images: Tensor, device: torch.device) -> Tenso
 def evaluate_cases(net: torch.nn.Module, loader, device: torch.device,
                    features: BridgeFeatures | None = None) -> tuple[list[dict], dict[str, float]]:
     """Every case of `loader`, in order -> one row per case {"case", metric: value, ...} (plus the feature
-    analysis when `features` is open) and the pooled {"pooled_iou", "pooled_dice"}."""
-    rows, pooled = [], PooledOverlap()
+    analysis when `features` is open), and the dataset-level numbers: pooled {"pooled_iou", "pooled_dice"}
+    and the mean IoU of the two trivial predictors, all foreground and all background, to judge a score by."""
+    rows, pooled, trivial = [], PooledOverlap(), {"all_foreground_iou": [], "all_background_iou": []}
     for batch in tqdm(loader, desc="evaluating", leave=False, disable=None):
         masks = batch["mask"].to(device)
         logits = predict(net, batch["image"], device)
@@ -437,9 +438,11 @@ def evaluate_cases(net: torch.nn.Module, loader, device: torch.device,
         if features is not None:
             per_image.update(feature_analysis(features, masks))
         pooled.update(logits, masks)
+        for key, constant in (("all_foreground_iou", torch.ones_like), ("all_background_iou", torch.zeros_like)):
+            trivial[key] += segmentation_metrics(constant(masks), masks, from_logits=False)["iou"].tolist()
         rows += [{"case": name, **{key: values[i].item() for key, values in per_image.items()}}
                  for i, name in enumerate(batch["name"])]
-    return rows, pooled.compute()
+    return rows, {**pooled.compute(), **{key: float(np.mean(values)) for key, values in trivial.items()}}
 
 
 def mean_and_std(rows: list[dict], key: str) -> dict[str, float]:
@@ -527,6 +530,8 @@ def print_report(report: dict, analysis: dict | None) -> None:
         value = report["metrics"][key]
         print(f"  {label:<5}{unit:>4} {value['mean'] * scale:8.2f} ± {value['std'] * scale:.2f}")
     print(f"  pooled over pixels: IoU {report['pooled_iou'] * 100:.2f} %, Dice {report['pooled_dice'] * 100:.2f} %")
+    print(f"  trivial predictors: IoU {report['all_foreground_iou'] * 100:.2f} % all foreground, "
+          f"{report['all_background_iou'] * 100:.2f} % all background")
     print(f"  {computation['trainable_params']:,} trainable + {computation['frozen_params']:,} frozen parameters, "
           f"{computation['gmacs']:.2f} G MACs at {'x'.join(map(str, computation['input_shape']))}")
     if analysis:

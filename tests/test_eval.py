@@ -308,6 +308,11 @@ def test_metrics_json_holds_every_metric_in_range_and_the_checkpoint(evaluated):
         upper = math.hypot(IMG_SIZE, IMG_SIZE) if name == "hd95" else 1.0  # HD95 at most the diagonal
         assert 0 <= value["mean"] <= upper and 0 <= value["std"] <= upper, name
     assert 0 <= report["pooled_iou"] <= 1 and 0 <= report["pooled_dice"] <= 1
+    # The trivial predictors' IoU, from the masks alone: all foreground scores |G| / (H W) per image,
+    # all background 0 (1 on an empty mask, by the authors' smoothing).
+    masks = [case["mask"] for case in load_dataset("synthetic", None, "val", IMG_SIZE, 41, synthetic_size=10)]
+    assert report["all_foreground_iou"] == pytest.approx(np.mean([(m.sum() + 1e-5) / (m.numel() + 1e-5) for m in masks]))
+    assert report["all_background_iou"] == pytest.approx(np.mean([float(m.sum() == 0) for m in masks]), abs=1e-6)
     computation = report["computation"]
     # The counts train.py prints for this run (tests/test_train.py): 36,992 = one layer at D = 64.
     assert (computation["trainable_params"], computation["frozen_params"]) == (3_182_273, 36_992)
