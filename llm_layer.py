@@ -270,8 +270,8 @@ def load_layer(llm: str, layer: int, *, mode: str = "frozen", dtype: torch.dtype
             bundled = _bundled_gguf(repo)
             if bundled is None:
                 raise
-            print(f"llm_layer: the Hub is unreachable and {repo} is not cached; using the same model "
-                  f"4-bit quantised from the installed package: {bundled}", file=sys.stderr)
+            print(f"llm_layer: cannot reach the Hub (or HF_HUB_OFFLINE is set) and {repo} is not cached; "
+                  f"using the same model 4-bit quantised from the installed package: {bundled}", file=sys.stderr)
             config, tensors = _from_gguf(bundled, layer, need_weights)
 
     with torch.device("meta"):
