@@ -247,7 +247,9 @@ def init_random_(layer: DecoderLayer) -> DecoderLayer:
 
 def load_layer(llm: str, layer: int, *, mode: str = "frozen", dtype: torch.dtype | None = None,
                revision: str | None = None) -> DecoderLayer:
-    """The paper's `layer`-th (1-based) decoder layer of `llm` (alias, Hub repo id or local dir).
+    """The paper's `layer`-th (1-based) decoder layer of `llm`: an alias, a Hub repo id, a local
+    model directory or a .gguf file. An alias whose repo cannot be reached or found in the cache
+    falls back to a GGUF an installed package ships (BUNDLED_GGUF), saying so on stderr.
 
     mode: "frozen" (pre-trained, no grad), "trainable" (pre-trained, trained: the paper's "(T)"),
     "random" (same structure, fresh init: "+Transformer"; reads config.json only).
@@ -260,7 +262,9 @@ def load_layer(llm: str, layer: int, *, mode: str = "frozen", dtype: torch.dtype
     local, need_weights = Path(llm).expanduser(), mode != "random"
     if local.is_dir():
         config, tensors = _from_directory(local, layer, need_weights)
-    elif local.suffix == ".gguf" and local.is_file():
+    elif local.suffix == ".gguf":
+        if not local.is_file():
+            raise FileNotFoundError(f"no such GGUF file: {local}")
         config, tensors = _from_gguf(local, layer, need_weights)
     else:
         repo = _repo_id(llm)
@@ -271,7 +275,7 @@ def load_layer(llm: str, layer: int, *, mode: str = "frozen", dtype: torch.dtype
             if bundled is None:
                 raise
             print(f"llm_layer: cannot reach the Hub (or HF_HUB_OFFLINE is set) and {repo} is not cached; "
-                  f"using the same model 4-bit quantised from the installed package: {bundled}", file=sys.stderr)
+                  f"using the same model, quantised, from the installed package: {bundled}", file=sys.stderr)
             config, tensors = _from_gguf(bundled, layer, need_weights)
 
     with torch.device("meta"):

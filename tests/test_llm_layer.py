@@ -409,6 +409,8 @@ def test_gguf_modes_and_errors(gguf_checkpoint):
     assert load_layer(str(path), 3, mode="random").config.num_attention_heads == 4
     with pytest.raises(ValueError, match=r"layer 4 out of range: .*tiny-llama\.gguf has layers 1\.\.3"):
         load_layer(str(path), 4)
+    with pytest.raises(FileNotFoundError, match=r"no such GGUF file: .*missing\.gguf"):
+        load_layer(str(path.parent / "missing.gguf"), 1)
 
 
 def _bundled_smollm2() -> Path:
@@ -432,4 +434,4 @@ def test_smollm2_alias_falls_back_to_the_bundled_gguf_offline(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                             check=True, cwd=Path(__file__).parents[1])
     assert result.stdout.strip() == str(_bundled_smollm2())
-    assert "using the same model 4-bit quantised from the installed package" in result.stderr
+    assert "using the same model, quantised, from the installed package" in result.stderr
