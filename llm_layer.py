@@ -344,18 +344,19 @@ def _read_layer_files(files: list[Path], config: LayerConfig, where) -> dict[str
         with open(file, "rb") as f:
             for entry in (e for e in entries.values() if e.file == file):
                 data = _read_exactly(f, entry.start, entry.end, f"{file} (tensor {entry.name})")
-                tensors[entry.name] = torch.frombuffer(
-                    bytearray(data), dtype=SAFETENSORS_DTYPES[entry.dtype]).reshape(entry.shape)
+                tensors[entry.name] = torch.frombuffer(data, dtype=SAFETENSORS_DTYPES[entry.dtype]).reshape(entry.shape)
     return tensors
 
 
-def _read_exactly(f, start: int, end: int, file) -> bytes:
-    """Bytes [start, end) of an open file, or a clear error if the file ends first."""
+def _read_exactly(f, start: int, end: int, file) -> bytearray:
+    """Bytes [start, end) of an open file (a writable buffer torch can wrap without a copy), or a
+    clear error if the file ends first."""
     f.seek(start)
-    data = f.read(end - start)
-    if len(data) != end - start:
+    data = bytearray(end - start)
+    received = f.readinto(data)
+    if received != end - start:
         raise ValueError(f"{file} is truncated: wanted bytes {start}..{end}, the file ends at "
-                         f"{start + len(data)}")
+                         f"{start + received}")
     return data
 
 
