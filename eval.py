@@ -90,7 +90,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from data import IMAGENET_MEAN, IMAGENET_STD, load_dataset
-from model import build_model, count_params
+from model import count_params
 
 IOU_SMOOTH = 1e-5  # the authors' smoothing of IoU: empty vs empty scores 1
 RATIO_EPS = 1e-6  # the authors' guard in the denominators of SE, PC, SP and F1
@@ -355,7 +355,7 @@ def load_run(run_dir, checkpoint: str = "best") -> tuple[torch.nn.Module, dict, 
     The model is rebuilt from config["model"]. A frozen LLM layer, which no checkpoint holds, is read again
     from where the run found it (a local directory, or the local Hub cache) and must be the same commit."""
     # train.py imports this module for its metrics: importing train at the top would be circular.
-    from train import load_checkpoint
+    from train import load_checkpoint, rebuild_model
 
     run_dir = Path(run_dir)
     config = read_run_config(run_dir)
@@ -365,12 +365,7 @@ def load_run(run_dir, checkpoint: str = "best") -> tuple[torch.nn.Module, dict, 
             raise FileNotFoundError(f"{run_dir / name} not found: expected the '{checkpoint}' checkpoint, which "
                                     f"train.py writes at the end of each epoch; let the run finish an epoch, "
                                     f"or try --checkpoint {other}")
-    net = build_model(**config["model"])
-    if net.bridge is not None:
-        loaded, trained = net.bridge.layer.config.commit, (config["llm_layer"] or {}).get("commit")
-        if loaded != trained:
-            raise ValueError(f"the run trained with {config['model']['llm']} at commit {trained}, but commit "
-                             f"{loaded} was loaded; expected the same weights (the layer is not in the checkpoint)")
+    net = rebuild_model(config)
     info = load_checkpoint(run_dir, checkpoint, net)
     return net.eval(), config, info
 
@@ -417,11 +412,15 @@ def feature_analysis(features: BridgeFeatures, masks: Tensor) -> dict[str, Tenso
     return results
 
 
+def autocast(device: torch.device):
+    """The precision of training and evaluation: bf16 autocast on CUDA, float32 on CPU."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
 def predict(net: torch.nn.Module, images: Tensor, device: torch.device) -> Tensor:
-    """images (B, 3, S, S) -> float32 logits (B, 1, S, S), at train.py's validation precision (bf16 autocast
-    on CUDA, float32 on CPU)."""
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        return net(images.to(device)).float()
+    """images (B, 3, S, S) -> float32 logits (B, 1, S, S), at the precision of `autocast`."""
+    with autocast(device):
+        return net(images.to(device, non_blocking=True)).float()
 
 
 @torch.no_grad()

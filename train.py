@@ -60,7 +60,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from data import DATASETS, load_dataset
-from eval import segmentation_metrics
+from eval import autocast, predict, segmentation_metrics
 from llm_layer import MODES as LLM_MODES
 from model import BACKBONES, DOWNSAMPLING, build_model, count_params
 
@@ -164,7 +164,7 @@ def default_run_dir(args: argparse.Namespace) -> str:
     if args.llm == "none":
         return f"runs/{args.data}_{args.backbone}_seed{args.seed}"
     extras = (f"-lora{args.lora_rank}" if args.lora_rank else "") + ("-residual" if args.residual else "")
-    llm_name = Path(args.llm).name if Path(args.llm).expanduser().is_dir() else args.llm.replace("/", "--")
+    llm_name = Path(args.llm).name if Path(args.llm).expanduser().exists() else args.llm.replace("/", "--")
     return f"runs/{args.data}_{args.backbone}_{llm_name}-L{args.layer}-{args.mode}{extras}_seed{args.seed}"
 
 
@@ -193,9 +193,8 @@ def evaluate(net: torch.nn.Module, loader: DataLoader, device: torch.device) -> 
     net.eval()
     sums, images = dict.fromkeys(METRIC_NAMES, 0.0), 0
     for batch in loader:
-        with autocast(device):
-            logits = net(batch["image"].to(device, non_blocking=True))
-        per_image = segmentation_metrics(logits.float(), batch["mask"].to(device))
+        logits = predict(net, batch["image"], device)
+        per_image = segmentation_metrics(logits, batch["mask"].to(device))
         for name in METRIC_NAMES:
             sums[name] += per_image[name].double().sum().item()
         images += len(logits)
@@ -203,8 +202,16 @@ def evaluate(net: torch.nn.Module, loader: DataLoader, device: torch.device) -> 
     return {name: total / images for name, total in sums.items()}
 
 
-def autocast(device: torch.device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+def rebuild_model(config: dict) -> torch.nn.Module:
+    """The model of a run's config.json, its LLM layer pinned to the commit the run trained with:
+    the layer is in no checkpoint, so it is read again and must be the same weights."""
+    trained_commit = (config["llm_layer"] or {}).get("commit")
+    net = build_model(**config["model"] | {"revision": trained_commit})
+    if net.bridge is not None and net.bridge.layer.config.commit != trained_commit:
+        raise ValueError(f"the run trained with {config['model']['llm']} at commit {trained_commit}, but commit "
+                         f"{net.bridge.layer.config.commit} was loaded; expected the same weights (the layer "
+                         f"is not in the checkpoint)")
+    return net
 
 
 # ----------------------------------------------------------------------------------------------
@@ -422,12 +429,11 @@ def setup(argv: list[str] | None, processes: Processes) -> Run:
     random.seed(args.seed)
     with rank_zero_first(processes):
         if saved_config:
-            # Pin the commit the run started from, so a resumed run trains the same frozen weights.
-            saved_layer = saved_config["llm_layer"] or {}
-            net = build_model(**saved_config["model"] | {"revision": saved_layer.get("commit")})
+            net = rebuild_model(saved_config)
         else:
+            # A local directory or .gguf is recorded by absolute path, so eval.py finds it from anywhere.
             local = Path(args.llm).expanduser()
-            llm = None if args.llm == "none" else str(local.resolve()) if local.is_dir() else args.llm
+            llm = None if args.llm == "none" else str(local.resolve()) if local.exists() else args.llm
             net = build_model(args.backbone, llm, args.layer, args.mode, lora_rank=args.lora_rank,
                               residual=args.residual)
         train_set = load_dataset(args.data, args.data_dir, "train", args.img_size, args.seed,
@@ -436,9 +442,6 @@ def setup(argv: list[str] | None, processes: Processes) -> Run:
                                synthetic_size=args.synthetic_size)
     torch.manual_seed(args.seed + processes.rank)
     layer = net.bridge.layer.config if net.bridge is not None else None
-    if saved_config and layer and layer.commit != saved_config["llm_layer"]["commit"]:
-        raise ValueError(f"the run used {layer.source} at commit {saved_config['llm_layer']['commit']}, "
-                         f"but commit {layer.commit} was loaded; expected the same weights")
 
     net.to(device)
     trainable = [p for p in net.parameters() if p.requires_grad]
