@@ -33,3 +33,22 @@ if not torch.cuda.is_available():
 def hub() -> HubStandIn:
     """The running Hub stand-in (HF_ENDPOINT points at it)."""
     return _HUB
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tmp_path_factory) -> Path:
+    """A 2-layer Llama (hidden 64, 4 / 2 heads) saved by transformers, with non-trivial norm
+    weights: the LLM of the training and evaluation tests, passed as `--llm <dir> --layer 2`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128,
+                                         num_attention_heads=4, num_key_value_heads=2,
+                                         num_hidden_layers=2, tie_word_embeddings=False))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(directory)
+    return directory

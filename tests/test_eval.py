@@ -262,19 +262,12 @@ def one_thread():
 
 
 @pytest.fixture(scope="session")
-def tiny_runs(tmp_path_factory) -> dict:
+def tiny_runs(tmp_path_factory, tiny_llm) -> dict:
     """{"llm": a CMUNeXt + tiny-Llama-layer run, "plain": a plain CMUNeXt run}, 1 epoch each."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    llm = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128,
-                                       num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
-                                       tie_word_embeddings=False))
     root = tmp_path_factory.mktemp("eval-runs")
-    llm.save_pretrained(root / "tiny-llama")
     runs = {"llm": root / "llm", "plain": root / "plain"}
     with one_thread():
-        for name, llm_flag in (("llm", str(root / "tiny-llama")), ("plain", "none")):
+        for name, llm_flag in (("llm", str(tiny_llm)), ("plain", "none")):
             assert train.main(["--data", "synthetic", "--synthetic-size", "10", "--llm", llm_flag, "--layer", "2",
                                "--img-size", str(IMG_SIZE), "--batch-size", "4", "--workers", "0",
                                "--epochs", "1", "--out", str(runs[name])]) == 0

@@ -23,25 +23,6 @@ from llm_layer import load_layer
 from model import build_model
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-NUM_LAYERS = 2
-
-
-@pytest.fixture(scope="session")
-def tiny_llm(tmp_path_factory) -> Path:
-    """A 2-layer Llama (hidden 64) saved by transformers, with non-trivial norm weights."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128,
-                                         num_attention_heads=4, num_key_value_heads=2,
-                                         num_hidden_layers=NUM_LAYERS, tie_word_embeddings=False))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
-    directory = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(directory)
-    return directory
 
 
 @pytest.fixture(autouse=True)
