@@ -173,9 +173,17 @@ def make_item(image: torch.Tensor, mask: torch.Tensor, name: str, augment: bool)
     """image (3, S, S) in [0, 1], mask (1, S, S) in {0, 1} -> the dataset item."""
     if augment:
         image, mask = random_symmetry(image, mask)
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return {"image": (image - mean) / std, "mask": mask, "name": name}
+    return {"image": normalize(image), "mask": mask, "name": name}
+
+
+def normalize(image: torch.Tensor) -> torch.Tensor:
+    """(3, H, W) RGB in [0, 1] -> (rgb - mean) / std with ImageNet's mean and std, once."""
+    return (image - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+
+def denormalize(image: torch.Tensor) -> torch.Tensor:
+    """The inverse of normalize: an item's (3, H, W) image -> RGB in [0, 1]."""
+    return image * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
 
 
 class SegmentationFiles(Dataset):

@@ -41,17 +41,19 @@ convs and matmuls; the paper's thop also counts BatchNorm and upsampling, hence 
 Left out: the paper's nnU-Net and 3D backbones (MedNeXt, 3D UX-Net).
 """
 
-from dataclasses import dataclass
+import copy
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from llm_layer import MODES as LLM_MODES
 from llm_layer import load_layer
 
 DOWNSAMPLING = 16  # four 2x2 max-pools between encoder1 and encoder5
-MODES = ("none", "frozen", "trainable", "random")  # "none": the plain backbone, the paper's baseline rows
+MODES = ("none", *LLM_MODES)  # "none": the plain backbone, the paper's baseline rows
 
 
 @dataclass
@@ -103,12 +105,16 @@ class SegmentationNet(nn.Module):
 def check_image_size(image: torch.Tensor) -> None:
     if image.ndim != 4:
         raise ValueError(f"expected an image batch (B, C, H, W), got shape {tuple(image.shape)}")
-    height, width = image.shape[-2:]
-    if height % DOWNSAMPLING or width % DOWNSAMPLING:
-        nearest = "x".join(str(max(DOWNSAMPLING, round(side / DOWNSAMPLING) * DOWNSAMPLING))
-                           for side in (height, width))
-        raise ValueError(f"got {height}x{width}; height and width must be multiples of {DOWNSAMPLING} "
-                         f"(4 poolings of 2): resize or crop, e.g. to {nearest}")
+    check_image_sides(*image.shape[-2:])
+
+
+def check_image_sides(height: int, width: int) -> None:
+    """Raise unless both sides are positive multiples of DOWNSAMPLING, naming the nearest that are."""
+    if height > 0 and width > 0 and not height % DOWNSAMPLING and not width % DOWNSAMPLING:
+        return
+    nearest = "x".join(str(max(DOWNSAMPLING, round(side / DOWNSAMPLING) * DOWNSAMPLING)) for side in (height, width))
+    raise ValueError(f"got {height}x{width}; height and width must be positive multiples of {DOWNSAMPLING} "
+                     f"(the network pools 4 times by 2): resize or crop, e.g. to {nearest}")
 
 
 class DecoderStage(nn.Module):
@@ -276,8 +282,9 @@ def build_model(backbone: str = "cmunext", llm: str | None = "llama3.2-1b", laye
     if residual and plain:
         raise ValueError(f"residual=True wraps the LLM layer: expected an llm and a mode other than "
                          f"'none', got llm={llm!r}, mode={mode!r}")
-    config = ModelConfig(backbone, None if plain else llm, layer, "none" if plain else mode,
-                         in_channels, num_classes, lora_rank, residual, None if plain else revision)
+    config = ModelConfig(backbone=backbone, llm=None if plain else llm, layer=layer,
+                         mode="none" if plain else mode, in_channels=in_channels, num_classes=num_classes,
+                         lora_rank=lora_rank, residual=residual, revision=None if plain else revision)
 
     encoders, decoders, widths = BACKBONES[backbone](in_channels)
     bridge = None
@@ -291,6 +298,18 @@ def build_model(backbone: str = "cmunext", llm: str | None = "llama3.2-1b", laye
         bridge = LLMBridge(widths[-1], decoder_layer, residual=residual)
     head = nn.Conv2d(widths[0], num_classes, 1)
     return SegmentationNet(encoders, bridge, decoders, head, config)
+
+
+def count_gmacs(net: nn.Module, in_channels: int, img_size: int) -> float:
+    """G multiply-accumulates of one (1, in_channels, S, S) forward: FlopCounterMode's FLOPs / 2 (convs and
+    matmuls; the paper's thop also counts BatchNorm and upsampling, ~1-3 % more), run on a meta-device
+    copy, since the count needs only shapes."""
+    from torch.utils.flop_counter import FlopCounterMode  # 0.2 s of imports that training never needs
+
+    meta_net = copy.deepcopy(net).to("meta")
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        meta_net(torch.zeros(1, in_channels, img_size, img_size, device="meta"))
+    return counter.get_total_flops() / 2 / 1e9
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:

@@ -14,7 +14,7 @@ The recipe is the paper's (its CMUNeXt code base), every default below:
              Dice_b = (2 sum(sigmoid(z_b) g_b) + 1e-5) / (sum sigmoid(z_b) + sum g_b + 1e-5)
     SGD(lr 0.01, momentum 0.9, weight decay 1e-4) over the trainable tensors only,
     lr(it) = lr * (1 - it / max_it) ** 0.9 per iteration, max_it = epochs * iterations per epoch,
-    300 epochs, batch 8, 256 x 256, seed 41; after each epoch the validation metrics of eval.py
+    300 epochs, batch 8, 256 x 256, seed 41; after each epoch the validation metrics of metrics.py
     (per image, then averaged over images) and the best checkpoint by validation IoU.
 bf16 autocast on CUDA, float32 on CPU.
 
@@ -37,7 +37,6 @@ Under torchrun, each process trains with --batch-size images on its share of the
 world_size * batch_size. Rank 0 validates on the whole validation set, prints and writes files.
 """
 import argparse
-import base64
 import contextlib
 import json
 import math
@@ -53,60 +52,62 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from checkpoints import load_checkpoint, rebuild_model, rng_state, save_checkpoint, set_rng_state
+from cli import USER_ERRORS, add_runtime_flags, check_runtime_flags, defaults_of, one_line_error_parser, user_error
 from data import DATASETS, load_dataset
-from eval import autocast, predict, segmentation_metrics
+from files import write_atomically
 from llm_layer import MODES as LLM_MODES
-from model import BACKBONES, DOWNSAMPLING, build_model, count_params
+from metrics import SEGMENTATION_METRICS, evaluate_cases
+from model import BACKBONES, DOWNSAMPLING, build_model, check_image_sides, count_params
+from runtime import Processes, StopRequests, autocast, rank_zero_first, resolve_device
 
 POLY_POWER = 0.9
 BCE_WEIGHT = 0.5
 DICE_SMOOTH = 1e-5
-METRIC_NAMES = ("iou", "dice", "f1", "sensitivity", "precision", "specificity", "accuracy")
 # --resume takes every setting from the run's config.json except these, which belong to one invocation,
 PER_INVOCATION = ("resume", "out", "stop_after_epoch")
 # and these, which may be changed (a different --workers changes the augmentations when > 0).
 CHANGEABLE_ON_RESUME = ("device", "workers")
+# The flags that configure build_model and load_dataset take their defaults from those signatures.
+MODEL_DEFAULTS, DATA_DEFAULTS = defaults_of(build_model), defaults_of(load_dataset)
 
 
 # ----------------------------------------------------------------------------------------------
-# Settings: every default is defined here, printed at start and saved in config.json
-
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"error: {message} (see --help)\n")
+# Settings: every default is defined once (here, or in the signature a flag configures), printed
+# at start and saved in config.json
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = OneLineErrorParser(description="Train LLM4Seg (see the module docstring for examples).",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = one_line_error_parser("Train LLM4Seg (see the module docstring for examples).")
     p.add_argument("--data", default="kvasir", choices=DATASETS, help="dataset name")
     p.add_argument("--data-dir", default=None,
                    help="dataset root; None means $LLM4SEG_DATA/<data>, or ./data/<data>")
-    p.add_argument("--synthetic-size", type=int, default=300, help="cases of --data synthetic")
-    p.add_argument("--backbone", default="cmunext", choices=sorted(BACKBONES), help="the CNN")
-    p.add_argument("--llm", default="llama3.2-1b",
+    p.add_argument("--synthetic-size", type=int, default=DATA_DEFAULTS["synthetic_size"],
+                   help="cases of --data synthetic")
+    p.add_argument("--backbone", default=MODEL_DEFAULTS["backbone"], choices=sorted(BACKBONES),
+                   help="the CNN")
+    p.add_argument("--llm", default=MODEL_DEFAULTS["llm"],
                    help="alias, Hub repo id or local directory; 'none' for the plain backbone")
-    p.add_argument("--layer", type=int, default=15, help="the paper's 1-based layer number")
-    p.add_argument("--mode", default="frozen", choices=LLM_MODES,
+    p.add_argument("--layer", type=int, default=MODEL_DEFAULTS["layer"],
+                   help="the paper's 1-based layer number")
+    p.add_argument("--mode", default=MODEL_DEFAULTS["mode"], choices=LLM_MODES,
                    help="frozen (paper), trainable ('(T)') or random ('+Transformer')")
-    p.add_argument("--lora-rank", type=int, default=0, help="LoRA on q/v of a frozen layer; 0 = off")
+    p.add_argument("--lora-rank", type=int, default=MODEL_DEFAULTS["lora_rank"],
+                   help="LoRA on q/v of a frozen layer; 0 = off")
     p.add_argument("--residual", action="store_true", help="bridge computes x + layer(x)")
     p.add_argument("--epochs", type=int, default=300, help="passes over the training set")
-    p.add_argument("--batch-size", type=int, default=8, help="per process")
     p.add_argument("--lr", type=float, default=0.01, help="SGD base lr, poly-decayed (power 0.9) per iteration")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     p.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay")
-    p.add_argument("--img-size", type=int, default=256, help=f"a multiple of {DOWNSAMPLING}")
-    p.add_argument("--seed", type=int, default=41, help="weights, data split, data order and augmentation")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--workers", type=int, default=4, help="DataLoader worker processes")
+    p.add_argument("--img-size", type=int, default=DATA_DEFAULTS["img_size"],
+                   help=f"a multiple of {DOWNSAMPLING}")
+    p.add_argument("--seed", type=int, default=DATA_DEFAULTS["seed"],
+                   help="weights, data split, data order and augmentation")
+    add_runtime_flags(p)
     p.add_argument("--out", default=None, help="run directory; None means runs/<name from the settings>")
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR")
     p.add_argument("--stop-after-epoch", type=int, default=None, metavar="N",
@@ -143,15 +144,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def check_args(args: argparse.Namespace) -> None:
     """The cheap checks, before anything is loaded."""
-    if args.img_size <= 0 or args.img_size % DOWNSAMPLING:
-        nearest = max(DOWNSAMPLING, round(args.img_size / DOWNSAMPLING) * DOWNSAMPLING)
-        raise ValueError(f"--img-size: expected a positive multiple of {DOWNSAMPLING} (the network "
-                         f"pools 4 times), got {args.img_size}; try {nearest}")
-    for name in ("epochs", "batch_size", "synthetic_size"):
+    try:
+        check_image_sides(args.img_size, args.img_size)
+    except ValueError as error:
+        raise ValueError(f"--img-size: {error}") from None
+    check_runtime_flags(args)
+    for name in ("epochs", "synthetic_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(args, name)}")
-    if args.lr <= 0 or args.workers < 0:
-        raise ValueError(f"expected --lr > 0 and --workers >= 0, got {args.lr} and {args.workers}")
+    if args.lr <= 0:
+        raise ValueError(f"--lr: expected a positive learning rate, got {args.lr}")
     out = Path(args.out)
     if args.resume is None and (out / "last.json").exists():
         raise ValueError(f"{out} already holds a run: continue it with --resume {out}, or pick another --out")
@@ -186,36 +188,14 @@ def bce_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return BCE_WEIGHT * bce + (1 - dice.mean())
 
 
-@torch.no_grad()
-def evaluate(net: torch.nn.Module, loader: DataLoader, device: torch.device) -> dict[str, float]:
-    """The paper's per-image metrics averaged over every validation image (its batch-1 protocol:
-    BatchNorm in eval mode makes each image's output independent of its batch)."""
-    net.eval()
-    sums, images = dict.fromkeys(METRIC_NAMES, 0.0), 0
-    for batch in loader:
-        logits = predict(net, batch["image"], device)
-        per_image = segmentation_metrics(logits, batch["mask"].to(device))
-        for name in METRIC_NAMES:
-            sums[name] += per_image[name].double().sum().item()
-        images += len(logits)
-    net.train()
-    return {name: total / images for name, total in sums.items()}
-
-
-def rebuild_model(config: dict) -> torch.nn.Module:
-    """The model of a run's config.json, its LLM layer pinned to the commit the run trained with:
-    the layer is in no checkpoint, so it is read again and must be the same weights."""
-    trained_commit = (config["llm_layer"] or {}).get("commit")
-    net = build_model(**config["model"] | {"revision": trained_commit})
-    if net.bridge is not None and net.bridge.layer.config.commit != trained_commit:
-        raise ValueError(f"the run trained with {config['model']['llm']} at commit {trained_commit}, but commit "
-                         f"{net.bridge.layer.config.commit} was loaded; expected the same weights (the layer "
-                         f"is not in the checkpoint)")
-    return net
+def validate(net: torch.nn.Module, loader: DataLoader, device: torch.device) -> dict[str, float]:
+    """The paper's per-image metrics averaged over every validation image."""
+    rows, _ = evaluate_cases(net, loader, device, surface=False)
+    return {name: math.fsum(row[name] for row in rows) / len(rows) for name in SEGMENTATION_METRICS}
 
 
 # ----------------------------------------------------------------------------------------------
-# Resumable state: checkpoints and RNG states, without pickle
+# Setting up a run, step by step
 
 
 @dataclass
@@ -227,172 +207,6 @@ class Progress:
     epoch_loss_sum: float = 0.0  # over those batches_done batches, so the epoch's mean stays exact
     best_iou: float = -1.0
     best_epoch: int = 0
-
-
-def rng_state() -> dict:
-    """This process's RNG states, JSON-ready: byte arrays as base64."""
-    numpy_name, numpy_keys, *numpy_rest = np.random.get_state()
-    python_version, python_words, python_gauss = random.getstate()
-    return {
-        "torch": to_base64(torch.get_rng_state().numpy()),
-        "cuda": [to_base64(s.numpy()) for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
-        "numpy": [numpy_name, to_base64(numpy_keys.astype(np.uint32)), *numpy_rest],
-        "python": [python_version, to_base64(np.array(python_words, dtype=np.uint64)), python_gauss],
-    }
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(torch.from_numpy(from_base64(state["torch"], np.uint8)))
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([torch.from_numpy(from_base64(s, np.uint8)) for s in state["cuda"]])
-    numpy_name, numpy_keys, *numpy_rest = state["numpy"]
-    np.random.set_state((numpy_name, from_base64(numpy_keys, np.uint32), *numpy_rest))
-    python_version, python_words, python_gauss = state["python"]
-    random.setstate((python_version, tuple(from_base64(python_words, np.uint64).tolist()), python_gauss))
-
-
-def to_base64(array: np.ndarray) -> str:
-    return base64.b64encode(np.ascontiguousarray(array).tobytes()).decode()
-
-
-def from_base64(text: str, dtype) -> np.ndarray:
-    return np.frombuffer(base64.b64decode(text), dtype=dtype).copy()
-
-
-def write_atomically(path: Path, write) -> None:
-    """write(temporary_path), then rename over path: readers see the old file or the new one."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
-def save_checkpoint(run_dir: Path, name: str, net: torch.nn.Module, info: dict,
-                    optimizer: torch.optim.Optimizer | None = None) -> None:
-    """<name>.safetensors (tensors) then <name>.json (the rest); both carry the global step so a
-    crash between the two renames is detected on load."""
-    tensors = {f"model.{key}": value.detach().cpu().contiguous() for key, value in net.state_dict().items()}
-    info = dict(info)
-    if optimizer is not None:
-        optimizer_state = optimizer.state_dict()
-        for index, values in optimizer_state["state"].items():
-            for key, value in values.items():
-                assert torch.is_tensor(value), f"optimizer state {key} is not a tensor"
-                tensors[f"optimizer.{index}.{key}"] = value.detach().cpu().contiguous()
-        info["optimizer_param_groups"] = optimizer_state["param_groups"]
-    step = {"global_step": str(info["global_step"])}
-    write_atomically(run_dir / f"{name}.safetensors", lambda tmp: save_file(tensors, tmp, metadata=step))
-    write_atomically(run_dir / f"{name}.json", lambda tmp: tmp.write_text(json.dumps(info, indent=1)))
-
-
-def load_checkpoint(run_dir: Path, name: str, net: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer | None = None) -> dict:
-    """Load <name> into net (and optimizer); return the JSON part."""
-    info = json.loads((run_dir / f"{name}.json").read_text())
-    tensor_file = run_dir / f"{name}.safetensors"
-    with safe_open(tensor_file, framework="pt") as f:
-        if f.metadata().get("global_step") != str(info["global_step"]):
-            raise ValueError(f"{tensor_file} (step {f.metadata().get('global_step')}) and {name}.json "
-                             f"(step {info['global_step']}) disagree: the run was killed while saving; "
-                             f"expected matching files")
-        tensors = {key: f.get_tensor(key) for key in f.keys()}
-    net.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")})
-    if optimizer is not None:
-        state = {}
-        for key, value in tensors.items():
-            if key.startswith("optimizer."):
-                _, index, state_name = key.split(".", 2)
-                state.setdefault(int(index), {})[state_name] = value
-        optimizer.load_state_dict({"state": state, "param_groups": info["optimizer_param_groups"]})
-    return info
-
-
-def keep_metrics_up_to(path: Path, epochs_done: int) -> None:
-    """Drop metrics lines of epochs after the checkpoint (written before a crash), so a resumed
-    run logs each epoch exactly once."""
-    if not path.is_file():
-        return
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line)["epoch"] <= epochs_done]
-    if len(kept) != len(lines):
-        write_atomically(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
-
-
-# ----------------------------------------------------------------------------------------------
-# Processes, devices, signals
-
-
-@dataclass
-class Processes:
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def resolve_device(requested: str, processes: Processes) -> torch.device:
-    if requested == "auto":
-        requested = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(requested)
-    except RuntimeError:
-        raise ValueError(f"--device: expected auto, cpu, cuda or cuda:N, got {requested!r}") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {requested}: CUDA is not available here; use --device cpu")
-        if processes.distributed:
-            device = torch.device("cuda", processes.local_rank)  # torchrun: one GPU per process
-        torch.cuda.set_device(device)
-    elif device.type != "cpu":
-        raise ValueError(f"--device: expected auto, cpu, cuda or cuda:N, got {requested!r}")
-    return device
-
-
-@contextlib.contextmanager
-def rank_zero_first(processes: Processes):
-    """Rank 0 downloads and writes split files alone; the other ranks then read what it wrote."""
-    if processes.distributed and not processes.main:
-        dist.barrier()
-    yield
-    if processes.distributed and processes.main:
-        dist.barrier()
-
-
-class StopRequests:
-    """The first SIGINT / SIGTERM asks the loop to stop after the current optimizer step (an
-    exception in the middle of one would leave half-updated weights); a second Ctrl-C interrupts
-    at once."""
-
-    def __init__(self):
-        self.signal = 0
-
-    def __enter__(self):
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-    def handle(self, signum, frame):
-        if self.signal:
-            raise KeyboardInterrupt
-        self.signal = signum
-        print(f"\n{signal.Signals(signum).name}: saving after the current step (again to abort)",
-              file=sys.stderr)
-
-
-# ----------------------------------------------------------------------------------------------
-# Training
 
 
 @dataclass
@@ -420,7 +234,6 @@ def setup(argv: list[str] | None, processes: Processes) -> Run:
     if processes.distributed:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     run_dir = Path(args.out)
-    saved_config = json.loads((run_dir / "config.json").read_text()) if args.resume else None
 
     # Same seeds on every rank give the same initial weights (DDP also copies rank 0's); the
     # augmentations are then drawn per rank.
@@ -428,20 +241,10 @@ def setup(argv: list[str] | None, processes: Processes) -> Run:
     np.random.seed(args.seed)
     random.seed(args.seed)
     with rank_zero_first(processes):
-        if saved_config:
-            net = rebuild_model(saved_config)
-        else:
-            # A local directory or .gguf is recorded by absolute path, so eval.py finds it from anywhere.
-            local = Path(args.llm).expanduser()
-            llm = None if args.llm == "none" else str(local.resolve()) if local.exists() else args.llm
-            net = build_model(args.backbone, llm, args.layer, args.mode, lora_rank=args.lora_rank,
-                              residual=args.residual)
-        train_set = load_dataset(args.data, args.data_dir, "train", args.img_size, args.seed,
-                                 synthetic_size=args.synthetic_size)
-        val_set = load_dataset(args.data, args.data_dir, "val", args.img_size, args.seed,
-                               synthetic_size=args.synthetic_size)
+        net = build_or_rebuild_model(args)
+        train_set, val_set = (load_dataset(args.data, args.data_dir, split, args.img_size, args.seed,
+                                           synthetic_size=args.synthetic_size) for split in ("train", "val"))
     torch.manual_seed(args.seed + processes.rank)
-    layer = net.bridge.layer.config if net.bridge is not None else None
 
     net.to(device)
     trainable = [p for p in net.parameters() if p.requires_grad]
@@ -455,31 +258,59 @@ def setup(argv: list[str] | None, processes: Processes) -> Run:
     iterations = math.ceil(len(sampler) / args.batch_size)
     val_loader = DataLoader(val_set, batch_size=args.batch_size, num_workers=args.workers,
                             pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(args.seed))
-
-    progress = Progress()
+    run = Run(args, processes, device, net, model, optimizer, sampler, train_set, val_loader,
+              Progress(), run_dir, max_steps=args.epochs * iterations)
     if args.resume:
-        info = load_checkpoint(run_dir, "last", net, optimizer)
-        if info["world_size"] != processes.world_size:
-            raise ValueError(f"{run_dir} was trained by {info['world_size']} processes, got "
-                             f"{processes.world_size}: expected the same number to continue exactly")
-        progress = Progress(**info["progress"])
-        set_rng_state(info["rng"][processes.rank])
-        if processes.main:
-            keep_metrics_up_to(run_dir / "metrics.jsonl", progress.epochs_done)
+        resume_from_last(run)
     elif processes.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        config = {
-            "train": vars(args),
-            "model": asdict(net.config),
-            "llm_layer": layer.to_dict() if layer else None,
-            "world_size": processes.world_size,
-            "global_batch_size": processes.world_size * args.batch_size,
-            "train_images": len(train_set), "val_images": len(val_set),
-            "iterations_per_epoch": iterations,
-            "torch": torch.__version__,
-        }
-        write_atomically(run_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=1)))
+        write_run_config(run, len(val_set), iterations)
+    print_settings(run, len(val_set), iterations)
+    return run
 
+
+def build_or_rebuild_model(args: argparse.Namespace) -> torch.nn.Module:
+    """A resumed run's model exactly as it was built (LLM commit pinned), or a new one from the flags."""
+    if args.resume:
+        return rebuild_model(json.loads((Path(args.out) / "config.json").read_text()))
+    # A local directory or .gguf is recorded by absolute path, so eval.py finds it from anywhere.
+    local = Path(args.llm).expanduser()
+    llm = None if args.llm == "none" else str(local.resolve()) if local.exists() else args.llm
+    return build_model(args.backbone, llm, args.layer, args.mode, lora_rank=args.lora_rank, residual=args.residual)
+
+
+def resume_from_last(run: Run) -> None:
+    """Weights, momentum, progress and this rank's RNG states from `last`."""
+    info = load_checkpoint(run.run_dir, "last", run.net, run.optimizer)
+    if info["world_size"] != run.processes.world_size:
+        raise ValueError(f"{run.run_dir} was trained by {info['world_size']} processes, got "
+                         f"{run.processes.world_size}: expected the same number to continue exactly")
+    run.progress = Progress(**info["progress"])
+    set_rng_state(info["rng"][run.processes.rank])
+    if run.processes.main:
+        keep_metrics_up_to(run.run_dir / "metrics.jsonl", run.progress.epochs_done)
+
+
+def write_run_config(run: Run, val_images: int, iterations: int) -> None:
+    """config.json: every setting and what eval.py needs to rebuild the model."""
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    layer = run.net.bridge.layer.config if run.net.bridge is not None else None
+    world_size = run.processes.world_size
+    config = {
+        "train": vars(run.args),
+        "model": asdict(run.net.config),
+        "llm_layer": layer.to_dict() if layer else None,
+        "world_size": world_size,
+        "global_batch_size": world_size * run.args.batch_size,
+        "train_images": len(run.train_set), "val_images": val_images,
+        "iterations_per_epoch": iterations,
+        "torch": torch.__version__,
+    }
+    write_atomically(run.run_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=1)))
+
+
+def print_settings(run: Run, val_images: int, iterations: int) -> None:
+    args, net, processes = run.args, run.net, run.processes
+    layer = net.bridge.layer.config if net.bridge is not None else None
     trainable_count, frozen_count = count_params(net)
     print("settings:", json.dumps(vars(args)))
     print(f"model: {args.backbone}, {trainable_count:,} trainable / {frozen_count:,} frozen parameters")
@@ -487,34 +318,68 @@ def setup(argv: list[str] | None, processes: Processes) -> Run:
         print(f"LLM layer: {layer.source} @ {layer.commit or 'local files'}, model.layers.{layer.index} "
               f"= the paper's layer {layer.layer} of {layer.num_hidden_layers}, mode {net.config.mode}, "
               f"hidden {layer.hidden_size}, {net.bridge.layer.input_layernorm.weight.dtype}")
-    print(f"device: {device} ({'bf16 autocast' if device.type == 'cuda' else 'float32'}), "
-          f"{processes.world_size} process(es){' (' + dist.get_backend() + ')' if processes.distributed else ''}, "
+    backend = f" ({dist.get_backend()})" if processes.distributed else ""
+    print(f"device: {run.device} ({'bf16 autocast' if run.device.type == 'cuda' else 'float32'}), "
+          f"{processes.world_size} process(es){backend}, "
           f"global batch {processes.world_size * args.batch_size} = {processes.world_size} x {args.batch_size}")
-    print(f"data: {args.data}, {len(train_set)} train / {len(val_set)} val images at {args.img_size}px, "
-          f"{iterations} iterations per epoch, run dir {run_dir}")
+    print(f"data: {args.data}, {len(run.train_set)} train / {val_images} val images at {args.img_size}px, "
+          f"{iterations} iterations per epoch, run dir {run.run_dir}")
     if args.resume:
+        progress = run.progress
         print(f"resuming after epoch {progress.epochs_done}"
               f"{f' + {progress.batches_done} batches' if progress.batches_done else ''}, step {progress.global_step}")
-    return Run(args, processes, device, net, model, optimizer, sampler, train_set, val_loader,
-               progress, run_dir, max_steps=args.epochs * iterations)
+
+
+def keep_metrics_up_to(path: Path, epochs_done: int) -> None:
+    """Drop metrics lines of epochs after the checkpoint (written before a crash), so a resumed
+    run logs each epoch exactly once."""
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if json.loads(line)["epoch"] <= epochs_done]
+    if len(kept) != len(lines):
+        write_atomically(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Training: epochs of steps; every collective (all_reduce, all_gather) is in a function named for it
 
 
 def train(run: Run, stop: StopRequests) -> int:
+    """Exit code: 0 done (or stopped by --stop-after-epoch), 1 non-finite loss, 128 + signal."""
+    args = run.args
+    for epoch in range(run.progress.epochs_done + 1, args.epochs + 1):
+        code, images_per_second = train_one_epoch(run, epoch, stop)
+        if code is not None:
+            return code
+        end_of_epoch(run, epoch, images_per_second)
+        stopping = max_over_ranks(run, stop.signal)
+        if stopping:
+            print(f"stopped after epoch {epoch}; continue with: python train.py --resume {run.run_dir}")
+            return 128 + int(stopping)
+        if epoch == args.stop_after_epoch and epoch < args.epochs:
+            print(f"stopped after epoch {epoch} as asked; continue with: python train.py --resume {run.run_dir}")
+            return 0
+    print(f"done: best val IoU {run.progress.best_iou:.4f} at epoch {run.progress.best_epoch}, in {run.run_dir}")
+    return 0
+
+
+def train_one_epoch(run: Run, epoch: int, stop: StopRequests) -> tuple[int | None, float]:
+    """The epoch's remaining optimizer steps -> (an exit code if the run must end now, images / s)."""
     args, progress, device = run.args, run.progress, run.device
-    batch_images = args.batch_size * run.processes.world_size
     run.model.train()
-    for epoch in range(progress.epochs_done + 1, args.epochs + 1):
-        run.sampler.set_epoch(epoch)
-        indices = list(run.sampler)[progress.batches_done * args.batch_size:]  # skip what was trained
-        loader = DataLoader(run.train_set, batch_size=args.batch_size, sampler=indices,
-                            num_workers=args.workers, pin_memory=device.type == "cuda",
-                            # worker seeds from (seed, epoch, rank), not from the global RNG
-                            generator=torch.Generator().manual_seed(
-                                (args.seed * 100_003 + epoch) * 1_009 + run.processes.rank))
-        bar = tqdm(total=math.ceil(len(run.sampler) / args.batch_size), initial=progress.batches_done,
-                   desc=f"epoch {epoch}/{args.epochs}", disable=None if run.processes.main else True,
-                   leave=False, dynamic_ncols=True)
-        start, images = time.perf_counter(), 0
+    run.sampler.set_epoch(epoch)
+    indices = list(run.sampler)[progress.batches_done * args.batch_size:]  # skip what was trained
+    loader = DataLoader(run.train_set, batch_size=args.batch_size, sampler=indices,
+                        num_workers=args.workers, pin_memory=device.type == "cuda",
+                        # worker seeds from (seed, epoch, rank), not from the global RNG
+                        generator=torch.Generator().manual_seed(
+                            (args.seed * 100_003 + epoch) * 1_009 + run.processes.rank))
+    bar = tqdm(total=math.ceil(len(run.sampler) / args.batch_size), initial=progress.batches_done,
+               desc=f"epoch {epoch}/{args.epochs}", disable=None if run.processes.main else True,
+               leave=False, dynamic_ncols=True)
+    start, images = time.perf_counter(), 0
+    with contextlib.closing(bar):
         for batch in loader:
             lr = poly_lr(args.lr, progress.global_step, run.max_steps)
             for group in run.optimizer.param_groups:
@@ -524,19 +389,13 @@ def train(run: Run, stop: StopRequests) -> int:
             loss = bce_dice_loss(logits.float(), batch["mask"].to(device, non_blocking=True))
             run.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            # Every rank must take the same branch, or the others wait forever in the next collective.
-            flags = torch.stack([(~torch.isfinite(loss.detach())).float(),
-                                 torch.tensor(float(stop.signal > 0), device=device)])
-            if run.processes.distributed:
-                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            non_finite, stopping = flags.tolist()
+            non_finite, stopping = step_flags_over_ranks(run, loss, stop)
             if non_finite:
-                bar.close()
                 if run.processes.main:
                     print(f"error: non-finite loss at epoch {epoch}, step {progress.global_step} (lr "
                           f"{lr:.3g}); stopped without saving: {run.run_dir / 'last'} is the last good "
                           f"checkpoint (epoch {progress.epochs_done}). Try a lower --lr.", file=sys.stderr)
-                return 1
+                return 1, 0.0
             run.optimizer.step()
             loss_value = loss.item()
             progress.global_step += 1
@@ -549,55 +408,76 @@ def train(run: Run, stop: StopRequests) -> int:
                 # A step boundary: with workers=0 the next batch is not drawn yet, so the RNG state
                 # saved here is the one the next batch would have used.
                 bar.close()
-                save_last(run, rng_state())
+                save_last(run)
                 print(f"stopped in epoch {epoch} after {progress.batches_done} batches; saved "
                       f"{run.run_dir / 'last'}; continue with: python train.py --resume {run.run_dir}")
-                return 128 + int(stop.signal or signal.SIGINT)
-        bar.close()
-        seconds = time.perf_counter() - start
-        epoch_loss = torch.tensor([progress.epoch_loss_sum, progress.batches_done], dtype=torch.float64)
-        if run.processes.distributed:
-            dist.all_reduce(epoch_loss)
-        progress.epochs_done, progress.batches_done, progress.epoch_loss_sum = epoch, 0, 0.0
-
-        if run.processes.main:
-            metrics = evaluate(run.net, run.val_loader, device)
-            if metrics["iou"] > progress.best_iou:
-                progress.best_iou, progress.best_epoch = metrics["iou"], epoch
-                save_checkpoint(run.run_dir, "best", run.net,
-                                {"epoch": epoch, "global_step": progress.global_step, "val": metrics})
-            line = {"epoch": epoch, "global_step": progress.global_step,
-                    "lr": poly_lr(args.lr, progress.global_step - 1, run.max_steps),  # of the epoch's last step
-                    "train_loss": (epoch_loss[0] / epoch_loss[1]).item(),
-                    "images_per_second": images / seconds, "batch_images": batch_images,
-                    **{f"val_{name}": value for name, value in metrics.items()},
-                    "best_iou": progress.best_iou, "best_epoch": progress.best_epoch}
-            with open(run.run_dir / "metrics.jsonl", "a") as f:  # before last, see keep_metrics_up_to
-                f.write(json.dumps(line) + "\n")
-            print(f"epoch {epoch}/{args.epochs} | loss {line['train_loss']:.4f} | {line['images_per_second']:.1f} img/s"
-                  f" | lr {line['lr']:.2e} | val " + " ".join(f"{name} {metrics[name]:.4f}" for name in METRIC_NAMES)
-                  + f" | best iou {progress.best_iou:.4f} (epoch {progress.best_epoch})", flush=True)
-        save_last(run, rng_state())
-
-        stopping = torch.tensor(stop.signal, device=device)
-        if run.processes.distributed:
-            dist.all_reduce(stopping, op=dist.ReduceOp.MAX)
-        if stopping.item():
-            print(f"stopped after epoch {epoch}; continue with: python train.py --resume {run.run_dir}")
-            return 128 + stopping.item()
-        if epoch == args.stop_after_epoch and epoch < args.epochs:
-            print(f"stopped after epoch {epoch} as asked; continue with: python train.py --resume {run.run_dir}")
-            return 0
-    print(f"done: best val IoU {progress.best_iou:.4f} at epoch {progress.best_epoch}, in {run.run_dir}")
-    return 0
+                return 128 + int(stop.signal or signal.SIGINT), 0.0
+    return None, images / (time.perf_counter() - start)
 
 
-def save_last(run: Run, rng: dict) -> None:
+def end_of_epoch(run: Run, epoch: int, images_per_second: float) -> None:
+    """Validate, keep the best checkpoint, log the epoch's line (rank 0), save `last` (every rank's RNG)."""
+    progress = run.progress
+    epoch_loss = mean_loss_over_ranks(run)
+    progress.epochs_done, progress.batches_done, progress.epoch_loss_sum = epoch, 0, 0.0
+    if run.processes.main:
+        metrics = validate(run.net, run.val_loader, run.device)
+        if metrics["iou"] > progress.best_iou:
+            progress.best_iou, progress.best_epoch = metrics["iou"], epoch
+            save_checkpoint(run.run_dir, "best", run.net,
+                            {"epoch": epoch, "global_step": progress.global_step, "val": metrics})
+        log_epoch(run, epoch, epoch_loss, images_per_second, metrics)
+    save_last(run)
+
+
+def log_epoch(run: Run, epoch: int, train_loss: float, images_per_second: float, metrics: dict) -> None:
+    """One line of metrics.jsonl and one printed line."""
+    args, progress = run.args, run.progress
+    line = {"epoch": epoch, "global_step": progress.global_step,
+            "lr": poly_lr(args.lr, progress.global_step - 1, run.max_steps),  # of the epoch's last step
+            "train_loss": train_loss, "images_per_second": images_per_second,
+            "batch_images": args.batch_size * run.processes.world_size,
+            **{f"val_{name}": value for name, value in metrics.items()},
+            "best_iou": progress.best_iou, "best_epoch": progress.best_epoch}
+    with open(run.run_dir / "metrics.jsonl", "a") as f:  # before last, see keep_metrics_up_to
+        f.write(json.dumps(line) + "\n")
+    print(f"epoch {epoch}/{args.epochs} | loss {train_loss:.4f} | {images_per_second:.1f} img/s"
+          f" | lr {line['lr']:.2e} | val " + " ".join(f"{name} {metrics[name]:.4f}" for name in SEGMENTATION_METRICS)
+          + f" | best iou {progress.best_iou:.4f} (epoch {progress.best_epoch})", flush=True)
+
+
+def step_flags_over_ranks(run: Run, loss: torch.Tensor, stop: StopRequests) -> tuple[float, float]:
+    """(any rank's loss non-finite, any rank asked to stop): every rank must take the same branch,
+    or the others wait forever in the next collective."""
+    flags = torch.stack([(~torch.isfinite(loss.detach())).float(),
+                         torch.tensor(float(stop.signal > 0), device=run.device)])
+    if run.processes.distributed:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    non_finite, stopping = flags.tolist()
+    return non_finite, stopping
+
+
+def mean_loss_over_ranks(run: Run) -> float:
+    """The epoch's mean training loss over every rank's batches."""
+    epoch_loss = torch.tensor([run.progress.epoch_loss_sum, run.progress.batches_done], dtype=torch.float64)
+    if run.processes.distributed:
+        dist.all_reduce(epoch_loss)
+    return (epoch_loss[0] / epoch_loss[1]).item()
+
+
+def max_over_ranks(run: Run, value: int) -> int:
+    stopping = torch.tensor(value, device=run.device)
+    if run.processes.distributed:
+        dist.all_reduce(stopping, op=dist.ReduceOp.MAX)
+    return stopping.item()
+
+
+def save_last(run: Run) -> None:
     """last.* with every rank's RNG state (gathered, since only rank 0 writes)."""
-    rngs = [rng]
+    rngs = [rng_state()]
     if run.processes.distributed:
         rngs = [None] * run.processes.world_size
-        dist.all_gather_object(rngs, rng)
+        dist.all_gather_object(rngs, rng_state())
     if run.processes.main:
         info = {"global_step": run.progress.global_step, "progress": asdict(run.progress),
                 "world_size": run.processes.world_size, "rng": rngs}
@@ -606,15 +486,13 @@ def save_last(run: Run, rng: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Exit code: 0 done, 1 non-finite loss, 2 bad settings, 128 + signal when stopped by one."""
-    processes = Processes(int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
-                          int(os.environ.get("WORLD_SIZE", 1)))
+    processes = Processes.from_env()
     # Other ranks stay quiet (data.py and llm_layer print too); errors still reach stderr.
     with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(sys.stdout if processes.main else devnull):
         try:
             run = setup(argv, processes)
-        except (ValueError, FileNotFoundError, PermissionError, ConnectionError) as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
+        except USER_ERRORS as error:
+            return user_error(error)
         try:
             with StopRequests() as stop:
                 return train(run, stop)

@@ -162,7 +162,7 @@ def test_logits_have_the_images_size(tiny_dir, backbone, height, width):
 
 def test_sides_not_multiple_of_16_are_refused_with_the_sizes_that_work():
     model = build_model("cmunext", llm=None)
-    with pytest.raises(ValueError, match=r"got 100x96; height and width must be multiples of 16"):
+    with pytest.raises(ValueError, match=r"got 100x96; height and width must be positive multiples of 16"):
         model(torch.randn(1, 3, 100, 96))
 
 

@@ -1,0 +1,51 @@
+"""What the entry scripts (train.py, eval.py) share on the command line.
+
+    one_line_error_parser(d)   argparse that shows defaults in --help and reports a bad flag in one
+                               line ("error: ... (see --help)", exit 2), not a usage block
+    defaults_of(function)      a function's defaults: flags read theirs from the signature they
+                               configure, so each is written once (--layer from build_model's `layer=15`)
+    add_runtime_flags(parser)  --device, --batch-size, --workers, the same in every script
+    USER_ERRORS, user_error    what the user can fix is one "error: ..." line and exit code 2
+"""
+import argparse
+import inspect
+import sys
+
+# The exceptions that mean "fix your input", never a bug: printed as one line, no traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, ConnectionError)
+USER_ERROR_EXIT = 2
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(USER_ERROR_EXIT, f"error: {message} (see --help)\n")
+
+
+def one_line_error_parser(description: str) -> argparse.ArgumentParser:
+    return OneLineErrorParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+
+def defaults_of(function) -> dict:
+    """{parameter: default} of the parameters of `function` that have one."""
+    return {name: parameter.default for name, parameter in inspect.signature(function).parameters.items()
+            if parameter.default is not inspect.Parameter.empty}
+
+
+def add_runtime_flags(parser: argparse.ArgumentParser, batch_size: int = 8) -> None:
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--batch-size", type=int, default=batch_size,
+                        help="images per forward pass, per process (metrics stay per image)")
+    parser.add_argument("--workers", type=int, default=4, help="DataLoader worker processes")
+
+
+def check_runtime_flags(args: argparse.Namespace) -> None:
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size: expected a positive integer, got {args.batch_size}")
+    if args.workers < 0:
+        raise ValueError(f"--workers: expected a number >= 0, got {args.workers}")
+
+
+def user_error(error: Exception) -> int:
+    """Print `error` as the one line a user reads, and return the exit code for it."""
+    print(f"error: {error}", file=sys.stderr)
+    return USER_ERROR_EXIT

@@ -1,0 +1,216 @@
+"""The paper's segmentation metrics, per image and pooled, HD95 / NSD, and the loop that computes them.
+
+Segmentation metrics, per image, threshold 0.5 on sigmoid (the authors' CMUNeXt code, validation
+batch 1, then averaged over images). P = predicted foreground, G = true foreground, TP/FP/FN/TN
+the pixel counts of one image, N = H*W:
+    IoU         = (|P∩G| + 1e-5) / (|P∪G| + 1e-5)          empty P and empty G score 1
+    Dice        = 2 IoU / (1 + IoU) = (2|P∩G| + 2e-5) / (|P| + |G| + 2e-5)
+                  (the authors derive Dice from the smoothed IoU; without smoothing it is 2TP/(2TP+FP+FN))
+    SE (recall) = TP / (TP + FN + 1e-6)     PC (precision) = TP / (TP + FP + 1e-6)
+    SP          = TN / (TN + FP + 1e-6)     ACC = (TP + TN) / N
+    F1          = 2 SE PC / (SE + PC + 1e-6)    per image, the paper's "F1" (not pooled Dice); algebraically
+                  2TP/(2TP+FP+FN), so it equals the per-image Dice up to the guards, except on empty cases
+The 1e-6 guards are the authors'; they fix the empty cases without NaN: an image with empty G has
+SE 0 (and F1 0) whatever is predicted, an empty P has PC 0, so empty-vs-empty scores IoU 1, Dice 1,
+SE 0, PC 0, F1 0, SP 1, ACC 1. (The authors' code also binarises G as `G == max(G)`, which turns an
+empty G into an all-foreground one for SE/PC/SP/ACC; that is a bug and is not reproduced here.)
+
+Dataset-level (pooled-pixel) IoU and Dice sum TP, FP, FN over all images first, then apply the
+same formulas once; papers differ on which of the two they report, so both are given.
+
+Surface metrics (MedVisionLlama reports HD95 and NSD), per image. The boundary of a mask is the
+mask minus its erosion by the 4-connected cross, with outside-the-image counted as background
+(a mask touching the image edge has boundary there), as MONAI's get_mask_edges. With d(x, S) the
+Euclidean distance in pixels from x to the nearest point of S:
+    HD95 = max(q95{d(p, ∂G) : p in ∂P}, q95{d(g, ∂P) : g in ∂G})   q95 = 95th percentile, linear
+           interpolation: MONAI's compute_hausdorff_distance(percentile=95, directed=False)
+    NSD  = (|{p in ∂P : d(p, ∂G) <= tau}| + |{g in ∂G : d(g, ∂P) <= tau}|) / (|∂P| + |∂G|),  tau = 2 px
+Empty cases: both empty -> HD95 0, NSD 1; exactly one empty -> HD95 = image diagonal sqrt(H^2 + W^2)
+(larger than any distance two pixels can have, so a missed or invented lesion scores worse than any
+real prediction), NSD 0.
+
+All functions take (B, 1, H, W) logits (or probabilities) and masks and return one value per image;
+`evaluate_cases` runs a model over a loader and returns one row per case.
+"""
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm import tqdm
+
+from runtime import predict
+
+IOU_SMOOTH = 1e-5  # the authors' smoothing of IoU: empty vs empty scores 1
+RATIO_EPS = 1e-6  # the authors' guard in the denominators of SE, PC, SP and F1
+THRESHOLD = 0.5  # on sigmoid probabilities, and on target masks
+NSD_TOLERANCE = 2.0  # pixels
+# The per-image metrics, in the order tables list them: segmentation_metrics returns the first seven,
+# surface_metrics the last two.
+SEGMENTATION_METRICS = ("iou", "dice", "f1", "sensitivity", "precision", "specificity", "accuracy")
+SURFACE_METRICS = ("hd95", "nsd")
+
+# -----------------------------------------------------------------------------
+# masks and pixel counts
+
+def binary_masks(output: Tensor, target: Tensor, from_logits: bool = True) -> tuple[Tensor, Tensor]:
+    """output, target (B, 1, H, W) or (B, H, W) -> predicted and true masks, both (B, H, W) bool.
+
+    Prediction: sigmoid(output) > 0.5 (output > 0.5 if from_logits is False); truth: target > 0.5.
+    """
+    if output.shape != target.shape:
+        raise ValueError(f"expected output and target of the same shape, got {tuple(output.shape)} "
+                         f"and {tuple(target.shape)}; give the mask the model output's (B, 1, H, W)")
+    if output.dim() == 4 and output.shape[1] == 1:
+        output, target = output[:, 0], target[:, 0]
+    if output.dim() != 3:
+        raise ValueError(f"expected (B, 1, H, W) or (B, H, W) binary-segmentation tensors, got "
+                         f"{tuple(output.shape)}")
+    probability = torch.sigmoid(output) if from_logits else output
+    return probability > THRESHOLD, target > THRESHOLD
+
+
+def confusion_counts(pred: Tensor, true: Tensor) -> dict[str, Tensor]:
+    """pred, true (B, H, W) bool -> {"tp", "fp", "fn", "tn"}, each (B,) float32 pixel counts."""
+    pred, true = pred.flatten(1), true.flatten(1)  # (B, N)
+    counts = {"tp": pred & true, "fp": pred & ~true, "fn": ~pred & true, "tn": ~pred & ~true}
+    return {name: hits.sum(1).float() for name, hits in counts.items()}
+
+
+def iou_and_dice(tp: Tensor, fp: Tensor, fn: Tensor) -> tuple[Tensor, Tensor]:
+    iou = (tp + IOU_SMOOTH) / (tp + fp + fn + IOU_SMOOTH)
+    return iou, 2 * iou / (1 + iou)
+
+
+# -----------------------------------------------------------------------------
+# the paper's per-image metrics
+
+def segmentation_metrics(output: Tensor, target: Tensor, from_logits: bool = True) -> dict[str, Tensor]:
+    """Per-image metrics of the module docstring.
+
+    output (B, 1, H, W) logits (or probabilities with from_logits=False), target (B, 1, H, W) masks
+    -> {"iou", "dice", "f1", "sensitivity", "precision", "specificity", "accuracy"}, each (B,).
+    """
+    c = confusion_counts(*binary_masks(output, target, from_logits))
+    iou, dice = iou_and_dice(c["tp"], c["fp"], c["fn"])
+    sensitivity = c["tp"] / (c["tp"] + c["fn"] + RATIO_EPS)
+    precision = c["tp"] / (c["tp"] + c["fp"] + RATIO_EPS)
+    specificity = c["tn"] / (c["tn"] + c["fp"] + RATIO_EPS)
+    accuracy = (c["tp"] + c["tn"]) / (c["tp"] + c["fp"] + c["fn"] + c["tn"])
+    f1 = 2 * sensitivity * precision / (sensitivity + precision + RATIO_EPS)
+    return {"iou": iou, "dice": dice, "f1": f1, "sensitivity": sensitivity, "precision": precision,
+            "specificity": specificity, "accuracy": accuracy}
+
+
+class PooledOverlap:
+    """Dataset-level IoU and Dice: TP, FP, FN summed over every image seen, then the formulas once.
+
+    pooled = PooledOverlap(); for each batch: pooled.update(logits, masks); pooled.compute()
+    """
+
+    def __init__(self):
+        self.tp = self.fp = self.fn = 0.0
+
+    def update(self, output: Tensor, target: Tensor, from_logits: bool = True) -> None:
+        c = confusion_counts(*binary_masks(output, target, from_logits))
+        self.tp += c["tp"].sum().item()
+        self.fp += c["fp"].sum().item()
+        self.fn += c["fn"].sum().item()
+
+    def compute(self) -> dict[str, float]:
+        """-> {"pooled_iou", "pooled_dice"} (python floats, float64 sums)."""
+        iou, dice = iou_and_dice(*(torch.tensor(n, dtype=torch.float64) for n in (self.tp, self.fp, self.fn)))
+        return {"pooled_iou": iou.item(), "pooled_dice": dice.item()}
+
+
+# -----------------------------------------------------------------------------
+# surface metrics: HD95 and normalised surface Dice
+
+def mask_boundary(mask: Tensor) -> Tensor:
+    """mask (..., H, W) bool -> its boundary (..., H, W) bool: mask minus its 4-connected erosion.
+
+    Outside the image counts as background, so a mask touching the edge has boundary there.
+    """
+    padded = F.pad(mask.to(torch.uint8), (1, 1, 1, 1)).bool()  # (..., H+2, W+2)
+    eroded = (mask & padded[..., :-2, 1:-1] & padded[..., 2:, 1:-1]
+              & padded[..., 1:-1, :-2] & padded[..., 1:-1, 2:])
+    return mask & ~eroded
+
+
+def _nearest_distances(points: Tensor, others: Tensor, chunk_elements: int = 1 << 22) -> Tensor:
+    """points (N, 2), others (M, 2) pixel coordinates -> (N,) distance from each point to the nearest other.
+
+    Chunked over points so a noisy prediction (every pixel a boundary) stays within ~16 MB per chunk.
+    """
+    chunk = max(1, chunk_elements // len(others))
+    # The matmul path of cdist rounds: identical points would be ~1e-3 apart and 2 px would be > 2.
+    return torch.cat([torch.cdist(part, others, compute_mode="donot_use_mm_for_euclid_dist").amin(1)
+                      for part in points.split(chunk)])
+
+
+def surface_metrics(output: Tensor, target: Tensor, from_logits: bool = True,
+                    tolerance: float = NSD_TOLERANCE) -> dict[str, Tensor]:
+    """Per-image HD95 and NSD of the module docstring (distances in pixels, tolerance in pixels).
+
+    output (B, 1, H, W) logits (or probabilities with from_logits=False), target (B, 1, H, W) masks
+    -> {"hd95", "nsd"}, each (B,) float32.
+    """
+    pred, true = binary_masks(output, target, from_logits)
+    pred_edges, true_edges = mask_boundary(pred), mask_boundary(true)
+    diagonal = math.hypot(pred.shape[-2], pred.shape[-1])
+    hd95, nsd = [], []
+    for pred_edge, true_edge in zip(pred_edges, true_edges):
+        pred_points = pred_edge.nonzero().float()  # (|∂P|, 2) row, column
+        true_points = true_edge.nonzero().float()  # (|∂G|, 2)
+        if len(pred_points) == 0 or len(true_points) == 0:
+            both_empty = len(pred_points) == len(true_points)
+            hd95.append(0.0 if both_empty else diagonal)
+            nsd.append(1.0 if both_empty else 0.0)
+            continue
+        pred_to_true = _nearest_distances(pred_points, true_points)
+        true_to_pred = _nearest_distances(true_points, pred_points)
+        hd95.append(max(torch.quantile(pred_to_true, 0.95).item(), torch.quantile(true_to_pred, 0.95).item()))
+        within = (pred_to_true <= tolerance).sum() + (true_to_pred <= tolerance).sum()
+        nsd.append(within.item() / (len(pred_points) + len(true_points)))
+    return {"hd95": torch.tensor(hd95, device=output.device), "nsd": torch.tensor(nsd, device=output.device)}
+
+
+
+# -----------------------------------------------------------------------------
+# a model over a loader
+
+@torch.no_grad()
+def evaluate_cases(net: torch.nn.Module, loader, device: torch.device, *, surface: bool = True,
+                   extra=None) -> tuple[list[dict], dict[str, float]]:
+    """Every case of `loader`, in order, through `net` in eval mode (BatchNorm's running statistics make
+    each image's output independent of its batch, so this is the paper's batch-1 protocol) ->
+      rows: one per case, {"case", "iou", ..., "accuracy"} plus "hd95", "nsd" when `surface`, plus
+            what `extra(logits, masks)` returns (per-image (B,) tensors by name) when given;
+      dataset-level: pooled {"pooled_iou", "pooled_dice"} and the mean IoU of the two trivial
+            predictors, "all_foreground_iou" and "all_background_iou", to judge a score by.
+    The model's train / eval mode is restored afterwards."""
+    was_training = net.training
+    net.eval()
+    rows, pooled, trivial = [], PooledOverlap(), {"all_foreground_iou": [], "all_background_iou": []}
+    for batch in tqdm(loader, desc="evaluating", leave=False, disable=None):
+        masks = batch["mask"].to(device)
+        logits = predict(net, batch["image"], device)
+        per_image = segmentation_metrics(logits, masks)
+        if surface:
+            per_image.update(surface_metrics(logits, masks))
+        if extra is not None:
+            per_image.update(extra(logits, masks))
+        pooled.update(logits, masks)
+        for key, constant in (("all_foreground_iou", torch.ones_like), ("all_background_iou", torch.zeros_like)):
+            trivial[key] += segmentation_metrics(constant(masks), masks, from_logits=False)["iou"].tolist()
+        rows += [{"case": name, **{key: values[i].item() for key, values in per_image.items()}}
+                 for i, name in enumerate(batch["name"])]
+    net.train(was_training)
+    return rows, {**pooled.compute(), **{key: float(np.mean(values)) for key, values in trivial.items()}}
+
+
+def mean_and_std(rows: list[dict], key: str) -> dict[str, float]:
+    """Over images; population std (ddof 0), so a single image gives 0, not NaN."""
+    values = np.array([row[key] for row in rows], dtype=np.float64)
+    return {"mean": float(values.mean()), "std": float(values.std())}

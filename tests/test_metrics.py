@@ -1,0 +1,162 @@
+"""Tests of metrics.py: the paper's per-image metrics and HD95 / NSD on hand-made masks with known
+answers, agreement with an independent plain-numpy implementation of the paper's definitions, pooled
+versus per-image, and the metric-name table."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import metrics
+
+FLOAT32_TOL = 1e-5  # float32 ratios of pixel counts up to a few hundred: error well below 1e-6
+
+def square(size, top, left, side):
+    """(1, 1, size, size) float mask with a side x side square of ones at (top, left)."""
+    mask = torch.zeros(1, 1, size, size)
+    mask[..., top:top + side, left:left + side] = 1
+    return mask
+
+
+def as_logits(mask):
+    """Masks -> logits that the 0.5 threshold on sigmoid turns back into the same masks."""
+    return (mask * 2 - 1) * 10
+
+
+def test_identical_masks_score_perfectly():
+    torch.manual_seed(0)
+    mask = (torch.rand(2, 1, 16, 16) > 0.6).float()
+    scores = metrics.segmentation_metrics(as_logits(mask), mask)
+    surface = metrics.surface_metrics(as_logits(mask), mask)
+    for name in ("iou", "dice", "accuracy"):
+        torch.testing.assert_close(scores[name], torch.ones(2))
+    # SE, PC, SP, F1 carry the authors' 1e-6 guard: 1 - O(1e-6 / count).
+    for name in ("f1", "sensitivity", "precision", "specificity"):
+        torch.testing.assert_close(scores[name], torch.ones(2), atol=FLOAT32_TOL, rtol=0)
+    assert surface["hd95"].tolist() == [0.0, 0.0]
+    assert surface["nsd"].tolist() == [1.0, 1.0]
+
+
+def test_disjoint_masks_score_zero_up_to_the_smoothing():
+    pred, true = square(16, 0, 0, 4), square(16, 10, 10, 4)
+    scores = metrics.segmentation_metrics(as_logits(pred), true)
+    # IoU = (0 + 1e-5) / (32 + 1e-5), about 3e-7.
+    assert 0 < scores["iou"].item() < 1e-6
+    assert scores["dice"].item() < 1e-6
+    assert scores["f1"].item() == 0.0
+    assert metrics.surface_metrics(as_logits(pred), true)["nsd"].item() == 0.0
+
+
+def test_shifted_square_hd95_nsd_and_iou_by_hand():
+    """G: 8x8 square at rows 4..11, cols 4..11 of a 20x20 image; P: the same shifted 3 columns right.
+
+    Each boundary is the square's 28-pixel ring. Distances from the ring of P to the ring of G:
+    top and bottom rows: 5 pixels each lie on G's rows (0), then 1, 2, 3 past G's corner column;
+    P's left column (c = 7, rows 5..10) is 1, 2, 3, 3, 2, 1 from G's top/bottom rows or left column;
+    P's right column (c = 14, rows 5..10) is 3 from G's right column.
+    So P->G sorted: 10 x 0, 4 x 1, 4 x 2, 10 x 3, and G->P is the same by mirror symmetry.
+    q95 at index 0.95 * 27 = 25.65 falls among the threes: HD95 = 3.
+    NSD at 2 px: (18 + 18) / (28 + 28) = 9/14.
+    IoU = 8*5 / (64 + 64 - 40) = 40/88 = 5/11.
+    """
+    true, pred = square(20, 4, 4, 8), square(20, 4, 7, 8)
+    surface = metrics.surface_metrics(as_logits(pred), true)
+    assert surface["hd95"].item() == pytest.approx(3.0)
+    assert surface["nsd"].item() == pytest.approx(9 / 14)
+    assert metrics.segmentation_metrics(as_logits(pred), true)["iou"].item() == pytest.approx(5 / 11, abs=FLOAT32_TOL)
+
+
+def test_hd95_interpolates_the_95th_percentile_like_monai():
+    """G: the single pixel (0, 0); P: row 0, columns 0..19, a 1-pixel-thick line, all boundary.
+
+    P->G distances are 0, 1, ..., 19; G->P is 0. The 95th percentile with linear interpolation
+    sits at index 0.95 * 19 = 18.05: 18 + 0.05 * (19 - 18) = 18.05 (the plain Hausdorff would be 19).
+    """
+    true = torch.zeros(1, 1, 20, 20)
+    true[..., 0, 0] = 1
+    pred = torch.zeros(1, 1, 20, 20)
+    pred[..., 0, :] = 1
+    assert metrics.surface_metrics(pred, true, from_logits=False)["hd95"].item() == pytest.approx(18.05, abs=1e-5)
+
+
+def test_empty_cases_follow_the_stated_convention():
+    empty, lesion = torch.zeros(1, 1, 12, 16), square(16, 2, 2, 4)[..., :12, :]
+    scores = metrics.segmentation_metrics(as_logits(empty), empty)
+    assert scores["iou"].item() == 1.0 and scores["dice"].item() == 1.0
+    assert scores["sensitivity"].item() == 0.0 and scores["precision"].item() == 0.0
+    assert scores["f1"].item() == 0.0 and scores["accuracy"].item() == 1.0
+    assert scores["specificity"].item() == pytest.approx(1.0, abs=FLOAT32_TOL)
+    both_empty = metrics.surface_metrics(as_logits(empty), empty)
+    assert both_empty["hd95"].item() == 0.0 and both_empty["nsd"].item() == 1.0
+    for pred, true in ((empty, lesion), (lesion, empty)):
+        one_empty = metrics.surface_metrics(as_logits(pred), true)
+        assert one_empty["hd95"].item() == pytest.approx(math.hypot(12, 16))  # the image diagonal, 20
+        assert one_empty["nsd"].item() == 0.0
+        assert all(torch.isfinite(v).all() for v in metrics.segmentation_metrics(as_logits(pred), true).values())
+
+
+def reference_metrics(prob, true, tolerance=2.0):
+    """The paper's definitions with numpy and loops, one (H, W) image: independent of eval.py."""
+    pred, true = prob > 0.5, true > 0.5
+    tp = int(np.sum(pred & true)); fp = int(np.sum(pred & ~true))
+    fn = int(np.sum(~pred & true)); tn = int(np.sum(~pred & ~true))
+    iou = (tp + 1e-5) / (tp + fp + fn + 1e-5)
+    se, pc, sp = tp / (tp + fn + 1e-6), tp / (tp + fp + 1e-6), tn / (tn + fp + 1e-6)
+
+    def boundary(mask):
+        h, w = mask.shape
+        inside = lambda r, c: 0 <= r < h and 0 <= c < w and mask[r, c]
+        return [(r, c) for r in range(h) for c in range(w) if mask[r, c] and not all(
+            inside(r + dr, c + dc) for dr, dc in ((-1, 0), (1, 0), (0, -1), (0, 1)))]
+
+    def nearest(points, others):
+        return np.array([min(math.dist(p, o) for o in others) for p in points])
+
+    pred_to_true, true_to_pred = nearest(boundary(pred), boundary(true)), nearest(boundary(true), boundary(pred))
+    return {"iou": iou, "dice": 2 * iou / (1 + iou), "sensitivity": se, "precision": pc, "specificity": sp,
+            "accuracy": (tp + tn) / pred.size, "f1": 2 * se * pc / (se + pc + 1e-6),
+            "hd95": max(np.percentile(pred_to_true, 95), np.percentile(true_to_pred, 95)),
+            "nsd": (np.sum(pred_to_true <= tolerance) + np.sum(true_to_pred <= tolerance))
+            / (len(pred_to_true) + len(true_to_pred))}
+
+
+def test_agrees_with_a_plain_numpy_implementation_on_a_random_case():
+    torch.manual_seed(1)
+    logits = torch.randn(3, 1, 14, 18) * 2
+    target = torch.zeros(3, 1, 14, 18)
+    target[..., 3:10, 4:13] = 1  # a rectangle with random holes and specks
+    target = torch.where(torch.rand_like(target) < 0.15, 1 - target, target)
+    ours = {**metrics.segmentation_metrics(logits, target), **metrics.surface_metrics(logits, target)}
+    probs = torch.sigmoid(logits).double().numpy()
+    for b in range(3):
+        expected = reference_metrics(probs[b, 0], target[b, 0].numpy())
+        for name, value in expected.items():
+            assert ours[name][b].item() == pytest.approx(value, abs=FLOAT32_TOL), (name, b)
+
+
+def test_pooled_and_per_image_differ_on_a_crafted_case():
+    """Image 1: a 10x10 lesion found exactly; image 2: a 1-pixel lesion missed (empty prediction).
+    Per-image IoU mean = (1 + ~0) / 2 = 0.5; pooled IoU = 100 / (100 + 1) ~ 0.990."""
+    true = torch.cat([square(16, 2, 2, 10), square(16, 5, 5, 1)])
+    pred = torch.cat([square(16, 2, 2, 10), torch.zeros(1, 1, 16, 16)])
+    per_image = metrics.segmentation_metrics(as_logits(pred), true)["iou"].mean().item()
+    pooled = metrics.PooledOverlap()
+    for i in range(2):  # two updates, as a data loader would
+        pooled.update(as_logits(pred[i:i + 1]), true[i:i + 1])
+    result = pooled.compute()
+    assert per_image == pytest.approx(0.5, abs=FLOAT32_TOL)
+    assert result["pooled_iou"] == pytest.approx(100 / 101, abs=1e-9)
+    assert result["pooled_dice"] == pytest.approx(200 / 201, abs=1e-9)
+
+
+def test_shape_mismatch_is_a_clear_error():
+    with pytest.raises(ValueError, match="same shape"):
+        metrics.segmentation_metrics(torch.zeros(1, 1, 8, 8), torch.zeros(1, 8, 8))
+    with pytest.raises(ValueError, match="expected"):
+        metrics.surface_metrics(torch.zeros(1, 2, 8, 8), torch.zeros(1, 2, 8, 8))
+
+
+def test_the_metric_name_tables_name_what_the_functions_return():
+    logits, masks = torch.zeros(2, 1, 8, 8), torch.zeros(2, 1, 8, 8)
+    assert tuple(metrics.segmentation_metrics(logits, masks)) == metrics.SEGMENTATION_METRICS
+    assert tuple(metrics.surface_metrics(logits, masks)) == metrics.SURFACE_METRICS
