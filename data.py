@@ -1,5 +1,7 @@
 """Segmentation datasets: Kvasir-SEG, BUSI, ISIC 2018 and TN-SCUI read in their owners' raw layouts,
 the authors' folder layout, and a synthetic polyp set that needs no files (the offline default).
+Where each comes from and how its files pair up is raw_layouts.py's table; the synthetic scenes are
+drawn by synthetic.py; this file turns either into torch Datasets and owns the splits.
 
     load_dataset(name, root, split, img_size=S, seed) -> torch Dataset
     item = {"image": (3, S, S) float32, "mask": (1, S, S) float32 in {0, 1}, "name": case id}
@@ -27,64 +29,31 @@ counts, so BUSI's 647 cases give the authors' 452 / 195. The authors' own lists
 `<name>_train.txt` / `<name>_val.txt` (or `..._train1.txt` / `..._val1.txt`), one case id a line,
 are used instead when found in `root` or the dataset folder.
 
-Kvasir-SEG downloads itself when its folder is absent; the others need an account with their owners,
-so a missing one raises an error saying where to get it and which layout is expected.
+Kvasir-SEG downloads itself when its folder is absent (raw_layouts.download_kvasir); the others need
+an account with their owners, so a missing one raises an error saying where to get it and which
+layout is expected.
 """
-import http.client
 import json
 import math
 import os
-import re
-import shutil
-import tempfile
-import urllib.request
-import zipfile
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
-DATASETS = ("kvasir", "busi", "isic2018", "tnscui", "folder", "synthetic")
+from files import write_atomically
+from raw_layouts import IMAGE_EXTENSIONS, RAW_DATASETS, Case, download_kvasir, missing_dataset
+from synthetic import draw_polyp_scene
+
+DATASETS = (*RAW_DATASETS, "synthetic")  # the owners' datasets (raw_layouts.py) and the generated one
 SPLITS = ("train", "val", "test")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 DATA_ROOT_ENV = "LLM4SEG_DATA"  # parent folder of every dataset's default root, ./data when unset
-
-KVASIR_URL = "https://datasets.simula.no/downloads/kvasir-seg.zip"
-KVASIR_URL_ENV = "LLM4SEG_KVASIR_URL"
-KVASIR_PAIRS = 1000  # image/mask pairs in the owner's zip; tests serve a smaller zip and patch this
-
-# (val, test) fractions of all cases: the paper's 7/3 split has no test set; for Kvasir the authors
-# report a test set from U-Bench's folders, whose lists are unpublished, so we draw one.
-DEFAULT_FRACTIONS = {"kvasir": (0.1, 0.1), "busi": (0.3, 0.0), "isic2018": (0.3, 0.0),
-                     "tnscui": (0.3, 0.0), "folder": (0.3, 0.0)}
 SYNTHETIC_FRACTIONS = (0.2, 0.1)  # (val, test); train is the rest
-
-# Where each dataset comes from and the layout we read, for the message when it is missing.
-SOURCES = {
-    "kvasir": ("https://datasets.simula.no/kvasir-seg/ (kvasir-seg.zip; downloaded automatically "
-               "into an absent or empty root)",
-               "Kvasir-SEG/images/<id>.jpg + Kvasir-SEG/masks/<id>.jpg"),
-    "busi": ("https://scholar.cu.edu.eg/?q=afahmy/pages/dataset (Dataset_BUSI_with_GT.zip)",
-             "Dataset_BUSI_with_GT/{benign,malignant,normal}/benign (1).png + benign (1)_mask.png "
-             "[+ benign (1)_mask_1.png ...]"),
-    "isic2018": ("https://challenge.isic-archive.com/data/#2018 (task 1 training input and ground "
-                 "truth zips)",
-                 "ISIC2018_Task1-2_Training_Input/ISIC_<id>.jpg + "
-                 "ISIC2018_Task1_Training_GroundTruth/ISIC_<id>_segmentation.png"),
-    "tnscui": ("https://tn-scui2020.grand-challenge.org/ (registration required)",
-               "image/<id>.PNG + mask/<id>.PNG"),
-    "folder": ("your own data",
-               "images/<id>.png + masks/0/<id>.png (the authors' layout), or images/<id>.* + "
-               "masks/<id>.*"),
-}
 
 
 def check_dataset_name(name: str) -> None:
@@ -93,15 +62,101 @@ def check_dataset_name(name: str) -> None:
         raise ValueError(f"unknown dataset {name!r}: expected one of {', '.join(DATASETS)}")
 
 
+
+# ---------------------------------------------------------------------------------------------
+# The public entry point
+
+
+def load_dataset(name: str, root: str | None = None, split: str = "train", img_size: int = 256,
+                 seed: int = 41, *, include_normal: bool = False, val_fraction: float | None = None,
+                 test_fraction: float | None = None, split_file: str | None = None,
+                 use_author_lists: bool = True, synthetic_size: int = 300,
+                 download: bool = True) -> Dataset:
+    """One split of a dataset; see the module docstring for layouts, labels and splits.
+
+    include_normal: BUSI only; add the 133 "normal" cases (empty masks) the paper leaves out.
+    val_fraction / test_fraction: of all cases, default 0.1 / 0.1 for kvasir and 0.3 / 0 otherwise.
+    split_file: JSON split to reuse, or to write when absent (default: a file in root).
+    use_author_lists: read <name>_train.txt / <name>_val.txt when present.
+    synthetic_size: total synthetic cases, split 70 / 20 / 10 %.
+    download: fetch Kvasir-SEG when root is absent or empty.
+    """
+    check_dataset_name(name)
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}: expected one of {', '.join(SPLITS)}")
+    if img_size < 1:
+        raise ValueError(f"img_size must be positive, got {img_size}")
+    if name == "synthetic":
+        dataset = synthetic_split(split, synthetic_size, img_size, seed)
+        print(f"synthetic {split}: {len(dataset)} generated cases (seed {seed}, {img_size} px)")
+        return dataset
+    if include_normal and name != "busi":
+        raise ValueError(f"include_normal applies to busi only, got it for {name}")
+
+    raw = RAW_DATASETS[name]
+    root_dir = Path(root) if root is not None else default_root(name)
+    data_dir = raw.locate(root_dir)
+    if data_dir is None and name == "kvasir" and download and \
+            (not root_dir.exists() or not any(root_dir.iterdir())):
+        download_kvasir(root_dir)
+        data_dir = raw.locate(root_dir)
+    if data_dir is None:
+        raise missing_dataset(name, root_dir, f"default root: ${DATA_ROOT_ENV}/{name}, or ./data/{name} when unset")
+    cases = raw.cases(root_dir, data_dir, include_normal)
+
+    default_val, default_test = raw.fractions
+    val_fraction = default_val if val_fraction is None else val_fraction
+    test_fraction = default_test if test_fraction is None else test_fraction
+    if not (0 < val_fraction and 0 <= test_fraction and val_fraction + test_fraction < 1):
+        raise ValueError(f"expected 0 < val_fraction, 0 <= test_fraction and a sum below 1, got "
+                         f"{val_fraction} and {test_fraction}")
+    found = sorted(case.name for case in cases)
+    author_lists = find_author_lists(name, [root_dir, data_dir]) \
+        if split_file is None and use_author_lists else None
+    if author_lists is not None:
+        source = f"the authors' lists {author_lists[0]} + {author_lists[1].name}"
+        if include_normal or split == "test":
+            raise ValueError(f"{source} define train / val of the paper's cases only; for "
+                             f"{'normal cases' if include_normal else 'a test split'} pass "
+                             "use_author_lists=False to split afresh")
+        splits = {"train": read_case_list(author_lists[0]), "val": read_case_list(author_lists[1]),
+                  "test": []}
+    else:
+        default = root_dir / (f"llm4seg_split_{name}_seed{seed}_val{val_fraction:g}_test"
+                              f"{test_fraction:g}{'_with_normal' if include_normal else ''}.json")
+        path = Path(split_file) if split_file else default
+        source = str(path)
+        splits = split_from_json(name, found, path, path == default, seed, val_fraction,
+                                 test_fraction)
+    listed = Counter(n for s in SPLITS for n in splits[s])
+    unknown = sorted(set(listed) - set(found))
+    if unknown:
+        raise ValueError(f"{len(unknown)} cases named in {source} are not in the data under "
+                         f"{root_dir} (first: {', '.join(unknown[:5])}); expected every listed "
+                         "case present.")
+    repeated = sorted(n for n, count in listed.items() if count > 1)
+    if repeated:
+        raise ValueError(f"{len(repeated)} cases are in more than one split of {source} (first: "
+                         f"{', '.join(repeated[:5])}); expected disjoint splits. Fix the lists.")
+    if not splits[split]:
+        hint = "; a held-out test set needs test_fraction > 0 (e.g. 0.1)" if split == "test" else ""
+        raise ValueError(f"{name} has no {split} cases in {source}{hint}")
+
+    by_name = {case.name: case for case in cases}
+    chosen = [by_name[n] for n in splits[split]]
+    note = ""
+    if name == "busi":
+        note = "; normal cases included" if include_normal else \
+            "; benign + malignant only, as the paper (include_normal=True adds the normal cases)"
+    if len(listed) < len(cases):
+        note += f"; {len(cases) - len(listed)} cases found are in no list and unused"
+    print(f"{name} {split}: {len(chosen)} cases from {data_dir}, split {source}{note}")
+    return SegmentationFiles(chosen, img_size, augment=split == "train")
+
+
 # ---------------------------------------------------------------------------------------------
 # Reading one case: image, mask(s), resize, augment, normalise
 
-
-@dataclass(frozen=True)
-class Case:
-    name: str                 # the case id used in split files, e.g. "benign (301)"
-    image: Path
-    masks: tuple[Path, ...]   # BUSI has several per case; the label is their union
 
 
 def open_image(path: Path) -> Image.Image:
@@ -209,57 +264,7 @@ class SegmentationFiles(Dataset):
 
 
 # ---------------------------------------------------------------------------------------------
-# Synthetic polyps: generated per index from (seed, index), no files
-
-MUCOSA = (0.86, 0.52, 0.46)
-# Polyps share the mucosa's hue, as real ones do, and stand out by their outline and dome shading.
-POLYP_TINT = (0.95, 0.78, 0.78)
-# Not in the mask: the dark lumen, vessel-purple and yellow patches. Together they span the
-# polyps' range in every channel, so no single-channel threshold finds the polyps.
-DISTRACTORS = ((0.40, 0.24, 0.46), (0.95, 0.88, 0.45))
-
-
-def draw_polyp_scene(size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """A textured pink background with a dark lumen and 1-3 distractor blobs, then 1-3 shaded
-    polyps on top: image (3, S, S) in [0, 1] and mask (1, S, S) = union of the polyps."""
-    def uniform(low: float, high: float, shape=()) -> torch.Tensor:
-        return low + (high - low) * torch.rand(shape, generator=generator)
-
-    centres = (torch.arange(size) + 0.5) / size
-    y, x = torch.meshgrid(centres, centres, indexing="ij")                        # (S, S) each
-
-    def shaded_ellipse(radius_low: float, radius_high: float) -> tuple[torch.Tensor, torch.Tensor]:
-        cx, cy = uniform(0.15, 0.85, (2,))
-        a, b = uniform(radius_low, radius_high, (2,))
-        angle = uniform(0, math.pi)
-        u = ((x - cx) * angle.cos() + (y - cy) * angle.sin()) / a
-        v = (-(x - cx) * angle.sin() + (y - cy) * angle.cos()) / b
-        r2 = u ** 2 + v ** 2
-        dome = 0.55 + 0.45 * (1 - r2).clamp(min=0).sqrt()  # lit from the front, darker rim
-        return r2 <= 1, dome
-
-    low_frequency = F.interpolate(torch.rand(1, 3, 6, 6, generator=generator), size=(size, size),
-                                  mode="bicubic", align_corners=False)[0]          # (3, S, S)
-    grain = torch.rand(3, size, size, generator=generator)
-    tint = 1 + 0.08 * torch.randn(3, 1, 1, generator=generator)
-    mucosa = torch.tensor(MUCOSA).view(3, 1, 1) * tint
-    image = mucosa * (0.7 + 0.35 * low_frequency + 0.06 * grain)
-    lumen_x, lumen_y, lumen_radius = uniform(0, 1), uniform(0, 1), uniform(0.12, 0.3)
-    image = image * (1 - 0.85 * (-((x - lumen_x) ** 2 + (y - lumen_y) ** 2)
-                                 / (2 * lumen_radius ** 2)).exp())
-    for _ in range(int(torch.randint(1, 4, (), generator=generator))):
-        inside, dome = shaded_ellipse(0.04, 0.14)
-        colour = torch.tensor(DISTRACTORS[int(torch.randint(2, (), generator=generator))])
-        image = torch.where(inside, colour.view(3, 1, 1) * dome, image)
-    mask = torch.zeros(size, size, dtype=torch.bool)
-    for _ in range(int(torch.randint(1, 4, (), generator=generator))):
-        inside, dome = shaded_ellipse(0.06, 0.18)
-        colour = mucosa * torch.tensor(POLYP_TINT).view(3, 1, 1) * uniform(0.8, 1.1)
-        image = torch.where(inside, colour * dome * (0.94 + 0.06 * grain), image)
-        mask |= inside
-    vignette = 1 - 0.6 * ((x - 0.5) ** 2 + (y - 0.5) ** 2)  # endoscope light falls off outward
-    brightness = uniform(0.75, 1.1)
-    return (image * vignette * brightness).clamp(0, 1), mask.float().unsqueeze(0)
+# Synthetic polyps (synthetic.py draws them): generated per index from (seed, index), no files
 
 
 class SyntheticPolyps(Dataset):
@@ -292,188 +297,8 @@ def synthetic_split(split: str, total: int, img_size: int, seed: int) -> Synthet
     return SyntheticPolyps(length, first, img_size, seed, augment=split == "train")
 
 
-# ---------------------------------------------------------------------------------------------
-# Finding cases in the owners' raw layouts, wherever they sit under root
-
-
-def find_dir(root: Path, matches) -> Path | None:
-    """The shallowest folder at or under root for which matches(folder) holds."""
-    if not root.is_dir():
-        return None
-    folders = [root] + sorted((p for p in root.rglob("*") if p.is_dir()),
-                              key=lambda p: (len(p.parts), str(p)))
-    return next((folder for folder in folders if matches(folder)), None)
-
-
-def image_files(folder: Path) -> list[Path]:
-    files = sorted(p for p in folder.iterdir()
-                   if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-    if not files:
-        raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in {folder}; "
-                                "expected the dataset's files there as unpacked")
-    return files
-
-
-def by_key(files: list[Path], key) -> dict[str, list[Path]]:
-    keyed: dict[str, list[Path]] = {}
-    for path in files:
-        keyed.setdefault(key(path), []).append(path)
-    return keyed
-
-
-def pair_cases(images: dict[str, list[Path]], masks: dict[str, list[Path]],
-               image_dir: Path, mask_dir: Path, several_masks: bool = False) -> list[Case]:
-    """Match images to masks by case id; anything unmatched or ambiguous is an error, never
-    skipped. several_masks: a case may have more than one mask (BUSI), united later."""
-    def first(keys: list[str]) -> str:
-        return ", ".join(keys[:5]) + (" ..." if len(keys) > 5 else "")
-
-    for kind, files, folder in (("image", images, image_dir), ("mask", masks, mask_dir)):
-        duplicated = sorted(k for k, paths in files.items() if len(paths) > 1)
-        if duplicated and not (kind == "mask" and several_masks):
-            raise ValueError(f"{len(duplicated)} case ids in {folder} have more than one {kind} "
-                             f"(first: {first(duplicated)}); expected one {kind} per case id. "
-                             "Remove the extras.")
-    no_mask = sorted(set(images) - set(masks))
-    no_image = sorted(set(masks) - set(images))
-    problems = []
-    if no_mask:
-        problems.append(f"{len(no_mask)} images in {image_dir} have no mask in {mask_dir} "
-                        f"(first: {first(no_mask)})")
-    if no_image:
-        problems.append(f"{len(no_image)} masks in {mask_dir} have no image in {image_dir} "
-                        f"(first: {first(no_image)})")
-    if problems:
-        raise ValueError("; ".join(problems) + ". Every case needs both: add the missing files or "
-                         "remove the extras.")
-    return [Case(key, images[key][0], tuple(sorted(masks[key]))) for key in sorted(images)]
-
-
-def has_subdirs(*names: str):
-    return lambda folder: all((folder / name).is_dir() for name in names)
-
-
-def stem_pairs(image_dir: Path, mask_dir: Path, mask_suffix: str = "") -> list[Case]:
-    """Pairs whose mask stem is the image stem plus mask_suffix."""
-    def mask_key(path: Path) -> str:
-        return path.stem[:-len(mask_suffix)] if mask_suffix and path.stem.endswith(mask_suffix) \
-            else path.stem
-    images = by_key(image_files(image_dir), lambda p: p.stem)
-    return pair_cases(images, by_key(image_files(mask_dir), mask_key), image_dir, mask_dir)
-
-
-ISIC_INPUT = "ISIC2018_Task1-2_Training_Input"
-ISIC_GROUND_TRUTH = "ISIC2018_Task1_Training_GroundTruth"
-BUSI_CLASSES = ("benign", "malignant", "normal")
-BUSI_MASK = re.compile(r"^(?P<case>.+)_mask(_\d+)?$")
-
-
-def busi_cases(data_dir: Path, include_normal: bool) -> list[Case]:
-    cases = []
-    for label in BUSI_CLASSES:
-        folder = data_dir / label
-        if not folder.is_dir() or (label == "normal" and not include_normal):
-            continue
-        files = image_files(folder)
-        masks = [p for p in files if BUSI_MASK.match(p.stem)]
-        images = [p for p in files if not BUSI_MASK.match(p.stem)]
-        cases += pair_cases(by_key(images, lambda p: p.stem),
-                            by_key(masks, lambda p: BUSI_MASK.match(p.stem)["case"]), folder, folder,
-                            several_masks=True)
-    return cases
-
-
-def locate(name: str, root: Path) -> Path | None:
-    """The folder holding the dataset's layout, or None."""
-    if name == "kvasir":
-        return find_dir(root, has_subdirs("images", "masks"))
-    if name == "busi":
-        return find_dir(root, lambda d: any((d / label).is_dir() for label in BUSI_CLASSES[:2]))
-    if name == "isic2018":
-        return find_dir(root, has_subdirs(ISIC_INPUT))
-    if name == "tnscui":
-        return find_dir(root, has_subdirs("image", "mask"))
-    return find_dir(root, has_subdirs("images", "masks"))
-
-
-def find_cases(name: str, root: Path, data_dir: Path, include_normal: bool) -> list[Case]:
-    if name == "busi":
-        return busi_cases(data_dir, include_normal)
-    if name == "isic2018":
-        # The input and ground-truth zips unpack separately, so look for the masks from root.
-        ground_truth = find_dir(root, has_subdirs(ISIC_GROUND_TRUTH))
-        if ground_truth is None:
-            raise FileNotFoundError(f"found {ISIC_INPUT} in {data_dir} but no {ISIC_GROUND_TRUTH} "
-                                    f"under {root}; unpack the ground-truth zip there too")
-        return stem_pairs(data_dir / ISIC_INPUT, ground_truth / ISIC_GROUND_TRUTH, "_segmentation")
-    if name == "tnscui":
-        return stem_pairs(data_dir / "image", data_dir / "mask")
-    masks = data_dir / "masks"
-    # The authors' layout keeps class c's masks in masks/c/; a binary task has only masks/0.
-    return stem_pairs(data_dir / "images", masks / "0" if (masks / "0").is_dir() else masks)
-
-
-def missing_dataset(name: str, root: Path) -> FileNotFoundError:
-    where, layout = SOURCES[name]
-    return FileNotFoundError(
-        f"{name}: expected the layout {layout} at or anywhere under {root}, found none. Get it "
-        f"from {where} and unpack it there as it comes (any top folder is fine), or pass "
-        f"root=<folder> (default root: ${DATA_ROOT_ENV}/{name}, or ./data/{name} when unset).")
-
-
 def default_root(name: str) -> Path:
     return Path(os.environ.get(DATA_ROOT_ENV, "data")) / name
-
-
-# ---------------------------------------------------------------------------------------------
-# Kvasir-SEG download: temp folder beside root, verified, then renamed into place
-
-
-def fetch(url: str, destination: Path) -> None:
-    """Stream url to destination with a progress bar; a short or broken transfer raises."""
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(destination, "wb") as out:
-            total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc="kvasir-seg.zip") as bar:
-                while chunk := response.read(1 << 20):
-                    out.write(chunk)
-                    bar.update(len(chunk))
-    except (OSError, http.client.HTTPException) as err:  # URLError and resets are OSErrors
-        raise ConnectionError(f"downloading {url} failed: {err}") from err
-    received = destination.stat().st_size
-    if total is not None and received != total:
-        raise ConnectionError(f"downloading {url} stopped after {received} of {total} bytes")
-
-
-def download_kvasir(root: Path) -> None:
-    """Download, unzip and check the owner's zip, then rename it to root; on any failure nothing
-    is left at root and the temp folder is removed."""
-    url = os.environ.get(KVASIR_URL_ENV, KVASIR_URL)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}-download-", dir=root.parent))
-    try:
-        archive, unpacked = staging / "kvasir-seg.zip", staging / "unpacked"
-        try:
-            fetch(url, archive)
-            with zipfile.ZipFile(archive) as zipped:
-                zipped.extractall(unpacked)
-        except (ConnectionError, zipfile.BadZipFile) as err:
-            raise ConnectionError(
-                f"{err}. Nothing was written to {root}. Retry, set {KVASIR_URL_ENV} to a "
-                f"reachable copy, or unpack kvasir-seg.zip into {root} yourself.") from err
-        data_dir = locate("kvasir", unpacked)
-        if data_dir is None:
-            raise ValueError(f"the zip from {url} holds no images/ + masks/ folders; expected "
-                             f"{SOURCES['kvasir'][1]}; nothing was written to {root}")
-        pairs = len(find_cases("kvasir", unpacked, data_dir, include_normal=False))
-        if pairs != KVASIR_PAIRS:
-            raise ValueError(f"the zip from {url} unpacked to {pairs} image/mask pairs, expected "
-                             f"{KVASIR_PAIRS}; nothing was written to {root}")
-        if root.exists():
-            root.rmdir()  # only an empty root reaches here
-        unpacked.rename(root)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -521,9 +346,7 @@ def find_author_lists(name: str, folders: list[Path]) -> tuple[Path, Path] | Non
 def write_json_atomically(path: Path, content: dict) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as tmp:
-            json.dump(content, tmp, indent=1)
-        os.replace(tmp.name, path)
+        write_atomically(path, lambda tmp: tmp.write_text(json.dumps(content, indent=1)))
     except OSError as err:
         raise OSError(f"cannot write the split file {path}: {err}. Pass split_file=<a writable "
                       "path> to keep it elsewhere.") from err
@@ -550,93 +373,3 @@ def split_from_json(name: str, found: list[str], path: Path, must_cover: bool, s
                          f"(first: {', '.join(unassigned[:5])}); the data changed since it was "
                          "written. Delete it to split again.")
     return splits
-
-
-# ---------------------------------------------------------------------------------------------
-# The public entry point
-
-
-def load_dataset(name: str, root: str | None = None, split: str = "train", img_size: int = 256,
-                 seed: int = 41, *, include_normal: bool = False, val_fraction: float | None = None,
-                 test_fraction: float | None = None, split_file: str | None = None,
-                 use_author_lists: bool = True, synthetic_size: int = 300,
-                 download: bool = True) -> Dataset:
-    """One split of a dataset; see the module docstring for layouts, labels and splits.
-
-    include_normal: BUSI only; add the 133 "normal" cases (empty masks) the paper leaves out.
-    val_fraction / test_fraction: of all cases, default 0.1 / 0.1 for kvasir and 0.3 / 0 otherwise.
-    split_file: JSON split to reuse, or to write when absent (default: a file in root).
-    use_author_lists: read <name>_train.txt / <name>_val.txt when present.
-    synthetic_size: total synthetic cases, split 70 / 20 / 10 %.
-    download: fetch Kvasir-SEG when root is absent or empty.
-    """
-    check_dataset_name(name)
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}: expected one of {', '.join(SPLITS)}")
-    if img_size < 1:
-        raise ValueError(f"img_size must be positive, got {img_size}")
-    if name == "synthetic":
-        dataset = synthetic_split(split, synthetic_size, img_size, seed)
-        print(f"synthetic {split}: {len(dataset)} generated cases (seed {seed}, {img_size} px)")
-        return dataset
-    if include_normal and name != "busi":
-        raise ValueError(f"include_normal applies to busi only, got it for {name}")
-
-    root_dir = Path(root) if root is not None else default_root(name)
-    data_dir = locate(name, root_dir)
-    if data_dir is None and name == "kvasir" and download and \
-            (not root_dir.exists() or not any(root_dir.iterdir())):
-        download_kvasir(root_dir)
-        data_dir = locate(name, root_dir)
-    if data_dir is None:
-        raise missing_dataset(name, root_dir)
-    cases = find_cases(name, root_dir, data_dir, include_normal)
-
-    default_val, default_test = DEFAULT_FRACTIONS[name]
-    val_fraction = default_val if val_fraction is None else val_fraction
-    test_fraction = default_test if test_fraction is None else test_fraction
-    if not (0 < val_fraction and 0 <= test_fraction and val_fraction + test_fraction < 1):
-        raise ValueError(f"expected 0 < val_fraction, 0 <= test_fraction and a sum below 1, got "
-                         f"{val_fraction} and {test_fraction}")
-    found = sorted(case.name for case in cases)
-    author_lists = find_author_lists(name, [root_dir, data_dir]) \
-        if split_file is None and use_author_lists else None
-    if author_lists is not None:
-        source = f"the authors' lists {author_lists[0]} + {author_lists[1].name}"
-        if include_normal or split == "test":
-            raise ValueError(f"{source} define train / val of the paper's cases only; for "
-                             f"{'normal cases' if include_normal else 'a test split'} pass "
-                             "use_author_lists=False to split afresh")
-        splits = {"train": read_case_list(author_lists[0]), "val": read_case_list(author_lists[1]),
-                  "test": []}
-    else:
-        default = root_dir / (f"llm4seg_split_{name}_seed{seed}_val{val_fraction:g}_test"
-                              f"{test_fraction:g}{'_with_normal' if include_normal else ''}.json")
-        path = Path(split_file) if split_file else default
-        source = str(path)
-        splits = split_from_json(name, found, path, path == default, seed, val_fraction,
-                                 test_fraction)
-    listed = Counter(n for s in SPLITS for n in splits[s])
-    unknown = sorted(set(listed) - set(found))
-    if unknown:
-        raise ValueError(f"{len(unknown)} cases named in {source} are not in the data under "
-                         f"{root_dir} (first: {', '.join(unknown[:5])}); expected every listed "
-                         "case present.")
-    repeated = sorted(n for n, count in listed.items() if count > 1)
-    if repeated:
-        raise ValueError(f"{len(repeated)} cases are in more than one split of {source} (first: "
-                         f"{', '.join(repeated[:5])}); expected disjoint splits. Fix the lists.")
-    if not splits[split]:
-        hint = "; a held-out test set needs test_fraction > 0 (e.g. 0.1)" if split == "test" else ""
-        raise ValueError(f"{name} has no {split} cases in {source}{hint}")
-
-    by_name = {case.name: case for case in cases}
-    chosen = [by_name[n] for n in splits[split]]
-    note = ""
-    if name == "busi":
-        note = "; normal cases included" if include_normal else \
-            "; benign + malignant only, as the paper (include_normal=True adds the normal cases)"
-    if len(listed) < len(cases):
-        note += f"; {len(cases) - len(listed)} cases found are in no list and unused"
-    print(f"{name} {split}: {len(chosen)} cases from {data_dir}, split {source}{note}")
-    return SegmentationFiles(chosen, img_size, augment=split == "train")
