@@ -8,7 +8,9 @@ triton is optional (Linux only) and is imported on the first Triton call, never 
 `import kernels`: TRITON_INTERPRET is read both when triton is imported (triton.language's own
 helpers such as tl.sum are jitted then) and by each triton.jit, so it only has to be set before
 the first kernel runs. The kernel files therefore define their kernels as plain functions that
-name a module global `tl`, and `jit_once` binds `tl` and applies triton.jit on first use.
+name a module global `tl`, and `jit_once` binds `tl` and applies triton.jit on first use. Helpers
+the kernels call (marked with @triton_helper) are jitted then too, in place, so the kernels find
+them as Triton functions.
 """
 import functools
 import importlib.util
@@ -35,12 +37,22 @@ def use_triton(x: Tensor) -> bool:
     return x.is_cuda and importlib.util.find_spec("triton") is not None
 
 
+def triton_helper(function):
+    """Marks a plain function that kernels call: jit_once replaces it in its module by its jitted self."""
+    function.triton_helper = True
+    return function
+
+
 @functools.cache
 def jit_once(*kernels):
     """The kernels wrapped by triton.jit, built on the first call with these kernels and cached."""
     triton = _import_triton()
     for kernel in kernels:
-        kernel.__globals__["tl"] = triton.language  # the name the kernel bodies use
+        module_globals = kernel.__globals__
+        module_globals["tl"] = triton.language  # the name the kernel bodies use
+        for name, value in list(module_globals.items()):
+            if getattr(value, "triton_helper", False):
+                module_globals[name] = triton.jit(value)
     return tuple(triton.jit(kernel) for kernel in kernels)
 
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels._dispatch import jit_once, next_power_of_2, use_triton
+from kernels._dispatch import jit_once, next_power_of_2, triton_helper, use_triton
 
 LOG2_E = 1.4426950408889634
 
@@ -42,6 +42,24 @@ def attention_reference(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 tl = None  # triton.language, bound by kernels._dispatch.jit_once
 
 
+@triton_helper
+def _head(ptr, batch, head, stride_b, stride_h):
+    """The start of one head's (T, d) matrix in a (B, H, T, d) tensor."""
+    return ptr + batch * stride_b + head * stride_h
+
+
+@triton_helper
+def _load_rows(head_ptr, rows, stride_t, cols, in_range):
+    """Rows `rows` (a block of time steps) x all d columns of a head's matrix; rows past T read as 0."""
+    return tl.load(head_ptr + rows[:, None] * stride_t + cols[None, :], mask=in_range[:, None], other=0.0)
+
+
+@triton_helper
+def _store_rows(head_ptr, rows, stride_t, cols, in_range, values):
+    tl.store(head_ptr + rows[:, None] * stride_t + cols[None, :], values.to(head_ptr.dtype.element_ty),
+             mask=in_range[:, None])
+
+
 def _forward_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
                     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                     stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
@@ -50,21 +68,21 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
     batch_head = tl.program_id(1).to(tl.int64)
     batch, q_head = batch_head // Hq, batch_head % Hq
     kv_head = q_head // GROUP
-    q_head_ptr = q_ptr + batch * stride_qb + q_head * stride_qh  # this head's (T, d) matrix
-    k_head_ptr = k_ptr + batch * stride_kb + kv_head * stride_kh
-    v_head_ptr = v_ptr + batch * stride_vb + kv_head * stride_vh
+    q_head_ptr = _head(q_ptr, batch, q_head, stride_qb, stride_qh)  # this head's (T, d) matrix
+    k_head_ptr = _head(k_ptr, batch, kv_head, stride_kb, stride_kh)
+    v_head_ptr = _head(v_ptr, batch, kv_head, stride_vb, stride_vh)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, HEAD_DIM)
     row_in = rows < T
-    q = tl.load(q_head_ptr + rows[:, None] * stride_qt + cols[None, :], mask=row_in[:, None], other=0.0)
+    q = _load_rows(q_head_ptr, rows, stride_qt, cols, row_in)
     m = tl.full((BLOCK_M,), float("-inf"), tl.float32)  # running row max of S log2(e)
     l = tl.zeros((BLOCK_M,), tl.float32)  # running row sum of exp2(S log2(e) - m)
     acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)  # running (unnormalised) P v
     for start_n in range(0, T, BLOCK_N):
         keys = start_n + tl.arange(0, BLOCK_N)
         key_in = keys < T
-        k = tl.load(k_head_ptr + keys[:, None] * stride_kt + cols[None, :], mask=key_in[:, None], other=0.0)
-        v = tl.load(v_head_ptr + keys[:, None] * stride_vt + cols[None, :], mask=key_in[:, None], other=0.0)
+        k = _load_rows(k_head_ptr, keys, stride_kt, cols, key_in)
+        v = _load_rows(v_head_ptr, keys, stride_vt, cols, key_in)
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale_log2
         s = tl.where(key_in[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
@@ -73,9 +91,8 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
         l = l * rescale + tl.sum(p, axis=1)
         acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         m = m_new
-    o_head_ptr = o_ptr + batch * stride_ob + q_head * stride_oh
-    tl.store(o_head_ptr + rows[:, None] * stride_ot + cols[None, :], (acc / l[:, None]).to(o_ptr.dtype.element_ty),
-             mask=row_in[:, None])
+    o_head_ptr = _head(o_ptr, batch, q_head, stride_ob, stride_oh)
+    _store_rows(o_head_ptr, rows, stride_ot, cols, row_in, acc / l[:, None])
     tl.store(lse_ptr + batch_head * T + rows, m + tl.math.log2(l), mask=row_in)
 
 
@@ -84,13 +101,13 @@ def _delta_kernel(o_ptr, do_ptr, delta_ptr, stride_ob, stride_oh, stride_ot,
                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
     batch_head = tl.program_id(1).to(tl.int64)
     batch, q_head = batch_head // Hq, batch_head % Hq
-    o_head_ptr = o_ptr + batch * stride_ob + q_head * stride_oh
-    do_head_ptr = do_ptr + batch * stride_dob + q_head * stride_doh
+    o_head_ptr = _head(o_ptr, batch, q_head, stride_ob, stride_oh)
+    do_head_ptr = _head(do_ptr, batch, q_head, stride_dob, stride_doh)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, HEAD_DIM)
     row_in = rows < T
-    o = tl.load(o_head_ptr + rows[:, None] * stride_ot + cols[None, :], mask=row_in[:, None], other=0.0)
-    do = tl.load(do_head_ptr + rows[:, None] * stride_dot + cols[None, :], mask=row_in[:, None], other=0.0)
+    o = _load_rows(o_head_ptr, rows, stride_ot, cols, row_in)
+    do = _load_rows(do_head_ptr, rows, stride_dot, cols, row_in)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     tl.store(delta_ptr + batch_head * T + rows, delta, mask=row_in)
 
@@ -106,22 +123,22 @@ def _dk_dv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_pt
     keys = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, HEAD_DIM)
     key_in = keys < T
-    k_head_ptr = k_ptr + batch * stride_kb + kv_head * stride_kh
-    v_head_ptr = v_ptr + batch * stride_vb + kv_head * stride_vh
-    k = tl.load(k_head_ptr + keys[:, None] * stride_kt + cols[None, :], mask=key_in[:, None], other=0.0)
-    v = tl.load(v_head_ptr + keys[:, None] * stride_vt + cols[None, :], mask=key_in[:, None], other=0.0)
+    k_head_ptr = _head(k_ptr, batch, kv_head, stride_kb, stride_kh)
+    v_head_ptr = _head(v_ptr, batch, kv_head, stride_vb, stride_vh)
+    k = _load_rows(k_head_ptr, keys, stride_kt, cols, key_in)
+    v = _load_rows(v_head_ptr, keys, stride_vt, cols, key_in)
     dk = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
     dv = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
     for group_member in range(GROUP):  # the q heads this kv head serves; their sum stays here
         q_head = kv_head * GROUP + group_member
-        q_head_ptr = q_ptr + batch * stride_qb + q_head * stride_qh
-        do_head_ptr = do_ptr + batch * stride_dob + q_head * stride_doh
+        q_head_ptr = _head(q_ptr, batch, q_head, stride_qb, stride_qh)
+        do_head_ptr = _head(do_ptr, batch, q_head, stride_dob, stride_doh)
         row_stats = (batch * Hq + q_head) * T  # offset of this head's L and delta
         for start_m in range(0, T, BLOCK_M):
             rows = start_m + tl.arange(0, BLOCK_M)
             row_in = rows < T
-            q = tl.load(q_head_ptr + rows[:, None] * stride_qt + cols[None, :], mask=row_in[:, None], other=0.0)
-            do = tl.load(do_head_ptr + rows[:, None] * stride_dot + cols[None, :], mask=row_in[:, None], other=0.0)
+            q = _load_rows(q_head_ptr, rows, stride_qt, cols, row_in)
+            do = _load_rows(do_head_ptr, rows, stride_dot, cols, row_in)
             lse = tl.load(lse_ptr + row_stats + rows, mask=row_in, other=0.0)
             delta = tl.load(delta_ptr + row_stats + rows, mask=row_in, other=0.0)
             # Transposed tiles (keys x queries), so dK and dV accumulate without a transpose.
@@ -131,12 +148,10 @@ def _dk_dv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_pt
             dp_t = tl.dot(v, tl.trans(do), input_precision="ieee")
             ds_t = p_t * (dp_t - delta[None, :])
             dk += tl.dot(ds_t.to(q.dtype), q, input_precision="ieee")
-    dk_head_ptr = dk_ptr + batch * stride_dkb + kv_head * stride_dkh
-    dv_head_ptr = dv_ptr + batch * stride_dvb + kv_head * stride_dvh
-    tl.store(dk_head_ptr + keys[:, None] * stride_dkt + cols[None, :], (dk * sm_scale).to(dk_ptr.dtype.element_ty),
-             mask=key_in[:, None])
-    tl.store(dv_head_ptr + keys[:, None] * stride_dvt + cols[None, :], dv.to(dv_ptr.dtype.element_ty),
-             mask=key_in[:, None])
+    dk_head_ptr = _head(dk_ptr, batch, kv_head, stride_dkb, stride_dkh)
+    dv_head_ptr = _head(dv_ptr, batch, kv_head, stride_dvb, stride_dvh)
+    _store_rows(dk_head_ptr, keys, stride_dkt, cols, key_in, dk * sm_scale)
+    _store_rows(dv_head_ptr, keys, stride_dvt, cols, key_in, dv)
 
 
 def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
@@ -148,31 +163,30 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
     batch_head = tl.program_id(1).to(tl.int64)
     batch, q_head = batch_head // Hq, batch_head % Hq
     kv_head = q_head // GROUP
-    q_head_ptr = q_ptr + batch * stride_qb + q_head * stride_qh
-    do_head_ptr = do_ptr + batch * stride_dob + q_head * stride_doh
-    k_head_ptr = k_ptr + batch * stride_kb + kv_head * stride_kh
-    v_head_ptr = v_ptr + batch * stride_vb + kv_head * stride_vh
+    q_head_ptr = _head(q_ptr, batch, q_head, stride_qb, stride_qh)
+    do_head_ptr = _head(do_ptr, batch, q_head, stride_dob, stride_doh)
+    k_head_ptr = _head(k_ptr, batch, kv_head, stride_kb, stride_kh)
+    v_head_ptr = _head(v_ptr, batch, kv_head, stride_vb, stride_vh)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, HEAD_DIM)
     row_in = rows < T
-    q = tl.load(q_head_ptr + rows[:, None] * stride_qt + cols[None, :], mask=row_in[:, None], other=0.0)
-    do = tl.load(do_head_ptr + rows[:, None] * stride_dot + cols[None, :], mask=row_in[:, None], other=0.0)
+    q = _load_rows(q_head_ptr, rows, stride_qt, cols, row_in)
+    do = _load_rows(do_head_ptr, rows, stride_dot, cols, row_in)
     lse = tl.load(lse_ptr + batch_head * T + rows, mask=row_in, other=0.0)
     delta = tl.load(delta_ptr + batch_head * T + rows, mask=row_in, other=0.0)
     dq = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
     for start_n in range(0, T, BLOCK_N):
         keys = start_n + tl.arange(0, BLOCK_N)
         key_in = keys < T
-        k = tl.load(k_head_ptr + keys[:, None] * stride_kt + cols[None, :], mask=key_in[:, None], other=0.0)
-        v = tl.load(v_head_ptr + keys[:, None] * stride_vt + cols[None, :], mask=key_in[:, None], other=0.0)
+        k = _load_rows(k_head_ptr, keys, stride_kt, cols, key_in)
+        v = _load_rows(v_head_ptr, keys, stride_vt, cols, key_in)
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale_log2
         p = tl.where(key_in[None, :], tl.math.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision="ieee")
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
-    dq_head_ptr = dq_ptr + batch * stride_dqb + q_head * stride_dqh
-    tl.store(dq_head_ptr + rows[:, None] * stride_dqt + cols[None, :], (dq * sm_scale).to(dq_ptr.dtype.element_ty),
-             mask=row_in[:, None])
+    dq_head_ptr = _head(dq_ptr, batch, q_head, stride_dqb, stride_dqh)
+    _store_rows(dq_head_ptr, rows, stride_dqt, cols, row_in, dq * sm_scale)
 
 
 def _kernels():
