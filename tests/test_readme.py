@@ -1,0 +1,36 @@
+"""The README's flag tables state the defaults the parsers really have, so the two cannot drift."""
+import re
+from pathlib import Path
+
+import pytest
+
+import eval as ev
+import train
+
+README = (Path(__file__).parent.parent / "README.md").read_text()
+
+
+def readme_flag_table(heading: str) -> dict[str, str]:
+    """{flag: default cell} of the table under `heading`, backticks removed."""
+    section = README.split(heading, 1)[1]
+    table = section.split("\n### ", 1)[0].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `(--[\w-]+)[^`]*` \|\s*([^|]*?)\s*\|", table, flags=re.M)
+    return {flag: cell.strip().strip("`") for flag, cell in rows}
+
+
+@pytest.mark.parametrize("heading, parser", [("### train.py flags", train.make_parser()),
+                                             ("### eval.py flags", ev.make_parser())])
+def test_readme_flag_tables_state_the_parser_defaults(heading, parser):
+    table = readme_flag_table(heading)
+    flags = {option: action for action in parser._actions for option in action.option_strings
+             if option.startswith("--") and option != "--help"}
+    assert set(table) == set(flags), "the README lists exactly the parser's flags"
+    for flag, cell in table.items():
+        default = flags[flag].default
+        if default is None:
+            continue  # described in words: where the run read it, a name built from the settings, ...
+        if isinstance(default, float):
+            assert float(cell) == default, f"README says {flag} defaults to {cell}, the parser to {default}"
+            continue
+        expected = "off" if default is False else str(default)
+        assert cell == expected, f"README says {flag} defaults to {cell!r}, the parser to {expected!r}"
