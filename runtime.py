@@ -23,14 +23,16 @@ from torch import Tensor
 @dataclass
 class Processes:
     rank: int = 0
-    local_rank: int = 0
+    local_rank: int = 0          # the process's number on its machine
     world_size: int = 1
+    local_world_size: int = 1    # processes on this machine
 
     @classmethod
     def from_env(cls) -> "Processes":
         """This process's place among those torchrun started (a single process without torchrun)."""
-        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
-                   int(os.environ.get("WORLD_SIZE", 1)))
+        world_size = int(os.environ.get("WORLD_SIZE", 1))
+        return cls(int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), world_size,
+                   int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
 
     @property
     def distributed(self) -> bool:
@@ -42,20 +44,33 @@ class Processes:
 
 
 def resolve_device(requested: str, processes: Processes) -> torch.device:
+    """The device this process computes on, made current: "auto" is CUDA when there is one. A CUDA
+    device always carries its index (torch.cuda.set_device refuses a bare "cuda"); under torchrun
+    process k of a node takes GPU k, and more processes per node than GPUs is refused here, before
+    any process starts work."""
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(requested)
     except RuntimeError:
         raise ValueError(f"--device: expected auto, cpu, cuda or cuda:N, got {requested!r}") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {requested}: CUDA is not available here; use --device cpu")
-        if processes.distributed:
-            device = torch.device("cuda", processes.local_rank)  # torchrun: one GPU per process
-        torch.cuda.set_device(device)
-    elif device.type != "cpu":
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
         raise ValueError(f"--device: expected auto, cpu, cuda or cuda:N, got {requested!r}")
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {requested}: CUDA is not available here; use --device cpu")
+    gpus = torch.cuda.device_count()
+    if processes.distributed:
+        if processes.local_world_size > gpus:
+            raise ValueError(f"torchrun started {processes.local_world_size} processes on this machine but it has {gpus} "
+                             f"GPU(s): one process per GPU, so use --nproc_per_node={gpus}")
+        device = torch.device("cuda", processes.local_rank)  # torchrun: one GPU per process
+    elif device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    elif device.index >= gpus:
+        raise ValueError(f"--device {requested}: this machine has {gpus} GPU(s), cuda:0 .. cuda:{gpus - 1}")
+    torch.cuda.set_device(device)
     return device
 
 

@@ -57,7 +57,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from checkpoints import load_checkpoint, rebuild_model, rng_state, save_checkpoint, set_rng_state
-from cli import USER_ERRORS, add_runtime_flags, check_runtime_flags, defaults_of, one_line_error_parser, user_error
+from cli import USER_ERROR_EXIT, USER_ERRORS, add_runtime_flags, check_runtime_flags, defaults_of, one_line_error_parser, user_error
 from data import DATASETS, load_dataset
 from files import write_atomically
 from llm_layer import MODES as LLM_MODES
@@ -492,7 +492,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             run = setup(argv, processes)
         except USER_ERRORS as error:
-            return user_error(error)
+            # Every process meets the same bad setting: one line per machine is enough.
+            return user_error(error) if processes.local_rank == 0 else USER_ERROR_EXIT
         try:
             with StopRequests() as stop:
                 return train(run, stop)

@@ -1,0 +1,73 @@
+"""Tests of runtime.py's CUDA branches on a machine without a GPU: torch.cuda's queries are faked,
+and torch.cuda.set_device is replaced by its own index check (torch.cuda._utils._get_device_index),
+which is what raised "Expected a torch.device with a specified index" on a real H100."""
+import pytest
+import torch
+
+import train
+from runtime import Processes, resolve_device
+
+
+@pytest.fixture
+def fake_gpus(monkeypatch):
+    """A machine with `count` GPUs (default 1); returns the indices set_device was called with."""
+    current = []
+
+    def install(count: int = 1) -> list[int]:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        monkeypatch.setattr(torch.cuda, "set_device",
+                            lambda device: current.append(torch.cuda._utils._get_device_index(device)))
+        return current
+    return install
+
+
+@pytest.mark.parametrize("requested", ["auto", "cuda", "cuda:0"])
+def test_cuda_devices_carry_their_index(fake_gpus, requested):
+    current = fake_gpus(1)
+    assert resolve_device(requested, Processes()) == torch.device("cuda", 0)
+    assert current == [0]
+
+
+def test_torchrun_process_k_takes_gpu_k(fake_gpus):
+    current = fake_gpus(2)
+    processes = Processes(rank=1, local_rank=1, world_size=2, local_world_size=2)
+    assert resolve_device("auto", processes) == torch.device("cuda", 1)
+    assert current == [1]
+
+
+def test_more_processes_than_gpus_is_refused_before_any_work(fake_gpus):
+    fake_gpus(1)
+    with pytest.raises(ValueError, match=r"torchrun started 2 processes on this machine but it has 1 GPU\(s\): "
+                                         r"one process per GPU, so use --nproc_per_node=1"):
+        resolve_device("auto", Processes(rank=0, local_rank=0, world_size=2, local_world_size=2))
+
+
+def test_a_gpu_index_past_the_last_is_refused(fake_gpus):
+    fake_gpus(1)
+    with pytest.raises(ValueError, match=r"--device cuda:1: this machine has 1 GPU\(s\), cuda:0 .. cuda:0"):
+        resolve_device("cuda:1", Processes())
+
+
+def test_cpu_and_missing_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto", Processes()) == torch.device("cpu")
+    with pytest.raises(ValueError, match="CUDA is not available here; use --device cpu"):
+        resolve_device("cuda", Processes())
+    with pytest.raises(ValueError, match="expected auto, cpu, cuda or cuda:N, got 'tpu'"):
+        resolve_device("tpu", Processes())
+
+
+def test_train_under_torchrun_with_too_few_gpus_says_so_in_one_line(fake_gpus, monkeypatch, tmp_path, capsys):
+    """`torchrun --nproc_per_node=2 train.py` on a one-GPU machine, as rank 0 sees it: exit 2, one line,
+    before the process group, the model or the run directory exist."""
+    fake_gpus(1)
+    for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(name, value)
+    out = tmp_path / "run"
+    assert train.main(["--data", "synthetic", "--llm", "none", "--out", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert error == "error: torchrun started 2 processes on this machine but it has 1 GPU(s): one process per " \
+                    "GPU, so use --nproc_per_node=1\n"
+    assert not out.exists()
