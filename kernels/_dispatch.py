@@ -65,11 +65,27 @@ def _import_triton():
                           f"unset {ENV_VAR} or set it to 'torch' to use the PyTorch reference") from error
     from triton.runtime.interpreter import InterpretedFunction
 
-    if os.environ.get("TRITON_INTERPRET") == "1" and not isinstance(triton.language.sum, InterpretedFunction):
-        raise RuntimeError("triton was imported before TRITON_INTERPRET=1 was set (transformers imports it, "
-                           "for example), so its own helpers cannot be interpreted; set TRITON_INTERPRET=1 "
-                           "before anything imports triton")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        if not isinstance(triton.language.sum, InterpretedFunction):
+            raise RuntimeError("triton was imported before TRITON_INTERPRET=1 was set (transformers imports it, "
+                               "for example), so its own helpers cannot be interpreted; set TRITON_INTERPRET=1 "
+                               "before anything imports triton")
+        check_interpreter_numpy(triton.__version__)
     return triton
+
+
+def check_interpreter_numpy(triton_version: str) -> None:
+    """triton < 3.7's interpreter turns a loop bound, a one-element array, into an int with int(array),
+    which numpy 2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars"): every
+    kernel with a runtime loop bound fails. The compiled GPU path is not affected."""
+    import numpy
+
+    def major_minor(version: str) -> tuple[int, int]:
+        return tuple(int(part) for part in version.split(".")[:2])
+
+    if major_minor(triton_version) < (3, 7) and major_minor(numpy.__version__) >= (2, 4):
+        raise RuntimeError(f"Triton's interpreter of triton {triton_version} cannot run with numpy "
+                           f"{numpy.__version__}: install numpy<2.4 or triton>=3.7")
 
 
 def next_power_of_2(n: int) -> int:

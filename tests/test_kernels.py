@@ -290,3 +290,22 @@ except RuntimeError as error:
     result = run_python(code)
     assert result.returncode == 0, result.stderr
     assert "set TRITON_INTERPRET=1 before anything imports triton" in result.stdout
+
+
+@pytest.mark.parametrize("triton_version, numpy_version, refused", [
+    ("3.6.0", "2.4.6", True), ("3.6.0", "2.3.5", False), ("3.7.0", "2.4.6", False), ("3.9.0", "2.4.6", False)])
+def test_interpreter_refuses_an_old_triton_with_numpy_2_4_in_one_sentence(monkeypatch, triton_version, numpy_version,
+                                                                          refused):
+    """triton 3.6's interpreter fails on every runtime loop bound with numpy 2.4 (checked by hand:
+    21 of these tests failed with 'only 0-dimensional arrays can be converted to Python scalars')."""
+    import numpy
+
+    from kernels._dispatch import check_interpreter_numpy
+
+    monkeypatch.setattr(numpy, "__version__", numpy_version)
+    if refused:
+        with pytest.raises(RuntimeError, match=f"triton {triton_version} cannot run with numpy {numpy_version}: "
+                                               "install numpy<2.4 or triton>=3.7"):
+            check_interpreter_numpy(triton_version)
+    else:
+        check_interpreter_numpy(triton_version)

