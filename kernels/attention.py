@@ -226,48 +226,73 @@ def _last_dim_contiguous(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-class _AttentionFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        forward_kernel, *_ = _kernels()
-        q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-        B, Hq, T, d = q.shape
-        config = _launch_config(d, T)["forward"]
-        # Outputs take their input's layout: for q viewed from a (B, T, Hq, d) projection, the caller's
-        # transpose(1, 2).reshape(B, T, Hq * d) of o is then a view, not a copy (the same for dq).
-        o = torch.empty_like(q)
-        lse = torch.empty((B, Hq, T), dtype=torch.float32, device=q.device)  # base-2 log-sum-exp
-        sm_scale = 1.0 / math.sqrt(d)
-        grid = (-(-T // config["BLOCK_M"]), B * Hq)
-        forward_kernel[grid](q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-                             Hq, T, sm_scale * LOG2_E, GROUP=Hq // k.shape[1], HEAD_DIM=d, **config)
-        ctx.save_for_backward(q, k, v, o, lse)
-        return o
+# The Triton path as two PyTorch custom operators (torch.library), with shape-only "fake" versions
+# and an autograd formula, so torch.compile(fullgraph=True) traces through them as opaque calls.
+# Outputs take their input's layout (empty_like): for q viewed from a (B, T, Hq, d) projection, the
+# caller's transpose(1, 2).reshape(B, T, Hq * d) of o is then a view, not a copy (the same for dq).
 
-    @staticmethod
-    def backward(ctx, do: Tensor):
-        _, delta_kernel, dk_dv_kernel, dq_kernel = _kernels()
-        q, k, v, o, lse = ctx.saved_tensors
-        do = _last_dim_contiguous(do)
-        B, Hq, T, d = q.shape
-        Hkv = k.shape[1]
-        config = _launch_config(d, T)
-        sm_scale = 1.0 / math.sqrt(d)
-        delta = torch.empty_like(lse)
-        block_m = config["dq"]["BLOCK_M"]
-        delta_kernel[(-(-T // block_m), B * Hq)](o, do, delta, *_strides(o), *_strides(do), Hq, T,
-                                                 HEAD_DIM=d, BLOCK_M=block_m)
-        dk = torch.empty_like(k)
-        dv = torch.empty_like(v)
-        dk_dv_kernel[(-(-T // config["dk_dv"]["BLOCK_N"]), B * Hkv)](
-            q, k, v, do, lse, delta, dk, dv, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
-            *_strides(dk), *_strides(dv), Hq, Hkv, T, sm_scale, sm_scale * LOG2_E,
-            GROUP=Hq // Hkv, HEAD_DIM=d, **config["dk_dv"])
-        dq = torch.empty_like(q)
-        dq_kernel[(-(-T // block_m), B * Hq)](
-            q, k, v, do, lse, delta, dq, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
-            *_strides(dq), Hq, T, sm_scale, sm_scale * LOG2_E, GROUP=Hq // Hkv, HEAD_DIM=d, **config["dq"])
-        return dq, dk, dv
+@torch.library.custom_op("llm4seg::attention_forward", mutates_args=())
+def _forward(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """q (B, Hq, T, d), k, v (B, Hkv, T, d) -> o (B, Hq, T, d), lse (B, Hq, T) float32 in base 2."""
+    forward_kernel, *_ = _kernels()
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    B, Hq, T, d = q.shape
+    config = _launch_config(d, T)["forward"]
+    o = torch.empty_like(q)
+    lse = torch.empty((B, Hq, T), dtype=torch.float32, device=q.device)
+    sm_scale = 1.0 / math.sqrt(d)
+    grid = (-(-T // config["BLOCK_M"]), B * Hq)
+    forward_kernel[grid](q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+                         Hq, T, sm_scale * LOG2_E, GROUP=Hq // k.shape[1], HEAD_DIM=d, **config)
+    return o, lse
+
+
+@_forward.register_fake
+def _(q, k, v):
+    B, Hq, T, _ = q.shape
+    return torch.empty_like(_last_dim_contiguous(q)), q.new_empty((B, Hq, T), dtype=torch.float32)
+
+
+@torch.library.custom_op("llm4seg::attention_backward", mutates_args=())
+def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """-> dq, dk, dv, each in its input's shape and layout."""
+    _, delta_kernel, dk_dv_kernel, dq_kernel = _kernels()
+    q, k, v, do = (_last_dim_contiguous(t) for t in (q, k, v, do))
+    B, Hq, T, d = q.shape
+    Hkv = k.shape[1]
+    config = _launch_config(d, T)
+    sm_scale = 1.0 / math.sqrt(d)
+    delta = torch.empty_like(lse)
+    block_m = config["dq"]["BLOCK_M"]
+    delta_kernel[(-(-T // block_m), B * Hq)](o, do, delta, *_strides(o), *_strides(do), Hq, T,
+                                             HEAD_DIM=d, BLOCK_M=block_m)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    dk_dv_kernel[(-(-T // config["dk_dv"]["BLOCK_N"]), B * Hkv)](
+        q, k, v, do, lse, delta, dk, dv, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
+        *_strides(dk), *_strides(dv), Hq, Hkv, T, sm_scale, sm_scale * LOG2_E,
+        GROUP=Hq // Hkv, HEAD_DIM=d, **config["dk_dv"])
+    dq = torch.empty_like(q)
+    dq_kernel[(-(-T // block_m), B * Hq)](
+        q, k, v, do, lse, delta, dq, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
+        *_strides(dq), Hq, T, sm_scale, sm_scale * LOG2_E, GROUP=Hq // Hkv, HEAD_DIM=d, **config["dq"])
+    return dq, dk, dv
+
+
+@_backward.register_fake
+def _(do, q, k, v, o, lse):
+    return tuple(torch.empty_like(_last_dim_contiguous(t)) for t in (q, k, v))
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, *output)
+
+
+def _autograd_backward(ctx, do, _dlse):
+    return _backward(do, *ctx.saved_tensors)
+
+
+_forward.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -285,4 +310,4 @@ def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
                          "set LLM4SEG_KERNELS=torch to use the PyTorch reference")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"attention: expected q, k, v of one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    return _AttentionFunction.apply(q, k, v)
+    return _forward(q, k, v)[0]

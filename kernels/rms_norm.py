@@ -88,38 +88,69 @@ def _launch_config(D: int) -> tuple[int, int]:
 _MAX_DW_PARTIALS = 256
 
 
-class _RmsNormFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
-        forward_kernel, _ = _kernels()
-        x_rows = as_rows(x)  # (N, D), N = product of the leading dims
-        N, D = x_rows.shape
-        block_d, num_warps = _launch_config(D)
-        y = torch.empty((N, D), dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
-        rstd = torch.empty(N, dtype=torch.float32, device=x.device)
-        forward_kernel[(N,)](x_rows, weight, y, rstd, x_rows.stride(0), y.stride(0), D, eps,
-                             BLOCK_D=block_d, num_warps=num_warps)
-        ctx.save_for_backward(x_rows, weight, rstd)
-        return y.view(x.shape)
+# The Triton path as two PyTorch custom operators (torch.library), with shape-only "fake" versions
+# and an autograd formula, so torch.compile(fullgraph=True) traces through them as opaque calls.
 
-    @staticmethod
-    def backward(ctx, dy: Tensor):
-        _, backward_kernel = _kernels()
-        x_rows, weight, rstd = ctx.saved_tensors
-        N, D = x_rows.shape
-        block_d, num_warps = _launch_config(D)
-        compute_dw = ctx.needs_input_grad[1]
-        rows_per_program = -(-N // _MAX_DW_PARTIALS) if compute_dw else 1
-        n_programs = -(-N // rows_per_program)
-        dy_rows = as_rows(dy)
-        dx = torch.empty_like(x_rows)
-        dw_partial = torch.empty((n_programs, D) if compute_dw else (1,), dtype=torch.float32, device=dy.device)
-        backward_kernel[(n_programs,)](dy_rows, x_rows, weight, rstd, dx, dw_partial,
-                                       dy_rows.stride(0), x_rows.stride(0), dx.stride(0), N, D,
-                                       rows_per_program, BLOCK_D=block_d, COMPUTE_DW=compute_dw,
-                                       num_warps=num_warps)
-        dw = dw_partial.sum(0).to(weight.dtype) if compute_dw else None
-        return dx.view(dy.shape), dw, None
+@torch.library.custom_op("llm4seg::rms_norm_forward", mutates_args=())
+def _forward(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """x (..., D), weight (D,) -> y (..., D) in promote(x.dtype, weight.dtype), rstd (N,) float32."""
+    forward_kernel, _ = _kernels()
+    x_rows = as_rows(x)  # (N, D), N = product of the leading dims
+    N, D = x_rows.shape
+    block_d, num_warps = _launch_config(D)
+    y = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    rstd = torch.empty(N, dtype=torch.float32, device=x.device)
+    y_rows = y.view(N, D)
+    forward_kernel[(N,)](x_rows, weight, y_rows, rstd, x_rows.stride(0), y_rows.stride(0), D, eps,
+                         BLOCK_D=block_d, num_warps=num_warps)
+    return y, rstd
+
+
+@_forward.register_fake
+def _(x, weight, eps):
+    rows = x.numel() // x.shape[-1]
+    return (x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype)),
+            x.new_empty((rows,), dtype=torch.float32))
+
+
+@torch.library.custom_op("llm4seg::rms_norm_backward", mutates_args=())
+def _backward(dy: Tensor, x: Tensor, weight: Tensor, rstd: Tensor, compute_dw: bool) -> tuple[Tensor, Tensor]:
+    """-> dx (x's shape and dtype) and dw (D,) in weight's dtype, or an empty dw when not compute_dw."""
+    _, backward_kernel = _kernels()
+    x_rows, dy_rows = as_rows(x), as_rows(dy)
+    N, D = x_rows.shape
+    block_d, num_warps = _launch_config(D)
+    rows_per_program = -(-N // _MAX_DW_PARTIALS) if compute_dw else 1
+    n_programs = -(-N // rows_per_program)
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    dx_rows = dx.view(N, D)
+    dw_partial = torch.empty((n_programs, D) if compute_dw else (1,), dtype=torch.float32, device=dy.device)
+    backward_kernel[(n_programs,)](dy_rows, x_rows, weight, rstd, dx_rows, dw_partial,
+                                   dy_rows.stride(0), x_rows.stride(0), dx_rows.stride(0), N, D,
+                                   rows_per_program, BLOCK_D=block_d, COMPUTE_DW=compute_dw,
+                                   num_warps=num_warps)
+    dw = dw_partial.sum(0).to(weight.dtype) if compute_dw else weight.new_empty(0)
+    return dx, dw
+
+
+@_backward.register_fake
+def _(dy, x, weight, rstd, compute_dw):
+    return x.new_empty(x.shape), weight.new_empty(weight.shape if compute_dw else (0,))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, _ = inputs
+    ctx.save_for_backward(x, weight, output[1])
+
+
+def _autograd_backward(ctx, dy, _drstd):
+    x, weight, rstd = ctx.saved_tensors
+    compute_dw = ctx.needs_input_grad[1]
+    dx, dw = _backward(dy, x, weight, rstd, compute_dw)
+    return dx, dw if compute_dw else None, None
+
+
+_forward.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
@@ -128,5 +159,5 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
         raise ValueError(f"rms_norm: expected weight of shape ({x.shape[-1]},) for x {tuple(x.shape)}, "
                          f"got {tuple(weight.shape)}")
     if use_triton(x):
-        return _RmsNormFunction.apply(x, weight.contiguous(), eps)
+        return _forward(x, weight.contiguous(), eps)[0]
     return rms_norm_reference(x, weight, eps)

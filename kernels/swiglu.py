@@ -64,33 +64,58 @@ def _launch_config(I: int) -> tuple[int, int]:
     return min(1024, next_power_of_2(I)), 4
 
 
-class _SwiGLUFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, gate: Tensor, up: Tensor) -> Tensor:
-        forward_kernel, _ = _kernels()
-        gate_rows, up_rows = as_rows(gate), as_rows(up)  # (N, I), N = product of the leading dims
-        N, I = gate_rows.shape
-        block_i, num_warps = _launch_config(I)
-        y = torch.empty((N, I), dtype=gate.dtype, device=gate.device)
-        grid = (N, -(-I // block_i))
-        forward_kernel[grid](gate_rows, up_rows, y, gate_rows.stride(0), up_rows.stride(0), y.stride(0), I,
-                             BLOCK_I=block_i, num_warps=num_warps)
-        ctx.save_for_backward(gate_rows, up_rows)
-        return y.view(gate.shape)
+# The Triton path as two PyTorch custom operators (torch.library), with shape-only "fake" versions
+# and an autograd formula, so torch.compile(fullgraph=True) traces through them as opaque calls.
 
-    @staticmethod
-    def backward(ctx, dy: Tensor):
-        _, backward_kernel = _kernels()
-        gate_rows, up_rows = ctx.saved_tensors
-        N, I = gate_rows.shape
-        block_i, num_warps = _launch_config(I)
-        dy_rows = as_rows(dy)
-        d_gate, d_up = torch.empty_like(gate_rows), torch.empty_like(up_rows)
-        grid = (N, -(-I // block_i))
-        backward_kernel[grid](dy_rows, gate_rows, up_rows, d_gate, d_up,
-                              dy_rows.stride(0), gate_rows.stride(0), up_rows.stride(0), d_gate.stride(0), I,
-                              BLOCK_I=block_i, num_warps=num_warps)
-        return d_gate.view(dy.shape), d_up.view(dy.shape)
+@torch.library.custom_op("llm4seg::swiglu_forward", mutates_args=())
+def _forward(gate: Tensor, up: Tensor) -> Tensor:
+    """gate, up (..., I) -> silu(gate) * up, (..., I) contiguous."""
+    forward_kernel, _ = _kernels()
+    gate_rows, up_rows = as_rows(gate), as_rows(up)  # (N, I), N = product of the leading dims
+    N, I = gate_rows.shape
+    block_i, num_warps = _launch_config(I)
+    y = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    y_rows = y.view(N, I)
+    forward_kernel[(N, -(-I // block_i))](gate_rows, up_rows, y_rows, gate_rows.stride(0), up_rows.stride(0),
+                                          y_rows.stride(0), I, BLOCK_I=block_i, num_warps=num_warps)
+    return y
+
+
+@_forward.register_fake
+def _(gate, up):
+    return gate.new_empty(gate.shape)
+
+
+@torch.library.custom_op("llm4seg::swiglu_backward", mutates_args=())
+def _backward(dy: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
+    """-> d_gate, d_up, each of gate's shape and dtype."""
+    _, backward_kernel = _kernels()
+    dy_rows, gate_rows, up_rows = as_rows(dy), as_rows(gate), as_rows(up)
+    N, I = gate_rows.shape
+    block_i, num_warps = _launch_config(I)
+    d_gate, d_up = (torch.empty(gate.shape, dtype=gate.dtype, device=gate.device) for _ in range(2))
+    d_gate_rows, d_up_rows = d_gate.view(N, I), d_up.view(N, I)
+    backward_kernel[(N, -(-I // block_i))](dy_rows, gate_rows, up_rows, d_gate_rows, d_up_rows,
+                                           dy_rows.stride(0), gate_rows.stride(0), up_rows.stride(0),
+                                           d_gate_rows.stride(0), I, BLOCK_I=block_i, num_warps=num_warps)
+    return d_gate, d_up
+
+
+@_backward.register_fake
+def _(dy, gate, up):
+    return gate.new_empty(gate.shape), gate.new_empty(gate.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _autograd_backward(ctx, dy):
+    gate, up = ctx.saved_tensors
+    return _backward(dy, gate, up)
+
+
+_forward.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 def swiglu(gate: Tensor, up: Tensor) -> Tensor:
@@ -99,5 +124,5 @@ def swiglu(gate: Tensor, up: Tensor) -> Tensor:
         raise ValueError(f"swiglu: expected gate and up of one shape and dtype, got {tuple(gate.shape)} "
                          f"{gate.dtype} and {tuple(up.shape)} {up.dtype}")
     if use_triton(gate):
-        return _SwiGLUFunction.apply(gate, up)
+        return _forward(gate, up)
     return swiglu_reference(gate, up)

@@ -26,9 +26,9 @@ import pytest
 import torch
 
 import kernels
-from kernels.attention import _AttentionFunction, attention_reference
-from kernels.rms_norm import _RmsNormFunction, rms_norm_reference
-from kernels.swiglu import _SwiGLUFunction, swiglu_reference
+from kernels.attention import attention_reference
+from kernels.rms_norm import rms_norm_reference
+from kernels.swiglu import swiglu_reference
 
 REPO = Path(__file__).resolve().parents[1]
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -41,8 +41,8 @@ def triton_path(monkeypatch):
 
 
 def ran_triton(y: torch.Tensor) -> bool:
-    """True if `y` was produced by one of our Triton autograd Functions."""
-    return getattr(y.grad_fn, "_forward_cls", None) in (_RmsNormFunction, _SwiGLUFunction, _AttentionFunction)
+    """True if `y` was produced by one of our Triton custom operators (llm4seg::<kernel>_forward)."""
+    return y.grad_fn is not None and "llm4seg" in y.grad_fn.name()
 
 
 def assert_close(actual, expected, tol):
@@ -173,9 +173,9 @@ def test_attention_rejects_head_dim_the_kernel_cannot_tile(triton_path):
 # The whole decoder layer
 
 
-def test_decoder_layer_on_kernels_equals_reference_path(tmp_path, monkeypatch):
-    """llm_layer's DecoderLayer (random init, head_dim 16, GQA group 3) gives the same output and
-    gradients on the Triton path as on the reference path."""
+@pytest.fixture
+def small_layer(tmp_path):
+    """llm_layer's DecoderLayer, random init, head_dim 16, GQA group 3, float32, and an input (2, 17, 96)."""
     import llm_layer
 
     config = dict(model_type="llama", hidden_size=96, intermediate_size=160, num_attention_heads=6,
@@ -183,21 +183,52 @@ def test_decoder_layer_on_kernels_equals_reference_path(tmp_path, monkeypatch):
     (tmp_path / "config.json").write_text(json.dumps(config))
     torch.manual_seed(0)
     layer = llm_layer.load_layer(str(tmp_path), 1, mode="random", dtype=torch.float32)
-    x = torch.randn(2, 17, 96, requires_grad=True)
+    return layer, torch.randn(2, 17, 96, requires_grad=True)
 
-    def run(path):
-        monkeypatch.setenv("LLM4SEG_KERNELS", path)
-        layer.zero_grad(set_to_none=True)
-        out, (dx,) = forward_backward(layer, [x])
-        return out, dx, {name: p.grad for name, p in layer.named_parameters()}
 
-    out_ref, dx_ref, param_grads_ref = run("torch")
-    out, dx, param_grads = run("triton")
-    tol = TOLERANCE[torch.float32]
+def layer_outputs(layer, x, monkeypatch, path, compile_=False):
+    """(output, input gradient, {parameter: gradient}) of one forward + backward on a kernel path."""
+    monkeypatch.setenv("LLM4SEG_KERNELS", path)
+    layer.zero_grad(set_to_none=True)
+    run = torch.compile(layer, fullgraph=True) if compile_ else layer
+    out, (dx,) = forward_backward(run, [x])
+    return out, dx, {name: p.grad for name, p in layer.named_parameters()}
+
+
+def assert_same_layer_outputs(actual, expected, tol):
+    out, dx, param_grads = actual
+    out_ref, dx_ref, param_grads_ref = expected
     assert_close(out, out_ref, tol)
     assert_close(dx, dx_ref, tol)
     for name, grad in param_grads.items():  # the weights' grads pass through every kernel backward
         assert_close(grad, param_grads_ref[name], tol)
+
+
+def test_decoder_layer_on_kernels_equals_reference_path(small_layer, monkeypatch):
+    """The same output and gradients on the Triton path as on the reference path."""
+    layer, x = small_layer
+    assert_same_layer_outputs(layer_outputs(layer, x, monkeypatch, "triton"),
+                              layer_outputs(layer, x, monkeypatch, "torch"), TOLERANCE[torch.float32])
+
+
+def test_torch_compile_fullgraph_runs_through_the_kernels(small_layer, monkeypatch):
+    """The kernels are custom operators with fake (shape-only) versions and autograd formulas, so
+    torch.compile(fullgraph=True) (inductor) traces the whole layer, forward and backward, with no graph
+    break, and calls the Triton kernels (here in the interpreter) inside the compiled graph."""
+    import importlib
+
+    torch._dynamo.reset()
+    layer, x = small_layer
+    launches = {}
+    for name in ("rms_norm", "swiglu", "attention"):  # count the calls that fetch the jitted kernels to launch
+        module = importlib.import_module(f"kernels.{name}")
+        monkeypatch.setattr(module, "_kernels", lambda get=module._kernels, name=name: (
+            launches.__setitem__(name, launches.get(name, 0) + 1), get())[1])
+    compiled = layer_outputs(layer, x, monkeypatch, "triton", compile_=True)
+    # Two RMSNorms, one SwiGLU, one attention, each launched once forward and once backward.
+    assert launches == {"rms_norm": 4, "swiglu": 2, "attention": 2}
+    assert_same_layer_outputs(compiled, layer_outputs(layer, x, monkeypatch, "triton"), TOLERANCE[torch.float32])
+    torch._dynamo.reset()
 
 
 # ---------------------------------------------------------------------------------------------
