@@ -8,6 +8,8 @@ Library modules never pick a device; the entry scripts (train.py, eval.py) call 
     StopRequests()             Ctrl-C / SIGTERM ask a training loop to stop at the next step boundary
     autocast(device), predict  the one precision policy of training and evaluation: bf16 autocast
                                on CUDA, float32 on CPU; logits always come back float32
+    compile_mode(flag, d, p)   whether and how torch.compile runs the training step: on CUDA by
+                               default, with CUDA graphs ("reduce-overhead") in a single process
 """
 import contextlib
 import os
@@ -87,6 +89,18 @@ def rank_zero_first(processes: Processes):
 def autocast(device: torch.device):
     """The precision of training and evaluation: bf16 autocast on CUDA, float32 on CPU."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def compile_mode(requested: bool | None, device: torch.device, processes: Processes) -> str | None:
+    """torch.compile's mode for training, or None for eager. requested None means: compile on CUDA,
+    where it pays (an H100 step of CMUNeXt + a Llama-1B-shaped layer: eager bf16 29.7 ms, compiled
+    22.3 ms, with CUDA graphs 11.6 ms), and not on the CPU, where compiling costs minutes. CUDA graphs
+    replay one fixed launch sequence, which needs static shapes (every batch but an epoch's last
+    compiles to one graph, the last to a second, both reused every epoch) and no collectives inside
+    the graph, so under torchrun the default mode is used."""
+    if requested is False or (requested is None and device.type != "cuda"):
+        return None
+    return "reduce-overhead" if device.type == "cuda" and not processes.distributed else "default"
 
 
 def predict(net: torch.nn.Module, images: Tensor, device: torch.device) -> Tensor:

@@ -63,7 +63,7 @@ from files import write_atomically
 from llm_layer import MODES as LLM_MODES
 from metrics import SEGMENTATION_METRICS, evaluate_cases
 from model import BACKBONES, DOWNSAMPLING, build_model, check_image_sides, count_params
-from runtime import Processes, StopRequests, autocast, rank_zero_first, resolve_device
+from runtime import Processes, StopRequests, autocast, compile_mode, rank_zero_first, resolve_device
 
 POLY_POWER = 0.9
 BCE_WEIGHT = 0.5
@@ -71,7 +71,7 @@ DICE_SMOOTH = 1e-5
 # --resume takes every setting from the run's config.json except these, which belong to one invocation,
 PER_INVOCATION = ("resume", "out", "stop_after_epoch")
 # and these, which may be changed (a different --workers changes the augmentations when > 0).
-CHANGEABLE_ON_RESUME = ("device", "workers")
+CHANGEABLE_ON_RESUME = ("device", "workers", "compile")
 # The flags that configure build_model and load_dataset take their defaults from those signatures.
 MODEL_DEFAULTS, DATA_DEFAULTS = defaults_of(build_model), defaults_of(load_dataset)
 
@@ -108,6 +108,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=DATA_DEFAULTS["seed"],
                    help="weights, data split, data order and augmentation")
     add_runtime_flags(p)
+    p.add_argument("--compile", default=None, action=argparse.BooleanOptionalAction,
+                   help="torch.compile the training step (CUDA graphs in one process); None means on CUDA only")
     p.add_argument("--out", default=None, help="run directory; None means runs/<name from the settings>")
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR")
     p.add_argument("--stop-after-epoch", type=int, default=None, metavar="N",
@@ -223,6 +225,8 @@ class Run:
     progress: Progress
     run_dir: Path
     max_steps: int
+    compile_mode: str | None = None          # torch.compile's mode of `model`, None when eager
+    compile_seconds: float | None = None     # the first compiled step, compilation included
 
 
 def setup(argv: list[str] | None, processes: Processes) -> Run:
@@ -252,6 +256,10 @@ def setup(argv: list[str] | None, processes: Processes) -> Run:
     model = net
     if processes.distributed:
         model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    mode = compile_mode(args.compile, device, processes)
+    if mode is not None:
+        # dynamic=False: one graph per batch shape (the full batches, an epoch's last), each compiled once.
+        model = torch.compile(model, mode=mode, dynamic=False)
     # The data order of an epoch depends on (seed, epoch) only: set_epoch reshuffles reproducibly.
     sampler = DistributedSampler(train_set, num_replicas=processes.world_size, rank=processes.rank,
                                  shuffle=True, seed=args.seed)
@@ -259,7 +267,7 @@ def setup(argv: list[str] | None, processes: Processes) -> Run:
     val_loader = DataLoader(val_set, batch_size=args.batch_size, num_workers=args.workers,
                             pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(args.seed))
     run = Run(args, processes, device, net, model, optimizer, sampler, train_set, val_loader,
-              Progress(), run_dir, max_steps=args.epochs * iterations)
+              Progress(), run_dir, max_steps=args.epochs * iterations, compile_mode=mode)
     if args.resume:
         resume_from_last(run)
     elif processes.main:
@@ -319,7 +327,8 @@ def print_settings(run: Run, val_images: int, iterations: int) -> None:
               f"= the paper's layer {layer.layer} of {layer.num_hidden_layers}, mode {net.config.mode}, "
               f"hidden {layer.hidden_size}, {net.bridge.layer.input_layernorm.weight.dtype}")
     backend = f" ({dist.get_backend()})" if processes.distributed else ""
-    print(f"device: {run.device} ({'bf16 autocast' if run.device.type == 'cuda' else 'float32'}), "
+    compiled = f", torch.compile {run.compile_mode}" if run.compile_mode else ""
+    print(f"device: {run.device} ({'bf16 autocast' if run.device.type == 'cuda' else 'float32'}{compiled}), "
           f"{processes.world_size} process(es){backend}, "
           f"global batch {processes.world_size * args.batch_size} = {processes.world_size} x {args.batch_size}")
     print(f"data: {args.data}, {len(run.train_set)} train / {val_images} val images at {args.img_size}px, "
@@ -381,9 +390,12 @@ def train_one_epoch(run: Run, epoch: int, stop: StopRequests) -> tuple[int | Non
     start, images = time.perf_counter(), 0
     with contextlib.closing(bar):
         for batch in loader:
+            step_start = time.perf_counter()
             lr = poly_lr(args.lr, progress.global_step, run.max_steps)
             for group in run.optimizer.param_groups:
                 group["lr"] = lr
+            if run.compile_mode == "reduce-overhead":
+                torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are not read again
             with autocast(device):
                 logits = run.model(batch["image"].to(device, non_blocking=True))
             loss = bce_dice_loss(logits.float(), batch["mask"].to(device, non_blocking=True))
@@ -402,8 +414,13 @@ def train_one_epoch(run: Run, epoch: int, stop: StopRequests) -> tuple[int | Non
             progress.batches_done += 1
             progress.epoch_loss_sum += loss_value
             images += len(logits) * run.processes.world_size
+            if run.compile_mode and run.compile_seconds is None:
+                run.compile_seconds = time.perf_counter() - step_start
+                tqdm.write(f"torch.compile ({run.compile_mode}): the first step took {run.compile_seconds:.1f} s, "
+                           f"compilation included; images/s are counted from the next step")
+                start, images = time.perf_counter(), 0
             bar.update()
-            bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{images / (time.perf_counter() - start):.1f}")
+            bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{images / max(time.perf_counter() - start, 1e-9):.1f}")
             if stopping:
                 # A step boundary: with workers=0 the next batch is not drawn yet, so the RNG state
                 # saved here is the one the next batch would have used.
@@ -412,7 +429,7 @@ def train_one_epoch(run: Run, epoch: int, stop: StopRequests) -> tuple[int | Non
                 print(f"stopped in epoch {epoch} after {progress.batches_done} batches; saved "
                       f"{run.run_dir / 'last'}; continue with: python train.py --resume {run.run_dir}")
                 return 128 + int(stop.signal or signal.SIGINT), 0.0
-    return None, images / (time.perf_counter() - start)
+    return None, images / max(time.perf_counter() - start, 1e-9)
 
 
 def end_of_epoch(run: Run, epoch: int, images_per_second: float) -> None:

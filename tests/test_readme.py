@@ -14,7 +14,7 @@ def readme_flag_table(heading: str) -> dict[str, str]:
     """{flag: default cell} of the table under `heading`, backticks removed."""
     section = README.split(heading, 1)[1]
     table = section.split("\n### ", 1)[0].split("\n## ", 1)[0]
-    rows = re.findall(r"^\| `(--[\w-]+)[^`]*` \|\s*([^|]*?)\s*\|", table, flags=re.M)
+    rows = re.findall(r"^\| `(--[\w-]+)[^|]*\|\s*([^|]*?)\s*\|", table, flags=re.M)
     return {flag: cell.strip().strip("`") for flag, cell in rows}
 
 
@@ -22,8 +22,8 @@ def readme_flag_table(heading: str) -> dict[str, str]:
                                              ("### eval.py flags", ev.make_parser())])
 def test_readme_flag_tables_state_the_parser_defaults(heading, parser):
     table = readme_flag_table(heading)
-    flags = {option: action for action in parser._actions for option in action.option_strings
-             if option.startswith("--") and option != "--help"}
+    flags = {action.option_strings[0]: action for action in parser._actions  # --compile stands for --no-compile too
+             if action.option_strings and action.option_strings[0].startswith("--") and action.dest != "help"}
     assert set(table) == set(flags), "the README lists exactly the parser's flags"
     for flag, cell in table.items():
         default = flags[flag].default

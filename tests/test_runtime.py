@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import train
-from runtime import Processes, resolve_device
+from runtime import Processes, compile_mode, resolve_device
 
 
 @pytest.fixture
@@ -71,3 +71,14 @@ def test_train_under_torchrun_with_too_few_gpus_says_so_in_one_line(fake_gpus, m
     assert error == "error: torchrun started 2 processes on this machine but it has 1 GPU(s): one process per " \
                     "GPU, so use --nproc_per_node=1\n"
     assert not out.exists()
+
+
+@pytest.mark.parametrize("requested, device, processes, mode", [
+    (None, "cuda:0", Processes(), "reduce-overhead"),      # the default on a GPU: CUDA graphs
+    (None, "cuda:1", Processes(1, 1, 2, 2), "default"),    # torchrun: no collectives inside a CUDA graph
+    (None, "cpu", Processes(), None),                      # compiling on the CPU costs minutes: off unless asked
+    (True, "cpu", Processes(), "default"),
+    (False, "cuda:0", Processes(), None),                  # --no-compile
+])
+def test_compile_mode(requested, device, processes, mode):
+    assert compile_mode(requested, torch.device(device), processes) == mode

@@ -245,3 +245,26 @@ def test_an_existing_run_is_not_overwritten_and_resume_keeps_its_settings(tiny_l
     assert f"already holds a run: continue it with --resume {three_epochs}" in capsys.readouterr().err
     assert train.main(["--resume", str(three_epochs), "--epochs", "5"]) == 2
     assert "expected --epochs 3 or no --epochs, got 5" in capsys.readouterr().err
+
+
+def test_compile_wraps_the_training_model_and_reports_its_first_step_once(tiny_llm, tmp_path, monkeypatch, capsys):
+    """--compile on the CPU (on CUDA it is the default): the training model goes through torch.compile
+    once, with static shapes, and the first step's time is printed once. torch.compile itself is
+    replaced by a spy that returns the model, because compiling CMUNeXt here takes minutes (a real
+    `--compile` run on this machine: 154 s for the first step); tests/test_kernels.py compiles a
+    whole LLM layer for real."""
+    calls = []
+
+    def spy(model, **options):
+        calls.append((model, options))
+        return model
+
+    monkeypatch.setattr(torch, "compile", spy)
+    assert train.main(small_run(tiny_llm, tmp_path / "run", "--epochs", "2", "--compile")) == 0
+    printed = capsys.readouterr().out
+    assert len(calls) == 1 and calls[0][1] == {"mode": "default", "dynamic": False}
+    assert type(calls[0][0]).__name__ == "SegmentationNet"
+    assert "device: cpu (float32, torch.compile default)" in printed
+    assert printed.count("torch.compile (default): the first step took") == 1
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["train"]
+    assert saved["compile"] is True
