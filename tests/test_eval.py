@@ -47,7 +47,7 @@ def tiny_runs(tmp_path_factory, tiny_llm) -> dict:
     with one_thread():
         for name, llm_flag in (("llm", str(tiny_llm)), ("plain", "none")):
             assert train.main(["--data", "synthetic", "--synthetic-size", "10", "--llm", llm_flag, "--layer", "2",
-                               "--img-size", str(IMG_SIZE), "--batch-size", "4", "--workers", "0",
+                               "--img-size", str(IMG_SIZE), "--batch-size", "4", "--workers", "0", "--device", "cpu",
                                "--epochs", "1", "--out", str(runs[name])]) == 0
     return runs
 

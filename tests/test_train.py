@@ -35,7 +35,7 @@ def one_thread():
 
 def small_run(tiny_llm: Path, out: Path, *extra: str) -> list[str]:
     return ["--data", "synthetic", "--synthetic-size", "10", "--llm", str(tiny_llm), "--layer", "2",
-            "--img-size", "64", "--batch-size", "4", "--workers", "0", "--out", str(out), *extra]
+            "--img-size", "64", "--batch-size", "4", "--workers", "0", "--device", "cpu", "--out", str(out), *extra]
 
 
 def run_subprocess(args: list[str], launcher: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
@@ -193,6 +193,24 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_llm, tmp_
     assert json.loads((out / "last.json").read_text())["progress"]["epochs_done"] == 1
     assert [line["epoch"] for line in metrics(out)] == [1]
     assert torch.isfinite(torch.cat([t.flatten().float() for t in load_file(out / "last.safetensors").values()])).all()
+
+
+if torch.cuda.is_available():  # defined only where there is a GPU: the suite's other runs pin the CPU
+    def test_the_default_run_trains_and_evaluates_on_the_gpu(tiny_llm, tmp_path):
+        """The README's command shape on CUDA with every default (--device auto, compiled with CUDA
+        graphs, bf16 autocast, Triton kernels), 2 epochs whose last batch is partial, then eval.py."""
+        out = tmp_path / "gpu"
+        args = ["--data", "synthetic", "--synthetic-size", "10", "--llm", str(tiny_llm), "--layer", "2",
+                "--img-size", "64", "--batch-size", "4", "--epochs", "2", "--workers", "0", "--out", str(out)]
+        result = run_subprocess(args)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "device: cuda:0 (bf16 autocast, torch.compile reduce-overhead)" in result.stdout
+        assert result.stdout.count("the first step took") == 1
+        assert [line["epoch"] for line in metrics(out)] == [1, 2]
+        evaluated = subprocess.run([sys.executable, str(REPO_ROOT / "eval.py"), str(out), "--workers", "0"],
+                                   capture_output=True, text=True, timeout=300)
+        assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+        assert json.loads((out / "eval-val" / "metrics.json").read_text())["images"] == 2
 
 
 # --- distributed ---------------------------------------------------------------------------------
