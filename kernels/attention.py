@@ -15,8 +15,10 @@ T x T matrix is never materialised; it saves O and L (one float32 per row, kept 
 Backward: a preprocess kernel computes delta; a dK/dV program owns BLOCK_N keys of one kv head
 and loops over all query blocks of every q head of its group, so the group sum happens in its
 registers (deterministic, no atomics, no k / v copied per q head); a dQ program owns BLOCK_M
-query rows and loops over the keys. T needs no multiple of a block (tails are masked); d is a
-power of two from 16 to 256; all products accumulate in float32.
+query rows and loops over the keys. T needs no multiple of a block (tails are masked); d is any
+multiple of 16 from 16 to 256 (tiles are BLOCK_D = next power of two wide, the extra columns
+masked: zeros add nothing to q k^T, and the padded output columns are not stored); all products
+accumulate in float32.
 """
 from __future__ import annotations  # `tl.constexpr` in kernel signatures stays text until jitted
 
@@ -49,22 +51,31 @@ def _head(ptr, batch, head, stride_b, stride_h):
 
 
 @triton_helper
-def _load_rows(head_ptr, rows, stride_t, cols, in_range):
-    """Rows `rows` (a block of time steps) x all d columns of a head's matrix; rows past T read as 0."""
-    return tl.load(head_ptr + rows[:, None] * stride_t + cols[None, :], mask=in_range[:, None], other=0.0)
+def _tile_mask(in_range, cols, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Which elements of a (rows, BLOCK_D) tile exist: rows before T, columns before HEAD_DIM. The
+    column test is compiled in only when the head dim is padded (80 -> 128, say)."""
+    if HEAD_DIM == BLOCK_D:
+        return in_range[:, None]
+    else:
+        return in_range[:, None] & (cols[None, :] < HEAD_DIM)
 
 
 @triton_helper
-def _store_rows(head_ptr, rows, stride_t, cols, in_range, values):
-    tl.store(head_ptr + rows[:, None] * stride_t + cols[None, :], values.to(head_ptr.dtype.element_ty),
-             mask=in_range[:, None])
+def _load_rows(head_ptr, rows, stride_t, cols, mask):
+    """Rows `rows` (a block of time steps) x the d columns of a head's matrix; what `mask` leaves out reads 0."""
+    return tl.load(head_ptr + rows[:, None] * stride_t + cols[None, :], mask=mask, other=0.0)
+
+
+@triton_helper
+def _store_rows(head_ptr, rows, stride_t, cols, mask, values):
+    tl.store(head_ptr + rows[:, None] * stride_t + cols[None, :], values.to(head_ptr.dtype.element_ty), mask=mask)
 
 
 def _forward_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
                     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                     stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
                     Hq, T, qk_scale_log2, GROUP: tl.constexpr,
-                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     batch_head = tl.program_id(1).to(tl.int64)
     batch, q_head = batch_head // Hq, batch_head % Hq
     kv_head = q_head // GROUP
@@ -72,17 +83,19 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
     k_head_ptr = _head(k_ptr, batch, kv_head, stride_kb, stride_kh)
     v_head_ptr = _head(v_ptr, batch, kv_head, stride_vb, stride_vh)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, HEAD_DIM)
+    cols = tl.arange(0, BLOCK_D)
     row_in = rows < T
-    q = _load_rows(q_head_ptr, rows, stride_qt, cols, row_in)
+    row_tile = _tile_mask(row_in, cols, HEAD_DIM, BLOCK_D)
+    q = _load_rows(q_head_ptr, rows, stride_qt, cols, row_tile)
     m = tl.full((BLOCK_M,), float("-inf"), tl.float32)  # running row max of S log2(e)
     l = tl.zeros((BLOCK_M,), tl.float32)  # running row sum of exp2(S log2(e) - m)
-    acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)  # running (unnormalised) P v
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)  # running (unnormalised) P v
     for start_n in range(0, T, BLOCK_N):
         keys = start_n + tl.arange(0, BLOCK_N)
         key_in = keys < T
-        k = _load_rows(k_head_ptr, keys, stride_kt, cols, key_in)
-        v = _load_rows(v_head_ptr, keys, stride_vt, cols, key_in)
+        key_tile = _tile_mask(key_in, cols, HEAD_DIM, BLOCK_D)
+        k = _load_rows(k_head_ptr, keys, stride_kt, cols, key_tile)
+        v = _load_rows(v_head_ptr, keys, stride_vt, cols, key_tile)
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale_log2
         s = tl.where(key_in[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
@@ -92,22 +105,23 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
         acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         m = m_new
     o_head_ptr = _head(o_ptr, batch, q_head, stride_ob, stride_oh)
-    _store_rows(o_head_ptr, rows, stride_ot, cols, row_in, acc / l[:, None])
+    _store_rows(o_head_ptr, rows, stride_ot, cols, row_tile, acc / l[:, None])
     tl.store(lse_ptr + batch_head * T + rows, m + tl.math.log2(l), mask=row_in)
 
 
 def _delta_kernel(o_ptr, do_ptr, delta_ptr, stride_ob, stride_oh, stride_ot,
                   stride_dob, stride_doh, stride_dot, Hq, T,
-                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
     batch_head = tl.program_id(1).to(tl.int64)
     batch, q_head = batch_head // Hq, batch_head % Hq
     o_head_ptr = _head(o_ptr, batch, q_head, stride_ob, stride_oh)
     do_head_ptr = _head(do_ptr, batch, q_head, stride_dob, stride_doh)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, HEAD_DIM)
+    cols = tl.arange(0, BLOCK_D)
     row_in = rows < T
-    o = _load_rows(o_head_ptr, rows, stride_ot, cols, row_in)
-    do = _load_rows(do_head_ptr, rows, stride_dot, cols, row_in)
+    row_tile = _tile_mask(row_in, cols, HEAD_DIM, BLOCK_D)
+    o = _load_rows(o_head_ptr, rows, stride_ot, cols, row_tile)
+    do = _load_rows(do_head_ptr, rows, stride_dot, cols, row_tile)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     tl.store(delta_ptr + batch_head * T + rows, delta, mask=row_in)
 
@@ -117,18 +131,19 @@ def _dk_dv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_pt
                   stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
                   stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt,
                   Hq, Hkv, T, sm_scale, qk_scale_log2, GROUP: tl.constexpr,
-                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     batch_head = tl.program_id(1).to(tl.int64)
     batch, kv_head = batch_head // Hkv, batch_head % Hkv
     keys = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.arange(0, HEAD_DIM)
+    cols = tl.arange(0, BLOCK_D)
     key_in = keys < T
+    key_tile = _tile_mask(key_in, cols, HEAD_DIM, BLOCK_D)
     k_head_ptr = _head(k_ptr, batch, kv_head, stride_kb, stride_kh)
     v_head_ptr = _head(v_ptr, batch, kv_head, stride_vb, stride_vh)
-    k = _load_rows(k_head_ptr, keys, stride_kt, cols, key_in)
-    v = _load_rows(v_head_ptr, keys, stride_vt, cols, key_in)
-    dk = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
-    dv = tl.zeros((BLOCK_N, HEAD_DIM), tl.float32)
+    k = _load_rows(k_head_ptr, keys, stride_kt, cols, key_tile)
+    v = _load_rows(v_head_ptr, keys, stride_vt, cols, key_tile)
+    dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     for group_member in range(GROUP):  # the q heads this kv head serves; their sum stays here
         q_head = kv_head * GROUP + group_member
         q_head_ptr = _head(q_ptr, batch, q_head, stride_qb, stride_qh)
@@ -137,8 +152,9 @@ def _dk_dv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_pt
         for start_m in range(0, T, BLOCK_M):
             rows = start_m + tl.arange(0, BLOCK_M)
             row_in = rows < T
-            q = _load_rows(q_head_ptr, rows, stride_qt, cols, row_in)
-            do = _load_rows(do_head_ptr, rows, stride_dot, cols, row_in)
+            row_tile = _tile_mask(row_in, cols, HEAD_DIM, BLOCK_D)
+            q = _load_rows(q_head_ptr, rows, stride_qt, cols, row_tile)
+            do = _load_rows(do_head_ptr, rows, stride_dot, cols, row_tile)
             lse = tl.load(lse_ptr + row_stats + rows, mask=row_in, other=0.0)
             delta = tl.load(delta_ptr + row_stats + rows, mask=row_in, other=0.0)
             # Transposed tiles (keys x queries), so dK and dV accumulate without a transpose.
@@ -150,8 +166,8 @@ def _dk_dv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_pt
             dk += tl.dot(ds_t.to(q.dtype), q, input_precision="ieee")
     dk_head_ptr = _head(dk_ptr, batch, kv_head, stride_dkb, stride_dkh)
     dv_head_ptr = _head(dv_ptr, batch, kv_head, stride_dvb, stride_dvh)
-    _store_rows(dk_head_ptr, keys, stride_dkt, cols, key_in, dk * sm_scale)
-    _store_rows(dv_head_ptr, keys, stride_dvt, cols, key_in, dv)
+    _store_rows(dk_head_ptr, keys, stride_dkt, cols, key_tile, dk * sm_scale)
+    _store_rows(dv_head_ptr, keys, stride_dvt, cols, key_tile, dv)
 
 
 def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
@@ -159,7 +175,7 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
                stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
                stride_dqb, stride_dqh, stride_dqt,
                Hq, T, sm_scale, qk_scale_log2, GROUP: tl.constexpr,
-               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     batch_head = tl.program_id(1).to(tl.int64)
     batch, q_head = batch_head // Hq, batch_head % Hq
     kv_head = q_head // GROUP
@@ -168,25 +184,27 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
     k_head_ptr = _head(k_ptr, batch, kv_head, stride_kb, stride_kh)
     v_head_ptr = _head(v_ptr, batch, kv_head, stride_vb, stride_vh)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, HEAD_DIM)
+    cols = tl.arange(0, BLOCK_D)
     row_in = rows < T
-    q = _load_rows(q_head_ptr, rows, stride_qt, cols, row_in)
-    do = _load_rows(do_head_ptr, rows, stride_dot, cols, row_in)
+    row_tile = _tile_mask(row_in, cols, HEAD_DIM, BLOCK_D)
+    q = _load_rows(q_head_ptr, rows, stride_qt, cols, row_tile)
+    do = _load_rows(do_head_ptr, rows, stride_dot, cols, row_tile)
     lse = tl.load(lse_ptr + batch_head * T + rows, mask=row_in, other=0.0)
     delta = tl.load(delta_ptr + batch_head * T + rows, mask=row_in, other=0.0)
-    dq = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
+    dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     for start_n in range(0, T, BLOCK_N):
         keys = start_n + tl.arange(0, BLOCK_N)
         key_in = keys < T
-        k = _load_rows(k_head_ptr, keys, stride_kt, cols, key_in)
-        v = _load_rows(v_head_ptr, keys, stride_vt, cols, key_in)
+        key_tile = _tile_mask(key_in, cols, HEAD_DIM, BLOCK_D)
+        k = _load_rows(k_head_ptr, keys, stride_kt, cols, key_tile)
+        v = _load_rows(v_head_ptr, keys, stride_vt, cols, key_tile)
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale_log2
         p = tl.where(key_in[None, :], tl.math.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision="ieee")
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
     dq_head_ptr = _head(dq_ptr, batch, q_head, stride_dqb, stride_dqh)
-    _store_rows(dq_head_ptr, rows, stride_dqt, cols, row_in, dq * sm_scale)
+    _store_rows(dq_head_ptr, rows, stride_dqt, cols, row_tile, dq * sm_scale)
 
 
 def _kernels():
@@ -194,7 +212,9 @@ def _kernels():
 
 
 def _launch_config(head_dim: int, T: int) -> dict:
-    """Tile sizes and warps, by head_dim (reasoning for an H100 in the comments).
+    """Tile sizes and warps, by head_dim (reasoning for an H100 in the comments). Every config holds
+    BLOCK_D, the head dim padded to a power of two (tl.arange's rule: 80, 96, 112 -> 128), and the
+    rules below read that padded width, which is what the registers hold.
 
     BLOCK_M = 64 query rows: one Hopper warpgroup (4 warps) issues m64 tensor-core instructions,
     and at B=8, T=256 it still gives 4 row blocks x B*Hq programs (>= 3 waves on 132 SMs).
@@ -207,13 +227,16 @@ def _launch_config(head_dim: int, T: int) -> dict:
     does not compute 64-wide padding.
     """
     fit = max(16, next_power_of_2(T))
-    block = min(64 if head_dim <= 128 else 32, fit)
+    block_d = next_power_of_2(head_dim)
+    block = min(64 if block_d <= 128 else 32, fit)
     step = min(32, fit)
+    warps = 4 if block_d <= 64 else 8
     return dict(
-        forward=dict(BLOCK_M=min(64, fit), BLOCK_N=block, num_warps=4 if head_dim <= 64 else 8,
-                     num_stages=3 if head_dim <= 128 else 2),
-        dk_dv=dict(BLOCK_N=block, BLOCK_M=step, num_warps=4 if head_dim <= 64 else 8, num_stages=2),
-        dq=dict(BLOCK_M=block, BLOCK_N=step, num_warps=4 if head_dim <= 64 else 8, num_stages=2),
+        forward=dict(BLOCK_D=block_d, BLOCK_M=min(64, fit), BLOCK_N=block, num_warps=warps,
+                     num_stages=3 if block_d <= 128 else 2),
+        delta=dict(BLOCK_D=block_d, BLOCK_M=block),
+        dk_dv=dict(BLOCK_D=block_d, BLOCK_N=block, BLOCK_M=step, num_warps=warps, num_stages=2),
+        dq=dict(BLOCK_D=block_d, BLOCK_M=block, BLOCK_N=step, num_warps=warps, num_stages=2),
     )
 
 
@@ -265,7 +288,7 @@ def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tenso
     delta = torch.empty_like(lse)
     block_m = config["dq"]["BLOCK_M"]
     delta_kernel[(-(-T // block_m), B * Hq)](o, do, delta, *_strides(o), *_strides(do), Hq, T,
-                                             HEAD_DIM=d, BLOCK_M=block_m)
+                                             HEAD_DIM=d, **config["delta"])
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     dk_dv_kernel[(-(-T // config["dk_dv"]["BLOCK_N"]), B * Hkv)](
@@ -305,9 +328,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     if not use_triton(q):
         return attention_reference(q, k, v)
     d = q.shape[-1]
-    if d not in (16, 32, 64, 128, 256):
-        raise ValueError(f"attention: the Triton kernel expects head_dim a power of two in 16..256, got {d}; "
-                         "set LLM4SEG_KERNELS=torch to use the PyTorch reference")
+    if d % 16 or not 16 <= d <= 256:
+        raise ValueError(f"attention: the Triton kernel expects head_dim a multiple of 16 from 16 to 256, got {d} "
+                         "(tl.dot needs sides of 16 or more); set LLM4SEG_KERNELS=torch to use the PyTorch reference")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"attention: expected q, k, v of one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     return _forward(q, k, v)[0]

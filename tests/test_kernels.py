@@ -144,6 +144,9 @@ ATTENTION_CASES = [  # (B, Hq, Hkv, T, d, heads_last): GQA groups 6, 3, 1; ragge
     (1, 3, 3, 256, 64, False),  # the one long sequence: 4 x 4 blocks of 64
     (1, 2, 1, 40, 16, True),  # the smallest tl.dot side
     (1, 2, 1, 33, 256, False),  # the largest head_dim, BLOCK_N = 32
+    (1, 4, 2, 19, 80, True),  # head_dims that are multiples of 16 but not powers of two: the tile is
+    (1, 3, 1, 24, 96, False),  # padded to the next power of two and the extra columns masked
+    (1, 2, 2, 9, 112, True),
 ]
 
 
@@ -170,9 +173,10 @@ def test_attention_low_precision_matches_float32_reference(triton_path, dtype, B
         assert_close(actual, expected, ATTENTION_TOLERANCE[dtype]["grad"])
 
 
-def test_attention_rejects_head_dim_the_kernel_cannot_tile(triton_path):
-    q = torch.randn(1, 2, 5, 96, device=DEVICE)
-    with pytest.raises(ValueError, match="power of two in 16..256, got 96"):
+@pytest.mark.parametrize("d", [8, 72, 272])
+def test_attention_rejects_head_dim_the_kernel_cannot_tile(triton_path, d):
+    q = torch.randn(1, 2, 5, d, device=DEVICE)
+    with pytest.raises(ValueError, match=f"a multiple of 16 from 16 to 256, got {d}"):
         kernels.attention(q, q, q)
 
 
