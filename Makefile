@@ -5,7 +5,7 @@ TORCH  ?= torch==2.13.0
 PY      = $(VENV)/bin/python
 PIP     = $(PY) -m pip install -q
 
-.PHONY: test demo clean
+.PHONY: test demo gpu-check clean
 
 # The demo: CMUNeXt + a frozen, real pre-trained SmolLM2-135M-Instruct layer (layer 28 of 30: the
 # paper's Llama layer 15 of 16 sits at the same depth) on the synthetic polyps at 64 px, on the CPU.
@@ -39,6 +39,13 @@ demo: $(VENV)/.runtime
 	@echo "overlays:         $(DEMO_RUN)/eval-val/samples/*.png  (green: truth, red: prediction)"
 	@echo "activation maps:  $(DEMO_RUN)/eval-val/activations/*.png  (before / after the LLM layer)"
 	@echo "training log:     $(DEMO_RUN)/metrics.jsonl"
+
+# On a machine with a GPU, in the Python whose torch sees it (pip install -r requirements.txt
+# -r requirements-test.txt there; the CPU .venv above is not used): the suite on CUDA, kernel and
+# training-step benchmarks against their references, a default train + eval; writes gpu-check.md,
+# exits non-zero if a goal is missed.
+gpu-check:
+	$(PYTHON) tests/gpu_check.py --out gpu-check.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache

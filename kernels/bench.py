@@ -33,8 +33,15 @@ LLMS = {  # config.json fields of the paper's two LLMs (one layer's shapes)
 }
 
 
-def time_ms(step, device: torch.device, repeats: int = 10, inner: int = 1) -> float:
+# Timing effort of every benchmark: the median of REPEATS.repeats measurements, each the mean of
+# `inner` back-to-back steps (inner scaled by REPEATS.inner_scale). tests/gpu_check.py --smoke lowers it.
+REPEATS = {"repeats": 10, "inner_scale": 1.0}
+
+
+def time_ms(step, device: torch.device, repeats: int | None = None, inner: int = 1) -> float:
     """Median over `repeats` of the mean time of `inner` back-to-back step() calls, in ms."""
+    repeats = repeats or REPEATS["repeats"]
+    inner = max(1, round(inner * REPEATS["inner_scale"]))
     step()  # warm-up: compilation, autotuning caches, allocator
     times = []
     for _ in range(repeats):
@@ -92,7 +99,8 @@ def print_row(name: str, ms: float, ours_ms: float, work: float, unit: str):
     print(f"  {name:<22} {ms:8.3f} ms   ours faster by {ms / ours_ms:5.2f}x   {rate:8.1f} {unit}")
 
 
-def bench_kernels_cuda(name: str, config: dict, device: torch.device, dtype=torch.bfloat16):
+def bench_kernels_cuda(name: str, config: dict, device: torch.device, dtype=torch.bfloat16) -> dict:
+    """Prints, and returns {kernel: {implementation: ms}} of one forward + backward at B=8, T=256."""
     D, I = config["hidden_size"], config["intermediate_size"]
     Hq, Hkv = config["num_attention_heads"], config["num_key_value_heads"]
     d, N = D // Hq, BATCH * TOKENS
@@ -109,14 +117,35 @@ def bench_kernels_cuda(name: str, config: dict, device: torch.device, dtype=torc
          14 * BATCH * Hq * TOKENS**2 * d, "TFLOP/s"),
     ]
     print(f"\n{name}: B={BATCH} T={TOKENS} D={D} I={I} heads {Hq}/{Hkv} d={d} {dtype}, forward + backward")
+    timings = {}
     for kernel, ours, others, inputs, args, work, unit in cases:
         others = {**others, "torch.compile(eager)": torch.compile(others["eager"])}
         ours_ms = time_ms(forward_backward(ours, inputs, *args), device, inner=20)
+        timings[kernel] = {"ours": ours_ms}
         print(f" {kernel}")
         print_row("ours (Triton)", ours_ms, ours_ms, work, unit)
         for other_name, other in others.items():
-            other_ms = time_ms(forward_backward(other, inputs, *args), device, inner=20)
-            print_row(other_name, other_ms, ours_ms, work, unit)
+            timings[kernel][other_name] = time_ms(forward_backward(other, inputs, *args), device, inner=20)
+            print_row(other_name, timings[kernel][other_name], ours_ms, work, unit)
+    return timings
+
+
+# Attention at the shapes the GPU issue measured: the paper's 16 x 16 bottleneck, a 32 x 32 one, and
+# MedVisionLlama's 16^3 tokens with Llama-3.1-8B's heads. (B, Hq, Hkv, T, d)
+ATTENTION_SHAPES = [(8, 32, 8, 256, 64), (8, 32, 8, 1024, 64), (2, 32, 8, 4096, 128)]
+
+
+def bench_attention_cuda(shape: tuple, device: torch.device, dtype=torch.bfloat16) -> dict:
+    """{"ours": ms, "sdpa": ms} of attention forward + backward at shape (B, Hq, Hkv, T, d)."""
+    B, Hq, Hkv, T, d = shape
+    q = torch.randn(B, Hq, T, d, device=device, dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(B, Hkv, T, d, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
+    with kernels_path("triton"):
+        ours_ms = time_ms(forward_backward(kernels.attention, [q, k, v]), device, inner=10)
+    sdpa_ms = time_ms(forward_backward(attention_reference, [q, k, v]), device, inner=10)
+    print(f" attention B={B} {Hq}/{Hkv} heads T={T} d={d}: ours {ours_ms:.3f} ms, SDPA {sdpa_ms:.3f} ms, "
+          f"{14 * B * Hq * T * T * d / ours_ms / 1e9:.0f} vs {14 * B * Hq * T * T * d / sdpa_ms / 1e9:.0f} TFLOP/s")
+    return {"ours": ours_ms, "sdpa": sdpa_ms}
 
 
 def main():
@@ -128,6 +157,9 @@ def main():
     print(f"{torch.cuda.get_device_name(device)}; 'ours faster by' = their time / ours (> 1: ours is faster)")
     for name, config in LLMS.items():
         bench_kernels_cuda(name, config, device)
+    print("\nattention, bfloat16, forward + backward")
+    for shape in ATTENTION_SHAPES:
+        bench_attention_cuda(shape, device)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,197 @@
+"""One command for whoever has a GPU: does the CUDA path work, and is it as fast as it should be?
+
+    make gpu-check                       # = python tests/gpu_check.py --out gpu-check.md
+    python tests/gpu_check.py --smoke    # every step at toy sizes, on any device: checks the plumbing only
+
+Needs a Python whose torch sees the GPU, with triton, transformers and pytest (pip install -r
+requirements.txt -r requirements-test.txt). The LLM layer is a generated one-layer checkpoint of
+Llama-3.2-1B's shapes (random bf16 values: the real model is gated, and speed depends on shapes only).
+
+  1. the test suite on this machine (`pytest tests`: the compiled kernels on CUDA tensors, the interpreter
+     in a subprocess with the GPU hidden, a default training run on the GPU)
+  2. attention forward + backward, bf16, at three shapes, against F.scaled_dot_product_attention;
+     RMSNorm and SwiGLU against eager PyTorch (Llama-3.2-1B shapes, B = 8, T = 256)
+  3. the whole frozen layer on the kernels against torch.compile of the reference path
+  4. one SGD step of CMUNeXt + that layer at 15, batch 8, 256 x 256: train.py's construction (bf16
+     autocast, torch.compile with CUDA graphs, frozen layer) against the authors' construction as their
+     main.py trains it (float32, eager, transformers' LlamaDecoderLayer called without a mask, so causal,
+     and trained, since their freeze flag is inverted). Theirs is rebuilt here from the same operations:
+     our CMUNeXt equals theirs weight for weight, and their bridge is Linear, the HF layer, Linear.
+  5. train.py for 2 epochs and eval.py with every default (--device auto); train.py's own images/s in
+     its second epoch against the step rate of 4.
+
+It writes a markdown table (date, GPU, versions, each measured ratio beside its goal) and exits 1 if a
+goal is missed, 0 if all are met.
+"""
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+if not torch.cuda.is_available():  # --smoke on a CPU: the Triton kernels run in the interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from kernels.bench import ATTENTION_SHAPES, LLMS, REPEATS, bench_attention_cuda, bench_kernels_cuda, time_ms  # noqa: E402
+from llm_layer.layers import LayerConfig, expected_shapes  # noqa: E402
+from model import CMUNEXT_DIMS, build_model  # noqa: E402
+from runtime import Processes, autocast, compile_mode  # noqa: E402
+from train import bce_dice_loss  # noqa: E402
+
+sys.path.insert(0, str(REPO / "tests"))
+from bench_layer import bench_layer_cuda  # noqa: E402
+
+TINY = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, num_hidden_layers=2, rms_norm_eps=1e-5)
+
+
+def layer_checkpoint(root: Path, config: dict, layer: int) -> Path:
+    """A model directory holding config.json and only layer `layer` (1-based), random bf16 values."""
+    config = {**config, "hidden_act": "silu", "torch_dtype": "bfloat16"}
+    torch.manual_seed(0)
+    tensors = {f"model.layers.{layer - 1}.{name}": (torch.ones(shape) if "norm" in name else 0.02 * torch.randn(shape))
+               .to(torch.bfloat16) for name, shape in expected_shapes(LayerConfig.from_hf(config, layer)).items()}
+    from safetensors.torch import save_file
+
+    root.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, root / "model.safetensors")
+    (root / "config.json").write_text(json.dumps(config))
+    return root
+
+
+class AuthorsBridge(torch.nn.Module):
+    """The authors' bottleneck: (B, C, h, w) -> Linear(C, D) -> transformers' LlamaDecoderLayer (float32,
+    called without a mask, with a constant cos / sin) -> Linear(D, C) -> (B, C, h, w)."""
+
+    def __init__(self, channels: int, config: dict, layer: int):
+        super().__init__()
+        from transformers import LlamaConfig
+        from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+        hf_config = LlamaConfig(**{k: v for k, v in config.items() if k != "model_type"})
+        self.head_dim = hf_config.head_dim
+        self.project_in = torch.nn.Linear(channels, hf_config.hidden_size)
+        self.layer = LlamaDecoderLayer(hf_config, layer_idx=layer - 1)
+        self.project_out = torch.nn.Linear(hf_config.hidden_size, channels)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        hidden = self.project_in(x.flatten(2).transpose(1, 2))                     # (B, N, D)
+        rotation = (torch.ones(B, H * W, self.head_dim, device=x.device),
+                    torch.zeros(B, H * W, self.head_dim, device=x.device))
+        out = self.layer(hidden, position_embeddings=rotation)
+        out = out[0] if isinstance(out, tuple) else out                            # (B, N, D)
+        return self.project_out(out).transpose(1, 2).reshape(B, C, H, W)
+
+
+def training_step(net, device, batch: int, size: int, precision_and_compile: bool):
+    """A function doing one SGD step of `net` on a fixed random batch, as train.py does (bf16 autocast,
+    compiled as runtime.compile_mode chooses) or as the authors do (float32, eager)."""
+    net.to(device).train()
+    optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.01, momentum=0.9,
+                                weight_decay=1e-4)
+    mode = compile_mode(None, device, Processes()) if precision_and_compile else None
+    model = torch.compile(net, mode=mode, dynamic=False) if mode else net
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(batch, 3, size, size, generator=generator).to(device)
+    masks = (torch.rand(batch, 1, size, size, generator=generator) > 0.8).float().to(device)
+
+    def step():
+        if mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()
+        with autocast(device) if precision_and_compile else torch.autocast(device.type, enabled=False):
+            logits = model(images)
+        loss = bce_dice_loss(logits.float(), masks)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return step
+
+
+def run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
+    print("$", " ".join(command), flush=True)
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, **kwargs)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="gpu-check.md", help="the markdown report")
+    parser.add_argument("--smoke", action="store_true", help="toy sizes on any device, no test suite")
+    args = parser.parse_args()
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type != "cuda" and not args.smoke:
+        print("error: no CUDA device; this check measures a GPU (use --smoke to check the script itself)",
+              file=sys.stderr)
+        return 2
+    if args.smoke:
+        REPEATS.update(repeats=1, inner_scale=0)  # one timed call each: the point is that every step runs
+    llama = {**LLMS["llama3.2-1b"], "head_dim": 64}
+    config, layer, batch, size = (TINY, 2, 2, 64) if args.smoke else (llama, 15, 8, 256)
+    rows = []  # (what, measured, goal, met)
+
+    def check(what: str, value: float, goal: float, unit: str = "x") -> None:
+        rows.append((what, f"{value:.2f}{unit}", f">= {goal:g}{unit}", value >= goal))
+
+    work = Path(tempfile.mkdtemp(prefix="llm4seg-gpu-check-"))
+    if not args.smoke:
+        suite = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"], timeout=3600)
+        summary = (suite.stdout.strip().splitlines() or ["no output"])[-1]
+        rows.append(("test suite on this machine (pytest tests)", summary, "all pass", suite.returncode == 0))
+
+    shapes = [(1, 4, 2, 32, 16)] if args.smoke else ATTENTION_SHAPES
+    for shape in shapes:
+        timing = bench_attention_cuda(shape, device)
+        B, Hq, Hkv, T, d = shape
+        check(f"attention fwd+bwd B{B} {Hq}/{Hkv} T{T} d{d}: SDPA time / ours", timing["sdpa"] / timing["ours"], 0.9)
+    kernel_config = TINY if args.smoke else LLMS["llama3.2-1b"]
+    timings = bench_kernels_cuda("llama3.2-1b" if not args.smoke else "tiny", kernel_config, device)
+    check("SwiGLU fwd+bwd: eager time / ours", timings["swiglu"]["eager"] / timings["swiglu"]["ours"], 1.0)
+    check("RMSNorm fwd+bwd: eager time / ours", timings["rms_norm"]["eager"] / timings["rms_norm"]["ours"], 1.0)
+    layer_timing = bench_layer_cuda("llama3.2-1b" if not args.smoke else "tiny", kernel_config, device)
+    check("frozen layer fwd + input grad: torch.compile(reference) time / ours",
+          layer_timing["compiled"] / layer_timing["ours"], 1.0)
+
+    llm_dir = layer_checkpoint(work / "llm", config, layer)
+    ours_net = build_model("cmunext", str(llm_dir), layer, "frozen")
+    authors_net = build_model("cmunext", None)
+    authors_net.bridge = AuthorsBridge(CMUNEXT_DIMS[-1], config, layer)
+    ours_ms = time_ms(training_step(ours_net, device, batch, size, True), device, inner=5)
+    authors_ms = time_ms(training_step(authors_net, device, batch, size, False), device, inner=3)
+    print(f"training step B{batch} {size}px: ours {ours_ms:.1f} ms, the authors' construction {authors_ms:.1f} ms")
+    check(f"training step, CMUNeXt + Llama-1B-shaped L{layer}, B{batch} {size}px: authors' time / ours "
+          f"({authors_ms:.1f} / {ours_ms:.1f} ms)", authors_ms / ours_ms, 4.0)
+
+    run_dir = work / "run"
+    trained = run([sys.executable, "train.py", "--data", "synthetic", "--synthetic-size", "40" if args.smoke else "400",
+                   "--img-size", str(size), "--batch-size", str(batch), "--epochs", "2", "--llm", str(llm_dir),
+                   "--layer", str(layer), "--workers", "2" if args.smoke else "8", "--out", str(run_dir)], timeout=3600)
+    evaluated = run([sys.executable, "eval.py", str(run_dir), "--samples", "2"], timeout=3600)
+    rows.append(("train.py 2 epochs + eval.py, --device auto", f"exit {trained.returncode}, {evaluated.returncode}",
+                 "exit 0, 0", trained.returncode == 0 and evaluated.returncode == 0))
+    if trained.returncode == 0:
+        epoch_rate = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
+        check("train.py's images/s in epoch 2 / the step rate", epoch_rate["images_per_second"] / (batch * 1e3 / ours_ms),
+              0.9)
+    else:
+        print(trained.stderr[-3000:], file=sys.stderr)
+
+    versions = (f"torch {torch.__version__}, triton {__import__('triton').__version__}, "
+                f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'no GPU (smoke run)'}")
+    lines = [f"# GPU check, {datetime.date.today()}: {versions}", "",
+             "| check | measured | goal | met |", "|---|---|---|---|"]
+    lines += [f"| {what} | {measured} | {goal} | {'yes' if met else '**no**'} |" for what, measured, goal, met in rows]
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"\nwrote {args.out}")
+    return 0 if all(met for *_, met in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
