@@ -5,6 +5,7 @@
     RUN_DIR/<name>.safetensors  the model's state_dict as "model.*" (a frozen LLM layer is not in
                                 it: it is fetched again) and SGD's momentum buffers "optimizer.*"
     RUN_DIR/<name>.json         the rest: epoch, step, optimizer settings, every rank's RNG states
+    RUN_DIR/metrics.jsonl       one line per epoch (train.py appends; a resume drops lines past `last`)
 
 Both halves carry the global step, so a kill between their two renames is found on load. No
 pickle anywhere: tensors in safetensors, the rest in JSON (RNG states as base64 byte arrays).
@@ -62,6 +63,17 @@ def load_checkpoint(run_dir: Path, name: str, net: torch.nn.Module,
                 state.setdefault(int(index), {})[state_name] = value
         optimizer.load_state_dict({"state": state, "param_groups": info["optimizer_param_groups"]})
     return info
+
+
+def keep_metrics_up_to(path: Path, epochs_done: int) -> None:
+    """Drop metrics lines of epochs after the checkpoint (written before a crash), so a resumed
+    run logs each epoch exactly once."""
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if json.loads(line)["epoch"] <= epochs_done]
+    if len(kept) != len(lines):
+        write_atomically(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -56,7 +56,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from checkpoints import load_checkpoint, rebuild_model, rng_state, save_checkpoint, set_rng_state
+from checkpoints import keep_metrics_up_to, load_checkpoint, rebuild_model, rng_state, save_checkpoint, set_rng_state
 from cli import USER_ERROR_EXIT, USER_ERRORS, add_runtime_flags, check_runtime_flags, defaults_of, one_line_error_parser, user_error
 from data import DATASETS, load_dataset
 from files import write_atomically
@@ -337,17 +337,6 @@ def print_settings(run: Run, val_images: int, iterations: int) -> None:
         progress = run.progress
         print(f"resuming after epoch {progress.epochs_done}"
               f"{f' + {progress.batches_done} batches' if progress.batches_done else ''}, step {progress.global_step}")
-
-
-def keep_metrics_up_to(path: Path, epochs_done: int) -> None:
-    """Drop metrics lines of epochs after the checkpoint (written before a crash), so a resumed
-    run logs each epoch exactly once."""
-    if not path.is_file():
-        return
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line)["epoch"] <= epochs_done]
-    if len(kept) != len(lines):
-        write_atomically(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -171,14 +171,6 @@ def test_ctrl_c_mid_epoch_saves_last_and_resume_is_exact(tiny_llm, tmp_path, thr
     assert_same_tensors(out / "last.safetensors", three_epochs / "last.safetensors")
 
 
-def test_metrics_written_before_a_crash_are_not_repeated(tmp_path):
-    """A kill between the metrics line and last.* leaves a line ahead of the checkpoint."""
-    path = tmp_path / "metrics.jsonl"
-    path.write_text("".join(json.dumps({"epoch": e}) + "\n" for e in (1, 2, 3)))
-    train.keep_metrics_up_to(path, 2)
-    assert [json.loads(line)["epoch"] for line in path.read_text().splitlines()] == [1, 2]
-
-
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_llm, tmp_path, monkeypatch, capsys):
     loss_calls, real_loss = itertools.count(1), train.bce_dice_loss
 
