@@ -37,9 +37,9 @@ from checkpoints import load_run, read_run_config
 from cli import USER_ERRORS, add_runtime_flags, check_runtime_flags, one_line_error_parser, user_error
 from data import load_dataset
 from metrics import NSD_TOLERANCE, SEGMENTATION_METRICS, SURFACE_METRICS, THRESHOLD, evaluate_cases, mean_and_std
-from model import count_gmacs, count_params
+from model import count_gmacs, count_params, set_frozen_dtype
 from pictures import heatmap_png, overlay_png, to_rgb
-from runtime import Processes, predict, resolve_device
+from runtime import PRECISIONS, Processes, predict, resolve_device, resolve_precision
 
 # How the printed table shows each metric: (label, scale, unit); the files keep fractions and pixels unscaled.
 LABELS = {"iou": ("IoU", 100, "%"), "dice": ("Dice", 100, "%"), "f1": ("F1", 100, "%"),
@@ -55,6 +55,7 @@ def evaluate_run(args) -> int:
     check_args(args, config, run_dir)
     settings = config["train"]
     device = resolve_device(args.device, Processes())
+    precision = resolve_precision(args.precision, device)
     dataset = load_dataset(settings["data"], args.data_dir or settings["data_dir"], args.split,
                            settings["img_size"], settings["seed"], synthetic_size=settings["synthetic_size"])
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,
@@ -62,21 +63,22 @@ def evaluate_run(args) -> int:
 
     net, _, info = load_run(run_dir, args.checkpoint)
     computation = computation_report(net, config)
-    net.to(device)
+    set_frozen_dtype(net, precision).to(device)
 
     out_dir = run_dir / f"eval-{args.split}"
     out_dir.mkdir(exist_ok=True)
     analysis = None
     with BridgeFeatures(net.bridge) if args.analyze else contextlib.nullcontext() as features:
         extra = (lambda logits, masks: feature_analysis(features, masks)) if args.analyze else None
-        rows, dataset_level = evaluate_cases(net, loader, device, extra=extra)
+        rows, dataset_level = evaluate_cases(net, loader, device, precision, extra=extra)
         if args.analyze:
-            maps = write_activation_maps(net, features, dataset, args.maps, device, clean_folder(out_dir / "activations"))
+            maps = write_activation_maps(net, features, dataset, args.maps, device, precision,
+                                         clean_folder(out_dir / "activations"))
             analysis = analysis_report(rows, maps, out_dir)
             (out_dir / "analysis.json").write_text(json.dumps(analysis, indent=1))
     samples = []
     if args.samples:
-        samples = write_samples(net, dataset, rows, args.samples, device, clean_folder(out_dir / "samples"))
+        samples = write_samples(net, dataset, rows, args.samples, device, precision, clean_folder(out_dir / "samples"))
 
     epoch = info["epoch"] if "epoch" in info else info["progress"]["epochs_done"]  # best.json / last.json
     report = {
@@ -158,14 +160,15 @@ def clean_folder(folder: Path) -> Path:
 
 
 @torch.no_grad()
-def write_samples(net, dataset, rows: list[dict], count: int, device: torch.device, folder: Path) -> list[Path]:
+def write_samples(net, dataset, rows: list[dict], count: int, device: torch.device, precision: torch.dtype,
+                  folder: Path) -> list[Path]:
     """Overlay PNGs of the ranked cases; each is predicted again alone (BatchNorm in eval mode makes that
     the same prediction), so no prediction of the whole split is kept in memory."""
     paths = []
     for label, index in ranked_cases(rows, count):
         item = dataset[index]
         assert item["name"] == rows[index]["case"], "the loader must keep the dataset's order"
-        probability = torch.sigmoid(predict(net, item["image"][None], device))[0, 0]  # (S, S)
+        probability = torch.sigmoid(predict(net, item["image"][None], device, precision))[0, 0]  # (S, S)
         paths.append(folder / f"{label}_{file_stem(item['name'])}.png")
         overlay_png(to_rgb(item["image"]), item["mask"][0], probability, paths[-1])
     return paths
@@ -173,12 +176,12 @@ def write_samples(net, dataset, rows: list[dict], count: int, device: torch.devi
 
 @torch.no_grad()
 def write_activation_maps(net, features: BridgeFeatures, dataset, count: int, device: torch.device,
-                          folder: Path) -> list[Path]:
+                          precision: torch.dtype, folder: Path) -> list[Path]:
     """Fig. 2(a): heat maps of the activation before and after the LLM layer, first `count` cases."""
     paths = []
     for index in range(min(count, len(dataset))):
         item = dataset[index]
-        predict(net, item["image"][None], device)  # fills `features`
+        predict(net, item["image"][None], device, precision)  # fills `features`
         image = to_rgb(item["image"])
         for when, tensor in (("before", features.before), ("after", features.after)):
             activation = upsample_map(activation_map(tensor), image.shape[:2])[0]  # (S, S)
@@ -230,6 +233,8 @@ def make_parser():
                    help="activation maps, concentration IoU, effective rank and LSVR before and after the LLM layer")
     p.add_argument("--maps", type=int, default=4, metavar="N", help="with --analyze: heat maps of the first N cases")
     add_runtime_flags(p)
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="compute dtype: auto = bf16 where the device has native bf16, else fp32")
     return p
 
 

@@ -181,8 +181,8 @@ def surface_metrics(output: Tensor, target: Tensor, from_logits: bool = True,
 # a model over a loader
 
 @torch.no_grad()
-def evaluate_cases(net: torch.nn.Module, loader, device: torch.device, *, surface: bool = True,
-                   extra=None) -> tuple[list[dict], dict[str, float]]:
+def evaluate_cases(net: torch.nn.Module, loader, device: torch.device, precision: torch.dtype, *,
+                   surface: bool = True, extra=None) -> tuple[list[dict], dict[str, float]]:
     """Every case of `loader`, in order, through `net` in eval mode (BatchNorm's running statistics make
     each image's output independent of its batch, so this is the paper's batch-1 protocol) ->
       rows: one per case, {"case", "iou", ..., "accuracy"} plus "hd95", "nsd" when `surface`, plus
@@ -195,7 +195,7 @@ def evaluate_cases(net: torch.nn.Module, loader, device: torch.device, *, surfac
     rows, pooled, trivial = [], PooledOverlap(), {"all_foreground_iou": [], "all_background_iou": []}
     for batch in tqdm(loader, desc="evaluating", leave=False, disable=None):
         masks = batch["mask"].to(device)
-        logits = predict(net, batch["image"], device)
+        logits = predict(net, batch["image"], device, precision)
         per_image = segmentation_metrics(logits, masks)
         if surface:
             per_image.update(surface_metrics(logits, masks))

@@ -289,8 +289,8 @@ def build_model(backbone: str = "cmunext", llm: str | None = "llama3.2-1b", laye
     encoders, decoders, widths = BACKBONES[backbone](in_channels)
     bridge = None
     if not plain:
-        # A frozen layer keeps the checkpoint's dtype (bf16 halves its memory; it computes in it and
-        # returns float32); trained weights need float32 so that small updates are not rounded away.
+        # A frozen layer keeps the checkpoint's dtype here; the entry scripts store it in the run's
+        # precision (set_frozen_dtype). Trained weights need float32 so small updates are not rounded away.
         decoder_layer = load_layer(llm, layer, mode=mode, dtype=torch.float32 if mode == "trainable" else None,
                                    revision=revision)
         if lora_rank:
@@ -298,6 +298,17 @@ def build_model(backbone: str = "cmunext", llm: str | None = "llama3.2-1b", laye
         bridge = LLMBridge(widths[-1], decoder_layer, residual=residual)
     head = nn.Conv2d(widths[0], num_classes, 1)
     return SegmentationNet(encoders, bridge, decoders, head, config)
+
+
+def set_frozen_dtype(net: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Store the frozen LLM layer's weights in `dtype`, the precision the run computes in (the layer
+    computes in its weights' dtype). Trained tensors (adapters, LoRA, a trainable layer) stay float32,
+    so that small updates are not rounded away. A plain backbone is left as it is."""
+    if net.bridge is not None:
+        for parameter in net.bridge.layer.parameters():
+            if not parameter.requires_grad:
+                parameter.data = parameter.data.to(dtype)
+    return net
 
 
 def count_gmacs(net: nn.Module, in_channels: int, img_size: int) -> float:

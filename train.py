@@ -16,7 +16,9 @@ The recipe is the paper's (its CMUNeXt code base), every default below:
     lr(it) = lr * (1 - it / max_it) ** 0.9 per iteration, max_it = epochs * iterations per epoch,
     300 epochs, batch 8, 256 x 256, seed 41; after each epoch the validation metrics of metrics.py
     (per image, then averaged over images) and the best checkpoint by validation IoU.
-bf16 autocast on CUDA, float32 on CPU.
+--precision auto computes in bf16 (autocast, frozen layer stored in bf16) where the device does
+bf16 natively (CUDA, CPUs with AMX / AVX-512 BF16) and in float32 elsewhere; loss, metrics and
+optimizer state are float32 always.
 
 Run directory (--out, default runs/<data>_<backbone>_<llm>-L<layer>-<mode>_seed<seed>):
     config.json        the resolved settings, the model config build_model needs and the LLM layer's
@@ -62,8 +64,9 @@ from data import DATASETS, load_dataset
 from files import write_atomically
 from llm_layer import MODES as LLM_MODES
 from metrics import SEGMENTATION_METRICS, evaluate_cases
-from model import BACKBONES, DOWNSAMPLING, build_model, check_image_sides, count_params
-from runtime import Processes, StopRequests, autocast, compile_mode, rank_zero_first, resolve_device
+from model import BACKBONES, DOWNSAMPLING, build_model, check_image_sides, count_params, set_frozen_dtype
+from runtime import (PRECISIONS, Processes, StopRequests, autocast, compile_mode, rank_zero_first, resolve_device,
+                     resolve_precision)
 
 POLY_POWER = 0.9
 BCE_WEIGHT = 0.5
@@ -108,6 +111,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=DATA_DEFAULTS["seed"],
                    help="weights, data split, data order and augmentation")
     add_runtime_flags(p)
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="compute dtype: auto = bf16 where the device has native bf16, else fp32")
     p.add_argument("--compile", default=None, action=argparse.BooleanOptionalAction,
                    help="torch.compile the training step (CUDA graphs in one process); None means on CUDA only")
     p.add_argument("--out", default=None, help="run directory; None means runs/<name from the settings>")
@@ -190,9 +195,9 @@ def bce_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return BCE_WEIGHT * bce + (1 - dice.mean())
 
 
-def validate(net: torch.nn.Module, loader: DataLoader, device: torch.device) -> dict[str, float]:
+def validate(net: torch.nn.Module, loader: DataLoader, device: torch.device, precision: torch.dtype) -> dict[str, float]:
     """The paper's per-image metrics averaged over every validation image."""
-    rows, _ = evaluate_cases(net, loader, device, surface=False)
+    rows, _ = evaluate_cases(net, loader, device, precision, surface=False)
     return {name: math.fsum(row[name] for row in rows) / len(rows) for name in SEGMENTATION_METRICS}
 
 
@@ -216,6 +221,7 @@ class Run:
     args: argparse.Namespace
     processes: Processes
     device: torch.device
+    precision: torch.dtype        # the compute dtype: bf16 (autocast) or float32
     net: torch.nn.Module          # the model itself, for checkpoints and validation
     model: torch.nn.Module        # net, or its DistributedDataParallel wrapper, for training
     optimizer: torch.optim.Optimizer
@@ -235,6 +241,7 @@ def setup(argv: list[str] | None, processes: Processes) -> Run:
     args.out = args.out or default_run_dir(args)
     check_args(args)
     device = resolve_device(args.device, processes)
+    precision = resolve_precision(args.precision, device)
     if processes.distributed:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     run_dir = Path(args.out)
@@ -250,7 +257,7 @@ def setup(argv: list[str] | None, processes: Processes) -> Run:
                                            synthetic_size=args.synthetic_size) for split in ("train", "val"))
     torch.manual_seed(args.seed + processes.rank)
 
-    net.to(device)
+    set_frozen_dtype(net, precision).to(device)
     trainable = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(trainable, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     model = net
@@ -266,7 +273,7 @@ def setup(argv: list[str] | None, processes: Processes) -> Run:
     iterations = math.ceil(len(sampler) / args.batch_size)
     val_loader = DataLoader(val_set, batch_size=args.batch_size, num_workers=args.workers,
                             pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(args.seed))
-    run = Run(args, processes, device, net, model, optimizer, sampler, train_set, val_loader,
+    run = Run(args, processes, device, precision, net, model, optimizer, sampler, train_set, val_loader,
               Progress(), run_dir, max_steps=args.epochs * iterations, compile_mode=mode)
     if args.resume:
         resume_from_last(run)
@@ -328,7 +335,7 @@ def print_settings(run: Run, val_images: int, iterations: int) -> None:
               f"hidden {layer.hidden_size}, {net.bridge.layer.input_layernorm.weight.dtype}")
     backend = f" ({dist.get_backend()})" if processes.distributed else ""
     compiled = f", torch.compile {run.compile_mode}" if run.compile_mode else ""
-    print(f"device: {run.device} ({'bf16 autocast' if run.device.type == 'cuda' else 'float32'}{compiled}), "
+    print(f"device: {run.device} ({'bf16 autocast' if run.precision == torch.bfloat16 else 'float32'}{compiled}), "
           f"{processes.world_size} process(es){backend}, "
           f"global batch {processes.world_size * args.batch_size} = {processes.world_size} x {args.batch_size}")
     print(f"data: {args.data}, {len(run.train_set)} train / {val_images} val images at {args.img_size}px, "
@@ -385,7 +392,7 @@ def train_one_epoch(run: Run, epoch: int, stop: StopRequests) -> tuple[int | Non
                 group["lr"] = lr
             if run.compile_mode == "reduce-overhead":
                 torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are not read again
-            with autocast(device):
+            with autocast(device, run.precision):
                 logits = run.model(batch["image"].to(device, non_blocking=True))
             loss = bce_dice_loss(logits.float(), batch["mask"].to(device, non_blocking=True))
             run.optimizer.zero_grad(set_to_none=True)
@@ -427,7 +434,7 @@ def end_of_epoch(run: Run, epoch: int, images_per_second: float) -> None:
     epoch_loss = mean_loss_over_ranks(run)
     progress.epochs_done, progress.batches_done, progress.epoch_loss_sum = epoch, 0, 0.0
     if run.processes.main:
-        metrics = validate(run.net, run.val_loader, run.device)
+        metrics = validate(run.net, run.val_loader, run.device, run.precision)
         if metrics["iou"] > progress.best_iou:
             progress.best_iou, progress.best_epoch = metrics["iou"], epoch
             save_checkpoint(run.run_dir, "best", run.net,

@@ -41,8 +41,8 @@ if not torch.cuda.is_available():  # --smoke on a CPU: the Triton kernels run in
 
 from kernels.bench import ATTENTION_SHAPES, LLMS, REPEATS, bench_attention_cuda, bench_kernels_cuda, time_ms  # noqa: E402
 from llm_layer.layers import LayerConfig, expected_shapes  # noqa: E402
-from model import CMUNEXT_DIMS, build_model  # noqa: E402
-from runtime import Processes, autocast, compile_mode  # noqa: E402
+from model import CMUNEXT_DIMS, build_model, set_frozen_dtype  # noqa: E402
+from runtime import Processes, autocast, compile_mode, resolve_precision  # noqa: E402
 from train import bce_dice_loss  # noqa: E402
 
 sys.path.insert(0, str(REPO / "tests"))
@@ -92,9 +92,10 @@ class AuthorsBridge(torch.nn.Module):
 
 
 def training_step(net, device, batch: int, size: int, precision_and_compile: bool):
-    """A function doing one SGD step of `net` on a fixed random batch, as train.py does (bf16 autocast,
+    """A function doing one SGD step of `net` on a fixed random batch, as train.py does (--precision auto,
     compiled as runtime.compile_mode chooses) or as the authors do (float32, eager)."""
-    net.to(device).train()
+    precision = resolve_precision("auto" if precision_and_compile else "fp32", device)
+    set_frozen_dtype(net, precision).to(device).train()
     optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.01, momentum=0.9,
                                 weight_decay=1e-4)
     mode = compile_mode(None, device, Processes()) if precision_and_compile else None
@@ -106,7 +107,7 @@ def training_step(net, device, batch: int, size: int, precision_and_compile: boo
     def step():
         if mode == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()
-        with autocast(device) if precision_and_compile else torch.autocast(device.type, enabled=False):
+        with autocast(device, precision):
             logits = model(images)
         loss = bce_dice_loss(logits.float(), masks)
         optimizer.zero_grad(set_to_none=True)

@@ -47,14 +47,14 @@ def tiny_runs(tmp_path_factory, tiny_llm) -> dict:
     with one_thread():
         for name, llm_flag in (("llm", str(tiny_llm)), ("plain", "none")):
             assert train.main(["--data", "synthetic", "--synthetic-size", "10", "--llm", llm_flag, "--layer", "2",
-                               "--img-size", str(IMG_SIZE), "--batch-size", "4", "--workers", "0", "--device", "cpu",
+                               "--img-size", str(IMG_SIZE), "--batch-size", "4", "--workers", "0", "--device", "cpu", "--precision", "fp32",
                                "--epochs", "1", "--out", str(runs[name])]) == 0
     return runs
 
 
 def run_eval(run_dir, *flags) -> int:
     with one_thread():
-        return ev.main([str(run_dir), "--workers", "0", "--device", "cpu", *flags])
+        return ev.main([str(run_dir), "--workers", "0", "--device", "cpu", "--precision", "fp32", *flags])
 
 
 @pytest.fixture(scope="session")

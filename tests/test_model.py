@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.flop_counter import FlopCounterMode
 
-from model import build_model, count_params
+from model import build_model, count_params, set_frozen_dtype
 
 # The keys of the real config.json files that describe one decoder layer.
 LLAMA_3_2_1B = dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=2048,
@@ -258,3 +258,15 @@ def test_lora_and_trainable_state_dicts_keep_what_was_trained(tiny_dir):
 def test_inconsistent_options_are_refused(tiny_dir, options, message):
     with pytest.raises(ValueError, match=message):
         build_model(**{"llm": str(tiny_dir), "layer": 2, **options})
+
+
+def test_set_frozen_dtype_moves_only_the_frozen_weights(tiny_dir):
+    """The run's precision decides the frozen layer's storage (bf16 matmuls are emulated, ~500x slower,
+    on CPUs without native bf16); adapters and LoRA stay float32 so their updates are not rounded away."""
+    net = set_frozen_dtype(build_model("cmunext", str(tiny_dir), 2, "frozen", lora_rank=2), torch.bfloat16)
+    dtypes = {name: p.dtype for name, p in net.named_parameters()}
+    assert {dtypes[n] for n, p in net.named_parameters() if not p.requires_grad} == {torch.bfloat16}
+    assert {dtypes[n] for n, p in net.named_parameters() if p.requires_grad} == {torch.float32}
+    assert dtypes["bridge.layer.self_attn.q_proj.lora_a"] == torch.float32
+    assert net(torch.randn(1, 3, 32, 32)).dtype == torch.float32
+    assert set_frozen_dtype(build_model("cmunext", None), torch.bfloat16).head.weight.dtype == torch.float32

@@ -4,8 +4,9 @@ which is what raised "Expected a torch.device with a specified index" on a real 
 import pytest
 import torch
 
+import runtime
 import train
-from runtime import Processes, compile_mode, resolve_device
+from runtime import Processes, compile_mode, resolve_device, resolve_precision
 
 
 @pytest.fixture
@@ -82,3 +83,19 @@ def test_train_under_torchrun_with_too_few_gpus_says_so_in_one_line(fake_gpus, m
 ])
 def test_compile_mode(requested, device, processes, mode):
     assert compile_mode(requested, torch.device(device), processes) == mode
+
+
+@pytest.mark.parametrize("requested, native, expected", [
+    ("auto", True, torch.bfloat16), ("auto", False, torch.float32),  # bf16 only where it is native
+    ("bf16", False, torch.bfloat16), ("fp32", True, torch.float32),
+])
+def test_precision(monkeypatch, requested, native, expected):
+    monkeypatch.setattr(runtime, "native_bf16", lambda device: native)
+    assert resolve_precision(requested, torch.device("cpu")) == expected
+
+
+def test_this_cpu_is_asked_whether_it_has_native_bf16():
+    """The query itself runs (on this AVX2-only machine it answers False; on an AMX Xeon, True)."""
+    assert runtime.native_bf16(torch.device("cpu")) in (True, False)
+    with pytest.raises(ValueError, match="--precision: expected one of auto, bf16, fp32, got 'fp16'"):
+        resolve_precision("fp16", torch.device("cpu"))

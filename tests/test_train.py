@@ -8,6 +8,7 @@ Resumed runs are compared with uninterrupted ones bit for bit: same seed, same t
 """
 import itertools
 import json
+import math
 import os
 import signal
 import subprocess
@@ -35,7 +36,8 @@ def one_thread():
 
 def small_run(tiny_llm: Path, out: Path, *extra: str) -> list[str]:
     return ["--data", "synthetic", "--synthetic-size", "10", "--llm", str(tiny_llm), "--layer", "2",
-            "--img-size", "64", "--batch-size", "4", "--workers", "0", "--device", "cpu", "--out", str(out), *extra]
+            "--img-size", "64", "--batch-size", "4", "--workers", "0", "--device", "cpu", "--precision", "fp32",
+            "--out", str(out), *extra]
 
 
 def run_subprocess(args: list[str], launcher: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
@@ -255,6 +257,17 @@ def test_an_existing_run_is_not_overwritten_and_resume_keeps_its_settings(tiny_l
     assert f"already holds a run: continue it with --resume {three_epochs}" in capsys.readouterr().err
     assert train.main(["--resume", str(three_epochs), "--epochs", "5"]) == 2
     assert "expected --epochs 3 or no --epochs, got 5" in capsys.readouterr().err
+
+
+def test_bf16_precision_trains_with_autocast_and_a_bf16_frozen_layer(tiny_llm, tmp_path, capsys):
+    """--precision bf16 on the CPU (emulated where the CPU lacks native bf16, so only this tiny layer)."""
+    out = tmp_path / "run"
+    args = small_run(tiny_llm, out, "--epochs", "1")
+    args[args.index("--precision") + 1] = "bf16"
+    assert train.main(args) == 0
+    assert "device: cpu (bf16 autocast)" in capsys.readouterr().out
+    assert json.loads((out / "config.json").read_text())["train"]["precision"] == "bf16"
+    assert all(math.isfinite(line["train_loss"]) for line in metrics(out))
 
 
 def test_compile_wraps_the_training_model_and_reports_its_first_step_once(tiny_llm, tmp_path, monkeypatch, capsys):
