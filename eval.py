@@ -39,7 +39,7 @@ from data import load_dataset
 from metrics import NSD_TOLERANCE, SEGMENTATION_METRICS, SURFACE_METRICS, THRESHOLD, evaluate_cases, mean_and_std
 from model import count_gmacs, count_params, set_frozen_dtype
 from pictures import heatmap_png, overlay_png, to_rgb
-from runtime import PRECISIONS, Processes, predict, resolve_device, resolve_precision
+from runtime import PRECISIONS, Processes, memory_format, predict, resolve_device, resolve_precision
 
 # How the printed table shows each metric: (label, scale, unit); the files keep fractions and pixels unscaled.
 LABELS = {"iou": ("IoU", 100, "%"), "dice": ("Dice", 100, "%"), "f1": ("F1", 100, "%"),
@@ -63,7 +63,7 @@ def evaluate_run(args) -> int:
 
     net, _, info = load_run(run_dir, args.checkpoint)
     computation = computation_report(net, config)
-    set_frozen_dtype(net, precision).to(device)
+    set_frozen_dtype(net, precision).to(device, memory_format=memory_format(device))
 
     out_dir = run_dir / f"eval-{args.split}"
     out_dir.mkdir(exist_ok=True)

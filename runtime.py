@@ -10,6 +10,8 @@ Library modules never pick a device; the entry scripts (train.py, eval.py) call 
                                multiplies bf16 natively (CUDA; CPUs with AMX / AVX-512 BF16), else fp32
     autocast(d, p), predict    the one precision policy of training and evaluation: autocast to p
                                when p is bf16; logits always come back float32
+    memory_format(d)           channels_last for the CNN on the CPU, where its convolutions are faster
+                               so; the default layout on CUDA, where it is not
     compile_mode(flag, d, p)   whether and how torch.compile runs the training step: on CUDA by
                                default, with CUDA graphs ("reduce-overhead") in a single process
 """
@@ -125,10 +127,23 @@ def compile_mode(requested: bool | None, device: torch.device, processes: Proces
     return "reduce-overhead" if device.type == "cuda" and not processes.distributed else "default"
 
 
+def memory_format(device: torch.device) -> torch.memory_format:
+    """The layout of images and conv weights. One SGD step of CMUNeXt + a Llama-1B-shaped frozen layer,
+    B8 256 px, float32, 2 threads: 20.7 s -> 18.8 s channels_last on an AVX2 EPYC, 9.7 s -> 5.9 s on an
+    AMX Xeon; on an H100 it was not faster (31 ms vs 29.7 ms). (The bridge's flatten to tokens is then
+    a view, too.)"""
+    return torch.channels_last if device.type == "cpu" else torch.contiguous_format
+
+
+def to_device(images: Tensor, device: torch.device) -> Tensor:
+    """An image batch (B, C, H, W) on `device`, in its memory_format."""
+    return images.to(device, non_blocking=True, memory_format=memory_format(device))
+
+
 def predict(net: torch.nn.Module, images: Tensor, device: torch.device, precision: torch.dtype) -> Tensor:
     """images (B, C, S, S) -> float32 logits (B, classes, S, S), computed at `precision`."""
     with autocast(device, precision):
-        return net(images.to(device, non_blocking=True)).float()
+        return net(to_device(images, device)).float()
 
 
 class StopRequests:

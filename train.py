@@ -65,8 +65,8 @@ from files import write_atomically
 from llm_layer import MODES as LLM_MODES
 from metrics import SEGMENTATION_METRICS, evaluate_cases
 from model import BACKBONES, DOWNSAMPLING, build_model, check_image_sides, count_params, set_frozen_dtype
-from runtime import (PRECISIONS, Processes, StopRequests, autocast, compile_mode, rank_zero_first, resolve_device,
-                     resolve_precision)
+from runtime import (PRECISIONS, Processes, StopRequests, autocast, compile_mode, memory_format, rank_zero_first,
+                     resolve_device, resolve_precision, to_device)
 
 POLY_POWER = 0.9
 BCE_WEIGHT = 0.5
@@ -257,7 +257,7 @@ def setup(argv: list[str] | None, processes: Processes) -> Run:
                                            synthetic_size=args.synthetic_size) for split in ("train", "val"))
     torch.manual_seed(args.seed + processes.rank)
 
-    set_frozen_dtype(net, precision).to(device)
+    set_frozen_dtype(net, precision).to(device, memory_format=memory_format(device))
     trainable = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(trainable, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     model = net
@@ -393,7 +393,7 @@ def train_one_epoch(run: Run, epoch: int, stop: StopRequests) -> tuple[int | Non
             if run.compile_mode == "reduce-overhead":
                 torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are not read again
             with autocast(device, run.precision):
-                logits = run.model(batch["image"].to(device, non_blocking=True))
+                logits = run.model(to_device(batch["image"], device))
             loss = bce_dice_loss(logits.float(), batch["mask"].to(device, non_blocking=True))
             run.optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -42,7 +42,7 @@ if not torch.cuda.is_available():  # --smoke on a CPU: the Triton kernels run in
 from kernels.bench import ATTENTION_SHAPES, LLMS, REPEATS, bench_attention_cuda, bench_kernels_cuda, time_ms  # noqa: E402
 from llm_layer.layers import LayerConfig, expected_shapes  # noqa: E402
 from model import CMUNEXT_DIMS, build_model, set_frozen_dtype  # noqa: E402
-from runtime import Processes, autocast, compile_mode, resolve_precision  # noqa: E402
+from runtime import Processes, autocast, compile_mode, memory_format, resolve_precision  # noqa: E402
 from train import bce_dice_loss  # noqa: E402
 
 sys.path.insert(0, str(REPO / "tests"))
@@ -93,15 +93,17 @@ class AuthorsBridge(torch.nn.Module):
 
 def training_step(net, device, batch: int, size: int, precision_and_compile: bool):
     """A function doing one SGD step of `net` on a fixed random batch, as train.py does (--precision auto,
-    compiled as runtime.compile_mode chooses) or as the authors do (float32, eager)."""
+    the device's memory format, compiled as runtime.compile_mode chooses) or as the authors do (float32,
+    the default layout, eager)."""
     precision = resolve_precision("auto" if precision_and_compile else "fp32", device)
-    set_frozen_dtype(net, precision).to(device).train()
+    layout = memory_format(device) if precision_and_compile else torch.contiguous_format  # theirs: as shipped
+    set_frozen_dtype(net, precision).to(device, memory_format=layout).train()
     optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.01, momentum=0.9,
                                 weight_decay=1e-4)
     mode = compile_mode(None, device, Processes()) if precision_and_compile else None
     model = torch.compile(net, mode=mode, dynamic=False) if mode else net
     generator = torch.Generator().manual_seed(0)
-    images = torch.randn(batch, 3, size, size, generator=generator).to(device)
+    images = torch.randn(batch, 3, size, size, generator=generator).to(device, memory_format=layout)
     masks = (torch.rand(batch, 1, size, size, generator=generator) > 0.8).float().to(device)
 
     def step():
