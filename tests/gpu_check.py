@@ -40,83 +40,11 @@ if not torch.cuda.is_available():  # --smoke on a CPU: the Triton kernels run in
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from kernels.bench import ATTENTION_SHAPES, LLMS, REPEATS, bench_attention_cuda, bench_kernels_cuda, time_ms  # noqa: E402
-from llm_layer.layers import LayerConfig, expected_shapes  # noqa: E402
-from model import CMUNEXT_DIMS, build_model, set_frozen_dtype  # noqa: E402
-from runtime import Processes, autocast, compile_mode, memory_format, resolve_precision  # noqa: E402
-from train import bce_dice_loss  # noqa: E402
+from model import CMUNEXT_DIMS, build_model  # noqa: E402
 
 sys.path.insert(0, str(REPO / "tests"))
 from bench_layer import bench_layer_cuda  # noqa: E402
-
-TINY = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=16, num_hidden_layers=2, rms_norm_eps=1e-5)
-
-
-def layer_checkpoint(root: Path, config: dict, layer: int) -> Path:
-    """A model directory holding config.json and only layer `layer` (1-based), random bf16 values."""
-    config = {**config, "hidden_act": "silu", "torch_dtype": "bfloat16"}
-    torch.manual_seed(0)
-    tensors = {f"model.layers.{layer - 1}.{name}": (torch.ones(shape) if "norm" in name else 0.02 * torch.randn(shape))
-               .to(torch.bfloat16) for name, shape in expected_shapes(LayerConfig.from_hf(config, layer)).items()}
-    from safetensors.torch import save_file
-
-    root.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, root / "model.safetensors")
-    (root / "config.json").write_text(json.dumps(config))
-    return root
-
-
-class AuthorsBridge(torch.nn.Module):
-    """The authors' bottleneck: (B, C, h, w) -> Linear(C, D) -> transformers' LlamaDecoderLayer (float32,
-    called without a mask, with a constant cos / sin) -> Linear(D, C) -> (B, C, h, w)."""
-
-    def __init__(self, channels: int, config: dict, layer: int):
-        super().__init__()
-        from transformers import LlamaConfig
-        from transformers.models.llama.modeling_llama import LlamaDecoderLayer
-
-        hf_config = LlamaConfig(**{k: v for k, v in config.items() if k != "model_type"})
-        self.head_dim = hf_config.head_dim
-        self.project_in = torch.nn.Linear(channels, hf_config.hidden_size)
-        self.layer = LlamaDecoderLayer(hf_config, layer_idx=layer - 1)
-        self.project_out = torch.nn.Linear(hf_config.hidden_size, channels)
-
-    def forward(self, x):
-        B, C, H, W = x.shape
-        hidden = self.project_in(x.flatten(2).transpose(1, 2))                     # (B, N, D)
-        rotation = (torch.ones(B, H * W, self.head_dim, device=x.device),
-                    torch.zeros(B, H * W, self.head_dim, device=x.device))
-        out = self.layer(hidden, position_embeddings=rotation)
-        out = out[0] if isinstance(out, tuple) else out                            # (B, N, D)
-        return self.project_out(out).transpose(1, 2).reshape(B, C, H, W)
-
-
-def training_step(net, device, batch: int, size: int, precision_and_compile: bool):
-    """A function doing one SGD step of `net` on a fixed random batch, as train.py does (--precision auto,
-    the device's memory format, compiled as runtime.compile_mode chooses) or as the authors do (float32,
-    the default layout, eager)."""
-    precision = resolve_precision("auto" if precision_and_compile else "fp32", device)
-    layout = memory_format(device) if precision_and_compile else torch.contiguous_format  # theirs: as shipped
-    set_frozen_dtype(net, precision).to(device, memory_format=layout).train()
-    optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.01, momentum=0.9,
-                                weight_decay=1e-4)
-    mode = compile_mode(None, device, Processes()) if precision_and_compile else None
-    model = torch.compile(net, mode=mode, dynamic=False) if mode else net
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randn(batch, 3, size, size, generator=generator).to(device, memory_format=layout)
-    masks = (torch.rand(batch, 1, size, size, generator=generator) > 0.8).float().to(device)
-
-    def step():
-        if mode == "reduce-overhead":
-            torch.compiler.cudagraph_mark_step_begin()
-        with autocast(device, precision):
-            logits = model(images)
-        loss = bce_dice_loss(logits.float(), masks)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return step
-
+from bench_step import TINY, AuthorsBridge, layer_checkpoint, training_step  # noqa: E402
 
 def run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
     print("$", " ".join(command), flush=True)
