@@ -10,8 +10,8 @@ Library modules never pick a device; the entry scripts (train.py, eval.py) call 
                                multiplies bf16 natively (CUDA; CPUs with AMX / AVX-512 BF16), else fp32
     autocast(d, p), predict    the one precision policy of training and evaluation: autocast to p
                                when p is bf16; logits always come back float32
-    memory_format(d)           channels_last for the CNN on the CPU, where its convolutions are faster
-                               so; the default layout on CUDA, where it is not
+    memory_format(d), to_device  channels_last for the CNN on the CPU (faster convolutions there),
+                               the default layout on CUDA (not faster there)
     compile_mode(flag, d, p)   whether and how torch.compile runs the training step: on CUDA by
                                default, with CUDA graphs ("reduce-overhead") in a single process
 """
