@@ -211,7 +211,7 @@ def _kernels():
     return jit_once(_forward_kernel, _delta_kernel, _dk_dv_kernel, _dq_kernel)
 
 
-def _launch_config(head_dim: int, T: int) -> dict:
+def _launch_config(head_dim: int, T: int, float32: bool = False) -> dict:
     """Tile sizes and warps, by head_dim (reasoning for an H100 in the comments). Every config holds
     BLOCK_D, the head dim padded to a power of two (tl.arange's rule: 80, 96, 112 -> 128), and the
     rules below read that padded width, which is what the registers hold.
@@ -225,12 +225,24 @@ def _launch_config(head_dim: int, T: int) -> dict:
     steps: the transposed score tiles (64 x 32) are live next to two accumulators.
     Short sequences shrink the blocks (never below 16, the smallest tl.dot side) so T = 1 or 17
     does not compute 64-wide padding.
+    float32 inputs (parity tests, --precision fp32) hold twice the bytes per tile: 64-row tiles with
+    3 stages needed 180,480 B of shared memory at d = 128 (over an A100's 166,912) and spilled up to
+    7.4 kB per thread, so they use 32-row tiles and 2 stages (warps as above). Measured with
+    tests/kernel_resources.py: the figures are asserted by tests/test_kernels_compile.py.
     """
     fit = max(16, next_power_of_2(T))
     block_d = next_power_of_2(head_dim)
+    warps = 4 if block_d <= 64 else 8
+    if float32:
+        block = step = min(32, fit)
+        return dict(
+            forward=dict(BLOCK_D=block_d, BLOCK_M=block, BLOCK_N=block, num_warps=warps, num_stages=2),
+            delta=dict(BLOCK_D=block_d, BLOCK_M=block),
+            dk_dv=dict(BLOCK_D=block_d, BLOCK_N=block, BLOCK_M=step, num_warps=warps, num_stages=2),
+            dq=dict(BLOCK_D=block_d, BLOCK_M=block, BLOCK_N=step, num_warps=warps, num_stages=2),
+        )
     block = min(64 if block_d <= 128 else 32, fit)
     step = min(32, fit)
-    warps = 4 if block_d <= 64 else 8
     return dict(
         forward=dict(BLOCK_D=block_d, BLOCK_M=min(64, fit), BLOCK_N=block, num_warps=warps,
                      num_stages=3 if block_d <= 128 else 2),
@@ -260,7 +272,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     forward_kernel, *_ = _kernels()
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     B, Hq, T, d = q.shape
-    config = _launch_config(d, T)["forward"]
+    config = _launch_config(d, T, q.dtype == torch.float32)["forward"]
     o = torch.empty_like(q)
     lse = torch.empty((B, Hq, T), dtype=torch.float32, device=q.device)
     sm_scale = 1.0 / math.sqrt(d)
@@ -283,7 +295,7 @@ def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tenso
     q, k, v, do = (_last_dim_contiguous(t) for t in (q, k, v, do))
     B, Hq, T, d = q.shape
     Hkv = k.shape[1]
-    config = _launch_config(d, T)
+    config = _launch_config(d, T, q.dtype == torch.float32)
     sm_scale = 1.0 / math.sqrt(d)
     delta = torch.empty_like(lse)
     block_m = config["dq"]["BLOCK_M"]
