@@ -4,12 +4,14 @@
                                line ("error: ... (see --help)", exit 2), not a usage block
     defaults_of(function)      a function's defaults: flags read theirs from the signature they
                                configure, so each is written once (--layer from build_model's `layer=15`)
-    add_runtime_flags(parser)  --device, --batch-size, --workers, the same in every script
+    add_runtime_flags(parser)  --device, --batch-size, --workers, --precision, the same in every script
     USER_ERRORS, user_error    what the user can fix is one "error: ..." line and exit code 2
 """
 import argparse
 import inspect
 import sys
+
+from runtime import PRECISIONS
 
 # The exceptions that mean "fix your input", never a bug: printed as one line, no traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, ConnectionError)
@@ -36,6 +38,8 @@ def add_runtime_flags(parser: argparse.ArgumentParser, batch_size: int = 8) -> N
     parser.add_argument("--batch-size", type=int, default=batch_size,
                         help="images per forward pass, per process (metrics stay per image)")
     parser.add_argument("--workers", type=int, default=4, help="DataLoader worker processes")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
+                        help="compute dtype: auto = bf16 where the device has native bf16, else fp32")
 
 
 def check_runtime_flags(args: argparse.Namespace) -> None:

@@ -39,7 +39,7 @@ from data import load_dataset
 from metrics import NSD_TOLERANCE, SEGMENTATION_METRICS, SURFACE_METRICS, THRESHOLD, evaluate_cases, mean_and_std
 from model import count_gmacs, count_params, set_frozen_dtype
 from pictures import heatmap_png, overlay_png, to_rgb
-from runtime import PRECISIONS, Processes, memory_format, predict, resolve_device, resolve_precision
+from runtime import Processes, memory_format, predict, resolve_device, resolve_precision
 
 # How the printed table shows each metric: (label, scale, unit); the files keep fractions and pixels unscaled.
 LABELS = {"iou": ("IoU", 100, "%"), "dice": ("Dice", 100, "%"), "f1": ("F1", 100, "%"),
@@ -233,8 +233,6 @@ def make_parser():
                    help="activation maps, concentration IoU, effective rank and LSVR before and after the LLM layer")
     p.add_argument("--maps", type=int, default=4, metavar="N", help="with --analyze: heat maps of the first N cases")
     add_runtime_flags(p)
-    p.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="compute dtype: auto = bf16 where the device has native bf16, else fp32")
     return p
 
 

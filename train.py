@@ -58,14 +58,15 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from checkpoints import keep_metrics_up_to, load_checkpoint, rebuild_model, rng_state, save_checkpoint, set_rng_state
+from checkpoints import (keep_metrics_up_to, load_checkpoint, read_run_config, rebuild_model, rng_state,
+                         save_checkpoint, set_rng_state)
 from cli import USER_ERROR_EXIT, USER_ERRORS, add_runtime_flags, check_runtime_flags, defaults_of, one_line_error_parser, user_error
 from data import DATASETS, load_dataset
 from files import write_atomically
 from llm_layer import MODES as LLM_MODES
-from metrics import SEGMENTATION_METRICS, evaluate_cases
+from metrics import SEGMENTATION_METRICS, evaluate_cases, mean_and_std
 from model import BACKBONES, DOWNSAMPLING, build_model, check_image_sides, count_params, set_frozen_dtype
-from runtime import (PRECISIONS, Processes, StopRequests, autocast, compile_mode, memory_format, rank_zero_first,
+from runtime import (Processes, StopRequests, autocast, compile_mode, memory_format, rank_zero_first,
                      resolve_device, resolve_precision, to_device)
 
 POLY_POWER = 0.9
@@ -111,8 +112,6 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=DATA_DEFAULTS["seed"],
                    help="weights, data split, data order and augmentation")
     add_runtime_flags(p)
-    p.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="compute dtype: auto = bf16 where the device has native bf16, else fp32")
     p.add_argument("--compile", default=None, action=argparse.BooleanOptionalAction,
                    help="torch.compile the training step (CUDA graphs in one process); None means on CUDA only")
     p.add_argument("--out", default=None, help="run directory; None means runs/<name from the settings>")
@@ -198,7 +197,7 @@ def bce_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def validate(net: torch.nn.Module, loader: DataLoader, device: torch.device, precision: torch.dtype) -> dict[str, float]:
     """The paper's per-image metrics averaged over every validation image."""
     rows, _ = evaluate_cases(net, loader, device, precision, surface=False)
-    return {name: math.fsum(row[name] for row in rows) / len(rows) for name in SEGMENTATION_METRICS}
+    return {name: mean_and_std(rows, name)["mean"] for name in SEGMENTATION_METRICS}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -286,7 +285,7 @@ def setup(argv: list[str] | None, processes: Processes) -> Run:
 def build_or_rebuild_model(args: argparse.Namespace) -> torch.nn.Module:
     """A resumed run's model exactly as it was built (LLM commit pinned), or a new one from the flags."""
     if args.resume:
-        return rebuild_model(json.loads((Path(args.out) / "config.json").read_text()))
+        return rebuild_model(read_run_config(Path(args.out)))
     # A local directory or .gguf is recorded by absolute path, so eval.py finds it from anywhere.
     local = Path(args.llm).expanduser()
     llm = None if args.llm == "none" else str(local.resolve()) if local.exists() else args.llm
@@ -358,7 +357,7 @@ def train(run: Run, stop: StopRequests) -> int:
         if code is not None:
             return code
         end_of_epoch(run, epoch, images_per_second)
-        stopping = max_over_ranks(run, stop.signal)
+        stopping = max_over_ranks(run, torch.tensor(stop.signal, device=run.device)).item()
         if stopping:
             print(f"stopped after epoch {epoch}; continue with: python train.py --resume {run.run_dir}")
             return 128 + int(stopping)
@@ -464,9 +463,7 @@ def step_flags_over_ranks(run: Run, loss: torch.Tensor, stop: StopRequests) -> t
     or the others wait forever in the next collective."""
     flags = torch.stack([(~torch.isfinite(loss.detach())).float(),
                          torch.tensor(float(stop.signal > 0), device=run.device)])
-    if run.processes.distributed:
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    non_finite, stopping = flags.tolist()
+    non_finite, stopping = max_over_ranks(run, flags).tolist()
     return non_finite, stopping
 
 
@@ -478,11 +475,11 @@ def mean_loss_over_ranks(run: Run) -> float:
     return (epoch_loss[0] / epoch_loss[1]).item()
 
 
-def max_over_ranks(run: Run, value: int) -> int:
-    stopping = torch.tensor(value, device=run.device)
+def max_over_ranks(run: Run, values: torch.Tensor) -> torch.Tensor:
+    """`values` (on run.device), element-wise max over every rank."""
     if run.processes.distributed:
-        dist.all_reduce(stopping, op=dist.ReduceOp.MAX)
-    return stopping.item()
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return values
 
 
 def save_last(run: Run) -> None:
