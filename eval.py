@@ -37,6 +37,7 @@ from checkpoints import load_run, read_run_config
 from cli import USER_ERRORS, add_runtime_flags, check_runtime_flags, one_line_error_parser, user_error
 from data import load_dataset
 from metrics import NSD_TOLERANCE, SEGMENTATION_METRICS, SURFACE_METRICS, THRESHOLD, evaluate_cases, mean_and_std
+from metrics import segmentation_metrics, surface_metrics  # noqa: F401  public names eval.py has always offered
 from model import count_gmacs, count_params, set_frozen_dtype
 from pictures import heatmap_png, overlay_png, to_rgb
 from runtime import Processes, memory_format, predict, resolve_device, resolve_precision

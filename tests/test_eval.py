@@ -187,3 +187,10 @@ def test_ranked_cases_takes_the_worst_and_best_once_each():
 
 def test_file_stem_makes_case_ids_file_names():
     assert ev.file_stem("benign (12)") == "benign_12_"
+
+
+def test_the_metric_functions_are_still_offered_by_eval():
+    """segmentation_metrics and surface_metrics moved to metrics.py; `from eval import ...` keeps working."""
+    import metrics
+
+    assert ev.segmentation_metrics is metrics.segmentation_metrics and ev.surface_metrics is metrics.surface_metrics
