@@ -8,8 +8,9 @@ are downloaded, adjacent tensors in one request, into a small safetensors file
     $HF_HOME/llm4seg/<org>--<name>/<commit>/model.layers.<i>.safetensors
 
 which later calls read with no network at all. Requests go through huggingface_hub's HTTP
-session, so its endpoint (HF_ENDPOINT), token and proxies apply; failures become one-line
-errors that say what to do (gated: accept the licence and log in; unreachable: connect once).
+session with its retries, so its endpoint (HF_ENDPOINT), token and proxies apply and a dropped
+connection is tried again; a body cut short, and every other failure, becomes a one-line error
+that says what to do (gated: accept the licence and log in; unreachable: connect once).
 """
 import json
 from pathlib import Path
@@ -143,13 +144,15 @@ class _HubRangeReader:
 
     def stream(self, start: int, end: int, what: str = "header", chunk_size: int = 1 << 20):
         """Yield the bytes [start, end) in chunks; raise, naming `what`, if fewer arrive."""
-        from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+        from huggingface_hub.utils import build_hf_headers, hf_raise_for_status, http_stream_backoff
 
         headers = build_hf_headers()
         headers["Range"] = f"bytes={start}-{end - 1}"
         headers["Accept-Encoding"] = "identity"
         received, interrupted = 0, None
-        with get_session().stream("GET", self.url, headers=headers, follow_redirects=True) as response:
+        # http_stream_backoff retries what fails before an answer (a dropped kept-alive connection,
+        # a timeout, HTTP 429 / 5xx); a body cut short is caught below and named.
+        with http_stream_backoff("GET", self.url, headers=headers, follow_redirects=True) as response:
             hf_raise_for_status(response)
             if response.status_code != 206:
                 raise ConnectionError(f"{self.url} ignored the byte-range request (HTTP "

@@ -2,8 +2,10 @@
 
 Serves `GET/HEAD /{org}/{name}/resolve/{revision}/{filename}` from directories registered with
 `add_repo`, with HTTP Range support and the Hub's headers (X-Repo-Commit, ETag, X-Error-Code for
-gated / missing repos and files). Every request is logged with the byte range it sent, so tests
-can prove how much of a file a client read.
+gated / missing repos and files). It fails the way a real server can, when asked to: a body cut
+short (`truncate_after`), a connection dropped before any answer (`drop_connections`); a complete
+answer keeps the connection alive, as the Hub does. Every request is logged with the byte range it
+sent, so tests can prove how much of a file a client read.
 """
 import hashlib
 import re
@@ -19,6 +21,8 @@ class Repo:
     commit: str
     gated: bool = False
     truncate_after: int | None = None   # send at most this many bytes of any response body
+    # {filename: n}: close the connection of the next n GETs of that file without answering
+    drop_connections: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -95,6 +99,11 @@ class _Handler(BaseHTTPRequestHandler):
         if not path.is_file():
             return self._error(404, "EntryNotFound", "Entry not found")
 
+        if body and repo.drop_connections.get(filename, 0) > 0:
+            repo.drop_connections[filename] -= 1
+            self.close_connection = True
+            return
+
         size = path.stat().st_size
         start, end, status = 0, size, 200
         ranged = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
@@ -112,11 +121,13 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if not body:
             return
+        promised = end
         if repo.truncate_after is not None:
             end = min(end, start + repo.truncate_after)
         with open(path, "rb") as f:
             f.seek(start)
             self.wfile.write(f.read(end - start))
         self.hub.log.append(Sent(repo_id, filename, start, end, status))
-        if repo.truncate_after is not None:
-            self.close_connection = True
+        # Only a body cut short ends the connection: closing after a complete answer would race
+        # with the client reusing the kept-alive connection for its next request.
+        self.close_connection = end < promised

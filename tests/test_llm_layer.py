@@ -315,6 +315,18 @@ def test_truncated_files_are_named(checkpoints, hub, tmp_path):
     assert not list(Path(os.environ["HF_HOME"], "llm4seg", "tiny-org--flaky-llama").rglob("*.safetensors*"))
 
 
+def test_dropped_connections_are_retried(checkpoints, hub):
+    # A server may close a kept-alive connection just as the client reuses it: the read is retried
+    # (huggingface_hub's backoff, 1 s), not reported as a failed download.
+    hub.add_repo("tiny-org/dropping-llama", checkpoints[LLAMA_REPO])
+    reference = load_layer("tiny-org/dropping-llama", 2, mode="trainable").state_dict()
+    repo = hub.add_repo("tiny-org/dropping-llama-2", checkpoints[LLAMA_REPO],
+                         drop_connections={"model.safetensors": 1})
+    layer = load_layer("tiny-org/dropping-llama-2", 2, mode="trainable")
+    assert repo.drop_connections == {"model.safetensors": 0}
+    assert all(torch.equal(layer.state_dict()[k], v) for k, v in reference.items())
+
+
 def test_bad_mode_and_layer_type():
     with pytest.raises(ValueError, match="unknown mode 'freeze'"):
         load_layer("llama3.2-1b", 15, mode="freeze")
