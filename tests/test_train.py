@@ -231,7 +231,7 @@ def test_torchrun_two_processes_on_cpu_complete_an_epoch(tiny_llm, tmp_path):
     (["--llm", "not-an-llm"], "unknown LLM 'not-an-llm'"),
     (["--layer", "3"], "layer 3 out of range"),
     (["--layer", "0"], "layer 0 out of range"),
-    (["--img-size", "100"], "--img-size: got 100x100; height and width must be positive multiples of 16 (the network pools 4 times by 2): resize or crop, e.g. to 96x96"),
+    (["--img-size", "100"], "--img-size: got 100x100; height and width must be positive multiples of 16 (the network halves them 4 times): resize or crop, e.g. to 96x96"),
 ])
 def test_bad_flags_exit_2_with_one_line_before_any_work(tiny_llm, tmp_path, capsys, flags, message):
     out = tmp_path / "never-created"
