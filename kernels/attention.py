@@ -1,12 +1,14 @@
-"""Non-causal grouped-query attention: softmax(q k^T / sqrt(d)) v per head, flash-style.
+"""Non-causal grouped-query attention: softmax(cap(c q k^T)) v per head, flash-style.
 
 q (B, Hq, T, d); k, v (B, Hkv, T, d); kv head j serves q heads j*g .. j*g+g-1, g = Hq / Hkv.
-Forward, per q head (c = 1/sqrt(d)):
-    S = c q k^T (T, T)     P = softmax_rows(S)     O = P v     L = logsumexp_rows(S)   (saved)
+c = scale (default 1/sqrt(d); Gemma-2 uses query_pre_attn_scalar^-1/2). cap is Gemma-2's logit
+soft-capping, cap(x) = softcap * tanh(x / softcap), or the identity when softcap = 0.
+Forward, per q head:
+    X = c q k^T (T, T)   S = cap(X)   P = softmax_rows(S)   O = P v   L = logsumexp_rows(S)  (saved)
 Backward (P rebuilt block by block from q, k and L; never stored):
     delta = rowsum(dO * O)                   (= rowsum(P * dP), the softmax Jacobian's shift)
-    dP = dO v^T     dS = P * (dP - delta)
-    dQ = c dS k     dK = c dS^T q     dV = P^T dO
+    dP = dO v^T     dS = P * (dP - delta)    dX = dS * cap'(X),  cap'(X) = 1 - (S / softcap)^2
+    dQ = c dX k     dK = c dX^T q     dV = P^T dO
     dK, dV of a kv head sum those of its g q heads.
 
 Triton forward: one program per (BLOCK_M query rows, q head); it streams BLOCK_N keys at a time
@@ -33,8 +35,15 @@ from kernels._dispatch import jit_once, next_power_of_2, triton_helper, use_trit
 LOG2_E = 1.4426950408889634
 
 
-def attention_reference(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    return F.scaled_dot_product_attention(q, k, v, enable_gqa=q.shape[1] != k.shape[1])
+def attention_reference(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None,
+                        softcap: float = 0.0) -> Tensor:
+    if not softcap:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, Hq, T, d)
+    scores = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)  # (B, Hq, T, T)
+    scores = softcap * torch.tanh(scores / softcap)
+    return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
 
 
 # The kernels: plain functions, wrapped by triton.jit on the first Triton call (see jit_once).
@@ -67,6 +76,30 @@ def _load_rows(head_ptr, rows, stride_t, cols, mask):
 
 
 @triton_helper
+def _logits(qk, qk_scale_log2, softcap_log2, SOFTCAP: tl.constexpr):
+    """Base-2 logits S log2(e) of a q k^T tile. Soft-capping commutes with the change of base:
+    cap tanh(x / cap) log2(e) = cap2 tanh(x log2(e) / cap2) with cap2 = cap log2(e)."""
+    s = qk * qk_scale_log2
+    if SOFTCAP:
+        # tanh(y) = (1 - e) / (1 + e) with e = exp(-2 |y|) <= 1: no overflow, and the interpreter
+        # has no libdevice tanh. Its absolute error is ~1 ulp of 1, ~6e-8.
+        y = s / softcap_log2
+        e = tl.math.exp2(-2.8853900817779268 * tl.abs(y))  # 2 log2(e)
+        tanh = (1.0 - e) / (1.0 + e)
+        s = softcap_log2 * tl.where(y < 0, -tanh, tanh)
+    return s
+
+
+@triton_helper
+def _through_cap(ds, s, softcap_log2, SOFTCAP: tl.constexpr):
+    """dS -> dX: the soft-cap's derivative 1 - tanh^2, tanh read back from the capped logits."""
+    if SOFTCAP:
+        tanh = s / softcap_log2
+        ds = ds * (1.0 - tanh * tanh)
+    return ds
+
+
+@triton_helper
 def _store_rows(head_ptr, rows, stride_t, cols, mask, values):
     tl.store(head_ptr + rows[:, None] * stride_t + cols[None, :], values.to(head_ptr.dtype.element_ty), mask=mask)
 
@@ -74,7 +107,7 @@ def _store_rows(head_ptr, rows, stride_t, cols, mask, values):
 def _forward_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
                     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                     stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
-                    Hq, T, qk_scale_log2, GROUP: tl.constexpr,
+                    Hq, T, qk_scale_log2, softcap_log2, GROUP: tl.constexpr, SOFTCAP: tl.constexpr,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     batch_head = tl.program_id(1).to(tl.int64)
     batch, q_head = batch_head // Hq, batch_head % Hq
@@ -96,7 +129,7 @@ def _forward_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
         key_tile = _tile_mask(key_in, cols, HEAD_DIM, BLOCK_D)
         k = _load_rows(k_head_ptr, keys, stride_kt, cols, key_tile)
         v = _load_rows(v_head_ptr, keys, stride_vt, cols, key_tile)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale_log2
+        s = _logits(tl.dot(q, tl.trans(k), input_precision="ieee"), qk_scale_log2, softcap_log2, SOFTCAP)
         s = tl.where(key_in[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         p = tl.math.exp2(s - m_new[:, None])
@@ -130,7 +163,7 @@ def _dk_dv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_pt
                   stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                   stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
                   stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt,
-                  Hq, Hkv, T, sm_scale, qk_scale_log2, GROUP: tl.constexpr,
+                  Hq, Hkv, T, sm_scale, qk_scale_log2, softcap_log2, GROUP: tl.constexpr, SOFTCAP: tl.constexpr,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     batch_head = tl.program_id(1).to(tl.int64)
     batch, kv_head = batch_head // Hkv, batch_head % Hkv
@@ -158,11 +191,11 @@ def _dk_dv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_pt
             lse = tl.load(lse_ptr + row_stats + rows, mask=row_in, other=0.0)
             delta = tl.load(delta_ptr + row_stats + rows, mask=row_in, other=0.0)
             # Transposed tiles (keys x queries), so dK and dV accumulate without a transpose.
-            s_t = tl.dot(k, tl.trans(q), input_precision="ieee") * qk_scale_log2
+            s_t = _logits(tl.dot(k, tl.trans(q), input_precision="ieee"), qk_scale_log2, softcap_log2, SOFTCAP)
             p_t = tl.where(row_in[None, :], tl.math.exp2(s_t - lse[None, :]), 0.0)
             dv += tl.dot(p_t.to(do.dtype), do, input_precision="ieee")
             dp_t = tl.dot(v, tl.trans(do), input_precision="ieee")
-            ds_t = p_t * (dp_t - delta[None, :])
+            ds_t = _through_cap(p_t * (dp_t - delta[None, :]), s_t, softcap_log2, SOFTCAP)
             dk += tl.dot(ds_t.to(q.dtype), q, input_precision="ieee")
     dk_head_ptr = _head(dk_ptr, batch, kv_head, stride_dkb, stride_dkh)
     dv_head_ptr = _head(dv_ptr, batch, kv_head, stride_dvb, stride_dvh)
@@ -174,7 +207,7 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
                stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
                stride_dqb, stride_dqh, stride_dqt,
-               Hq, T, sm_scale, qk_scale_log2, GROUP: tl.constexpr,
+               Hq, T, sm_scale, qk_scale_log2, softcap_log2, GROUP: tl.constexpr, SOFTCAP: tl.constexpr,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     batch_head = tl.program_id(1).to(tl.int64)
     batch, q_head = batch_head // Hq, batch_head % Hq
@@ -198,10 +231,10 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
         key_tile = _tile_mask(key_in, cols, HEAD_DIM, BLOCK_D)
         k = _load_rows(k_head_ptr, keys, stride_kt, cols, key_tile)
         v = _load_rows(v_head_ptr, keys, stride_vt, cols, key_tile)
-        s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale_log2
+        s = _logits(tl.dot(q, tl.trans(k), input_precision="ieee"), qk_scale_log2, softcap_log2, SOFTCAP)
         p = tl.where(key_in[None, :], tl.math.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision="ieee")
-        ds = p * (dp - delta[:, None])
+        ds = _through_cap(p * (dp - delta[:, None]), s, softcap_log2, SOFTCAP)
         dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
     dq_head_ptr = _head(dq_ptr, batch, q_head, stride_dqb, stride_dqh)
     _store_rows(dq_head_ptr, rows, stride_dqt, cols, row_tile, dq * sm_scale)
@@ -227,14 +260,15 @@ def _launch_config(head_dim: int, T: int, float32: bool = False) -> dict:
     does not compute 64-wide padding.
     float32 inputs (parity tests, --precision fp32) hold twice the bytes per tile: 64-row tiles with
     3 stages needed 180,480 B of shared memory at d = 128 (over an A100's 166,912) and spilled up to
-    7.4 kB per thread, so they use 32-row tiles and 2 stages (warps as above). Measured with
+    7.4 kB per thread, so they use 32-row tiles and 2 stages (warps as above), and 16-row tiles at
+    d = 256 (Gemma-2), where 32 rows spilled 8.2 kB per thread in dK/dV on sm_80. Measured with
     tests/kernel_resources.py: the figures are asserted by tests/test_kernels_compile.py.
     """
     fit = max(16, next_power_of_2(T))
     block_d = next_power_of_2(head_dim)
     warps = 4 if block_d <= 64 else 8
     if float32:
-        block = step = min(32, fit)
+        block = step = min(32 if block_d <= 128 else 16, fit)
         return dict(
             forward=dict(BLOCK_D=block_d, BLOCK_M=block, BLOCK_N=block, num_warps=warps, num_stages=2),
             delta=dict(BLOCK_D=block_d, BLOCK_M=block),
@@ -267,7 +301,7 @@ def _last_dim_contiguous(t: Tensor) -> Tensor:
 # caller's transpose(1, 2).reshape(B, T, Hq * d) of o is then a view, not a copy (the same for dq).
 
 @torch.library.custom_op("llm4seg::attention_forward", mutates_args=())
-def _forward(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+def _forward(q: Tensor, k: Tensor, v: Tensor, scale: float, softcap: float) -> tuple[Tensor, Tensor]:
     """q (B, Hq, T, d), k, v (B, Hkv, T, d) -> o (B, Hq, T, d), lse (B, Hq, T) float32 in base 2."""
     forward_kernel, *_ = _kernels()
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
@@ -275,28 +309,29 @@ def _forward(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     config = _launch_config(d, T, q.dtype == torch.float32)["forward"]
     o = torch.empty_like(q)
     lse = torch.empty((B, Hq, T), dtype=torch.float32, device=q.device)
-    sm_scale = 1.0 / math.sqrt(d)
     grid = (-(-T // config["BLOCK_M"]), B * Hq)
     forward_kernel[grid](q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-                         Hq, T, sm_scale * LOG2_E, GROUP=Hq // k.shape[1], HEAD_DIM=d, **config)
+                         Hq, T, scale * LOG2_E, softcap * LOG2_E, GROUP=Hq // k.shape[1], SOFTCAP=softcap > 0,
+                         HEAD_DIM=d, **config)
     return o, lse
 
 
 @_forward.register_fake
-def _(q, k, v):
+def _(q, k, v, scale, softcap):
     B, Hq, T, _ = q.shape
     return torch.empty_like(_last_dim_contiguous(q)), q.new_empty((B, Hq, T), dtype=torch.float32)
 
 
 @torch.library.custom_op("llm4seg::attention_backward", mutates_args=())
-def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, scale: float,
+              softcap: float) -> tuple[Tensor, Tensor, Tensor]:
     """-> dq, dk, dv, each in its input's shape and layout."""
     _, delta_kernel, dk_dv_kernel, dq_kernel = _kernels()
     q, k, v, do = (_last_dim_contiguous(t) for t in (q, k, v, do))
     B, Hq, T, d = q.shape
     Hkv = k.shape[1]
     config = _launch_config(d, T, q.dtype == torch.float32)
-    sm_scale = 1.0 / math.sqrt(d)
+    scores = dict(GROUP=Hq // Hkv, SOFTCAP=softcap > 0, HEAD_DIM=d)  # constexprs of both gradient kernels
     delta = torch.empty_like(lse)
     block_m = config["dq"]["BLOCK_M"]
     delta_kernel[(-(-T // block_m), B * Hq)](o, do, delta, *_strides(o), *_strides(do), Hq, T,
@@ -305,44 +340,48 @@ def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tenso
     dv = torch.empty_like(v)
     dk_dv_kernel[(-(-T // config["dk_dv"]["BLOCK_N"]), B * Hkv)](
         q, k, v, do, lse, delta, dk, dv, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
-        *_strides(dk), *_strides(dv), Hq, Hkv, T, sm_scale, sm_scale * LOG2_E,
-        GROUP=Hq // Hkv, HEAD_DIM=d, **config["dk_dv"])
+        *_strides(dk), *_strides(dv), Hq, Hkv, T, scale, scale * LOG2_E, softcap * LOG2_E,
+        **scores, **config["dk_dv"])
     dq = torch.empty_like(q)
     dq_kernel[(-(-T // block_m), B * Hq)](
         q, k, v, do, lse, delta, dq, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
-        *_strides(dq), Hq, T, sm_scale, sm_scale * LOG2_E, GROUP=Hq // Hkv, HEAD_DIM=d, **config["dq"])
+        *_strides(dq), Hq, T, scale, scale * LOG2_E, softcap * LOG2_E, **scores, **config["dq"])
     return dq, dk, dv
 
 
 @_backward.register_fake
-def _(do, q, k, v, o, lse):
+def _(do, q, k, v, o, lse, scale, softcap):
     return tuple(torch.empty_like(_last_dim_contiguous(t)) for t in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs, *output)
+    q, k, v, ctx.scale, ctx.softcap = inputs
+    ctx.save_for_backward(q, k, v, *output)
 
 
 def _autograd_backward(ctx, do, _dlse):
-    return _backward(do, *ctx.saved_tensors)
+    return *_backward(do, *ctx.saved_tensors, ctx.scale, ctx.softcap), None, None  # none for scale, softcap
 
 
 _forward.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """q (B, Hq, T, d), k/v (B, Hkv, T, d) with Hq % Hkv == 0 -> (B, Hq, T, d)."""
+def attention(q: Tensor, k: Tensor, v: Tensor, *, scale: float | None = None, softcap: float = 0.0) -> Tensor:
+    """q (B, Hq, T, d), k/v (B, Hkv, T, d) with Hq % Hkv == 0 -> (B, Hq, T, d). scale: of q k^T,
+    None = 1/sqrt(d); softcap > 0 caps the scaled logits to (-softcap, softcap) (Gemma-2), 0 = off."""
     if q.dim() != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
         raise ValueError(f"attention: expected q (B, Hq, T, d) and k, v (B, Hkv, T, d), got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if q.shape[1] % k.shape[1] != 0:
         raise ValueError(f"attention: expected Hq a multiple of Hkv, got Hq={q.shape[1]}, Hkv={k.shape[1]}")
+    if softcap < 0:
+        raise ValueError(f"attention: expected softcap >= 0 (0 = no soft-capping), got {softcap}")
     if not use_triton(q):
-        return attention_reference(q, k, v)
+        return attention_reference(q, k, v, scale=scale, softcap=softcap)
     d = q.shape[-1]
     if d % 16 or not 16 <= d <= 256:
         raise ValueError(f"attention: the Triton kernel expects head_dim a multiple of 16 from 16 to 256, got {d} "
                          "(tl.dot needs sides of 16 or more); set LLM4SEG_KERNELS=torch to use the PyTorch reference")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"attention: expected q, k, v of one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    return _forward(q, k, v)[0]
+    return _forward(q, k, v, 1.0 / math.sqrt(d) if scale is None else float(scale), float(softcap))[0]

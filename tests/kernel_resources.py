@@ -7,7 +7,8 @@ run, and cuobjdump (shipped in triton's wheel) reports its registers per thread 
 thread (STACK) and the shared memory it needs. Each launch configuration comes from the kernel's own
 _launch_config, the function its dispatcher calls, so what is checked is what would launch. The
 shapes are the paper's two LLMs' (Llama-3.2-1B: D 2048, I 8192, 32/8 heads, d 64; DeepSeek-R1-Qwen-1.5B:
-D 1536, I 8960, 12/2 heads, d 128) at T = 256, in bf16 and fp32, for sm_80 (A100) and sm_90 (H100).
+D 1536, I 8960, 12/2 heads, d 128) and Gemma-2-9B's soft-capped attention (16/8 heads, d 256) at T = 256,
+in bf16 and fp32, for sm_80 (A100) and sm_90 (H100).
 Must run where TRITON_INTERPRET is unset (tests/test_kernels_compile.py starts it in a subprocess).
 """
 import importlib
@@ -38,7 +39,7 @@ def signature(kernel, dtype: str) -> dict:
             types[param.name] = "constexpr"
         elif param.name.endswith("_ptr"):
             types[param.name] = "*fp32" if param.name in FLOAT32_BUFFERS else f"*{dtype}"
-        elif param.name in ("eps", "qk_scale_log2", "sm_scale"):
+        elif param.name in ("eps", "qk_scale_log2", "sm_scale", "softcap_log2"):
             types[param.name] = "fp32"
         else:
             types[param.name] = "i32"
@@ -64,8 +65,9 @@ def launches():
     rms_norm = importlib.import_module("kernels.rms_norm")
     swiglu = importlib.import_module("kernels.swiglu")
     forward, delta, dk_dv, dq = attention._kernels()
-    for (label, head_dim, group), dtype in itertools.product(
-            (("llama3.2-1b d64 g4", 64, 4), ("deepseek d128 g6", 128, 6)), DTYPES):
+    for (label, head_dim, group, softcap), dtype in itertools.product(
+            (("llama3.2-1b d64 g4", 64, 4, False), ("deepseek d128 g6", 128, 6, False),
+             ("gemma2-9b d256 g2 softcap", 256, 2, True)), DTYPES):
         config = attention._launch_config(head_dim, 256, float32=dtype == "fp32")
         for name, kernel, part in (("attention forward", forward, "forward"), ("attention delta", delta, "delta"),
                                    ("attention dK/dV", dk_dv, "dk_dv"), ("attention dQ", dq, "dq")):
@@ -74,6 +76,8 @@ def launches():
             constexprs["HEAD_DIM"] = head_dim
             if "GROUP" in kernel.arg_names:
                 constexprs["GROUP"] = group
+            if "SOFTCAP" in kernel.arg_names:
+                constexprs["SOFTCAP"] = softcap
             yield name, kernel, label, constexprs, options, (dtype,)
     rms_forward, rms_backward = rms_norm._kernels()
     for width in (2048, 1536):

@@ -173,6 +173,31 @@ def test_attention_low_precision_matches_float32_reference(triton_path, dtype, B
         assert_close(actual, expected, ATTENTION_TOLERANCE[dtype]["grad"])
 
 
+# Gemma-2: a scale other than 1/sqrt(d) and soft-capped logits. A cap of 2 on logits of std ~2.4
+# (scale 0.3, d = 64) binds often, so tanh and its derivative are exercised, not just the identity.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("B, Hq, Hkv, T, d", [(2, 4, 2, 17, 64), (1, 2, 1, 33, 256)])  # d 256: Gemma-2-9B's
+def test_attention_with_scale_and_softcap_matches_reference(triton_path, dtype, B, Hq, Hkv, T, d):
+    options = dict(scale=0.3 * 8 / d ** 0.5, softcap=2.0)
+    inputs = qkv(B, Hq, Hkv, T, d, dtype, heads_last=True)
+    out, grads = forward_backward(lambda q, k, v: kernels.attention(q, k, v, **options), inputs)
+    reference_inputs = [t.detach().float().requires_grad_() for t in inputs]
+    ref, grads_ref = forward_backward(lambda q, k, v: attention_reference(q, k, v, **options), reference_inputs)
+    assert ran_triton(out)
+    uncapped = attention_reference(*reference_inputs, scale=options["scale"])
+    assert (ref.cpu() - uncapped).abs().max() > 0.05  # the cap changes the result
+    tolerance = {"output": TOLERANCE[dtype], "grad": TOLERANCE[dtype]} if dtype == torch.float32 else ATTENTION_TOLERANCE[dtype]
+    assert_close(out, ref, tolerance["output"])
+    for actual, expected in zip(grads, grads_ref):
+        assert_close(actual, expected, tolerance["grad"])
+
+
+def test_attention_refuses_a_negative_softcap():
+    q = torch.randn(1, 2, 5, 16)
+    with pytest.raises(ValueError, match="expected softcap >= 0"):
+        kernels.attention(q, q, q, softcap=-1.0)
+
+
 @pytest.mark.parametrize("d", [8, 72, 272])
 def test_attention_rejects_head_dim_the_kernel_cannot_tile(triton_path, d):
     q = torch.randn(1, 2, 5, d, device=DEVICE)
