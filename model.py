@@ -18,7 +18,7 @@ and the two adapters train: the bridge adds C*D + D + D*C + C trainable paramete
 from MedVisionLlama, both off by default: residual=True computes x + layer(x); lora_rank=r adds
 W + B A (alpha = r, so scale alpha / r = 1) to the frozen q_proj and v_proj, with A (r, in) and
 B (out, r); B starts at zero so training starts from the pre-trained layer.
-A frozen layer's weights are left out of state_dict (llm_layer.DecoderLayer drops them; LoRA's A, B
+A frozen layer's weights are left out of state_dict (llm_layer.PretrainedLayer drops them; LoRA's A, B
 stay): they come back from the LLM checkpoint named in `model.config`, which holds everything
 `build_model(**asdict(model.config))` needs.
 
@@ -186,10 +186,12 @@ class LoRALinear(nn.Module):
 
 
 def add_lora(layer: nn.Module, rank: int) -> None:
-    """LoRA on q_proj and v_proj, the projections MedVisionLlama and the LoRA paper adapt."""
-    attention = layer.self_attn
-    attention.q_proj = LoRALinear(attention.q_proj, rank)
-    attention.v_proj = LoRALinear(attention.v_proj, rank)
+    """LoRA on the query and value projections (the layer's LORA_TARGETS: q_proj and v_proj, or
+    BERT's query and value), the projections MedVisionLlama and the LoRA paper adapt."""
+    for name in layer.LORA_TARGETS:
+        parent_name, _, attribute = name.rpartition(".")
+        parent = layer.get_submodule(parent_name)
+        setattr(parent, attribute, LoRALinear(getattr(parent, attribute), rank))
 
 
 # ----------------------------------------------------------------------------- shared conv blocks

@@ -3,7 +3,7 @@
 LLM4Seg places a single frozen decoder layer of an LLM between a CNN encoder and decoder.
 `load_layer(llm, layer)` returns it as a torch module; read the package in this order:
 
-    layers.py            the layer: its equations, LayerConfig, DecoderLayer, LAYER_CLASSES
+    layers.py            the layer: its equations, LayerConfig, one class per family, LAYER_CLASSES
                          (config.json's model_type -> the class running that family)
     __init__.py (here)   load_layer: which source `llm` names, and the offline fallback
     hub.py               a Hub repo: only the layer's byte ranges, cached under $HF_HOME/llm4seg/
@@ -26,16 +26,24 @@ import torch
 
 from llm_layer.gguf_file import from_gguf
 from llm_layer.hub import from_hub
-from llm_layer.layers import (LAYER_CLASSES, MODES, DecoderLayer, LayerConfig, build_layer,
+from llm_layer.layers import (LAYER_CLASSES, MODES, DecoderLayer, LayerConfig, PretrainedLayer, build_layer,
                               init_random_)
 from llm_layer.safetensors_file import from_directory
 
-__all__ = ["ALIASES", "LAYER_CLASSES", "MODES", "DecoderLayer", "LayerConfig", "init_random_", "load_layer"]
+__all__ = ["ALIASES", "LAYER_CLASSES", "MODES", "DecoderLayer", "LayerConfig", "PretrainedLayer", "init_random_",
+           "load_layer"]
 
-ALIASES = {
+ALIASES = {  # the LLMs of both papers; README.md lists their layer counts and widths
     "llama3.2-1b": "meta-llama/Llama-3.2-1B",
     "llama3.1-8b": "meta-llama/Llama-3.1-8B",
     "deepseek-r1-qwen-1.5b": "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B",
+    "gemma2-9b": "google/gemma-2-9b",
+    "mistral-7b": "mistralai/Mistral-7B-v0.1",
+    "qwen2-7b": "Qwen/Qwen2-7B",
+    "yi1.5-9b": "01-ai/Yi-1.5-9B",
+    "biogpt": "microsoft/biogpt",
+    "biobert": "dmis-lab/biobert-v1.1",
+    "clinicalbert": "emilyalsentzer/Bio_ClinicalBERT",
     "qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B",
     "smollm2-135m": "HuggingFaceTB/SmolLM2-135M",
     "smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct",
@@ -47,7 +55,7 @@ BUNDLED_GGUF = {
 
 
 def load_layer(llm: str, layer: int, *, mode: str = "frozen", dtype: torch.dtype | None = None,
-               revision: str | None = None) -> DecoderLayer:
+               revision: str | None = None) -> PretrainedLayer:
     """The paper's `layer`-th (1-based) decoder layer of `llm`: an alias, a Hub repo id, a local
     model directory or a .gguf file. An alias whose repo cannot be reached or found in the cache
     falls back to a GGUF an installed package ships (BUNDLED_GGUF), saying so on stderr.

@@ -16,7 +16,8 @@ import json
 from pathlib import Path
 
 from llm_layer.layers import LayerConfig
-from llm_layer.safetensors_file import TensorEntry, check_entries, layer_entries, parse_header, read_layer_files
+from llm_layer.safetensors_file import (TensorEntry, check_entries, layer_entries, parse_header, pickled_only,
+                                        read_layer_files)
 from files import write_atomically
 
 
@@ -72,12 +73,13 @@ def _hub_download(repo: str, filename: str, revision: str | None) -> str:
 
 
 def _fetch_layer(repo: str, commit: str, config: LayerConfig, destination: Path) -> None:
-    """Download only `model.layers.{i}.*` into a new safetensors file at `destination`."""
+    """Download only the layer's tensors (`model.layers.{i}.*`, ...) into a new safetensors file at `destination`."""
+    from huggingface_hub import file_exists
     from huggingface_hub.errors import EntryNotFoundError
 
     try:
         index = json.loads(Path(_hub_download(repo, "model.safetensors.index.json", commit)).read_text())
-        files = sorted({f for n, f in index["weight_map"].items() if n.startswith(config.prefix)})
+        files = sorted({f for n, f in index["weight_map"].items() if n.startswith(config.prefixes)})
     except EntryNotFoundError:
         files = ["model.safetensors"]
     if not files:
@@ -86,7 +88,12 @@ def _fetch_layer(repo: str, commit: str, config: LayerConfig, destination: Path)
     entries = {}
     for filename in files:
         reader = _HubRangeReader(repo, commit, filename)
-        header_len, header = parse_header(reader.read)
+        try:
+            header_len, header = parse_header(reader.read)
+        except EntryNotFoundError:
+            if file_exists(repo, "pytorch_model.bin", revision=commit):
+                raise pickled_only(repo) from None
+            raise
         entries.update(layer_entries(header, header_len, config, filename))
     check_entries(entries, config, f"{repo}@{commit[:10]}")
     _write_layer_file(entries, destination, repo, commit, config)

@@ -45,12 +45,24 @@ def from_directory(root: Path, layer: int, need_weights: bool):
     index_file = root / "model.safetensors.index.json"
     if index_file.is_file():
         weight_map = json.loads(index_file.read_text())["weight_map"]
-        files = sorted({root / f for n, f in weight_map.items() if n.startswith(config.prefix)})
+        files = sorted({root / f for n, f in weight_map.items() if n.startswith(config.prefixes)})
     else:
         files = sorted(root.glob("*.safetensors"))
+    if not files and any(root.glob("pytorch_model*.bin")):
+        raise pickled_only(str(root))
     if not files:
-        raise FileNotFoundError(f"no *.safetensors holding model.layers.{config.index} in {root}")
+        raise FileNotFoundError(f"no *.safetensors holding {config.prefix[:-1]} in {root}")
     return config, read_layer_files(files, config, root)
+
+
+def pickled_only(llm: str) -> ValueError:
+    """The error for a model that ships only pytorch_model.bin: unpickling can run code, so it is never
+    done here; transformers converts it once."""
+    return ValueError(
+        f"{llm} ships only pickled weights (pytorch_model.bin), which this project never loads (unpickling "
+        f"can run code). Convert once with transformers: python -c \"from transformers import AutoModel; "
+        f"AutoModel.from_pretrained('{llm}').save_pretrained('DIR')\" (it writes model.safetensors), then "
+        f"pass DIR as the LLM; or pick a Hub revision that has model.safetensors (--revision)")
 
 
 def read_layer_files(files: list[Path], config: LayerConfig, where) -> dict[str, Tensor]:
@@ -93,14 +105,15 @@ def parse_header(read) -> tuple[int, dict]:
 
 def layer_entries(header: dict, header_len: int, config: LayerConfig, file) -> dict[str, TensorEntry]:
     """The header's tensors of this layer, by module name, with absolute byte offsets."""
-    prefix, entries = config.prefix, {}
+    entries = {}
     for full_name, info in header.items():
-        if not full_name.startswith(prefix) or "rotary_emb" in full_name:
+        prefix = next((p for p in config.prefixes if full_name.startswith(p)), None)
+        if prefix is None or "rotary_emb" in full_name:
             continue  # other layers; old checkpoints also stored RoPE's inv_freq buffer, unused here
+        name = full_name[len(prefix):]
         start, end = info["data_offsets"]
-        entries[full_name[len(prefix):]] = TensorEntry(
-            full_name[len(prefix):], info["dtype"], tuple(info["shape"]), file,
-            8 + header_len + start, 8 + header_len + end)
+        entries[name] = TensorEntry(name, info["dtype"], tuple(info["shape"]), file,
+                                    8 + header_len + start, 8 + header_len + end)
     return entries
 
 

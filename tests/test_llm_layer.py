@@ -103,7 +103,7 @@ def test_config_read_from_the_checkpoint(checkpoints):
     cfg = load_layer(QWEN2_REPO, 28 - 4, mode="random").config
     assert (cfg.model_type, cfg.hidden_size, cfg.intermediate_size) == ("qwen2", 96, 136)
     assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (6, 1, 16)
-    assert (cfg.rms_norm_eps, cfg.attention_bias, cfg.o_proj_bias) == (1e-6, True, False)
+    assert (cfg.norm_eps, cfg.attention_bias, cfg.o_proj_bias) == (1e-6, True, False)
     assert (cfg.layer, cfg.index, cfg.repo, cfg.num_hidden_layers) == (24, 23, QWEN2_REPO, NUM_LAYERS)
     assert len(cfg.commit) == 40
 
@@ -405,7 +405,7 @@ def test_gguf_layer_is_dequantised_and_unpermuted(gguf_checkpoint):
     path, expected = gguf_checkpoint
     layer = load_layer(str(path), 2)
     cfg = layer.config
-    assert (cfg.model_type, cfg.hidden_size, cfg.num_hidden_layers, cfg.rms_norm_eps) == ("llama", 64, 3, 1e-5)
+    assert (cfg.model_type, cfg.hidden_size, cfg.num_hidden_layers, cfg.norm_eps) == ("llama", 64, 3, 1e-5)
     params = dict(layer.named_parameters())
     assert set(params) == set(expected[2])
     for name, weight in expected[2].items():
