@@ -15,8 +15,9 @@ and evaluates the split the run's data settings define, writing into RUN_DIR/eva
                     Table 1: trainable and frozen parameters, G MACs of one (1, 3, S, S) forward at
                     the run's image size S (model.count_gmacs)
     per_image.csv   one row per case: every metric (and with --analyze the analysis values)
-    samples/        --samples N: worst-01_<case>.png .. and best-01_<case>.png .., ranked by IoU,
-                    the image with the true (green) and predicted (red) contours
+    samples/        --samples N: worst-01_<case>.png .. and best-01_<case>.png .., ranked by IoU, each a
+                    panel: the image with the true (green) and predicted (red) contours | truth |
+                    prediction | errors (red: false positive, blue: missed), enlarged to >= 256 px
     analysis.json   --analyze: concentration IoU, effective rank and LSVR before / after the layer
     activations/    --analyze: <case>_before.png, <case>_after.png heat maps of the first --maps cases
 The formulas and their empty-case conventions are in metrics.py (per image, pooled, HD95, NSD) and
@@ -39,7 +40,7 @@ from data import load_dataset
 from metrics import NSD_TOLERANCE, SEGMENTATION_METRICS, SURFACE_METRICS, THRESHOLD, evaluate_cases, mean_and_std
 from metrics import segmentation_metrics, surface_metrics  # noqa: F401  public names eval.py has always offered
 from model import count_gmacs, count_params, set_frozen_dtype
-from pictures import heatmap_png, overlay_png, to_rgb
+from pictures import heatmap_png, panel_png, to_rgb
 from runtime import Processes, memory_format, predict, resolve_device, resolve_precision
 
 # How the printed table shows each metric: (label, scale, unit); the files keep fractions and pixels unscaled.
@@ -163,7 +164,7 @@ def clean_folder(folder: Path) -> Path:
 @torch.no_grad()
 def write_samples(net, dataset, rows: list[dict], count: int, device: torch.device, precision: torch.dtype,
                   folder: Path) -> list[Path]:
-    """Overlay PNGs of the ranked cases; each is predicted again alone (BatchNorm in eval mode makes that
+    """Panel PNGs of the ranked cases; each is predicted again alone (BatchNorm in eval mode makes that
     the same prediction), so no prediction of the whole split is kept in memory."""
     paths = []
     for label, index in ranked_cases(rows, count):
@@ -171,7 +172,7 @@ def write_samples(net, dataset, rows: list[dict], count: int, device: torch.devi
         assert item["name"] == rows[index]["case"], "the loader must keep the dataset's order"
         probability = torch.sigmoid(predict(net, item["image"][None], device, precision))[0, 0]  # (S, S)
         paths.append(folder / f"{label}_{file_stem(item['name'])}.png")
-        overlay_png(to_rgb(item["image"]), item["mask"][0], probability, paths[-1])
+        panel_png(to_rgb(item["image"]), item["mask"][0], probability, paths[-1])
     return paths
 
 

@@ -1,11 +1,18 @@
-"""Pictures people would rather look at than read: segmentation overlays and activation heat maps (Pillow).
+"""Pictures people would rather look at than read: overlays, panels, heat maps (Pillow), training curves.
 
     overlay_png(image, gt_mask, pred_mask, path)   the image with the true contour (green) and the
                                                    predicted one (red); contours as metrics.mask_boundary
+    panel_png(image, gt_mask, pred_mask, path)     side by side: the overlay | truth | prediction | errors
+                                                   (white: both, red: predicted only, blue: missed)
     heatmap_png(image, activation, path)           a jet heat map of activation (H, W) in [0, 1] blended
                                                    over the image: the paper's Fig. 2(a)
+    curves_png(epochs, path)                       train loss, validation IoU / Dice and lr against the
+                                                   epoch, from metrics.jsonl's lines (matplotlib, Agg)
     to_rgb(image)                                  a data.py item's normalised (3, H, W) image -> (H, W, 3) uint8
 Images are (H, W, 3) or (H, W) uint8 arrays or tensors; masks and maps are (H, W), at the image's size.
+Pictures are enlarged to at least MIN_SIDE pixels on their long side (a 64 px image is hard to see):
+the image bilinearly, masks and maps by nearest neighbour, so no mask gains a value it did not have;
+contours are drawn at the enlarged size.
 """
 import numpy as np
 import torch
@@ -17,6 +24,8 @@ from metrics import THRESHOLD, mask_boundary
 
 GT_COLOUR = (0, 255, 0)
 PRED_COLOUR = (255, 0, 0)
+MISSED_COLOUR = (0, 96, 255)
+MIN_SIDE = 256
 
 
 def to_rgb(image: Tensor) -> np.ndarray:
@@ -50,21 +59,97 @@ def jet_colours(values: np.ndarray) -> np.ndarray:
     return (np.clip(1.5 - np.abs(x - centres), 0.0, 1.0) * 255).round().astype(np.uint8)
 
 
+def enlarged_size(height: int, width: int, min_side: int = MIN_SIDE) -> tuple[int, int]:
+    """(H, W) scaled by the smallest integer factor that makes the long side >= min_side (1 if it is)."""
+    factor = max(1, -(-min_side // max(height, width)))
+    return height * factor, width * factor
+
+
+def _enlarge_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    return image if image.shape[:2] == size else np.asarray(
+        Image.fromarray(image).resize(size[::-1], Image.Resampling.BILINEAR))
+
+
+def _enlarge_map(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Nearest neighbour: each value repeated over the block it became."""
+    factor = size[0] // values.shape[0]
+    return values.repeat(factor, axis=0).repeat(factor, axis=1)
+
+
+def _masks(image: np.ndarray, *masks) -> list[np.ndarray]:
+    """Each mask (H, W) thresholded to bool, checked against the image's size."""
+    binary = []
+    for mask in masks:
+        mask = _numpy(mask) > THRESHOLD
+        _check_same_size(image, mask, "mask")
+        binary.append(mask)
+    return binary
+
+
 def heatmap_png(image, activation, path, opacity: float = 0.5) -> None:
     """Write `activation` (H, W) in [0, 1] as a jet heat map blended over `image` (H, W, 3) uint8 to `path`."""
     image, activation = _rgb_image(image), _numpy(activation)
     _check_same_size(image, activation, "activation map (upsample_map it first)")
-    blended = (1 - opacity) * image + opacity * jet_colours(activation)
+    size = enlarged_size(*image.shape[:2])
+    blended = (1 - opacity) * _enlarge_image(image, size) + opacity * jet_colours(_enlarge_map(activation, size))
     Image.fromarray(blended.round().astype(np.uint8)).save(path)
+
+
+def _contours(image: np.ndarray, gt: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """The image with the true (green) and predicted (red, on top) contours, all at the image's size."""
+    image = image.copy()
+    for mask, colour in ((gt, GT_COLOUR), (pred, PRED_COLOUR)):
+        image[_numpy(mask_boundary(torch.from_numpy(mask)))] = colour
+    return image
 
 
 def overlay_png(image, gt_mask, pred_mask, path) -> None:
     """Write `image` (H, W, 3) uint8 with the contours of gt_mask (green) and pred_mask (red), (H, W), to `path`.
     Where the contours coincide the prediction's red is drawn on top."""
-    image = _rgb_image(image).copy()
-    for mask, colour in ((gt_mask, GT_COLOUR), (pred_mask, PRED_COLOUR)):
-        mask = _numpy(mask) > THRESHOLD
-        _check_same_size(image, mask, "mask")
-        image[_numpy(mask_boundary(torch.from_numpy(mask)))] = colour
-    Image.fromarray(image).save(path)
+    image = _rgb_image(image)
+    gt, pred = _masks(image, gt_mask, pred_mask)
+    size = enlarged_size(*image.shape[:2])
+    Image.fromarray(_contours(_enlarge_image(image, size), _enlarge_map(gt, size), _enlarge_map(pred, size))).save(path)
+
+
+def panel_png(image, gt_mask, pred_mask, path, gap: int = 4) -> None:
+    """Write overlay | truth | prediction | errors side by side to `path`, each panel enlarged alike.
+    Errors: white where both say foreground, red predicted only (false positive), blue missed (false negative)."""
+    image = _rgb_image(image)
+    gt, pred = _masks(image, gt_mask, pred_mask)
+    size = enlarged_size(*image.shape[:2])
+    gt, pred = _enlarge_map(gt, size), _enlarge_map(pred, size)
+    white = np.array([255, 255, 255], dtype=np.uint8)
+    errors = np.zeros((*size, 3), dtype=np.uint8)
+    errors[gt & pred], errors[pred & ~gt], errors[gt & ~pred] = white, PRED_COLOUR, MISSED_COLOUR
+    panels = [_contours(_enlarge_image(image, size), gt, pred), np.where(gt[..., None], white, 0).astype(np.uint8),
+              np.where(pred[..., None], white, 0).astype(np.uint8), errors]
+    spacer = np.full((size[0], gap, 3), 128, dtype=np.uint8)
+    row = np.concatenate([part for panel in panels for part in (panel, spacer)][:-1], axis=1)  # (H, 4W + 3 gap, 3)
+    Image.fromarray(row).save(path)
+
+
+def curves_png(epochs: list[dict], path) -> None:
+    """Training curves from metrics.jsonl's lines: train loss and validation IoU / Dice (top), lr (bottom)."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    x = [line["epoch"] for line in epochs]
+    figure, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5), sharex=True, height_ratios=(3, 1))
+    top.plot(x, [line["train_loss"] for line in epochs], color="tab:blue", label="train loss", marker=".")
+    top.set_ylabel("train loss")
+    scores = top.twinx()
+    for key, colour in (("val_iou", "tab:green"), ("val_dice", "tab:orange")):
+        scores.plot(x, [line[key] for line in epochs], color=colour, label=key.replace("_", " "), marker=".")
+    scores.set_ylabel("validation")
+    scores.set_ylim(0, 1)
+    top.legend(handles=top.get_lines() + scores.get_lines(), loc="center right")
+    top.set_title(f"best val IoU {max(line['val_iou'] for line in epochs):.4f}")
+    bottom.plot(x, [line["lr"] for line in epochs], color="tab:gray", marker=".")
+    bottom.set_ylabel("lr")
+    bottom.set_xlabel("epoch")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100, format="png")  # explicit: `path` may be a temporary name
+    plt.close(figure)
 

@@ -24,6 +24,7 @@ Run directory (--out, default runs/<data>_<backbone>_<llm>-L<layer>-<mode>_seed<
     config.json        the resolved settings, the model config build_model needs and the LLM layer's
                        source and commit (a frozen layer is not in any checkpoint; it is fetched again)
     metrics.jsonl      one line per epoch: train loss, images/s, lr, validation metrics
+    curves.png         train loss, validation IoU / Dice and lr against the epoch, redrawn each epoch
     last.safetensors   model state_dict ("model.*") and SGD momentum buffers ("optimizer.*")
     last.json          epoch, step, best IoU, optimizer settings, every rank's RNG states
     best.safetensors   model state_dict at the best validation IoU, with best.json
@@ -63,9 +64,9 @@ from checkpoints import (keep_metrics_up_to, load_checkpoint, read_run_config, r
 from cli import USER_ERROR_EXIT, USER_ERRORS, add_runtime_flags, check_runtime_flags, defaults_of, one_line_error_parser, user_error
 from data import DATASETS, load_dataset
 from files import write_atomically
-from llm_layer import MODES as LLM_MODES
 from metrics import SEGMENTATION_METRICS, evaluate_cases, mean_and_std
-from model import BACKBONES, DOWNSAMPLING, build_model, check_image_sides, count_params, set_frozen_dtype
+from model import BACKBONES, DOWNSAMPLING, MODES, build_model, check_image_sides, count_params, set_frozen_dtype
+from pictures import curves_png
 from runtime import (Processes, StopRequests, autocast, compile_mode, memory_format, rank_zero_first,
                      resolve_device, resolve_precision, to_device)
 
@@ -98,8 +99,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="alias, Hub repo id or local directory; 'none' for the plain backbone")
     p.add_argument("--layer", type=int, default=MODEL_DEFAULTS["layer"],
                    help="the paper's 1-based layer number")
-    p.add_argument("--mode", default=MODEL_DEFAULTS["mode"], choices=LLM_MODES,
-                   help="frozen (paper), trainable ('(T)') or random ('+Transformer')")
+    p.add_argument("--mode", default=MODEL_DEFAULTS["mode"], choices=MODES,
+                   help="frozen (paper), trainable ('(T)'), random ('+Transformer') or none (the plain backbone)")
     p.add_argument("--lora-rank", type=int, default=MODEL_DEFAULTS["lora_rank"],
                    help="LoRA on q/v of a frozen layer; 0 = off")
     p.add_argument("--residual", action="store_true", help="bridge computes x + layer(x)")
@@ -169,7 +170,7 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def default_run_dir(args: argparse.Namespace) -> str:
-    if args.llm == "none":
+    if args.llm == "none" or args.mode == "none":
         return f"runs/{args.data}_{args.backbone}_seed{args.seed}"
     extras = (f"-lora{args.lora_rank}" if args.lora_rank else "") + ("-residual" if args.residual else "")
     llm_name = Path(args.llm).name if Path(args.llm).expanduser().exists() else args.llm.replace("/", "--")
@@ -443,7 +444,7 @@ def end_of_epoch(run: Run, epoch: int, images_per_second: float) -> None:
 
 
 def log_epoch(run: Run, epoch: int, train_loss: float, images_per_second: float, metrics: dict) -> None:
-    """One line of metrics.jsonl and one printed line."""
+    """One line of metrics.jsonl, the curves redrawn from all of them, and one printed line."""
     args, progress = run.args, run.progress
     line = {"epoch": epoch, "global_step": progress.global_step,
             "lr": poly_lr(args.lr, progress.global_step - 1, run.max_steps),  # of the epoch's last step
@@ -453,6 +454,8 @@ def log_epoch(run: Run, epoch: int, train_loss: float, images_per_second: float,
             "best_iou": progress.best_iou, "best_epoch": progress.best_epoch}
     with open(run.run_dir / "metrics.jsonl", "a") as f:  # before last, see keep_metrics_up_to
         f.write(json.dumps(line) + "\n")
+    epochs = [json.loads(text) for text in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
+    write_atomically(run.run_dir / "curves.png", lambda path: curves_png(epochs, path))
     print(f"epoch {epoch}/{args.epochs} | loss {train_loss:.4f} | {images_per_second:.1f} img/s"
           f" | lr {line['lr']:.2e} | val " + " ".join(f"{name} {metrics[name]:.4f}" for name in SEGMENTATION_METRICS)
           + f" | best iou {progress.best_iou:.4f} (epoch {progress.best_epoch})", flush=True)

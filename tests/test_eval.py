@@ -100,13 +100,13 @@ def test_per_image_csv_has_one_row_per_case_and_the_means_of_metrics_json(evalua
         assert column.mean() == pytest.approx(value["mean"], rel=1e-12, abs=1e-12), name
 
 
-def test_samples_are_the_worst_and_best_cases_as_pngs_of_the_image_size(evaluated):
+def test_samples_are_the_worst_and_best_cases_as_enlarged_panels(evaluated):
     rows = sorted(read_csv(evaluated / "per_image.csv"), key=lambda row: float(row["iou"]))
     expected = [f"best-01_{rows[-1]['case']}.png", f"worst-01_{rows[0]['case']}.png"]
     assert sorted(path.name for path in (evaluated / "samples").iterdir()) == expected
     for name in expected:
-        with Image.open(evaluated / "samples" / name) as picture:
-            assert picture.size == (IMG_SIZE, IMG_SIZE) and picture.mode == "RGB"
+        with Image.open(evaluated / "samples" / name) as picture:  # 4 panels of 64 px enlarged to 256, 4 px apart
+            assert picture.size == (4 * 256 + 3 * 4, 256) and picture.mode == "RGB"
 
 
 def test_analyze_writes_finite_numbers_before_and_after_and_heat_maps(evaluated):
@@ -125,7 +125,7 @@ def test_analyze_writes_finite_numbers_before_and_after_and_heat_maps(evaluated)
         analysis["activation_maps"])
     for path in maps:
         with Image.open(path) as picture:
-            assert picture.size == (IMG_SIZE, IMG_SIZE)
+            assert picture.size == (256, 256)  # 64 px enlarged 4 times
 
 
 def test_gmacs_of_backbone_and_bridge_by_hand(tiny_runs, evaluated):

@@ -15,20 +15,22 @@ def test_png_helpers_write_images_pillow_opens_at_the_image_size(tmp_path):
     gt, pred = torch.zeros(height, width), torch.zeros(height, width)
     gt[4:12, 4:12] = 1
     pred[10:20, 16:28] = 1
+    # Enlarged 8 times (the smallest integer factor taking the long side 32 to >= 256): 192 x 256.
     pictures.overlay_png(image, gt, pred, tmp_path / "overlay.png")
     with Image.open(tmp_path / "overlay.png") as picture:
-        assert picture.size == (width, height) and picture.mode == "RGB"
-        assert picture.getpixel((4, 4)) == pictures.GT_COLOUR  # (x, y): a corner of the true square
-        assert picture.getpixel((27, 19)) == pictures.PRED_COLOUR
-        assert picture.getpixel((8, 8)) == (40, 40, 40)  # inside the true square: untouched
+        assert picture.size == (8 * width, 8 * height) and picture.mode == "RGB"
+        assert picture.getpixel((32, 32)) == pictures.GT_COLOUR  # (x, y): a corner of the true square
+        assert picture.getpixel((8 * 28 - 1, 8 * 20 - 1)) == pictures.PRED_COLOUR
+        assert picture.getpixel((64, 64)) == (40, 40, 40)  # inside the true square: untouched
+        assert picture.getpixel((33, 33)) == (40, 40, 40)  # contours stay 1 px wide at the enlarged size
 
     activation = torch.zeros(height, width)
     activation[0, 0] = 1.0
     pictures.heatmap_png(image[..., 0], activation, tmp_path / "heat.png", opacity=1.0)  # grayscale input
     with Image.open(tmp_path / "heat.png") as picture:
-        assert picture.size == (width, height)
-        # jet: 1 -> dark red (128, 0, 0), 0 -> dark blue (0, 0, 128)
-        assert picture.getpixel((0, 0)) == (128, 0, 0) and picture.getpixel((5, 5)) == (0, 0, 128)
+        assert picture.size == (8 * width, 8 * height)
+        # jet: 1 -> dark red (128, 0, 0), 0 -> dark blue (0, 0, 128); the hot pixel became an 8 x 8 block
+        assert picture.getpixel((7, 7)) == (128, 0, 0) and picture.getpixel((8, 8)) == (0, 0, 128)
     with pytest.raises(ValueError, match="upsample_map"):
         pictures.heatmap_png(image, torch.zeros(6, 8), tmp_path / "bad.png")
     with pytest.raises(ValueError, match="uint8"):
@@ -39,3 +41,29 @@ def test_to_rgb_undoes_data_normalisation():
     rgb = torch.randint(0, 256, (3, 5, 7), generator=torch.Generator().manual_seed(0))
     normalised = (rgb / 255 - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
     assert np.array_equal(pictures.to_rgb(normalised), rgb.permute(1, 2, 0).numpy().astype(np.uint8))
+
+
+def test_panel_shows_overlay_truth_prediction_and_errors_side_by_side(tmp_path):
+    image = np.full((256, 300, 3), 40, dtype=np.uint8)   # already >= 256: not enlarged
+    gt, pred = np.zeros((256, 300)), np.zeros((256, 300))
+    gt[10:50, 10:50] = 1
+    pred[30:70, 30:70] = 1
+    pictures.panel_png(image, gt, pred, tmp_path / "panel.png", gap=4)
+    with Image.open(tmp_path / "panel.png") as picture:
+        assert picture.size == (4 * 300 + 3 * 4, 256)
+        errors_x = 3 * (300 + 4)  # where the fourth panel starts
+        assert picture.getpixel((304 + 20, 20)) == (255, 255, 255)            # truth panel: foreground
+        assert picture.getpixel((2 * 304 + 20, 20)) == (0, 0, 0)              # prediction panel: background
+        assert picture.getpixel((errors_x + 40, 40)) == (255, 255, 255)      # both
+        assert picture.getpixel((errors_x + 60, 60)) == pictures.PRED_COLOUR  # predicted only
+        assert picture.getpixel((errors_x + 15, 15)) == pictures.MISSED_COLOUR
+        assert picture.getpixel((errors_x + 200, 200)) == (0, 0, 0)
+
+
+def test_curves_png_plots_metrics_jsonl_lines(tmp_path):
+    epochs = [{"epoch": e, "train_loss": 1 / e, "val_iou": 0.1 * e, "val_dice": 0.15 * e, "lr": 0.01 / e}
+              for e in (1, 2, 3)]
+    pictures.curves_png(epochs, tmp_path / "curves.png")
+    with Image.open(tmp_path / "curves.png") as picture:
+        picture.verify()
+        assert picture.format == "PNG" and picture.size == (700, 500)

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 import torch
 from safetensors.torch import load_file
 
@@ -128,8 +129,11 @@ def test_two_epochs_write_config_metrics_checkpoints_and_keep_the_layer_frozen(t
         assert torch.equal(rebuilt.state_dict()[key], value), key
     best = json.loads((out / "best.json").read_text())
     assert best["val"]["iou"] == max(line["val_iou"] for line in lines)
-    assert {p.name for p in out.iterdir()} == {"config.json", "metrics.jsonl", "last.safetensors",
+    assert {p.name for p in out.iterdir()} == {"config.json", "metrics.jsonl", "curves.png", "last.safetensors",
                                                "last.json", "best.safetensors", "best.json"}
+    with Image.open(out / "curves.png") as curves:  # redrawn each epoch from metrics.jsonl
+        curves.verify()
+        assert curves.format == "PNG"
 
 
 # --- resuming ------------------------------------------------------------------------------------
