@@ -5,6 +5,7 @@
     python eval.py RUN_DIR --samples 8                                               # + 4 worst, 4 best overlays
     python eval.py RUN_DIR --analyze                                                 # + Fig. 2 / Sec. 4.2 analysis
     python eval.py RUN_DIR --data-dir /elsewhere/kvasir --device cpu --batch-size 4 --workers 0
+    python eval.py RUN_DIR --images new_scans/ --out masks/                         # segment new images
 
 The command rebuilds the model from RUN_DIR/config.json (a frozen LLM layer is read again from
 its local directory or the local Hub cache, and must be the same commit), loads <checkpoint>.safetensors
@@ -20,6 +21,10 @@ and evaluates the split the run's data settings define, writing into RUN_DIR/eva
                     prediction | errors (red: false positive, blue: missed), enlarged to >= 256 px
     analysis.json   --analyze: concentration IoU, effective rank and LSVR before / after the layer
     activations/    --analyze: <case>_before.png, <case>_after.png heat maps of the first --maps cases
+With --images DIR it segments new images instead (prediction.py): one mask PNG per readable image of
+DIR, named by its stem, at the image's own size, plus overlays/ (and with --probabilities the
+probability maps), into --out (default RUN_DIR/predict-<DIR's name>). Unreadable files are listed
+and skipped, and the exit code is then 1.
 The formulas and their empty-case conventions are in metrics.py (per image, pooled, HD95, NSD) and
 analysis.py (activation maps, concentration IoU, effective rank, LSVR); the drawing in pictures.py.
 """
@@ -41,6 +46,7 @@ from metrics import NSD_TOLERANCE, SEGMENTATION_METRICS, SURFACE_METRICS, THRESH
 from metrics import segmentation_metrics, surface_metrics  # noqa: F401  public names eval.py has always offered
 from model import count_gmacs, count_params, set_frozen_dtype
 from pictures import heatmap_png, panel_png, to_rgb
+from prediction import predict_folder
 from runtime import Processes, memory_format, predict, resolve_device, resolve_precision
 
 # How the printed table shows each metric: (label, scale, unit); the files keep fractions and pixels unscaled.
@@ -98,6 +104,24 @@ def evaluate_run(args) -> int:
     print_report(report, analysis)
     print(f"wrote {out_dir}")
     return 0
+
+
+def predict_images(args) -> int:
+    """--images: segment every image of a folder with the run's checkpoint; 1 if any file was skipped."""
+    run_dir = Path(args.run_dir)
+    config = read_run_config(run_dir)
+    check_runtime_flags(args)
+    device = resolve_device(args.device, Processes())
+    precision = resolve_precision(args.precision, device)
+    net, _, _ = load_run(run_dir, args.checkpoint)
+    set_frozen_dtype(net, precision).to(device, memory_format=memory_format(device))
+    out_dir = Path(args.out or run_dir / f"predict-{Path(args.images).resolve().name}")
+    written, skipped = predict_folder(net, config["train"]["img_size"], args.images, out_dir, device, precision,
+                                      probabilities=args.probabilities)
+    print(f"wrote {len(written)} masks (and overlays/) to {out_dir}")
+    for path, reason in skipped:
+        print(f"skipped {path}: {reason}")
+    return 1 if skipped else 0
 
 
 def check_args(args, config: dict, run_dir: Path) -> None:
@@ -234,15 +258,24 @@ def make_parser():
     p.add_argument("--analyze", action="store_true",
                    help="activation maps, concentration IoU, effective rank and LSVR before and after the LLM layer")
     p.add_argument("--maps", type=int, default=4, metavar="N", help="with --analyze: heat maps of the first N cases")
+    p.add_argument("--images", default=None, metavar="DIR",
+                   help="segment the images of DIR instead of evaluating a split (masks at each image's size)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="with --images: where the masks go; None means RUN_DIR/predict-<DIR's name>")
+    p.add_argument("--probabilities", action="store_true",
+                   help="with --images: also write <stem>_probability.png (probability * 255)")
     add_runtime_flags(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit code 0 when evaluated, 2 for what the user can fix (said in one line on stderr)."""
+    """Exit code 0 when done, 1 when --images skipped unreadable files, 2 for what the user can fix
+    (said in one line on stderr)."""
     args = make_parser().parse_args(argv)
     try:
-        return evaluate_run(args)
+        if args.images is None and (args.out is not None or args.probabilities):
+            raise ValueError("--out and --probabilities go with --images DIR (segmenting new images)")
+        return predict_images(args) if args.images is not None else evaluate_run(args)
     except USER_ERRORS as error:
         return user_error(error)
 

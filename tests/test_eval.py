@@ -14,7 +14,8 @@ from PIL import Image
 
 import eval as ev
 import train
-from data import load_dataset
+from checkpoints import load_run
+from data import load_dataset, normalize
 
 # Singular values of float32 rank-deficient maps leave ~1e-7 residues that add ~1e-5 of entropy.
 SPECTRUM_TOL = 1e-4
@@ -191,6 +192,46 @@ def test_missing_run_checkpoint_or_data_is_a_one_line_error(tiny_runs, tmp_path,
     assert run_eval(tmp_path) == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("error: ") and "Dataset_BUSI_with_GT" in error and "\n" not in error
+
+
+# --- segmenting new images -----------------------------------------------------------------------
+
+
+def test_images_are_segmented_at_their_own_size_and_unreadable_files_listed(tiny_runs, tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    images = tmp_path / "new"
+    images.mkdir()
+    Image.fromarray(rng.integers(0, 256, (53, 37, 3), dtype=np.uint8)).save(images / "odd.png")
+    Image.fromarray(rng.integers(0, 256, (70, 20), dtype=np.uint8), mode="L").save(images / "gray.jpg")
+    Image.fromarray(rng.integers(0, 256, (33, 33, 4), dtype=np.uint8), mode="RGBA").save(images / "rgba.png")
+    square = rng.integers(0, 256, (IMG_SIZE, IMG_SIZE, 3), dtype=np.uint8)
+    Image.fromarray(square).save(images / "square.png")
+    (images / "broken.png").write_bytes(b"\x89PNG not really")
+    (images / "notes.txt").write_text("not an image, not a candidate")
+    out = tmp_path / "masks"
+    with one_thread():
+        code = ev.main([str(tiny_runs["llm"]), "--images", str(images), "--out", str(out), "--probabilities",
+                        "--workers", "0", "--device", "cpu", "--precision", "fp32"])
+    printed = capsys.readouterr().out
+    assert code == 1 and "skipped" in printed and "broken.png" in printed and "notes.txt" not in printed
+    sizes = {"odd": (37, 53), "gray": (20, 70), "rgba": (33, 33), "square": (IMG_SIZE, IMG_SIZE)}
+    assert {p.name for p in out.glob("*.png")} == {f"{stem}{tail}.png" for stem in sizes for tail in ("", "_probability")}
+    for stem, size in sizes.items():
+        with Image.open(out / f"{stem}.png") as mask, Image.open(out / "overlays" / f"{stem}.png") as overlay:
+            assert mask.size == size and mask.mode == "L" and set(np.unique(np.asarray(mask))) <= {0, 255}
+            assert max(overlay.size) >= 256
+    # At the run's own size nothing is resized: the mask is the thresholded prediction, computed here.
+    net, _, _ = load_run(tiny_runs["llm"])
+    image = normalize(torch.from_numpy(square).permute(2, 0, 1).float() / 255)
+    with torch.no_grad():
+        expected = torch.sigmoid(net(image[None]))[0, 0].numpy() > 0.5
+    with Image.open(out / "square.png") as mask:
+        assert np.array_equal(np.asarray(mask) == 255, expected)
+
+
+def test_out_without_images_is_a_one_line_error(tiny_runs, capsys):
+    assert ev.main([str(tiny_runs["llm"]), "--out", "somewhere"]) == 2
+    assert "--out and --probabilities go with --images" in capsys.readouterr().err
 
 
 def test_ranked_cases_takes_the_worst_and_best_once_each():
