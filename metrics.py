@@ -30,7 +30,9 @@ Empty cases: both empty -> HD95 0, NSD 1; exactly one empty -> HD95 = image diag
 real prediction), NSD 0.
 
 All functions take (B, 1, H, W) logits (or probabilities) and masks and return one value per image;
-`evaluate_cases` runs a model over a loader and returns one row per case.
+`evaluate_cases` runs a model over a loader and returns one row per case. Over images: `mean_and_std`,
+and `paired_difference` (is a gain real? the paired bootstrap CI and sign-flip permutation p of
+per-image differences, which sweep.py tabulates).
 """
 import math
 
@@ -214,3 +216,34 @@ def mean_and_std(rows: list[dict], key: str) -> dict[str, float]:
     """Over images; population std (ddof 0), so a single image gives 0, not NaN."""
     values = np.array([row[key] for row in rows], dtype=np.float64)
     return {"mean": float(values.mean()), "std": float(values.std())}
+
+
+def paired_difference(differences, *, resamples: int = 10_000, seed: int = 0) -> dict[str, float]:
+    """Is a gain real? `differences` (n,): one paired difference per unit (an image of a seed: setting
+    minus baseline on the same image, so the image's own difficulty cancels) ->
+        mean       the mean difference
+        ci_low, ci_high   its 95 % percentile-bootstrap interval (units resampled with replacement)
+        p_value    two-sided sign-flip permutation test of "no difference": under it each unit's sign
+                   is a coin flip; p = the share of the 2^n sign patterns whose |mean| reaches the
+                   observed one, enumerated exactly for n <= 16, else estimated from `resamples`
+                   random patterns as (1 + hits) / (1 + resamples), which never gives 0
+        n          the number of units
+    Both resamplings are seeded, so the same runs give the same table."""
+    d = np.asarray(differences, dtype=np.float64)
+    n = len(d)
+    if n == 0:
+        raise ValueError("paired_difference: no paired units (do the runs share images?)")
+    rng = np.random.default_rng(seed)
+    chunks = [min(1000, resamples - start) for start in range(0, resamples, 1000)]  # bounded memory for large n
+    boot = np.concatenate([d[rng.integers(0, n, size=(rows, n))].mean(axis=1) for rows in chunks])
+    observed = abs(d.mean())
+    tolerance = 1e-12 * max(1.0, observed)  # the sign pattern of the data itself must count as reaching it
+    if n <= 16:
+        signs = 1 - 2 * ((np.arange(2 ** n)[:, None] >> np.arange(n)) & 1)         # (2^n, n) of +-1
+        p_value = float(np.mean(np.abs((signs * d).mean(axis=1)) >= observed - tolerance))
+    else:
+        hits = sum(int(np.sum(np.abs((rng.choice([-1.0, 1.0], size=(rows, n)) * d).mean(axis=1))
+                              >= observed - tolerance)) for rows in chunks)
+        p_value = (1 + hits) / (1 + resamples)
+    low, high = np.percentile(boot, [2.5, 97.5])
+    return {"mean": float(d.mean()), "ci_low": float(low), "ci_high": float(high), "p_value": p_value, "n": n}

@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import triton
@@ -93,19 +94,27 @@ def launches():
             yield name, kernel, f"I {width}", {"BLOCK_I": block_i}, {"num_warps": warps}, DTYPES
 
 
+def _compile_one(job: tuple) -> dict:
+    """One (kernel name, constexprs, options, dtype, arch) job, in a worker process."""
+    name, constexprs, options, dtype, arch = job
+    kernel = next(k for n, k, _, c, o, _ in launches() if n == name and c == constexprs and o == options)
+    return resources(kernel, dtype, constexprs, options, arch)
+
+
 def table() -> list[dict]:
+    """Every launch x dtype x arch; each distinct cubin compiled once, on every core (ptxas is single-threaded)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("unset TRITON_INTERPRET: the interpreter cannot compile kernels")
-    rows, seen = [], {}
+    planned, jobs = [], {}
     for name, kernel, label, constexprs, options, dtypes in launches():
         for dtype in dtypes:
             for arch in ARCHS:
                 key = (name, json.dumps(constexprs, sort_keys=True), json.dumps(options, sort_keys=True), dtype, arch)
-                if key not in seen:  # two shapes with the same launch compile to the same cubin
-                    seen[key] = resources(kernel, dtype, constexprs, options, arch)
-                rows.append({"kernel": name, "shape": label, "dtype": dtype, "arch": arch, **seen[key],
-                             "shared_limit": SHARED_LIMIT[arch]})
-    return rows
+                jobs.setdefault(key, (name, constexprs, options, dtype, arch))  # shapes sharing a launch share a cubin
+                planned.append((key, {"kernel": name, "shape": label, "dtype": dtype, "arch": arch}))
+    with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
+        compiled = dict(zip(jobs, pool.map(_compile_one, jobs.values())))
+    return [{**row, **compiled[key], "shared_limit": SHARED_LIMIT[row["arch"]]} for key, row in planned]
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ H100 (sm_90), and fits: shared memory within the architecture's limit, no spill 
 FP32_SPILL_BUDGET bytes per thread in float32.
 No GPU needed: tests/kernel_resources.py compiles with triton.compile(..., GPUTarget(...)) and reads
 each cubin with the cuobjdump in triton's wheel. It runs in a subprocess, because this test session
-runs Triton in its interpreter (TRITON_INTERPRET=1), which cannot compile. About 80 s on 2 cores with
+runs Triton in its interpreter (TRITON_INTERPRET=1), which cannot compile. About 35 s on 2 cores with
 an empty Triton cache; seconds once ~/.triton/cache holds the cubins.
 """
 import json

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 import eval as ev
-import train
+import settings
 
 README = (Path(__file__).parent.parent / "README.md").read_text()
 
@@ -18,7 +18,7 @@ def readme_flag_table(heading: str) -> dict[str, str]:
     return {flag: cell.strip().strip("`") for flag, cell in rows}
 
 
-@pytest.mark.parametrize("heading, parser", [("### train.py flags", train.make_parser()),
+@pytest.mark.parametrize("heading, parser", [("### train.py flags", settings.make_parser()),
                                              ("### eval.py flags", ev.make_parser())])
 def test_readme_flag_tables_state_the_parser_defaults(heading, parser):
     table = readme_flag_table(heading)

@@ -1,0 +1,427 @@
+"""Sweep train.py over a grid of settings and seeds, evaluate every run, and answer "is the gain real?".
+
+    python sweep.py --out sweeps/table2 --data kvasir --mode none random trainable frozen --seeds 41 42 43
+    python sweep.py --out sweeps/fig3 --data kvasir --layer 1-16 --seeds 41 42             # the paper's Fig. 3
+    python sweep.py --out sweeps/llms --data busi --llm llama3.2-1b deepseek-r1-qwen-1.5b --layer 15 --seeds 41 42
+
+Any train.py flag given several values spans the grid (the product of every such flag; integer
+ranges as A-B); a flag given one value, and train.py's switches (--residual, --no-compile), go to
+every run. --seeds replaces --seed. Each setting x seed is an ordinary train.py run, in
+OUT/runs/<the varying flags and values>_seed<seed>: a finished run is skipped, a stopped one resumed
+(train.py --resume), so a killed sweep picks up where it stopped; each run is then evaluated once
+on --split by eval.py (with --analyze when it has an LLM layer). With several GPUs, one run per GPU
+at a time (--device cuda:i); otherwise one after the other.
+
+What it writes into OUT:
+    table.md, table.csv    one row per setting, seeds pooled: mean ± std over seeds (sample std; each
+                           seed's value is its run's mean over images) of IoU, Dice, HD95 and NSD,
+                           trainable / frozen parameters and G MACs, and against the baseline row
+                           (--baseline, default the first setting) the IoU difference with its 95 %
+                           confidence interval and p-value from metrics.paired_difference: the units
+                           are (seed, image) pairs, each the setting's IoU minus the baseline's on the
+                           same image of the same seed's split; CI by paired bootstrap over those
+                           units, p by a sign-flip permutation test
+    iou_by_setting.png     the per-seed IoU of every setting (box plot; one dot per seed)
+    iou_by_layer.png       when --layer varies: mean IoU ± std over seeds against the layer (Fig. 3)
+    spectra.png            when runs have an LLM layer: effective rank and LSVR of the bottleneck
+                           features after the layer, over images and seeds (Fig. 2c)
+Exit code 0 when every run finished, 1 when some failed (named in the table), 2 for a bad setting
+(found before any run starts), 130 on Ctrl-C (the current run saves and is resumed next time).
+"""
+import argparse
+import csv
+import itertools
+import json
+import os
+import queue
+import re
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cli import USER_ERRORS, one_line_error_parser, user_error
+from metrics import paired_difference
+from settings import check_args, make_parser
+
+HERE = Path(__file__).resolve().parent
+# Flags the sweep sets itself, per run.
+OWN_FLAGS = {"--seed": "use --seeds", "--out": "runs go to OUT/runs/", "--resume": "the sweep resumes runs itself",
+             "--stop-after-epoch": "a run that stops early never finishes, so the sweep would resume it forever"}
+REPORTED = ("iou", "dice", "hd95", "nsd")
+RUNTIME_FLAGS = ("--device", "--workers", "--batch-size", "--precision")  # passed to eval.py too
+
+
+@dataclass
+class Run:
+    setting: tuple            # the varying flags' values, in grid order
+    seed: int
+    train_argv: list[str]     # train.py's flags for this run (without --out)
+    run_dir: Path
+    status: str = "pending"   # then: done, failed (exit code)
+    per_image: list[dict] = field(default_factory=list)
+    computation: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------
+# The grid
+
+
+def parse_sweep(argv: list[str]) -> tuple[argparse.Namespace, list[tuple[str, list[str]]], list[str]]:
+    """-> (the sweep's own flags, the varying train.py flags [(flag, values)], the fixed train.py argv)."""
+    p = one_line_error_parser("Sweep train.py over a grid of settings and seeds (see the module docstring).")
+    p.allow_abbrev = False  # else --seed would silently mean --seeds
+    p.add_argument("--out", required=True, help="the sweep's directory: runs/, table.md, table.csv, plots")
+    p.add_argument("--seeds", type=int, nargs="+", default=[41], help="one run per seed of every setting")
+    p.add_argument("--split", default="val", choices=("val", "test"), help="what every run is evaluated on")
+    p.add_argument("--baseline", default=None, metavar="FLAG=VALUE[,FLAG=VALUE]",
+                   help="the row the others are compared with, e.g. mode=none; None means the first setting")
+    p.add_argument("--resamples", type=int, default=10_000, help="bootstrap / permutation resamples")
+    p.add_argument("--dry-run", action="store_true", help="print the runs and exit")
+    args, rest = p.parse_known_args(argv)
+    train_actions = {option: action for action in make_parser()._actions for option in action.option_strings}
+
+    varying, fixed, seen, i = [], [], set(), 0
+    while i < len(rest):
+        flag = rest[i]
+        flag = "--layer" if flag == "--layers" else flag
+        if flag in seen:
+            raise ValueError(f"{flag} is given twice: list all its values after one {flag}")
+        seen.add(flag)
+        if flag in OWN_FLAGS:
+            raise ValueError(f"{flag} is set by the sweep ({OWN_FLAGS[flag]})")
+        if flag not in train_actions or flag in ("-h", "--help"):
+            raise ValueError(f"{rest[i]} is not a train.py flag (python train.py --help lists them)")
+        values, i = [], i + 1
+        while i < len(rest) and not rest[i].startswith("--"):
+            values.append(rest[i])
+            i += 1
+        action = train_actions[flag]
+        if action.nargs == 0:  # a switch
+            if values:
+                raise ValueError(f"{flag} is a switch and takes no value, got {' '.join(values)}")
+            fixed.append(flag)
+            continue
+        values = expand_ranges(flag, values) if action.type is int else values
+        if not values:
+            raise ValueError(f"{flag}: expected one or more values")
+        if len(values) == 1:
+            fixed += [flag, values[0]]
+        else:
+            varying.append((flag, values))
+    return args, varying, fixed
+
+
+def expand_ranges(flag: str, values: list[str]) -> list[str]:
+    """["1-3", "7"] -> ["1", "2", "3", "7"] for integer flags."""
+    expanded = []
+    for value in values:
+        if match := re.fullmatch(r"(\d+)-(\d+)", value):
+            first, last = int(match[1]), int(match[2])
+            if last < first:
+                raise ValueError(f"{flag} {value}: expected a range A-B with A <= B")
+            expanded += [str(v) for v in range(first, last + 1)]
+        else:
+            expanded.append(value)
+    return expanded
+
+
+def run_name(varying: list[tuple[str, list[str]]], setting: tuple, seed: int) -> str:
+    """The varying flags and values, e.g. mode-frozen_layer-15_seed41 (local paths by their last part)."""
+    parts = [f"{flag.lstrip('-')}-{Path(value).name if os.sep in value else value}"
+             for (flag, _), value in zip(varying, setting)]
+    return re.sub(r"[^\w.-]+", "_", "_".join(parts + [f"seed{seed}"]))
+
+
+def plan_runs(args, varying, fixed) -> list[Run]:
+    """Every setting x seed, each checked by train.py's own parser and checks before anything runs."""
+    runs = []
+    for setting in itertools.product(*(values for _, values in varying)):
+        for seed in args.seeds:
+            train_argv = [part for (flag, _), value in zip(varying, setting) for part in (flag, value)]
+            train_argv += fixed + ["--seed", str(seed)]
+            run_dir = Path(args.out) / "runs" / run_name(varying, setting, seed)
+            parsed = make_parser().parse_args(train_argv + ["--out", str(run_dir)])
+            check_args(argparse.Namespace(**{**vars(parsed), "resume": None, "out": str(run_dir / "never")}))
+            runs.append(Run(setting, seed, train_argv, run_dir))
+    return runs
+
+
+# ----------------------------------------------------------------------------------------------
+# Running: skip what is done, resume what stopped, evaluate once
+
+
+def epochs_done(run_dir: Path) -> tuple[int, int] | None:
+    """(epochs done, epochs asked) of a run that saved `last`, else None."""
+    if not (run_dir / "last.json").is_file():
+        return None
+    done = json.loads((run_dir / "last.json").read_text())["progress"]["epochs_done"]
+    return done, json.loads((run_dir / "config.json").read_text())["train"]["epochs"]
+
+
+def runtime_argv(run: Run) -> list[str]:
+    """The run's runtime flags, which eval.py and a resumed train.py take too."""
+    argv = run.train_argv
+    return [part for i, part in enumerate(argv) if part in RUNTIME_FLAGS or (i and argv[i - 1] in RUNTIME_FLAGS)]
+
+
+def run_child(command: list[str]) -> int:
+    """Run a script to its end and return its exit code. Ctrl-C reaches the child too (same process
+    group), and train.py then saves `last` before exiting 130: wait for that instead of killing it."""
+    child = subprocess.Popen(command)
+    while True:
+        try:
+            return child.wait()
+        except KeyboardInterrupt:
+            continue
+
+
+def execute(run: Run, split: str, device: str | None) -> None:
+    """Train (or skip, or resume) and evaluate one run; sets run.status."""
+    device_argv = ["--device", device] if device else []
+    progress = epochs_done(run.run_dir)
+    if progress is None or progress[0] < progress[1]:
+        if progress is None:
+            shutil.rmtree(run.run_dir, ignore_errors=True)  # stopped before its first epoch ended: nothing to keep
+        # train.py --resume accepts the run's own flags again (they equal the saved settings).
+        resume = ["--resume", str(run.run_dir)] if progress else ["--out", str(run.run_dir)]
+        print(f"sweep: {'resuming' if progress else 'training'} {run.run_dir.name}", flush=True)
+        code = run_child([sys.executable, str(HERE / "train.py"), *run.train_argv, *resume, *device_argv])
+        if code in (130, 143):
+            raise KeyboardInterrupt
+        if code != 0:
+            run.status = f"failed (train.py exit {code})"
+            return
+    else:
+        print(f"sweep: {run.run_dir.name} finished before, skipping its training", flush=True)
+    evaluated = run.run_dir / f"eval-{split}" / "per_image.csv"
+    if not evaluated.is_file() or evaluated.stat().st_mtime < (run.run_dir / "best.safetensors").stat().st_mtime:
+        config = json.loads((run.run_dir / "config.json").read_text())
+        analyze = ["--analyze"] if config["model"]["mode"] != "none" else []
+        command = [sys.executable, str(HERE / "eval.py"), str(run.run_dir), "--split", split, *analyze,
+                   *runtime_argv(run), *device_argv]
+        code = run_child(command)
+        if code in (130, 143):
+            raise KeyboardInterrupt
+        if code != 0:
+            run.status = f"failed (eval.py exit {code})"
+            return
+    with open(evaluated, newline="") as f:
+        run.per_image = [{k: (v if k == "case" else float(v)) for k, v in row.items()} for row in csv.DictReader(f)]
+    run.computation = json.loads((run.run_dir / f"eval-{split}" / "metrics.json").read_text())["computation"]
+    run.status = "done"
+
+
+def execute_all(runs: list[Run], split: str, explicit_device: bool) -> None:
+    """One after the other, or with several GPUs (and no --device given) one run per GPU at a time."""
+    import torch
+
+    gpus = 0 if explicit_device else torch.cuda.device_count()
+    if gpus <= 1:
+        for run in runs:
+            execute(run, split, None)
+        return
+    free = queue.Queue()
+    for index in range(gpus):
+        free.put(f"cuda:{index}")
+
+    def on_a_free_gpu(run: Run) -> None:
+        device = free.get()
+        try:
+            execute(run, split, device)
+        finally:
+            free.put(device)
+
+    with ThreadPoolExecutor(max_workers=gpus) as pool:
+        list(pool.map(on_a_free_gpu, runs))
+
+
+# ----------------------------------------------------------------------------------------------
+# The table
+
+
+def setting_label(varying, setting: tuple) -> str:
+    return ", ".join(f"{flag.lstrip('-')} {value}" for (flag, _), value in zip(varying, setting)) or "all runs"
+
+
+def find_baseline(args, varying, settings: list[tuple]) -> tuple:
+    if args.baseline is None:
+        return settings[0]
+    wanted = dict(part.split("=", 1) for part in args.baseline.split(","))
+    names = [flag.lstrip("-") for flag, _ in varying]
+    unknown = set(wanted) - set(names)
+    if unknown:
+        raise ValueError(f"--baseline {args.baseline}: {', '.join(sorted(unknown))} is not a varying flag "
+                         f"(these vary: {', '.join(names)})")
+    for setting in settings:
+        if all(setting[names.index(name)] == value for name, value in wanted.items()):
+            return setting
+    raise ValueError(f"--baseline {args.baseline} matches no setting of the grid")
+
+
+def paired_ious(runs: list[Run], baseline_runs: list[Run]) -> list[float]:
+    """IoU differences on the (seed, image) pairs two settings share."""
+    by_seed = {run.seed: {row["case"]: row["iou"] for row in run.per_image} for run in baseline_runs}
+    return [row["iou"] - by_seed[run.seed][row["case"]] for run in runs if run.seed in by_seed
+            for row in run.per_image if row["case"] in by_seed[run.seed]]
+
+
+def summarise(args, varying, runs: list[Run]) -> list[dict]:
+    """One row per setting: the seeds' mean ± std of each run's mean metric, the model's size, and the
+    paired comparison with the baseline."""
+    settings = list(dict.fromkeys(run.setting for run in runs))
+    baseline = find_baseline(args, varying, settings)
+    done = [run for run in runs if run.status == "done"]
+    rows = []
+    for setting in settings:
+        mine = [run for run in done if run.setting == setting]
+        failed = [run.run_dir.name for run in runs if run.setting == setting and run.status != "done"]
+        row = {"setting": setting_label(varying, setting),
+               **{flag.lstrip("-"): value for (flag, _), value in zip(varying, setting)},
+               "seeds": len(mine), "failed": " ".join(failed)}
+        for metric in REPORTED:
+            per_seed = [float(np.mean([image[metric] for image in run.per_image])) for run in mine]
+            row[f"{metric}_mean"] = float(np.mean(per_seed)) if per_seed else float("nan")
+            row[f"{metric}_std"] = float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else float("nan")
+        if mine:
+            row |= {key: mine[0].computation[key] for key in ("trainable_params", "frozen_params", "gmacs")}
+        if setting != baseline and mine:
+            base = [run for run in done if run.setting == baseline]
+            differences = paired_ious(mine, base)
+            if differences:
+                test = paired_difference(differences, resamples=args.resamples)
+                row |= {"iou_diff": test["mean"], "iou_diff_ci_low": test["ci_low"],
+                        "iou_diff_ci_high": test["ci_high"], "p_value": test["p_value"], "paired_images": test["n"]}
+        rows.append(row)
+    return rows
+
+
+def write_tables(rows: list[dict], out: Path, baseline_label: str, split: str) -> str:
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    with open(out / "table.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+    def pm(row, metric, scale):
+        mean, std = row[f"{metric}_mean"] * scale, row[f"{metric}_std"] * scale
+        return "n/a" if np.isnan(mean) else f"{mean:.2f}" + ("" if np.isnan(std) else f" ± {std:.2f}")
+
+    lines = [f"Evaluated on the {split} split. Mean ± std over seeds (each seed: its run's mean over images); "
+             f"ΔIoU against \"{baseline_label}\": mean over (seed, image) pairs, 95 % CI by paired bootstrap, "
+             f"p by sign-flip permutation test.", "",
+             "| setting | seeds | IoU % | Dice % | HD95 px | NSD % | trainable | frozen | G MACs | ΔIoU % [95 % CI] | p |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        if "iou_diff" in row:
+            diff = (f"{row['iou_diff'] * 100:+.2f} [{row['iou_diff_ci_low'] * 100:+.2f}, "
+                    f"{row['iou_diff_ci_high'] * 100:+.2f}]")
+            p = f"{row['p_value']:.3g}"
+        else:
+            diff, p = ("baseline", "") if row["setting"] == baseline_label else ("n/a", "")
+        size = ([f"{row['trainable_params']:,}", f"{row['frozen_params']:,}", f"{row['gmacs']:.2f}"]
+                if "gmacs" in row else ["n/a"] * 3)
+        failed = f" (failed: {row['failed']})" if row["failed"] else ""
+        lines.append(f"| {row['setting']}{failed} | {row['seeds']} | {pm(row, 'iou', 100)} | {pm(row, 'dice', 100)} | "
+                     f"{pm(row, 'hd95', 1)} | {pm(row, 'nsd', 100)} | {' | '.join(size)} | {diff} | {p} |")
+    text = "\n".join(lines) + "\n"
+    (out / "table.md").write_text(text)
+    return text
+
+
+# ----------------------------------------------------------------------------------------------
+# Plots
+
+
+def plot(varying, runs: list[Run], out: Path) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [run for run in runs if run.status == "done"]
+    settings = list(dict.fromkeys(run.setting for run in runs))
+    labels = [setting_label(varying, s) for s in settings]
+    per_seed = [[float(np.mean([r["iou"] for r in run.per_image])) for run in done if run.setting == s]
+                for s in settings]
+    written = []
+    figure, axes = plt.subplots(figsize=(max(5, 1.2 * len(settings)), 4))
+    axes.boxplot(per_seed, showmeans=True)
+    for x, values in enumerate(per_seed, 1):
+        axes.plot([x] * len(values), values, "o", color="tab:blue", alpha=0.6)
+    axes.set_xticks(range(1, len(labels) + 1), labels, rotation=30, ha="right")
+    axes.set_ylabel("IoU (run mean over images)")
+    figure.tight_layout()
+    written.append(out / "iou_by_setting.png")
+    figure.savefig(written[-1], dpi=100)
+    plt.close(figure)
+
+    names = [flag for flag, _ in varying]
+    if "--layer" in names:
+        at = names.index("--layer")
+        figure, axes = plt.subplots(figsize=(6, 4))
+        others = list(dict.fromkeys(s[:at] + s[at + 1:] for s in settings))
+        for other in others:
+            points = [(int(s[at]), values) for s, values in zip(settings, per_seed) if s[:at] + s[at + 1:] == other and values]
+            layers = [layer for layer, _ in points]
+            means = np.array([np.mean(values) for _, values in points])
+            stds = np.array([np.std(values, ddof=1) if len(values) > 1 else 0.0 for _, values in points])
+            label = ", ".join(f"{flag.lstrip('-')} {value}" for flag, value in zip(names[:at] + names[at + 1:], other))
+            axes.errorbar(layers, means, yerr=stds, marker="o", capsize=3, label=label or None)
+        axes.set_xlabel("LLM layer (1-based)")
+        axes.set_ylabel("IoU, mean ± std over seeds")
+        if any(others[0]):
+            axes.legend()
+        figure.tight_layout()
+        written.append(out / "iou_by_layer.png")
+        figure.savefig(written[-1], dpi=100)
+        plt.close(figure)
+
+    analysed = [s for s in settings if any("effective_rank_after" in run.per_image[0] for run in done if run.setting == s)]
+    if analysed:
+        figure, axes = plt.subplots(1, 2, figsize=(max(7, 1.5 * len(analysed)), 4))
+        for axis, name in zip(axes, ("effective_rank", "lsvr")):
+            data = [[r[f"{name}_after"] for run in done if run.setting == s for r in run.per_image] for s in analysed]
+            axis.boxplot(data)
+            axis.set_xticks(range(1, len(analysed) + 1), [setting_label(varying, s) for s in analysed],
+                            rotation=30, ha="right")
+            axis.set_title(f"{name.replace('_', ' ')} after the LLM layer")
+        figure.tight_layout()
+        written.append(out / "spectra.png")
+        figure.savefig(written[-1], dpi=100)
+        plt.close(figure)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args, varying, fixed = parse_sweep(sys.argv[1:] if argv is None else argv)
+        runs = plan_runs(args, varying, fixed)
+        baseline = find_baseline(args, varying, list(dict.fromkeys(run.setting for run in runs)))
+    except USER_ERRORS as error:
+        return user_error(error)
+    print(f"sweep: {len(runs)} runs ({len(runs) // len(args.seeds)} settings x {len(args.seeds)} seeds) "
+          f"in {Path(args.out) / 'runs'}")
+    if args.dry_run:
+        for run in runs:
+            print(f"  {run.run_dir.name}: python train.py {' '.join(run.train_argv)}")
+        return 0
+    try:
+        execute_all(runs, args.split, explicit_device="--device" in fixed)
+    except KeyboardInterrupt:
+        print("sweep: stopped; run the same command again to continue", file=sys.stderr)
+        return 130
+    out = Path(args.out)
+    rows = summarise(args, varying, runs)
+    print(write_tables(rows, out, setting_label(varying, baseline), args.split))
+    for path in plot(varying, runs, out):
+        print(f"wrote {path}")
+    print(f"wrote {out / 'table.md'} and {out / 'table.csv'}")
+    return 0 if all(run.status == "done" for run in runs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""sweep.py end to end on a tiny grid (2 modes x 2 seeds, 2 epochs, 32 px, the 2-layer test Llama), and
+metrics.paired_difference on cases whose answer is known.
+
+One run is started beforehand and stopped after its first epoch, as a killed sweep leaves it: the sweep
+must resume it, not start it again. A second sweep over the same grid must train nothing. The grid's
+train.py / eval.py commands run in this process (sweep.run_child replaced: the same argv, ~5 s less
+per run than a new Python); one more sweep runs as a user runs it, `python sweep.py`, in subprocesses.
+"""
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import eval as ev
+import sweep
+import train
+from metrics import paired_difference
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def grid(out: Path, tiny_llm: Path) -> list[str]:
+    return ["--out", str(out), "--data", "synthetic", "--synthetic-size", "10", "--img-size", "32", "--epochs", "2",
+            "--batch-size", "4", "--workers", "0", "--device", "cpu", "--precision", "fp32",
+            "--llm", str(tiny_llm), "--layer", "2", "--mode", "none", "frozen", "--seeds", "41", "42"]
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory, tiny_llm):
+    out = tmp_path_factory.mktemp("sweep")
+    argv = grid(out, tiny_llm)
+    _, varying, fixed = sweep.parse_sweep(argv)
+    stopped = out / "runs" / "mode-frozen_seed42"
+    train_argv = ["--mode", "frozen", *fixed, "--seed", "42", "--out", str(stopped), "--stop-after-epoch", "1"]
+    subprocess.run([sys.executable, str(REPO / "train.py"), *train_argv], check=True, capture_output=True)
+    first_epoch = (stopped / "metrics.jsonl").read_text()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sweep, "run_child", in_this_process)
+        assert sweep.main(argv) == 0
+    return out, argv, first_epoch
+
+
+def in_this_process(command: list[str]) -> int:
+    """sweep.run_child's stand-in: [python, <repo>/train.py | eval.py, *argv] -> that script's main(argv)."""
+    script = {"train.py": train, "eval.py": ev}[Path(command[1]).name]
+    return script.main(command[2:])
+
+
+def test_every_run_finished_and_the_stopped_one_was_resumed(swept):
+    out, _, first_epoch = swept
+    runs = sorted(p.name for p in (out / "runs").iterdir())
+    assert runs == ["mode-frozen_seed41", "mode-frozen_seed42", "mode-none_seed41", "mode-none_seed42"]
+    for name in runs:
+        lines = (out / "runs" / name / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+        assert (out / "runs" / name / "eval-val" / "per_image.csv").is_file()
+        assert (out / "runs" / name / "curves.png").is_file()
+    # Resumed, not restarted: its first epoch's line is the one written before the "kill".
+    assert (out / "runs" / "mode-frozen_seed42" / "metrics.jsonl").read_text().startswith(first_epoch)
+
+
+def test_the_table_equals_a_hand_computation_from_the_per_image_csvs(swept):
+    out, _, _ = swept
+    table = {row["mode"]: row for row in read_csv(out / "table.csv")}
+    ious = {(mode, seed): {row["case"]: float(row["iou"]) for row in
+                           read_csv(out / "runs" / f"mode-{mode}_seed{seed}" / "eval-val" / "per_image.csv")}
+            for mode in ("none", "frozen") for seed in (41, 42)}
+    for mode in ("none", "frozen"):
+        per_seed = [np.mean(list(ious[mode, seed].values())) for seed in (41, 42)]
+        assert float(table[mode]["iou_mean"]) == pytest.approx(np.mean(per_seed), abs=1e-12)
+        assert float(table[mode]["iou_std"]) == pytest.approx(np.std(per_seed, ddof=1), abs=1e-12)
+        assert int(table[mode]["seeds"]) == 2
+    differences = [ious["frozen", seed][case] - ious["none", seed][case] for seed in (41, 42) for case in ious["none", seed]]
+    expected = paired_difference(differences)
+    assert float(table["frozen"]["iou_diff"]) == pytest.approx(expected["mean"], abs=1e-12)
+    assert float(table["frozen"]["p_value"]) == pytest.approx(expected["p_value"])
+    assert int(table["frozen"]["paired_images"]) == len(differences) == 2 * 2  # 2 validation images per seed
+    assert table["none"]["iou_diff"] == ""  # the baseline: the first setting
+    assert int(table["none"]["frozen_params"]) == 0 and int(table["frozen"]["frozen_params"]) > 0
+    markdown = (out / "table.md").read_text()
+    assert "| mode none | 2 |" in markdown and "baseline" in markdown
+    for name in ("iou_by_setting.png", "spectra.png"):
+        with Image.open(out / name) as picture:
+            picture.verify()
+
+
+def test_a_second_sweep_trains_nothing(swept, capfd):
+    out, argv, _ = swept
+    before = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*.safetensors")}
+    assert sweep.main(argv) == 0
+    assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*.safetensors")} == before
+    assert capfd.readouterr().out.count("finished before, skipping") == 4
+
+
+def test_the_command_line_sweep_runs_the_scripts_as_a_user_would(tmp_path, tiny_llm):
+    argv = grid(tmp_path, tiny_llm)
+    argv[argv.index("--epochs") + 1] = "1"
+    argv = argv[:argv.index("--mode")] + ["--mode", "frozen", "--seeds", "7"]
+    result = subprocess.run([sys.executable, str(REPO / "sweep.py"), *argv], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "| all runs | 1 |" in (tmp_path / "table.md").read_text()
+    assert (tmp_path / "runs" / "seed7" / "eval-val" / "analysis.json").is_file()  # a bridged run gets --analyze
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--seed", "3"], "--seed is set by the sweep"),
+    (["--bogus", "1"], "--bogus is not a train.py flag"),
+    (["--residual", "yes"], "--residual is a switch"),
+    (["--lora-rank", "3-1"], "expected a range A-B with A <= B"),
+    (["--img-size", "48"], "--img-size is given twice"),
+    (["--baseline", "mode=trainable"], "matches no setting"),
+])
+def test_bad_sweeps_are_refused_before_any_run(tmp_path, tiny_llm, capsys, extra, message):
+    assert sweep.main(grid(tmp_path, tiny_llm) + extra) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_bad_value_in_the_grid_is_refused_by_train_pys_own_checks(tmp_path, tiny_llm, capsys):
+    argv = grid(tmp_path, tiny_llm)
+    argv[argv.index("--img-size") + 1: argv.index("--img-size") + 2] = ["32", "30"]
+    assert sweep.main(argv) == 2
+    assert "--img-size: got 30x30" in capsys.readouterr().err and not (tmp_path / "runs").exists()
+
+
+def test_dry_run_lists_the_grid_with_layer_ranges(tmp_path, tiny_llm, capsys):
+    argv = grid(tmp_path, tiny_llm)
+    argv[argv.index("--layer"):argv.index("--layer") + 2] = ["--layers", "1-2"]
+    assert sweep.main(argv + ["--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "8 runs (4 settings x 2 seeds)" in printed and "layer-2_mode-frozen_seed42" in printed
+
+
+# --- the statistics -------------------------------------------------------------------------------
+
+
+def test_paired_difference_on_cases_with_known_answers():
+    # Four equal gains: every resample has mean 1; of the 2^4 sign patterns only all + and all - reach |1|.
+    assert paired_difference([1.0, 1.0, 1.0, 1.0]) == {"mean": 1.0, "ci_low": 1.0, "ci_high": 1.0,
+                                                       "p_value": 2 / 16, "n": 4}
+    # Gains and losses that cancel: mean 0, every pattern reaches it, p = 1.
+    assert paired_difference([0.5, -0.5, 1.0, -1.0])["p_value"] == 1.0
+    # Many units: the Monte Carlo p of a clear gain is its floor 1 / (1 + resamples); of noise, large.
+    rng = np.random.default_rng(0)
+    clear = paired_difference(0.05 + 0.01 * rng.standard_normal(100), resamples=2000)
+    assert clear["p_value"] == 1 / 2001 and 0.047 < clear["ci_low"] < clear["mean"] < clear["ci_high"] < 0.053
+    noise = paired_difference(rng.standard_normal(100), resamples=2000)
+    assert noise["p_value"] > 0.05 and noise["ci_low"] < 0 < noise["ci_high"]
+    with pytest.raises(ValueError, match="no paired units"):
+        paired_difference([])
