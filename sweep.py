@@ -9,7 +9,7 @@ ranges as A-B); a flag given one value, and train.py's switches (--residual, --n
 every run. --seeds replaces --seed. Each setting x seed is an ordinary train.py run, in
 OUT/runs/<the varying flags and values>_seed<seed>: a finished run is skipped, a stopped one resumed
 (train.py --resume), so a killed sweep picks up where it stopped; each run is then evaluated once
-on --split by eval.py (with --analyze when it has an LLM layer). With several GPUs, one run per GPU
+on --split by eval.py (4 sample panels, and --analyze when it has an LLM layer). With several GPUs, one run per GPU
 at a time (--device cuda:i); otherwise one after the other.
 
 What it writes into OUT:
@@ -202,8 +202,8 @@ def execute(run: Run, split: str, device: str | None) -> None:
     if not evaluated.is_file() or evaluated.stat().st_mtime < (run.run_dir / "best.safetensors").stat().st_mtime:
         config = json.loads((run.run_dir / "config.json").read_text())
         analyze = ["--analyze"] if config["model"]["mode"] != "none" else []
-        command = [sys.executable, str(HERE / "eval.py"), str(run.run_dir), "--split", split, *analyze,
-                   *runtime_argv(run), *device_argv]
+        command = [sys.executable, str(HERE / "eval.py"), str(run.run_dir), "--split", split, "--samples", "4",
+                   *analyze, *runtime_argv(run), *device_argv]
         code = run_child(command)
         if code in (130, 143):
             raise KeyboardInterrupt

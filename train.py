@@ -24,7 +24,8 @@ Run directory (--out, default runs/<data>_<backbone>_<llm>-L<layer>-<mode>_seed<
     config.json        the resolved settings, the model config build_model needs and the LLM layer's
                        source and commit (a frozen layer is not in any checkpoint; it is fetched again)
     metrics.jsonl      one line per epoch: train loss, images/s, lr, validation metrics
-    curves.png         train loss, validation IoU / Dice and lr against the epoch, redrawn each epoch
+    curves.png         train loss, validation IoU / Dice and lr against the epoch, redrawn after each
+                       epoch (at most every 30 s) and after the last
     last.safetensors   model state_dict ("model.*") and SGD momentum buffers ("optimizer.*")
     last.json          epoch, step, best IoU, optimizer settings, every rank's RNG states
     best.safetensors   model state_dict at the best validation IoU, with best.json
@@ -74,6 +75,7 @@ from settings import check_args, default_run_dir, parse_args
 POLY_POWER = 0.9
 BCE_WEIGHT = 0.5
 DICE_SMOOTH = 1e-5
+CURVES_EVERY_S = 30
 
 
 # ----------------------------------------------------------------------------------------------
@@ -132,6 +134,7 @@ class Run:
     max_steps: int
     compile_mode: str | None = None          # torch.compile's mode of `model`, None when eager
     compile_seconds: float | None = None     # the first compiled step, compilation included
+    curves_drawn_at: float = -math.inf       # time.monotonic() of the last curves.png
 
 
 def setup(argv: list[str] | None, processes: Processes) -> Run:
@@ -353,8 +356,11 @@ def log_epoch(run: Run, epoch: int, train_loss: float, images_per_second: float,
             "best_iou": progress.best_iou, "best_epoch": progress.best_epoch}
     with open(run.run_dir / "metrics.jsonl", "a") as f:  # before last, see keep_metrics_up_to
         f.write(json.dumps(line) + "\n")
-    epochs = [json.loads(text) for text in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
-    write_atomically(run.run_dir / "curves.png", lambda path: curves_png(epochs, path))
+    # Drawing takes ~0.5 s: for epochs of seconds, redraw at most every CURVES_EVERY_S, and after the last.
+    if epoch == args.epochs or time.monotonic() - run.curves_drawn_at >= CURVES_EVERY_S:
+        epochs = [json.loads(text) for text in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
+        write_atomically(run.run_dir / "curves.png", lambda path: curves_png(epochs, path))
+        run.curves_drawn_at = time.monotonic()
     print(f"epoch {epoch}/{args.epochs} | loss {train_loss:.4f} | {images_per_second:.1f} img/s"
           f" | lr {line['lr']:.2e} | val " + " ".join(f"{name} {metrics[name]:.4f}" for name in SEGMENTATION_METRICS)
           + f" | best iou {progress.best_iou:.4f} (epoch {progress.best_epoch})", flush=True)
