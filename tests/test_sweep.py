@@ -2,9 +2,9 @@
 metrics.paired_difference on cases whose answer is known.
 
 One run is started beforehand and stopped after its first epoch, as a killed sweep leaves it: the sweep
-must resume it, not start it again. A second sweep over the same grid must train nothing. The grid's
-train.py / eval.py commands run in this process (sweep.run_child replaced: the same argv, ~5 s less
-per run than a new Python); one more sweep runs as a user runs it, `python sweep.py`, in subprocesses.
+must resume it, not start it again. A second sweep over the same grid, run as a user runs it
+(`python sweep.py`), must train nothing. The grid's train.py / eval.py commands run in this process
+(sweep.run_child replaced: the same argv, ~5 s less per run than a new Python).
 """
 import csv
 import json
@@ -41,8 +41,7 @@ def swept(tmp_path_factory, tiny_llm):
     argv = grid(out, tiny_llm)
     _, varying, fixed = sweep.parse_sweep(argv)
     stopped = out / "runs" / "mode-frozen_seed42"
-    train_argv = ["--mode", "frozen", *fixed, "--seed", "42", "--out", str(stopped), "--stop-after-epoch", "1"]
-    subprocess.run([sys.executable, str(REPO / "train.py"), *train_argv], check=True, capture_output=True)
+    assert train.main(["--mode", "frozen", *fixed, "--seed", "42", "--out", str(stopped), "--stop-after-epoch", "1"]) == 0
     first_epoch = (stopped / "metrics.jsonl").read_text()
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(sweep, "run_child", in_this_process)
@@ -65,6 +64,7 @@ def test_every_run_finished_and_the_stopped_one_was_resumed(swept):
         assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
         assert (out / "runs" / name / "eval-val" / "per_image.csv").is_file()
         assert (out / "runs" / name / "curves.png").is_file()
+        assert (out / "runs" / name / "eval-val" / "analysis.json").is_file() == ("frozen" in name)  # --analyze
     # Resumed, not restarted: its first epoch's line is the one written before the "kill".
     assert (out / "runs" / "mode-frozen_seed42" / "metrics.jsonl").read_text().startswith(first_epoch)
 
@@ -94,22 +94,19 @@ def test_the_table_equals_a_hand_computation_from_the_per_image_csvs(swept):
             picture.verify()
 
 
-def test_a_second_sweep_trains_nothing(swept, capfd):
+def test_a_second_sweep_from_the_command_line_trains_nothing(swept):
+    """`python sweep.py` as a user runs it, over the finished grid: every run is skipped, the table redone."""
     out, argv, _ = swept
     before = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*.safetensors")}
-    assert sweep.main(argv) == 0
-    assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*.safetensors")} == before
-    assert capfd.readouterr().out.count("finished before, skipping") == 4
-
-
-def test_the_command_line_sweep_runs_the_scripts_as_a_user_would(tmp_path, tiny_llm):
-    argv = grid(tmp_path, tiny_llm)
-    argv[argv.index("--epochs") + 1] = "1"
-    argv = argv[:argv.index("--mode")] + ["--mode", "frozen", "--seeds", "7"]
+    (out / "table.md").unlink()
     result = subprocess.run([sys.executable, str(REPO / "sweep.py"), *argv], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "| all runs | 1 |" in (tmp_path / "table.md").read_text()
-    assert (tmp_path / "runs" / "seed7" / "eval-val" / "analysis.json").is_file()  # a bridged run gets --analyze
+    assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("*.safetensors")} == before
+    assert result.stdout.count("finished before, skipping") == 4 and (out / "table.md").is_file()
+
+
+def test_run_child_returns_the_scripts_exit_code():
+    assert sweep.run_child([sys.executable, "-c", "import sys; sys.exit(3)"]) == 3
 
 
 @pytest.mark.parametrize("extra, message", [
