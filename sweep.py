@@ -46,7 +46,7 @@ import numpy as np
 
 from cli import USER_ERRORS, one_line_error_parser, user_error
 from metrics import paired_difference
-from settings import check_args, make_parser
+from settings import CHANGEABLE_ON_RESUME, PER_INVOCATION, check_args, make_parser
 
 HERE = Path(__file__).resolve().parent
 # Flags the sweep sets itself, per run.
@@ -147,8 +147,24 @@ def plan_runs(args, varying, fixed) -> list[Run]:
             run_dir = Path(args.out) / "runs" / run_name(varying, setting, seed)
             parsed = make_parser().parse_args(train_argv + ["--out", str(run_dir)])
             check_args(argparse.Namespace(**{**vars(parsed), "resume": None, "out": str(run_dir / "never")}))
+            check_same_settings(parsed, run_dir)
             runs.append(Run(setting, seed, train_argv, run_dir))
     return runs
+
+
+def check_same_settings(parsed: argparse.Namespace, run_dir: Path) -> None:
+    """A run already in OUT must have been trained with this sweep's settings, or skipping or resuming
+    it would put another experiment's numbers in the table."""
+    config_file = run_dir / "config.json"
+    if not config_file.is_file():
+        return
+    saved = json.loads(config_file.read_text())["train"]
+    for name, value in vars(parsed).items():
+        if name in PER_INVOCATION or name in CHANGEABLE_ON_RESUME or name not in saved or saved[name] == value:
+            continue
+        flag = "--" + name.replace("_", "-")
+        raise ValueError(f"{run_dir} was trained with {flag} {saved[name]}, this sweep asks for {value}: "
+                         f"use another --out for a different experiment")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -251,6 +267,8 @@ def setting_label(varying, setting: tuple) -> str:
 def find_baseline(args, varying, settings: list[tuple]) -> tuple:
     if args.baseline is None:
         return settings[0]
+    if not all("=" in part for part in args.baseline.split(",")):
+        raise ValueError(f"--baseline {args.baseline}: expected FLAG=VALUE pairs, e.g. mode=none or mode=none,layer=15")
     wanted = dict(part.split("=", 1) for part in args.baseline.split(","))
     names = [flag.lstrip("-") for flag, _ in varying]
     unknown = set(wanted) - set(names)

@@ -414,7 +414,12 @@ def main(argv: list[str] | None = None) -> int:
             return user_error(error) if processes.local_rank == 0 else USER_ERROR_EXIT
         try:
             with StopRequests() as stop:
-                return train(run, stop)
+                code = train(run, stop)  # every rank ends here together: its exits are collective decisions
+            if processes.distributed:
+                # gloo's threads must be idle when the group is torn down: tearing it down while the other
+                # rank still finishes its last collective aborted 1 run in 8 ("terminate called ...").
+                dist.barrier()
+            return code
         finally:
             if processes.distributed:
                 dist.destroy_process_group()

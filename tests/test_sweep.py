@@ -105,6 +105,14 @@ def test_a_second_sweep_from_the_command_line_trains_nothing(swept):
     assert result.stdout.count("finished before, skipping") == 4 and (out / "table.md").is_file()
 
 
+def test_a_sweep_with_other_settings_in_the_same_out_is_refused(swept, capsys):
+    out, argv, _ = swept
+    changed = list(argv)
+    changed[changed.index("--epochs") + 1] = "3"
+    assert sweep.main(changed) == 2
+    assert "was trained with --epochs 2, this sweep asks for 3" in capsys.readouterr().err
+
+
 def test_run_child_returns_the_scripts_exit_code():
     assert sweep.run_child([sys.executable, "-c", "import sys; sys.exit(3)"]) == 3
 
@@ -116,6 +124,7 @@ def test_run_child_returns_the_scripts_exit_code():
     (["--lora-rank", "3-1"], "expected a range A-B with A <= B"),
     (["--img-size", "48"], "--img-size is given twice"),
     (["--baseline", "mode=trainable"], "matches no setting"),
+    (["--baseline", "none"], "expected FLAG=VALUE pairs"),
 ])
 def test_bad_sweeps_are_refused_before_any_run(tmp_path, tiny_llm, capsys, extra, message):
     assert sweep.main(grid(tmp_path, tiny_llm) + extra) == 2
