@@ -160,3 +160,49 @@ def test_the_metric_name_tables_name_what_the_functions_return():
     logits, masks = torch.zeros(2, 1, 8, 8), torch.zeros(2, 1, 8, 8)
     assert tuple(metrics.segmentation_metrics(logits, masks)) == metrics.SEGMENTATION_METRICS
     assert tuple(metrics.surface_metrics(logits, masks)) == metrics.SURFACE_METRICS
+
+
+# --- against MONAI, in 2D and 3D with anisotropic spacing ------------------------------------------
+
+
+def blobs(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """(2, 1, *shape) masks: a few random boxes each, never empty, overlapping at random."""
+    generator = torch.Generator().manual_seed(seed)
+    masks = torch.zeros(2, 1, *shape)
+    for case in range(2):
+        for _ in range(3):
+            corner = [int(torch.randint(0, side - 6, (), generator=generator)) for side in shape]
+            size = [int(torch.randint(3, 7, (), generator=generator)) for _ in shape]
+            masks[(case, 0, *[slice(c, c + s) for c, s in zip(corner, size)])] = 1
+    return masks
+
+
+def one_hot(masks: torch.Tensor) -> torch.Tensor:
+    return torch.cat([1 - masks, masks], dim=1)  # (B, 2, *spatial): background, foreground
+
+
+@pytest.mark.parametrize("shape, spacing", [((40, 36), None), ((40, 36), (0.7, 1.9)),
+                                            ((20, 24, 18), None), ((20, 24, 18), (2.5, 0.8, 0.8))])
+def test_hd95_and_nsd_equal_monais(shape, spacing):
+    """MONAI's compute_hausdorff_distance(percentile=95) and compute_surface_dice (test-only references)
+    on non-empty random masks: the same edges (mask minus its erosion by the cross, outside = background)
+    and the same Euclidean distances, so they agree to float32 rounding."""
+    from monai.metrics import compute_hausdorff_distance, compute_surface_dice
+
+    pred, true = blobs(shape, seed=1), blobs(shape, seed=2)
+    ours = metrics.surface_metrics(pred, true, from_logits=False, tolerance=1.5, spacing=spacing)
+    monai_spacing = spacing or 1.0
+    hd95 = compute_hausdorff_distance(one_hot(pred), one_hot(true), percentile=95, spacing=monai_spacing)[:, 0]
+    nsd = compute_surface_dice(one_hot(pred), one_hot(true), class_thresholds=[1.5], spacing=monai_spacing)[:, 0]
+    torch.testing.assert_close(ours["hd95"], hd95.float(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours["nsd"], nsd.float(), atol=1e-6, rtol=0)
+    assert (ours["hd95"] > 0).all() and (ours["nsd"] < 1).all()  # the cases are not trivial
+
+
+def test_spacing_scales_distances_and_is_checked():
+    pred, true = blobs((20, 24, 18), seed=3), blobs((20, 24, 18), seed=4)
+    voxels = metrics.surface_metrics(pred, true, from_logits=False)["hd95"]
+    doubled = metrics.surface_metrics(pred, true, from_logits=False, spacing=(2.0, 2.0, 2.0))["hd95"]
+    torch.testing.assert_close(doubled, 2 * voxels)
+    with pytest.raises(ValueError, match="expected 3 positive voxel sizes"):
+        metrics.surface_metrics(pred, true, spacing=(1.0, 1.0))
