@@ -5,7 +5,7 @@
     python sweep.py --out sweeps/llms --data busi --llm llama3.2-1b deepseek-r1-qwen-1.5b --layer 15 --seeds 41 42
 
 Any train.py flag given several values spans the grid (the product of every such flag; integer
-ranges as A-B); a flag given one value, and train.py's switches (--residual, --no-compile), go to
+ranges as A-B; --layers is read as --layer); a flag given one value, and train.py's switches (--residual, --no-compile), go to
 every run. --seeds replaces --seed. Each setting x seed is an ordinary train.py run, in
 OUT/runs/<the varying flags and values>_seed<seed>: a finished run is skipped, a stopped one resumed
 (train.py --resume), so a killed sweep picks up where it stopped; each run is then evaluated once
