@@ -224,6 +224,13 @@ def random_symmetry(image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tens
     return image.contiguous(), mask.contiguous()
 
 
+def resized_rgb(rgb: Image.Image, img_size: int) -> torch.Tensor:
+    """An RGB PIL image -> (3, S, S) float in [0, 1] at S = img_size. PIL's bilinear antialiases when
+    shrinking (ISIC images are ~4000 px wide). Training data and new images (prediction.py) both pass here."""
+    resized = np.array(rgb.resize((img_size, img_size), Image.Resampling.BILINEAR))   # (S, S, 3)
+    return torch.from_numpy(resized).permute(2, 0, 1).float() / 255                  # (3, S, S)
+
+
 def make_item(image: torch.Tensor, mask: torch.Tensor, name: str, augment: bool) -> dict:
     """image (3, S, S) in [0, 1], mask (1, S, S) in {0, 1} -> the dataset item."""
     if augment:
@@ -252,15 +259,11 @@ class SegmentationFiles(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         case, size = self.cases[index], (self.img_size, self.img_size)
-        image = read_rgb(case.image)
-        mask = Image.fromarray(read_mask(case, image.size).astype(np.uint8) * 255)
-        # PIL's bilinear antialiases when shrinking (ISIC images are ~4000 px wide); nearest keeps
-        # the mask binary.
-        image = np.asarray(image.resize(size, Image.Resampling.BILINEAR))          # (S, S, 3)
-        mask = np.asarray(mask.resize(size, Image.Resampling.NEAREST))             # (S, S)
-        image = torch.from_numpy(image.copy()).permute(2, 0, 1).float() / 255      # (3, S, S)
+        rgb = read_rgb(case.image)
+        mask = Image.fromarray(read_mask(case, rgb.size).astype(np.uint8) * 255)
+        mask = np.asarray(mask.resize(size, Image.Resampling.NEAREST))             # (S, S): nearest keeps it binary
         mask = torch.from_numpy(mask >= 128).float().unsqueeze(0)                  # (1, S, S)
-        return make_item(image, mask, case.name, self.augment)
+        return make_item(resized_rgb(rgb, self.img_size), mask, case.name, self.augment)
 
 
 # ---------------------------------------------------------------------------------------------

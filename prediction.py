@@ -2,8 +2,8 @@
 
     predict_folder(net, img_size, images_dir, out_dir, device, precision) -> (written, skipped)
 
-Each image is read as the training data was (data.read_rgb: grayscale, 16-bit, RGBA and palette
-images become RGB), resized to the run's img_size x img_size (bilinear), ImageNet-normalised and
+Each image is read and resized as the training data was (data.read_rgb: grayscale, 16-bit, RGBA and
+palette images become RGB; data.resized_rgb: bilinear to img_size x img_size), ImageNet-normalised and
 predicted; the foreground probability (S, S) is resized back to the image's own (H, W) bilinearly
 and thresholded at metrics.THRESHOLD, so the mask follows the network's smooth output rather than
 the blocks of an enlarged binary mask. Written into out_dir:
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from data import normalize, read_rgb
+from data import normalize, read_rgb, resized_rgb
 from metrics import THRESHOLD
 from pictures import overlay_png
 from runtime import predict
@@ -42,8 +42,7 @@ def image_files(images_dir: Path) -> list[Path]:
 def predict_image(net: torch.nn.Module, rgb: Image.Image, img_size: int, device: torch.device,
                   precision: torch.dtype) -> np.ndarray:
     """An RGB PIL image (W, H) -> the foreground probability (H, W) float32 at the image's own size."""
-    resized = np.array(rgb.resize((img_size, img_size), Image.Resampling.BILINEAR))        # (S, S, 3)
-    image = normalize(torch.from_numpy(resized).permute(2, 0, 1).float() / 255)              # (3, S, S)
+    image = normalize(resized_rgb(rgb, img_size))                                             # (3, S, S)
     probability = torch.sigmoid(predict(net, image[None], device, precision).float())        # (1, 1, S, S)
     width, height = rgb.size
     probability = F.interpolate(probability.cpu(), size=(height, width), mode="bilinear", align_corners=False)
