@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 import llm_layer
 from layer_parity import FORWARD_TOLERANCE, GRADIENT_TOLERANCE, parity_errors
 from llm_layer import DecoderLayer, load_layer
+from sparse_checkpoints import data_bytes_fetched, write_sparse_safetensors
 
 LLAMA_REPO = "tiny-org/tiny-llama"            # single model.safetensors
 QWEN2_REPO = "tiny-org/tiny-qwen2-sharded"    # model-0000x-of-0000y.safetensors + index
@@ -131,23 +132,14 @@ def test_rope_free_permuting_tokens_permutes_output(checkpoints):
 # --- fetching only the layer ------------------------------------------------------------------
 
 
-def _data_bytes_fetched(hub, repo: str, directory: Path) -> tuple[int, int]:
-    """(tensor-data bytes the Hub sent for this repo's safetensors files, their total size)."""
-    fetched = total = 0
-    for file in directory.glob("*.safetensors"):
-        data_start = 8 + int.from_bytes(file.read_bytes()[:8], "little")
-        total += file.stat().st_size
-        fetched += sum(max(0, s.end - max(s.start, data_start)) for s in hub.sent(repo, file.name))
-    return fetched, total
-
-
 @pytest.mark.parametrize("repo", [LLAMA_REPO, QWEN2_REPO])
 def test_fetches_only_the_layer_and_then_works_offline(checkpoints, hub, repo, tmp_path):
     number = 11
     hub.log.clear()
     layer = load_layer(repo, number)
     layer_bytes = sum(p.numel() * p.element_size() for p in layer.parameters())
-    fetched, total = _data_bytes_fetched(hub, repo, checkpoints[repo])
+    fetched = sum(data_bytes_fetched(hub, repo, checkpoints[repo]).values())
+    total = sum(file.stat().st_size for file in checkpoints[repo].glob("*.safetensors"))
     assert total >= 20 * layer_bytes, "the test needs a checkpoint much larger than one layer"
     assert layer_bytes <= fetched <= 1.02 * layer_bytes
     if repo == QWEN2_REPO:  # only the shard(s) holding the layer were touched
@@ -171,6 +163,40 @@ def test_fetches_only_the_layer_and_then_works_offline(checkpoints, hub, repo, t
               f"assert all(torch.equal(p, expected[n]) for n, p in layer.named_parameters())\n")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9"}
     subprocess.run([sys.executable, "-c", script], env=env, check=True, cwd=Path(__file__).parents[1])
+
+
+LLAMA_3_1_8B = dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=4096, intermediate_size=14336,
+                    num_attention_heads=32, num_key_value_heads=8, num_hidden_layers=32, rms_norm_eps=1e-5,
+                    vocab_size=128256, torch_dtype="bfloat16")
+
+
+def test_medvisionllamas_layer_32_of_a_sharded_llama_3_1_8b_is_fetched_alone(hub, tmp_path):
+    """MedVisionLlama uses the last layer of Llama-3.1-8B. Four sparse shards at the real shapes (16 GB of
+    zeros, no disk used), the last holding layer 32, the final norm and lm_head, as the Hub's repo does:
+    only that shard is read, and only the layer's 436 MB of it."""
+    shapes = {f"model.layers.{i}.{name}": shape for i in range(32) for name, shape in
+              llm_layer.layers.expected_shapes(llm_layer.LayerConfig.from_hf(LLAMA_3_1_8B, i + 1)).items()}
+    shards = {"model-00001-of-00004.safetensors": {"model.embed_tokens.weight": (128256, 4096)},
+              "model-00002-of-00004.safetensors": {}, "model-00003-of-00004.safetensors": {},
+              "model-00004-of-00004.safetensors": {"model.norm.weight": (4096,), "lm_head.weight": (128256, 4096)}}
+    for name, shape in shapes.items():
+        index = int(name.split(".")[2])
+        shard = 1 if index <= 8 else 2 if index <= 19 else 3 if index <= 30 else 4
+        shards[f"model-0000{shard}-of-00004.safetensors"][name] = shape
+    weight_map = {}
+    for filename, tensors in shards.items():
+        write_sparse_safetensors(tmp_path / filename, tensors)
+        weight_map |= {name: filename for name in tensors}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA_3_1_8B))
+    hub.add_repo("tiny-org/llama-3.1-8b-shaped", tmp_path)
+
+    layer = load_layer("tiny-org/llama-3.1-8b-shaped", 32)
+    layer_bytes = sum(p.numel() * p.element_size() for p in layer.parameters())
+    assert layer_bytes == 436_224_000 and layer.config.prefix == "model.layers.31."  # 218.1 M bf16 parameters
+    fetched = data_bytes_fetched(hub, "tiny-org/llama-3.1-8b-shaped", tmp_path)
+    assert {name for name, count in fetched.items() if count} == {"model-00004-of-00004.safetensors"}
+    assert layer_bytes <= fetched["model-00004-of-00004.safetensors"] <= 1.02 * layer_bytes
 
 
 def test_local_directories_single_file_and_sharded(checkpoints):

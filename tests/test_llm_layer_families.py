@@ -17,6 +17,7 @@ import llm_layer
 from layer_parity import FORWARD_TOLERANCE, GRADIENT_TOLERANCE, parity_errors
 from llm_layer import ALIASES, load_layer
 from model import build_model, count_params
+from sparse_checkpoints import data_bytes_fetched, write_sparse_safetensors
 
 NUM_LAYERS = 3
 GEMMA2_REPO = "tiny-org/tiny-gemma2"
@@ -197,25 +198,16 @@ def test_a_gemma2_9b_shaped_fetch_reads_only_its_layer(hub, tmp_path):
     shapes = {"model.embed_tokens.weight": (256000, 3584)} | {
         f"model.layers.{i}.{name}": shape for i in range(3) for name, shape in llm_layer.layers.expected_shapes(
             llm_layer.LayerConfig.from_hf(GEMMA2_9B, i + 1)).items()}
-    header, offset = {}, 0
-    for name, shape in shapes.items():
-        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + 2 * math.prod(shape)]}
-        offset += 2 * math.prod(shape)
-    header_bytes = json.dumps(header).encode()
-    with open(tmp_path / "model.safetensors", "wb") as f:
-        f.write(len(header_bytes).to_bytes(8, "little") + header_bytes)
-        f.truncate(8 + len(header_bytes) + offset)
+    write_sparse_safetensors(tmp_path / "model.safetensors", shapes)
     (tmp_path / "config.json").write_text(json.dumps(GEMMA2_9B))
     hub.add_repo("tiny-org/gemma-2-9b-shaped", tmp_path)
 
     layer = load_layer("tiny-org/gemma-2-9b-shaped", 2)
     layer_bytes = sum(p.numel() * p.element_size() for p in layer.parameters())
     assert layer_bytes == 2 * sum(math.prod(s) for s in llm_layer.layers.expected_shapes(config).values())
-    data_start = 8 + len(header_bytes)
-    fetched = sum(max(0, s.end - max(s.start, data_start))
-                  for s in hub.sent("tiny-org/gemma-2-9b-shaped", "model.safetensors"))
+    fetched = data_bytes_fetched(hub, "tiny-org/gemma-2-9b-shaped", tmp_path)["model.safetensors"]
     assert layer_bytes <= fetched <= 1.02 * layer_bytes
-    assert offset >= 7 * layer_bytes  # 3.0 GB: the embedding and three layers
+    assert (tmp_path / "model.safetensors").stat().st_size >= 7 * layer_bytes  # 3.0 GB: the embedding, three layers
     assert (layer.config.head_dim, layer.config.softcap, layer.config.attention_scale) == (256, 50.0, 1 / 16)
 
 
