@@ -29,7 +29,6 @@ The formulas and their empty-case conventions are in metrics.py (per image, pool
 analysis.py (activation maps, concentration IoU, effective rank, LSVR); the drawing in pictures.py.
 """
 import contextlib
-import csv
 import json
 import re
 import sys
@@ -42,6 +41,7 @@ from analysis import ANALYSED, CONCENTRATION_THRESHOLD, BridgeFeatures, activati
 from checkpoints import load_run, read_run_config
 from cli import USER_ERRORS, add_runtime_flags, check_runtime_flags, one_line_error_parser, user_error
 from data import load_dataset
+from files import write_csv
 from metrics import NSD_TOLERANCE, SEGMENTATION_METRICS, SURFACE_METRICS, THRESHOLD, evaluate_cases, mean_and_std
 from metrics import segmentation_metrics, surface_metrics  # noqa: F401  public names eval.py has always offered
 from model import count_gmacs, count_params, set_frozen_dtype
@@ -214,13 +214,6 @@ def write_activation_maps(net, features: BridgeFeatures, dataset, count: int, de
             paths.append(folder / f"{file_stem(item['name'])}_{when}.png")
             heatmap_png(image, activation, paths[-1])
     return paths
-
-
-def write_csv(rows: list[dict], path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def print_report(report: dict, analysis: dict | None) -> None:

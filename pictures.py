@@ -129,11 +129,17 @@ def panel_png(image, gt_mask, pred_mask, path, gap: int = 4) -> None:
     Image.fromarray(row).save(path)
 
 
+def pyplot():
+    """matplotlib.pyplot drawing into files only (the Agg backend: no display needed), imported on first use."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
 def curves_png(epochs: list[dict], path) -> None:
     """Training curves from metrics.jsonl's lines: train loss and validation IoU / Dice (top), lr (bottom)."""
-    import matplotlib
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     x = [line["epoch"] for line in epochs]
     figure, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5), sharex=True, height_ratios=(3, 1))

@@ -45,7 +45,9 @@ from pathlib import Path
 import numpy as np
 
 from cli import USER_ERRORS, one_line_error_parser, user_error
+from files import write_csv
 from metrics import paired_difference
+from pictures import pyplot
 from settings import CHANGEABLE_ON_RESUME, PER_INVOCATION, check_args, make_parser
 
 HERE = Path(__file__).resolve().parent
@@ -187,13 +189,18 @@ def runtime_argv(run: Run) -> list[str]:
 
 def run_child(command: list[str]) -> int:
     """Run a script to its end and return its exit code. Ctrl-C reaches the child too (same process
-    group), and train.py then saves `last` before exiting 130: wait for that instead of killing it."""
+    group), and train.py then saves `last` before exiting 130: wait for that instead of killing it,
+    then raise KeyboardInterrupt."""
     child = subprocess.Popen(command)
     while True:
         try:
-            return child.wait()
+            code = child.wait()
+            break
         except KeyboardInterrupt:
             continue
+    if code in (130, 143):  # stopped by Ctrl-C or SIGTERM, its progress saved: stop the sweep too
+        raise KeyboardInterrupt
+    return code
 
 
 def execute(run: Run, split: str, device: str | None) -> None:
@@ -207,8 +214,6 @@ def execute(run: Run, split: str, device: str | None) -> None:
         resume = ["--resume", str(run.run_dir)] if progress else ["--out", str(run.run_dir)]
         print(f"sweep: {'resuming' if progress else 'training'} {run.run_dir.name}", flush=True)
         code = run_child([sys.executable, str(HERE / "train.py"), *run.train_argv, *resume, *device_argv])
-        if code in (130, 143):
-            raise KeyboardInterrupt
         if code != 0:
             run.status = f"failed (train.py exit {code})"
             return
@@ -221,8 +226,6 @@ def execute(run: Run, split: str, device: str | None) -> None:
         command = [sys.executable, str(HERE / "eval.py"), str(run.run_dir), "--split", split, "--samples", "4",
                    *analyze, *runtime_argv(run), *device_argv]
         code = run_child(command)
-        if code in (130, 143):
-            raise KeyboardInterrupt
         if code != 0:
             run.status = f"failed (eval.py exit {code})"
             return
@@ -288,11 +291,15 @@ def paired_ious(runs: list[Run], baseline_runs: list[Run]) -> list[float]:
             for row in run.per_image if row["case"] in by_seed[run.seed]]
 
 
-def summarise(args, varying, runs: list[Run]) -> list[dict]:
+def run_mean(run: Run, metric: str) -> float:
+    """A run's score: its mean over images."""
+    return float(np.mean([image[metric] for image in run.per_image]))
+
+
+def summarise(args, varying, runs: list[Run], baseline: tuple) -> list[dict]:
     """One row per setting: the seeds' mean ± std of each run's mean metric, the model's size, and the
-    paired comparison with the baseline."""
+    paired comparison with the baseline setting."""
     settings = list(dict.fromkeys(run.setting for run in runs))
-    baseline = find_baseline(args, varying, settings)
     done = [run for run in runs if run.status == "done"]
     rows = []
     for setting in settings:
@@ -302,7 +309,7 @@ def summarise(args, varying, runs: list[Run]) -> list[dict]:
                **{flag.lstrip("-"): value for (flag, _), value in zip(varying, setting)},
                "seeds": len(mine), "failed": " ".join(failed)}
         for metric in REPORTED:
-            per_seed = [float(np.mean([image[metric] for image in run.per_image])) for run in mine]
+            per_seed = [run_mean(run, metric) for run in mine]
             row[f"{metric}_mean"] = float(np.mean(per_seed)) if per_seed else float("nan")
             row[f"{metric}_std"] = float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else float("nan")
         if mine:
@@ -319,11 +326,7 @@ def summarise(args, varying, runs: list[Run]) -> list[dict]:
 
 
 def write_tables(rows: list[dict], out: Path, baseline_label: str, split: str) -> str:
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    with open(out / "table.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, out / "table.csv")
 
     def pm(row, metric, scale):
         mean, std = row[f"{metric}_mean"] * scale, row[f"{metric}_std"] * scale
@@ -356,15 +359,12 @@ def write_tables(rows: list[dict], out: Path, baseline_label: str, split: str) -
 
 
 def plot(varying, runs: list[Run], out: Path) -> list[Path]:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     done = [run for run in runs if run.status == "done"]
     settings = list(dict.fromkeys(run.setting for run in runs))
     labels = [setting_label(varying, s) for s in settings]
-    per_seed = [[float(np.mean([r["iou"] for r in run.per_image])) for run in done if run.setting == s]
-                for s in settings]
+    per_seed = [[run_mean(run, "iou") for run in done if run.setting == s] for s in settings]
     written = []
     figure, axes = plt.subplots(figsize=(max(5, 1.2 * len(settings)), 4))
     axes.boxplot(per_seed, showmeans=True)
@@ -387,8 +387,8 @@ def plot(varying, runs: list[Run], out: Path) -> list[Path]:
             layers = [layer for layer, _ in points]
             means = np.array([np.mean(values) for _, values in points])
             stds = np.array([np.std(values, ddof=1) if len(values) > 1 else 0.0 for _, values in points])
-            label = ", ".join(f"{flag.lstrip('-')} {value}" for flag, value in zip(names[:at] + names[at + 1:], other))
-            axes.errorbar(layers, means, yerr=stds, marker="o", capsize=3, label=label or None)
+            axes.errorbar(layers, means, yerr=stds, marker="o", capsize=3,
+                          label=setting_label(varying[:at] + varying[at + 1:], other))
         axes.set_xlabel("LLM layer (1-based)")
         axes.set_ylabel("IoU, mean ± std over seeds")
         if any(others[0]):
@@ -433,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         print("sweep: stopped; run the same command again to continue", file=sys.stderr)
         return 130
     out = Path(args.out)
-    rows = summarise(args, varying, runs)
+    rows = summarise(args, varying, runs, baseline)
     print(write_tables(rows, out, setting_label(varying, baseline), args.split))
     for path in plot(varying, runs, out):
         print(f"wrote {path}")
