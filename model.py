@@ -1,4 +1,6 @@
-"""Segmentation networks of LLM4Seg: a U-Net, CMUNeXt or nnU-Net with one LLM decoder layer at the bottleneck.
+"""Segmentation networks with one LLM decoder layer inside: LLM4Seg's U-Net, CMUNeXt or nnU-Net with the
+layer at the bottleneck (2D, this file), and MedVisionLlama's ViT with it after the patch embedding
+(2D or 3D, vit.py). Both go through build_model and the same LLMBridge.
 
     image (B, in_channels, H, W)
     encoder1 ------------------------------------------------ decoder1 -> head -> logits (B, classes, H, W)
@@ -48,6 +50,18 @@ convs and matmuls; the paper's thop also counts BatchNorm and upsampling, hence 
     nnU-Net                 7,765,985    12.07      7.76 M   12.12
       + Llama-3.2-1B L15   +2,099,712    28.45     +2.10 M   28.22
 Left out: the paper's 3D backbones (MedNeXt, 3D UX-Net).
+
+MedVisionLlama (build_model("vit", ...), vit.py): the bridge sits on the ViT's tokens (B, N, E) and, by
+default for "vit", adds the residual and the LLM's final RMSNorm: E -> D -> h + norm(layer(h)) -> E.
+The public code builds that norm but never loads its weight, so it runs with weight 1 (final_norm="unit";
+the checkpoint's model.norm.weight is not used). mapper_lora_rank=r puts LoRA (W + B A, as on q / v) on the
+two mappers, whose own weights train too (loralib's Linear, as the public code); lora_rank=r adapts q / v
+inside the layer (the paper's "selectively"). Trainable parameters at 1 x 128^3, patch 8, E 64, 16 blocks:
+                                        ours          paper's Table 5
+    ViT-Baseline                        1,128,000     1.16 M (its code counts an unused head, +33,280)
+      + Llama-3.1-8B L32, mappers       +528,448
+      + mapper LoRA rank 8              +66,560       5.43 M in all with "LoRA"; not reproducible from the
+                                                      paper or code (see README.md)
 """
 
 import copy
@@ -60,6 +74,8 @@ import torch.nn.functional as F
 
 from llm_layer import MODES as LLM_MODES
 from llm_layer import load_layer
+from llm_layer.layers import RMSNorm
+from vit import VisionTransformer
 
 DOWNSAMPLING = 16  # four halvings of the sides between encoder1 and encoder5
 MODES = ("none", *LLM_MODES)  # "none": the plain backbone, the paper's baseline rows
@@ -77,6 +93,16 @@ class ModelConfig:
     lora_rank: int
     residual: bool
     revision: str | None = None  # the LLM's Hub revision (a commit pins the exact weights)
+    mapper_lora_rank: int = 0
+    final_norm: str = "none"
+    spatial_dims: int = 2
+    # the ViT's shape (vit.py); the CNNs ignore these
+    img_size: int = 128
+    patch_size: int = 8
+    embed_dim: int = 64
+    depth: int = 16
+    heads: int = 4
+    dropout: float = 0.2
 
 
 # ----------------------------------------------------------------------------- the U-shaped network
@@ -146,30 +172,48 @@ class DecoderStage(nn.Module):
 # ----------------------------------------------------------------------------- the LLM bridge
 
 class LLMBridge(nn.Module):
-    """(B, C, h, w) -> (B, C, h, w) through Linear(C, D), one LLM decoder layer, Linear(D, C)."""
+    """One LLM decoder layer between two adapters: maps (B, C, *spatial) through `forward`, tokens
+    (B, N, C) through `refine`:
+        hidden = Linear(C, D)(tokens);  out = layer(hidden);  out = final_norm(out) if any;
+        out = hidden + out if residual;  Linear(D, C)(out)
+    final_norm is MedVisionLlama's: the LLM's final RMSNorm, with unit weight (FINAL_NORMS)."""
 
-    def __init__(self, channels: int, layer: nn.Module, *, residual: bool):
+    def __init__(self, channels: int, layer: nn.Module, *, residual: bool, final_norm: nn.Module | None = None):
         super().__init__()
         width = layer.config.hidden_size
         self.project_in = nn.Linear(channels, width)
         self.layer = layer
+        self.final_norm = final_norm
         self.project_out = nn.Linear(width, channels)
         self.residual = residual
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Any h, w: the token count follows the feature map."""
-        B, C, H, W = x.shape
-        tokens = x.flatten(2).transpose(1, 2)    # (B, N, C), N = H*W
+        """(B, C, *spatial) -> same; any spatial size: the token count follows the feature map."""
+        tokens = x.flatten(2).transpose(1, 2)                    # (B, N, C), N = prod(spatial)
+        return self.refine(tokens).transpose(1, 2).reshape(x.shape)
+
+    def refine(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, N, C) -> (B, N, C)."""
         hidden = self.project_in(tokens)         # (B, N, D)
         out = self.layer(hidden)                 # (B, N, D)
+        if self.final_norm is not None:
+            out = self.final_norm(out)
         if self.residual:
             out = hidden + out
-        tokens = self.project_out(out)           # (B, N, C)
-        return tokens.transpose(1, 2).reshape(B, C, H, W)
+        return self.project_out(out)             # (B, N, C)
+
+
+def unit_final_norm(layer: nn.Module) -> nn.Module:
+    """The LLM's final RMSNorm as MedVisionLlama's public code runs it: built, its weight never loaded
+    from the checkpoint, so it stays 1 (and frozen). x / sqrt(mean(x^2) + eps), eps the layer's."""
+    norm = RMSNorm(layer.config.hidden_size, layer.config.norm_eps)
+    return norm.requires_grad_(False)
 
 
 class LoRALinear(nn.Module):
-    """y = base(x) + x A^T B^T with base frozen; A (r, in) kaiming-uniform, B (out, r) zero at start.
+    """y = base(x) + x A^T B^T; A (r, in) kaiming-uniform, B (out, r) zero at start. The base keeps its
+    requires_grad: frozen for a projection of the LLM layer, trained for a mapper (MedVisionLlama's
+    public code uses loralib's Linear there, whose full weight trains beside B A).
 
     A and B stay float32 (they are trained) and are cast to x's dtype, e.g. a bf16 layer's."""
 
@@ -307,42 +351,94 @@ BACKBONES = {"unet": unet_parts, "cmunext": cmunext_parts, "nnunet": nnunet_part
 
 # ----------------------------------------------------------------------------- builders
 
+VIT_DEFAULTS = {"in_channels": 1, "spatial_dims": 3, "residual": True, "final_norm": "unit"}  # MedVisionLlama's
+CNN_DEFAULTS = {"in_channels": 3, "spatial_dims": 2, "residual": False, "final_norm": "none"}   # LLM4Seg's
+FINAL_NORMS = ("none", "unit")  # after the layer: nothing, or the LLM's final RMSNorm with unit weight
+
+
 def build_model(backbone: str = "cmunext", llm: str | None = "llama3.2-1b", layer: int = 15,
-                mode: str = "frozen", *, in_channels: int = 3, num_classes: int = 1,
-                lora_rank: int = 0, residual: bool = False, revision: str | None = None) -> nn.Module:
-    """A U-Net, CMUNeXt or nnU-Net; with `llm`, the `layer`-th (1-based) decoder layer of that LLM at the
-    bottleneck, loaded by llm_layer.load_layer in `mode` (frozen / trainable / random) at the Hub
-    `revision` (branch, tag or commit; None = main).
-    llm=None or mode="none" gives the plain backbone (model.bridge is None)."""
-    if backbone not in BACKBONES:
-        raise ValueError(f"expected backbone one of {sorted(BACKBONES)}, got {backbone!r}")
+                mode: str = "frozen", *, in_channels: int | None = None, num_classes: int = 1,
+                lora_rank: int = 0, mapper_lora_rank: int = 0, residual: bool | None = None,
+                final_norm: str | None = None, revision: str | None = None, spatial_dims: int | None = None,
+                img_size: int = 128, patch_size: int = 8, embed_dim: int = 64, depth: int = 16, heads: int = 4,
+                dropout: float = 0.2) -> nn.Module:
+    """A U-Net, CMUNeXt, nnU-Net (2D) or ViT (2D or 3D); with `llm`, the `layer`-th (1-based) decoder layer
+    of that LLM in the bridge, loaded by llm_layer.load_layer in `mode` (frozen / trainable / random) at the
+    Hub `revision` (branch, tag or commit; None = main). llm=None or mode="none" gives the plain backbone
+    (model.bridge is None): for "vit", the paper's ViT-Baseline.
+
+    lora_rank: LoRA on the frozen layer's query and value projections; mapper_lora_rank: LoRA on the
+    bridge's two adapters (MedVisionLlama's "LoRA-based dimension mapping layers").
+    None takes the backbone's default (VIT_DEFAULTS, CNN_DEFAULTS): in_channels (1 or 3), spatial_dims
+    (3 or 2), residual (x + ... around the layer) and final_norm (FINAL_NORMS: "unit" or "none").
+    img_size, patch_size, embed_dim, depth, heads, dropout: the ViT's (vit.py), MedVisionLlama's defaults;
+    the CNNs take any multiple of 16 and ignore them."""
+    if backbone not in BACKBONES and backbone != "vit":
+        raise ValueError(f"expected backbone one of {sorted([*BACKBONES, 'vit'])}, got {backbone!r}")
     if mode not in MODES:
         raise ValueError(f"expected mode one of {MODES}, got {mode!r}")
+    defaults = VIT_DEFAULTS if backbone == "vit" else CNN_DEFAULTS
+    in_channels = defaults["in_channels"] if in_channels is None else in_channels
+    spatial_dims = defaults["spatial_dims"] if spatial_dims is None else spatial_dims
     plain = llm is None or mode == "none"
-    if lora_rank < 0:
-        raise ValueError(f"expected lora_rank >= 0 (0 = no LoRA), got {lora_rank}")
+    residual = defaults["residual"] and not plain if residual is None else residual
+    final_norm = (defaults["final_norm"] if not plain else "none") if final_norm is None else final_norm
+    check_model_options(backbone, llm, mode, plain, lora_rank, mapper_lora_rank, residual, final_norm, spatial_dims)
+    config = ModelConfig(backbone=backbone, llm=None if plain else llm, layer=layer,
+                         mode="none" if plain else mode, in_channels=in_channels, num_classes=num_classes,
+                         lora_rank=lora_rank, residual=residual, revision=None if plain else revision,
+                         mapper_lora_rank=mapper_lora_rank, final_norm=final_norm, spatial_dims=spatial_dims,
+                         img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth, heads=heads,
+                         dropout=dropout)
+
+    if backbone == "vit":
+        bridge = None if plain else llm_bridge(config, embed_dim)
+        net = VisionTransformer(in_channels=in_channels, num_classes=num_classes, spatial_dims=spatial_dims,
+                                img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
+                                heads=heads, dropout=dropout, bridge=bridge)
+        net.config = config
+        return net
+    encoders, down, decoders, widths = BACKBONES[backbone](in_channels)
+    bridge = None if plain else llm_bridge(config, widths[-1])
+    head = nn.Conv2d(widths[0], num_classes, 1)
+    return SegmentationNet(encoders, down, bridge, decoders, head, config)
+
+
+def check_model_options(backbone, llm, mode, plain, lora_rank, mapper_lora_rank, residual, final_norm,
+                        spatial_dims) -> None:
+    for name, rank in (("lora_rank", lora_rank), ("mapper_lora_rank", mapper_lora_rank)):
+        if rank < 0:
+            raise ValueError(f"expected {name} >= 0 (0 = no LoRA), got {rank}")
     if lora_rank and (plain or mode != "frozen"):
         raise ValueError(f"LoRA adapts a frozen LLM layer: expected llm set and mode='frozen' with "
                          f"lora_rank={lora_rank}, got llm={llm!r}, mode={mode!r}")
-    if residual and plain:
-        raise ValueError(f"residual=True wraps the LLM layer: expected an llm and a mode other than "
-                         f"'none', got llm={llm!r}, mode={mode!r}")
-    config = ModelConfig(backbone=backbone, llm=None if plain else llm, layer=layer,
-                         mode="none" if plain else mode, in_channels=in_channels, num_classes=num_classes,
-                         lora_rank=lora_rank, residual=residual, revision=None if plain else revision)
+    for name, on in (("mapper_lora_rank", mapper_lora_rank), ("residual", residual),
+                     ("final_norm", final_norm != "none")):
+        if on and plain:
+            raise ValueError(f"{name}={on!r} belongs to the LLM bridge: expected an llm and a mode other than "
+                             f"'none', got llm={llm!r}, mode={mode!r}")
+    if final_norm not in FINAL_NORMS:
+        raise ValueError(f"expected final_norm one of {FINAL_NORMS}, got {final_norm!r}")
+    allowed = (2, 3) if backbone == "vit" else (2,)
+    if spatial_dims not in allowed:
+        raise ValueError(f"backbone {backbone!r} is {' or '.join(f'{d}D' for d in allowed)}: got spatial_dims="
+                         f"{spatial_dims}{'; for volumes use the vit backbone' if backbone != 'vit' else ''}")
 
-    encoders, down, decoders, widths = BACKBONES[backbone](in_channels)
-    bridge = None
-    if not plain:
-        # A frozen layer keeps the checkpoint's dtype here; the entry scripts store it in the run's
-        # precision (set_frozen_dtype). Trained weights need float32 so small updates are not rounded away.
-        decoder_layer = load_layer(llm, layer, mode=mode, dtype=torch.float32 if mode == "trainable" else None,
-                                   revision=revision)
-        if lora_rank:
-            add_lora(decoder_layer, lora_rank)
-        bridge = LLMBridge(widths[-1], decoder_layer, residual=residual)
-    head = nn.Conv2d(widths[0], num_classes, 1)
-    return SegmentationNet(encoders, down, bridge, decoders, head, config)
+
+def llm_bridge(config: ModelConfig, channels: int) -> LLMBridge:
+    """The LLM layer of `config` between Linear(channels, D) and Linear(D, channels), with its options."""
+    # A frozen layer keeps the checkpoint's dtype here; the entry scripts store it in the run's
+    # precision (set_frozen_dtype). Trained weights need float32 so small updates are not rounded away.
+    decoder_layer = load_layer(config.llm, config.layer, mode=config.mode,
+                               dtype=torch.float32 if config.mode == "trainable" else None, revision=config.revision)
+    if config.lora_rank:
+        add_lora(decoder_layer, config.lora_rank)
+    final_norm = unit_final_norm(decoder_layer) if config.final_norm == "unit" else None
+    bridge = LLMBridge(channels, decoder_layer, residual=config.residual, final_norm=final_norm)
+    if config.mapper_lora_rank:
+        bridge.project_in = LoRALinear(bridge.project_in, config.mapper_lora_rank)
+        bridge.project_out = LoRALinear(bridge.project_out, config.mapper_lora_rank)
+    return bridge
 
 
 def set_frozen_dtype(net: nn.Module, dtype: torch.dtype) -> nn.Module:
@@ -356,15 +452,15 @@ def set_frozen_dtype(net: nn.Module, dtype: torch.dtype) -> nn.Module:
     return net
 
 
-def count_gmacs(net: nn.Module, in_channels: int, img_size: int) -> float:
-    """G multiply-accumulates of one (1, in_channels, S, S) forward: FlopCounterMode's FLOPs / 2 (convs and
-    matmuls; the paper's thop also counts BatchNorm and upsampling, ~1-3 % more), run on a meta-device
-    copy, since the count needs only shapes."""
+def count_gmacs(net: nn.Module, in_channels: int, img_size: int, spatial_dims: int = 2) -> float:
+    """G multiply-accumulates of one (1, in_channels, S, S) forward (S, S, S with spatial_dims 3):
+    FlopCounterMode's FLOPs / 2 (convs and matmuls, attention included; the paper's thop also counts
+    BatchNorm and upsampling, ~1-3 % more), run on a meta-device copy, since the count needs only shapes."""
     from torch.utils.flop_counter import FlopCounterMode  # 0.2 s of imports that training never needs
 
     meta_net = copy.deepcopy(net).to("meta")
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        meta_net(torch.zeros(1, in_channels, img_size, img_size, device="meta"))
+        meta_net(torch.zeros(1, in_channels, *(img_size,) * spatial_dims, device="meta"))
     return counter.get_total_flops() / 2 / 1e9
 
 
