@@ -1,10 +1,12 @@
 """Segmentation datasets: Kvasir-SEG, BUSI, ISIC 2018 and TN-SCUI read in their owners' raw layouts,
-the authors' folder layout, and a synthetic polyp set that needs no files (the offline default).
-Where each comes from and how its files pair up is raw_layouts.py's table; the synthetic scenes are
-drawn by synthetic.py; this file turns either into torch Datasets and owns the splits.
+the authors' folder layout, and a synthetic polyp set that needs no files (the offline default); in 3D,
+any Medical Segmentation Decathlon task and synthetic volumes (volumes.py: their reading and items).
+Where each 2D dataset comes from and how its files pair up is raw_layouts.py's table; the synthetic
+scenes are drawn by synthetic.py; this file turns them into torch Datasets and owns the splits.
 
-    load_dataset(name, root, split, img_size=S, seed) -> torch Dataset
+    load_dataset(name, root, split, img_size=S, seed) -> torch Dataset, with .in_channels
     item = {"image": (3, S, S) float32, "mask": (1, S, S) float32 in {0, 1}, "name": case id}
+    3D (msd, synthetic3d): image (C, S, S, S), mask (1, S, S, S), plus "spacing" (3,) in mm
 
 image = (rgb / 255 - mean) / std with ImageNet mean / std, applied once (the authors' loader divides
 by 255 a second time; we don't). mask = 1 where the owner's label is foreground: 8-bit values >= 128
@@ -21,6 +23,8 @@ it reproducible and DataLoader workers (which torch seeds one by one) draw diffe
 Splits are lists of case ids, written once as a small JSON file in `root` (or at `split_file`) and
 reused, so every run and every model sees the same cases:
     kvasir                     train / val / test  80 / 10 / 10 %   (no list was published)
+    msd                        train / val / test  70 / 20 / 10 %   (MedVisionLlama; fold=k instead takes
+                                                   fold k of 5 on the 90 % outside test as val)
     busi, isic2018, tnscui     train / val         70 / 30 %  as in the paper, plus an optional
     folder                                         held-out test fraction (the paper picks its best
                                                    epoch on the set it reports; a test set is honest)
@@ -47,8 +51,13 @@ from torch.utils.data import Dataset
 from files import write_atomically
 from raw_layouts import IMAGE_EXTENSIONS, RAW_DATASETS, Case, download_kvasir, missing_dataset
 from synthetic import draw_polyp_scene
+from volumes import MSDVolumes, SyntheticVolumes, msd_cases
 
-DATASETS = (*RAW_DATASETS, "synthetic")  # the owners' datasets (raw_layouts.py) and the generated one
+# The owners' 2D datasets (raw_layouts.py), the generated polyps, and the 3D ones (volumes.py).
+DATASETS = (*RAW_DATASETS, "synthetic", "msd", "synthetic3d")
+VOLUME_DATASETS = ("msd", "synthetic3d")  # items are (C, S, S, S) volumes
+MSD_FRACTIONS = (0.2, 0.1)  # (val, test) of all cases: MedVisionLlama's 70 / 20 / 10
+FOLDS = 5  # fold=k: the non-test cases in 5 parts, part k validates
 SPLITS = ("train", "val", "test")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -71,40 +80,54 @@ def load_dataset(name: str, root: str | None = None, split: str = "train", img_s
                  seed: int = 41, *, include_normal: bool = False, val_fraction: float | None = None,
                  test_fraction: float | None = None, split_file: str | None = None,
                  use_author_lists: bool = True, synthetic_size: int = 300,
-                 download: bool = True) -> Dataset:
+                 download: bool = True, fold: int | None = None, label: int | None = None) -> Dataset:
     """One split of a dataset; see the module docstring for layouts, labels and splits.
 
     include_normal: BUSI only; add the 133 "normal" cases (empty masks) the paper leaves out.
-    val_fraction / test_fraction: of all cases, default 0.1 / 0.1 for kvasir and 0.3 / 0 otherwise.
+    val_fraction / test_fraction: of all cases, default 0.1 / 0.1 for kvasir, 0.2 / 0.1 for msd and
+        0.3 / 0 otherwise.
     split_file: JSON split to reuse, or to write when absent (default: a file in root).
     use_author_lists: read <name>_train.txt / <name>_val.txt when present.
-    synthetic_size: total synthetic cases, split 70 / 20 / 10 %.
+    synthetic_size: total synthetic cases (2D or 3D), split 70 / 20 / 10 %.
     download: fetch Kvasir-SEG when root is absent or empty.
+    fold: 0..4, cross-validation on the cases outside the test split (cross_validation_fold).
+    label: msd only; the label value that is foreground (default: every label > 0).
     """
     check_dataset_name(name)
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}: expected one of {', '.join(SPLITS)}")
     if img_size < 1:
         raise ValueError(f"img_size must be positive, got {img_size}")
-    if name == "synthetic":
-        dataset = synthetic_split(split, synthetic_size, img_size, seed)
-        print(f"synthetic {split}: {len(dataset)} generated cases (seed {seed}, {img_size} px)")
+    if fold is not None and not 0 <= fold < FOLDS:
+        raise ValueError(f"fold {fold} out of range: expected 0..{FOLDS - 1}")
+    if label is not None and name != "msd":
+        raise ValueError(f"label chooses a structure of an msd task, got it for {name}")
+    if name in ("synthetic", "synthetic3d"):
+        if fold is not None:
+            raise ValueError(f"fold applies to datasets read from files; {name} has fixed splits")
+        dataset = synthetic_split(name, split, synthetic_size, img_size, seed)
+        print(f"{name} {split}: {len(dataset)} generated cases (seed {seed}, {img_size} px)")
         return dataset
     if include_normal and name != "busi":
         raise ValueError(f"include_normal applies to busi only, got it for {name}")
 
-    raw = RAW_DATASETS[name]
     root_dir = Path(root) if root is not None else default_root(name)
-    data_dir = raw.locate(root_dir)
-    if data_dir is None and name == "kvasir" and download and \
-            (not root_dir.exists() or not any(root_dir.iterdir())):
-        download_kvasir(root_dir)
+    if name == "msd":
+        data_dir = root_dir
+        cases, channels = msd_cases(root_dir)
+        default_val, default_test = MSD_FRACTIONS
+    else:
+        raw = RAW_DATASETS[name]
         data_dir = raw.locate(root_dir)
-    if data_dir is None:
-        raise missing_dataset(name, root_dir, f"default root: ${DATA_ROOT_ENV}/{name}, or ./data/{name} when unset")
-    cases = raw.cases(root_dir, data_dir, include_normal)
+        if data_dir is None and name == "kvasir" and download and \
+                (not root_dir.exists() or not any(root_dir.iterdir())):
+            download_kvasir(root_dir)
+            data_dir = raw.locate(root_dir)
+        if data_dir is None:
+            raise missing_dataset(name, root_dir, f"default root: ${DATA_ROOT_ENV}/{name}, or ./data/{name} when unset")
+        cases = raw.cases(root_dir, data_dir, include_normal)
+        default_val, default_test = raw.fractions
 
-    default_val, default_test = raw.fractions
     val_fraction = default_val if val_fraction is None else val_fraction
     test_fraction = default_test if test_fraction is None else test_fraction
     if not (0 < val_fraction and 0 <= test_fraction and val_fraction + test_fraction < 1):
@@ -138,6 +161,9 @@ def load_dataset(name: str, root: str | None = None, split: str = "train", img_s
     if repeated:
         raise ValueError(f"{len(repeated)} cases are in more than one split of {source} (first: "
                          f"{', '.join(repeated[:5])}); expected disjoint splits. Fix the lists.")
+    if fold is not None:
+        splits = cross_validation_fold(splits, fold, seed)
+        source += f", fold {fold} of {FOLDS}"
     if not splits[split]:
         hint = "; a held-out test set needs test_fraction > 0 (e.g. 0.1)" if split == "test" else ""
         raise ValueError(f"{name} has no {split} cases in {source}{hint}")
@@ -151,6 +177,8 @@ def load_dataset(name: str, root: str | None = None, split: str = "train", img_s
     if len(listed) < len(cases):
         note += f"; {len(cases) - len(listed)} cases found are in no list and unused"
     print(f"{name} {split}: {len(chosen)} cases from {data_dir}, split {source}{note}")
+    if name == "msd":
+        return MSDVolumes(chosen, img_size, channels, label)
     return SegmentationFiles(chosen, img_size, augment=split == "train")
 
 
@@ -250,6 +278,7 @@ def denormalize(image: torch.Tensor) -> torch.Tensor:
 
 class SegmentationFiles(Dataset):
     """Cases read from disk, resized to img_size x img_size, augmented when `augment`."""
+    in_channels = 3
 
     def __init__(self, cases: list[Case], img_size: int, augment: bool):
         self.cases, self.img_size, self.augment = cases, img_size, augment
@@ -272,6 +301,7 @@ class SegmentationFiles(Dataset):
 
 class SyntheticPolyps(Dataset):
     """`length` scenes with global indices first_index.. ; scene i depends only on (seed, i)."""
+    in_channels = 3
 
     def __init__(self, length: int, first_index: int, img_size: int, seed: int, augment: bool):
         self.length, self.first_index = length, first_index
@@ -289,14 +319,17 @@ class SyntheticPolyps(Dataset):
         return make_item(image, mask, f"synthetic_{scene:05d}", self.augment)
 
 
-def synthetic_split(split: str, total: int, img_size: int, seed: int) -> SyntheticPolyps:
-    """Consecutive index ranges per split, so the splits are disjoint by construction."""
+def synthetic_split(name: str, split: str, total: int, img_size: int, seed: int) -> Dataset:
+    """Polyps (name "synthetic") or volumes ("synthetic3d") in consecutive index ranges per split, so the
+    splits are disjoint by construction."""
     val, test = (ceil_count(fraction, total) for fraction in SYNTHETIC_FRACTIONS)
     ranges = {"train": (0, total - val - test), "val": (total - val - test, val),
               "test": (total - test, test)}
     first, length = ranges[split]
     if length < 1:
         raise ValueError(f"synthetic_size={total} leaves no {split} cases; expected at least 3")
+    if name == "synthetic3d":
+        return SyntheticVolumes(length, first, img_size, seed)
     return SyntheticPolyps(length, first, img_size, seed, augment=split == "train")
 
 
@@ -320,6 +353,17 @@ def seeded_split(names: list[str], val_fraction: float, test_fraction: float,
     test, val = ceil_count(test_fraction, len(names)), ceil_count(val_fraction, len(names))
     return {"train": sorted(shuffled[test + val:]), "val": sorted(shuffled[test:test + val]),
             "test": sorted(shuffled[:test])}
+
+
+def cross_validation_fold(splits: dict[str, list[str]], fold: int, seed: int) -> dict[str, list[str]]:
+    """Fold `fold` of FOLDS on the cases outside the test split: they are shuffled by `seed` and cut in
+    FOLDS near-equal parts; part `fold` is val, the others train. The test split is kept as it is, so
+    every fold is scored on the same held-out cases (MedVisionLlama: 5-fold CV on 90 %, 10 % test)."""
+    rest = sorted(splits["train"] + splits["val"])
+    order = torch.randperm(len(rest), generator=torch.Generator().manual_seed(seed)).tolist()
+    parts = np.array_split(np.array(order), FOLDS)
+    val = {rest[i] for i in parts[fold]}
+    return {"train": [n for n in rest if n not in val], "val": sorted(val), "test": splits["test"]}
 
 
 def read_case_list(path: Path) -> list[str]:
