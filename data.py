@@ -4,7 +4,7 @@ any Medical Segmentation Decathlon task and synthetic volumes (volumes.py: their
 Where each 2D dataset comes from and how its files pair up is raw_layouts.py's table; the synthetic
 scenes are drawn by synthetic.py; this file turns them into torch Datasets and owns the splits.
 
-    load_dataset(name, root, split, img_size=S, seed) -> torch Dataset, with .in_channels
+    load_dataset(name, root, split, img_size=S, seed) -> torch Dataset
     item = {"image": (3, S, S) float32, "mask": (1, S, S) float32 in {0, 1}, "name": case id}
     3D (msd, synthetic3d): image (C, S, S, S), mask (1, S, S, S), plus "spacing" (3,) in mm
 
@@ -182,6 +182,15 @@ def load_dataset(name: str, root: str | None = None, split: str = "train", img_s
     return SegmentationFiles(chosen, img_size, augment=split == "train")
 
 
+def input_channels(name: str, root: str | None = None) -> int:
+    """The channels of a dataset's images, known before loading it (to build the model first): RGB in 2D,
+    1 for synthetic3d, an MSD task's modalities."""
+    check_dataset_name(name)
+    if name == "msd":
+        return msd_cases(Path(root) if root is not None else default_root(name))[1]
+    return 1 if name == "synthetic3d" else 3
+
+
 # ---------------------------------------------------------------------------------------------
 # Reading one case: image, mask(s), resize, augment, normalise
 
@@ -278,7 +287,6 @@ def denormalize(image: torch.Tensor) -> torch.Tensor:
 
 class SegmentationFiles(Dataset):
     """Cases read from disk, resized to img_size x img_size, augmented when `augment`."""
-    in_channels = 3
 
     def __init__(self, cases: list[Case], img_size: int, augment: bool):
         self.cases, self.img_size, self.augment = cases, img_size, augment
@@ -301,7 +309,6 @@ class SegmentationFiles(Dataset):
 
 class SyntheticPolyps(Dataset):
     """`length` scenes with global indices first_index.. ; scene i depends only on (seed, i)."""
-    in_channels = 3
 
     def __init__(self, length: int, first_index: int, img_size: int, seed: int, augment: bool):
         self.length, self.first_index = length, first_index

@@ -45,9 +45,10 @@ from files import write_csv
 from metrics import NSD_TOLERANCE, SEGMENTATION_METRICS, SURFACE_METRICS, THRESHOLD, evaluate_cases, mean_and_std
 from metrics import segmentation_metrics, surface_metrics  # noqa: F401  public names eval.py has always offered
 from model import count_gmacs, count_params, set_frozen_dtype
-from pictures import heatmap_png, panel_png, to_rgb
+from pictures import heatmap_png, panel_png, to_rgb, volume_panel_png
 from prediction import predict_folder
 from runtime import Processes, memory_format, predict, resolve_device, resolve_precision
+from settings import data_options
 
 # How the printed table shows each metric: (label, scale, unit); the files keep fractions and pixels unscaled.
 LABELS = {"iou": ("IoU", 100, "%"), "dice": ("Dice", 100, "%"), "f1": ("F1", 100, "%"),
@@ -65,7 +66,7 @@ def evaluate_run(args) -> int:
     device = resolve_device(args.device, Processes())
     precision = resolve_precision(args.precision, device)
     dataset = load_dataset(settings["data"], args.data_dir or settings["data_dir"], args.split,
-                           settings["img_size"], settings["seed"], synthetic_size=settings["synthetic_size"])
+                           settings["img_size"], settings["seed"], **data_options(settings))
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,
                         pin_memory=device.type == "cuda")
 
@@ -95,7 +96,7 @@ def evaluate_run(args) -> int:
         "metrics": {key: mean_and_std(rows, key) for key in REPORTED},
         **dataset_level,
         "computation": computation,
-        "conventions": {"threshold": THRESHOLD, "nsd_tolerance_px": NSD_TOLERANCE,
+        "conventions": {"threshold": THRESHOLD, "nsd_tolerance": NSD_TOLERANCE, "distance_unit": distance_unit(config),
                         "std": "population (ddof 0) over images", "empty_cases": "see metrics.py's docstring"},
         "samples": [str(path.relative_to(out_dir)) for path in samples],
     }
@@ -111,6 +112,9 @@ def predict_images(args) -> int:
     run_dir = Path(args.run_dir)
     config = read_run_config(run_dir)
     check_runtime_flags(args)
+    if config["model"].get("spatial_dims", 2) != 2:
+        raise ValueError(f"--images segments 2D images; {run_dir} was trained on volumes ({config['train']['data']}): "
+                         "evaluate it with --split instead")
     device = resolve_device(args.device, Processes())
     precision = resolve_precision(args.precision, device)
     net, _, _ = load_run(run_dir, args.checkpoint)
@@ -129,6 +133,9 @@ def check_args(args, config: dict, run_dir: Path) -> None:
     for name in ("samples", "maps"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name}: expected a number >= 0, got {getattr(args, name)}")
+    if args.analyze and config["model"]["backbone"] == "vit":
+        raise ValueError("--analyze reads a CNN's bottleneck feature maps (the paper's Sec. 4.2); the vit backbone "
+                         "has none: drop --analyze for this run")
     if args.analyze and config["model"]["mode"] == "none":
         raise ValueError(f"--analyze compares the features before and after the LLM layer, but {run_dir} is a "
                          f"plain {config['model']['backbone']} (trained with --llm none): expected a run with "
@@ -138,11 +145,16 @@ def check_args(args, config: dict, run_dir: Path) -> None:
 def computation_report(net: torch.nn.Module, config: dict) -> dict:
     """The paper's Table 1 columns for this run's model at its image size."""
     trainable, frozen = count_params(net)
-    size = config["train"]["img_size"]
-    input_shape = [1, config["model"]["in_channels"], size, size]
+    size, spatial_dims = config["train"]["img_size"], config["model"].get("spatial_dims", 2)
+    input_shape = [1, config["model"]["in_channels"], *(size,) * spatial_dims]
     return {"trainable_params": trainable, "frozen_params": frozen,
-            "gmacs": count_gmacs(net, input_shape[1], size), "input_shape": input_shape,
+            "gmacs": count_gmacs(net, input_shape[1], size, spatial_dims), "input_shape": input_shape,
             "counted_with": "torch.utils.flop_counter.FlopCounterMode, FLOPs / 2 (convs and matmuls)"}
+
+
+def distance_unit(config: dict) -> str:
+    """HD95's and the NSD tolerance's unit: volumes carry their voxel spacing, 2D images do not."""
+    return "mm" if config["model"].get("spatial_dims", 2) == 3 else "px"
 
 
 def analysis_report(rows: list[dict], maps: list[Path], out_dir: Path) -> dict:
@@ -188,15 +200,19 @@ def clean_folder(folder: Path) -> Path:
 @torch.no_grad()
 def write_samples(net, dataset, rows: list[dict], count: int, device: torch.device, precision: torch.dtype,
                   folder: Path) -> list[Path]:
-    """Panel PNGs of the ranked cases; each is predicted again alone (BatchNorm in eval mode makes that
-    the same prediction), so no prediction of the whole split is kept in memory."""
+    """Panel PNGs of the ranked cases (of a volume: its middle axial, coronal and sagittal slices); each is
+    predicted again alone (BatchNorm in eval mode makes that the same prediction), so no prediction of the
+    whole split is kept in memory."""
     paths = []
     for label, index in ranked_cases(rows, count):
         item = dataset[index]
         assert item["name"] == rows[index]["case"], "the loader must keep the dataset's order"
-        probability = torch.sigmoid(predict(net, item["image"][None], device, precision))[0, 0]  # (S, S)
+        probability = torch.sigmoid(predict(net, item["image"][None], device, precision))[0, 0]  # (*S)
         paths.append(folder / f"{label}_{file_stem(item['name'])}.png")
-        panel_png(to_rgb(item["image"]), item["mask"][0], probability, paths[-1])
+        if probability.dim() == 3:
+            volume_panel_png(item["image"], item["mask"][0], probability, paths[-1])
+        else:
+            panel_png(to_rgb(item["image"]), item["mask"][0], probability, paths[-1])
     return paths
 
 
@@ -224,6 +240,7 @@ def print_report(report: dict, analysis: dict | None) -> None:
     print(f"  {'metric':<10}{'mean':>8} ± std")
     for key in REPORTED:
         label, scale, unit = LABELS[key]
+        unit = report["conventions"]["distance_unit"] if key == "hd95" else unit
         value = report["metrics"][key]
         print(f"  {label:<5}{unit:>4} {value['mean'] * scale:8.2f} ± {value['std'] * scale:.2f}")
     print(f"  pooled over pixels: IoU {report['pooled_iou'] * 100:.2f} %, Dice {report['pooled_dice'] * 100:.2f} %")

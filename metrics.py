@@ -25,6 +25,7 @@ Euclidean distance from x to the nearest point of S (in pixels, or in millimetre
     HD95 = max(q95{d(p, ∂G) : p in ∂P}, q95{d(g, ∂P) : g in ∂G})   q95 = 95th percentile, linear
            interpolation: MONAI's compute_hausdorff_distance(percentile=95, directed=False)
     NSD  = (|{p in ∂P : d(p, ∂G) <= tau}| + |{g in ∂G : d(g, ∂P) <= tau}|) / (|∂P| + |∂G|),  tau = 2 px
+           (2 mm on volumes, whose distances are in mm: a choice, the MedVisionLlama paper names none)
 Empty cases: both empty -> HD95 0, NSD 1; exactly one empty -> HD95 = image diagonal sqrt(H^2 + W^2)
 (larger than any distance two pixels can have, so a missed or invented lesion scores worse than any
 real prediction), NSD 0.
@@ -46,7 +47,7 @@ from runtime import predict
 IOU_SMOOTH = 1e-5  # the authors' smoothing of IoU: empty vs empty scores 1
 RATIO_EPS = 1e-6  # the authors' guard in the denominators of SE, PC, SP and F1
 THRESHOLD = 0.5  # on sigmoid probabilities, and on target masks
-NSD_TOLERANCE = 2.0  # pixels
+NSD_TOLERANCE = 2.0  # in the distances' unit: pixels in 2D, millimetres on volumes with their spacing
 # The per-image metrics, in the order tables list them: segmentation_metrics returns the first seven,
 # surface_metrics the last two.
 SEGMENTATION_METRICS = ("iou", "dice", "f1", "sensitivity", "precision", "specificity", "accuracy")
@@ -152,8 +153,8 @@ def surface_metrics(output: Tensor, target: Tensor, from_logits: bool = True,
 
     output (B, 1, H, W) or (B, 1, D, H, W) logits (or probabilities with from_logits=False), target the
     masks of the same shape -> {"hd95", "nsd"}, each (B,) float32. spacing: the voxel size along each
-    spatial axis (e.g. millimetres, from the NIfTI header); None = 1, so distances are in pixels. HD95
-    and the NSD tolerance are in spacing's unit. The distance from each boundary voxel of one mask to
+    spatial axis (e.g. millimetres, from the NIfTI header), one for the batch (d,) or one per case (B, d);
+    None = 1, so distances are in pixels. HD95 and the NSD tolerance are in spacing's unit. The distance from each boundary voxel of one mask to
     the other's boundary is read off a Euclidean distance transform of the other boundary's complement
     (scipy.ndimage, exact, O(voxels): fast on 128^3 volumes), as MONAI computes it.
     """
@@ -161,15 +162,18 @@ def surface_metrics(output: Tensor, target: Tensor, from_logits: bool = True,
 
     pred, true = binary_masks(output, target, from_logits)  # (B, *spatial)
     spatial_dims = pred.ndim - 1
-    spacing = np.ones(spatial_dims) if spacing is None else np.asarray(spacing, dtype=np.float64)
-    if spacing.shape != (spatial_dims,) or (spacing <= 0).any():
-        raise ValueError(f"surface_metrics: expected {spatial_dims} positive voxel sizes, got {spacing.tolist()}")
+    spacing = np.ones(spatial_dims) if spacing is None else np.asarray(
+        spacing.cpu() if torch.is_tensor(spacing) else spacing, dtype=np.float64)
+    spacings = np.broadcast_to(spacing, (len(pred), spatial_dims)) if spacing.shape == (spatial_dims,) else spacing
+    if spacings.shape != (len(pred), spatial_dims) or (spacings <= 0).any():
+        raise ValueError(f"surface_metrics: expected {spatial_dims} positive voxel sizes (or one row of them per "
+                         f"case), got {spacing.tolist()}")
     pred_edges = mask_boundary(pred, spatial_dims).cpu().numpy()  # (B, *spatial)
     true_edges = mask_boundary(true, spatial_dims).cpu().numpy()
-    diagonal = float(np.linalg.norm(np.array(pred.shape[1:]) * spacing))
     hd95, nsd = [], []
-    for pred_edge, true_edge in zip(pred_edges, true_edges):
+    for pred_edge, true_edge, spacing in zip(pred_edges, true_edges, spacings):
         if not pred_edge.any() or not true_edge.any():
+            diagonal = float(np.linalg.norm(np.array(pred.shape[1:]) * spacing))
             both_empty = pred_edge.any() == true_edge.any()
             hd95.append(0.0 if both_empty else diagonal)
             nsd.append(1.0 if both_empty else 0.0)
@@ -203,8 +207,8 @@ def evaluate_cases(net: torch.nn.Module, loader, device: torch.device, precision
         masks = batch["mask"].to(device)
         logits = predict(net, batch["image"], device, precision)
         per_image = segmentation_metrics(logits, masks)
-        if surface:
-            per_image.update(surface_metrics(logits, masks))
+        if surface:  # volumes carry their voxel size: distances in mm
+            per_image.update(surface_metrics(logits, masks, spacing=batch.get("spacing")))
         if extra is not None:
             per_image.update(extra(logits, masks))
         pooled.update(logits, masks)

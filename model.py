@@ -96,13 +96,13 @@ class ModelConfig:
     mapper_lora_rank: int = 0
     final_norm: str = "none"
     spatial_dims: int = 2
-    # the ViT's shape (vit.py); the CNNs ignore these
-    img_size: int = 128
-    patch_size: int = 8
-    embed_dim: int = 64
-    depth: int = 16
-    heads: int = 4
-    dropout: float = 0.2
+    # the ViT's shape (vit.py); None for the CNNs
+    img_size: int | None = None
+    patch_size: int | None = None
+    embed_dim: int | None = None
+    depth: int | None = None
+    heads: int | None = None
+    dropout: float | None = None
 
 
 # ----------------------------------------------------------------------------- the U-shaped network
@@ -387,9 +387,10 @@ def build_model(backbone: str = "cmunext", llm: str | None = "llama3.2-1b", laye
     config = ModelConfig(backbone=backbone, llm=None if plain else llm, layer=layer,
                          mode="none" if plain else mode, in_channels=in_channels, num_classes=num_classes,
                          lora_rank=lora_rank, residual=residual, revision=None if plain else revision,
-                         mapper_lora_rank=mapper_lora_rank, final_norm=final_norm, spatial_dims=spatial_dims,
-                         img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth, heads=heads,
-                         dropout=dropout)
+                         mapper_lora_rank=mapper_lora_rank, final_norm=final_norm, spatial_dims=spatial_dims)
+    if backbone == "vit":
+        config.img_size, config.patch_size, config.embed_dim = img_size, patch_size, embed_dim
+        config.depth, config.heads, config.dropout = depth, heads, dropout
 
     if backbone == "vit":
         bridge = None if plain else llm_bridge(config, embed_dim)

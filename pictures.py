@@ -4,6 +4,8 @@
                                                    predicted one (red); contours as metrics.mask_boundary
     panel_png(image, gt_mask, pred_mask, path)     side by side: the overlay | truth | prediction | errors
                                                    (white: both, red: predicted only, blue: missed)
+    volume_panel_png(volume, gt, pred, path)       three panel rows: the middle axial, coronal and sagittal
+                                                   slices of a volume (C, X, Y, Z)
     heatmap_png(image, activation, path)           a jet heat map of activation (H, W) in [0, 1] blended
                                                    over the image: the paper's Fig. 2(a)
     curves_png(epochs, path)                       train loss, validation IoU / Dice and lr against the
@@ -115,6 +117,10 @@ def overlay_png(image, gt_mask, pred_mask, path) -> None:
 def panel_png(image, gt_mask, pred_mask, path, gap: int = 4) -> None:
     """Write overlay | truth | prediction | errors side by side to `path`, each panel enlarged alike.
     Errors: white where both say foreground, red predicted only (false positive), blue missed (false negative)."""
+    Image.fromarray(_panel_row(image, gt_mask, pred_mask, gap)).save(path)
+
+
+def _panel_row(image, gt_mask, pred_mask, gap: int) -> np.ndarray:
     image = _rgb_image(image)
     gt, pred = _masks(image, gt_mask, pred_mask)
     size = enlarged_size(*image.shape[:2])
@@ -125,8 +131,29 @@ def panel_png(image, gt_mask, pred_mask, path, gap: int = 4) -> None:
     panels = [_contours(_enlarge_image(image, size), gt, pred), np.where(gt[..., None], white, 0).astype(np.uint8),
               np.where(pred[..., None], white, 0).astype(np.uint8), errors]
     spacer = np.full((size[0], gap, 3), 128, dtype=np.uint8)
-    row = np.concatenate([part for panel in panels for part in (panel, spacer)][:-1], axis=1)  # (H, 4W + 3 gap, 3)
-    Image.fromarray(row).save(path)
+    return np.concatenate([part for panel in panels for part in (panel, spacer)][:-1], axis=1)  # (H, 4W + 3 gap, 3)
+
+
+PLANES = ("axial", "coronal", "sagittal")  # the middle slice across the third, second and first axis
+
+
+def volume_panel_png(volume: Tensor, gt_mask, pred_mask, path, gap: int = 4) -> None:
+    """Write the middle axial, coronal and sagittal slices of a volume, one panel_png row each (top to
+    bottom), to `path`. volume (C, X, Y, Z), z-scored: its first channel, shown from its 1st to 99th
+    percentile; masks (X, Y, Z). Slices are turned 90 degrees so the second axis of each runs upward."""
+    gray = volume[0].float().cpu()
+    low, high = torch.quantile(gray.flatten()[::max(1, gray.numel() // 100_000)], torch.tensor([0.01, 0.99]))
+    gray = ((gray - low) / (high - low).clamp_min(1e-6) * 255).clamp(0, 255).round().to(torch.uint8).numpy()
+    gt, pred = _numpy(gt_mask), _numpy(pred_mask)
+    rows = []
+    for axis in (2, 1, 0):
+        middle = gray.shape[axis] // 2
+        cut = [np.rot90(np.take(array, middle, axis=axis)) for array in (gray, gt, pred)]
+        rows.append(_panel_row(np.ascontiguousarray(cut[0]), *cut[1:], gap))
+    width = max(row.shape[1] for row in rows)
+    spacer = np.full((gap, width, 3), 128, dtype=np.uint8)
+    rows = [np.pad(row, ((0, 0), (0, width - row.shape[1]), (0, 0)), constant_values=128) for row in rows]
+    Image.fromarray(np.concatenate([part for row in rows for part in (row, spacer)][:-1], axis=0)).save(path)
 
 
 def pyplot():

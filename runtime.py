@@ -136,12 +136,15 @@ def memory_format(device: torch.device) -> torch.memory_format:
 
 
 def to_device(images: Tensor, device: torch.device) -> Tensor:
-    """An image batch (B, C, H, W) on `device`, in its memory_format."""
+    """An image batch (B, C, H, W) on `device`, in its memory_format; volumes (B, C, D, H, W) as they are
+    (the ViT reads patches, not convolutions)."""
+    if images.dim() != 4:
+        return images.to(device, non_blocking=True)
     return images.to(device, non_blocking=True, memory_format=memory_format(device))
 
 
 def predict(net: torch.nn.Module, images: Tensor, device: torch.device, precision: torch.dtype) -> Tensor:
-    """images (B, C, S, S) -> float32 logits (B, classes, S, S), computed at `precision`."""
+    """images (B, C, *S) -> float32 logits (B, classes, *S), computed at `precision`."""
     with autocast(device, precision):
         return net(to_device(images, device)).float()
 

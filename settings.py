@@ -8,8 +8,9 @@ import json
 from pathlib import Path
 
 from cli import add_runtime_flags, check_runtime_flags, defaults_of, one_line_error_parser
-from data import DATASETS, load_dataset
-from model import BACKBONES, DOWNSAMPLING, MODES, build_model, check_image_sides
+from data import DATASETS, VOLUME_DATASETS, load_dataset
+from model import BACKBONES, DOWNSAMPLING, FINAL_NORMS, MODES, build_model, check_image_sides
+from vit import check_patch_grid
 
 # --resume takes every setting from the run's config.json except these, which belong to one invocation,
 PER_INVOCATION = ("resume", "out", "stop_after_epoch")
@@ -17,6 +18,18 @@ PER_INVOCATION = ("resume", "out", "stop_after_epoch")
 CHANGEABLE_ON_RESUME = ("device", "workers", "compile")
 # The flags that configure build_model and load_dataset take their defaults from those signatures.
 MODEL_DEFAULTS, DATA_DEFAULTS = defaults_of(build_model), defaults_of(load_dataset)
+# The two papers' training recipes; --recipe picks one, and a flag given explicitly wins over it.
+# mapper_lora_rank applies to runs with an LLM layer (a plain backbone has no mappers).
+RECIPES = {
+    # LLM4Seg (its CMUNeXt code): SGD, poly decay, 0.5 BCE + Dice
+    "llm4seg": dict(optimizer="sgd", lr=0.01, weight_decay=1e-4, batch_size=8, epochs=300, bce_weight=0.5,
+                    schedule="poly", mapper_lora_rank=0),
+    # MedVisionLlama (paper Sec. 4 and its public code): Adam 2e-3, batch 4, 200 epochs, Dice + BCE, no
+    # schedule or weight decay named, LoRA rank 8 on the two mappers
+    "medvisionllama": dict(optimizer="adam", lr=2e-3, weight_decay=0.0, batch_size=4, epochs=200, bce_weight=1.0,
+                           schedule="constant", mapper_lora_rank=8),
+}
+IMG_SIZE_2D, IMG_SIZE_3D = DATA_DEFAULTS["img_size"], MODEL_DEFAULTS["img_size"]  # 256 px; 128^3 (MedVisionLlama)
 
 
 
@@ -26,9 +39,12 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None,
                    help="dataset root; None means $LLM4SEG_DATA/<data>, or ./data/<data>")
     p.add_argument("--synthetic-size", type=int, default=DATA_DEFAULTS["synthetic_size"],
-                   help="cases of --data synthetic")
-    p.add_argument("--backbone", default=MODEL_DEFAULTS["backbone"], choices=sorted(BACKBONES),
-                   help="the CNN")
+                   help="cases of --data synthetic or synthetic3d")
+    p.add_argument("--fold", type=int, default=None, help="0..4: cross-validation fold on the non-test cases")
+    p.add_argument("--label", type=int, default=None,
+                   help="msd: the label value that is foreground; None means every label > 0")
+    p.add_argument("--backbone", default=MODEL_DEFAULTS["backbone"], choices=sorted([*BACKBONES, "vit"]),
+                   help="a CNN (2D), or vit: MedVisionLlama's ViT (2D or 3D)")
     p.add_argument("--llm", default=MODEL_DEFAULTS["llm"],
                    help="alias, Hub repo id or local directory; 'none' for the plain backbone")
     p.add_argument("--layer", type=int, default=MODEL_DEFAULTS["layer"],
@@ -36,17 +52,37 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default=MODEL_DEFAULTS["mode"], choices=MODES,
                    help="frozen (paper), trainable ('(T)'), random ('+Transformer') or none (the plain backbone)")
     p.add_argument("--lora-rank", type=int, default=MODEL_DEFAULTS["lora_rank"],
-                   help="LoRA on q/v of a frozen layer; 0 = off")
-    p.add_argument("--residual", action="store_true", help="bridge computes x + layer(x)")
-    p.add_argument("--epochs", type=int, default=300, help="passes over the training set")
-    p.add_argument("--lr", type=float, default=0.01, help="SGD base lr, poly-decayed (power 0.9) per iteration")
+                   help="LoRA on q/v inside a frozen layer; 0 = off")
+    p.add_argument("--mapper-lora-rank", type=int, default=None,
+                   help="LoRA on the two mappers around the layer (MedVisionLlama); None means the recipe's")
+    p.add_argument("--residual", default=None, action=argparse.BooleanOptionalAction,
+                   help="the bridge computes h + layer(h); None means on for vit, off for the CNNs")
+    p.add_argument("--final-norm", default=None, choices=FINAL_NORMS,
+                   help="after the layer: the LLM's final RMSNorm with unit weight; None means unit for vit")
+    p.add_argument("--patch-size", type=int, default=MODEL_DEFAULTS["patch_size"], help="vit: patch side")
+    p.add_argument("--embed-dim", type=int, default=MODEL_DEFAULTS["embed_dim"], help="vit: token width E")
+    p.add_argument("--depth", type=int, default=MODEL_DEFAULTS["depth"], help="vit: transformer blocks")
+    p.add_argument("--heads", type=int, default=MODEL_DEFAULTS["heads"], help="vit: attention heads")
+    p.add_argument("--dropout", type=float, default=MODEL_DEFAULTS["dropout"], help="vit: dropout")
+    p.add_argument("--recipe", default="llm4seg", choices=sorted(RECIPES),
+                   help="sets optimizer, lr, weight decay, batch size, epochs, loss and schedule as that paper; "
+                        "flags given explicitly win")
+    p.add_argument("--optimizer", default=None, choices=("sgd", "adam"), help="None means the recipe's")
+    p.add_argument("--epochs", type=int, default=None, help="passes over the training set; None means the recipe's")
+    p.add_argument("--lr", type=float, default=None, help="base learning rate; None means the recipe's")
+    p.add_argument("--schedule", default=None, choices=("poly", "constant"),
+                   help="lr per iteration: poly = lr (1 - it / max_it)^0.9; None means the recipe's")
     p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    p.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay")
-    p.add_argument("--img-size", type=int, default=DATA_DEFAULTS["img_size"],
-                   help=f"a multiple of {DOWNSAMPLING}")
+    p.add_argument("--weight-decay", type=float, default=None, help="None means the recipe's")
+    p.add_argument("--bce-weight", type=float, default=None,
+                   help="loss = w BCE + (1 - Dice); None means the recipe's (0.5 LLM4Seg, 1 MedVisionLlama)")
+    p.add_argument("--img-size", type=int, default=None,
+                   help=f"sides; None means {IMG_SIZE_2D} (2D) or {IMG_SIZE_3D} (3D). CNNs need a multiple of "
+                        f"{DOWNSAMPLING}, vit a multiple of --patch-size")
     p.add_argument("--seed", type=int, default=DATA_DEFAULTS["seed"],
                    help="weights, data split, data order and augmentation")
     add_runtime_flags(p)
+    p.set_defaults(batch_size=None)  # the recipe's
     p.add_argument("--compile", default=None, action=argparse.BooleanOptionalAction,
                    help="torch.compile the training step (CUDA graphs in one process); None means on CUDA only")
     p.add_argument("--out", default=None, help="run directory; None means runs/<name from the settings>")
@@ -62,7 +98,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = make_parser()
     args = parser.parse_args(argv)
     if args.resume is None:
-        return args
+        return resolve_defaults(args)
     run_dir = Path(args.resume)
     if not (run_dir / "config.json").is_file():
         raise FileNotFoundError(f"--resume {run_dir}: expected a run directory with config.json, found none")
@@ -80,13 +116,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              f"{saved[name]} or no {flag}, got {value}; start a new run with --out to change it")
         else:
             resolved[name] = saved[name]
-    return argparse.Namespace(**{**resolved, "out": str(run_dir)})
+    # A run saved before a flag existed has it as None: resolved the way that run resolved it.
+    return resolve_defaults(argparse.Namespace(**{**resolved, "out": str(run_dir)}))
+
+
+def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the flags left None: the recipe's values, and the image size of the data's dimension."""
+    plain = args.llm == "none" or args.mode == "none"
+    for name, value in RECIPES[args.recipe].items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, 0 if name == "mapper_lora_rank" and plain else value)
+    if args.img_size is None:
+        args.img_size = IMG_SIZE_3D if args.data in VOLUME_DATASETS else IMG_SIZE_2D
+    return args
 
 
 def check_args(args: argparse.Namespace) -> None:
     """The cheap checks, before anything is loaded."""
+    volumes = args.data in VOLUME_DATASETS
+    if volumes and args.backbone != "vit":
+        raise ValueError(f"--data {args.data} holds 3D volumes; the {args.backbone} backbone is 2D: use --backbone vit")
     try:
-        check_image_sides(args.img_size, args.img_size)
+        if args.backbone == "vit":
+            check_patch_grid((args.img_size,) * (3 if volumes else 2), args.patch_size)
+        else:
+            check_image_sides(args.img_size, args.img_size)
     except ValueError as error:
         raise ValueError(f"--img-size: {error}") from None
     check_runtime_flags(args)
@@ -104,8 +158,16 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def default_run_dir(args: argparse.Namespace) -> str:
+    fold = f"_fold{args.fold}" if args.fold is not None else ""
     if args.llm == "none" or args.mode == "none":
-        return f"runs/{args.data}_{args.backbone}_seed{args.seed}"
-    extras = (f"-lora{args.lora_rank}" if args.lora_rank else "") + ("-residual" if args.residual else "")
+        return f"runs/{args.data}_{args.backbone}{fold}_seed{args.seed}"
+    extras = (f"-lora{args.lora_rank}" if args.lora_rank else "") + \
+        (f"-mapperlora{args.mapper_lora_rank}" if args.mapper_lora_rank else "") + ("-residual" if args.residual else "")
     llm_name = Path(args.llm).name if Path(args.llm).expanduser().exists() else args.llm.replace("/", "--")
-    return f"runs/{args.data}_{args.backbone}_{llm_name}-L{args.layer}-{args.mode}{extras}_seed{args.seed}"
+    return f"runs/{args.data}_{args.backbone}_{llm_name}-L{args.layer}-{args.mode}{extras}{fold}_seed{args.seed}"
+
+
+def data_options(settings: dict) -> dict:
+    """The load_dataset keywords of a run's settings beyond (name, root, split, size, seed); .get: runs saved
+    before a flag existed."""
+    return {"synthetic_size": settings["synthetic_size"], "fold": settings.get("fold"), "label": settings.get("label")}

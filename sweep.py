@@ -48,7 +48,7 @@ from cli import USER_ERRORS, one_line_error_parser, user_error
 from files import write_csv
 from metrics import paired_difference
 from pictures import pyplot
-from settings import CHANGEABLE_ON_RESUME, PER_INVOCATION, check_args, make_parser
+from settings import CHANGEABLE_ON_RESUME, PER_INVOCATION, check_args, make_parser, resolve_defaults
 
 HERE = Path(__file__).resolve().parent
 # Flags the sweep sets itself, per run.
@@ -67,6 +67,7 @@ class Run:
     status: str = "pending"   # then: done, failed (exit code)
     per_image: list[dict] = field(default_factory=list)
     computation: dict = field(default_factory=dict)
+    distance_unit: str = "px"     # of HD95: mm on volumes
 
 
 # ----------------------------------------------------------------------------------------------
@@ -147,7 +148,7 @@ def plan_runs(args, varying, fixed) -> list[Run]:
             train_argv = [part for (flag, _), value in zip(varying, setting) for part in (flag, value)]
             train_argv += fixed + ["--seed", str(seed)]
             run_dir = Path(args.out) / "runs" / run_name(varying, setting, seed)
-            parsed = make_parser().parse_args(train_argv + ["--out", str(run_dir)])
+            parsed = resolve_defaults(make_parser().parse_args(train_argv + ["--out", str(run_dir)]))
             check_args(argparse.Namespace(**{**vars(parsed), "resume": None, "out": str(run_dir / "never")}))
             check_same_settings(parsed, run_dir)
             runs.append(Run(setting, seed, train_argv, run_dir))
@@ -222,7 +223,8 @@ def execute(run: Run, split: str, device: str | None) -> None:
     evaluated = run.run_dir / f"eval-{split}" / "per_image.csv"
     if not evaluated.is_file() or evaluated.stat().st_mtime < (run.run_dir / "best.safetensors").stat().st_mtime:
         config = json.loads((run.run_dir / "config.json").read_text())
-        analyze = ["--analyze"] if config["model"]["mode"] != "none" else []
+        # The analysis reads a CNN's bottleneck maps: runs with an LLM layer in a CNN.
+        analyze = ["--analyze"] if config["model"]["mode"] != "none" and config["model"]["backbone"] != "vit" else []
         command = [sys.executable, str(HERE / "eval.py"), str(run.run_dir), "--split", split, "--samples", "4",
                    *analyze, *runtime_argv(run), *device_argv]
         code = run_child(command)
@@ -231,7 +233,9 @@ def execute(run: Run, split: str, device: str | None) -> None:
             return
     with open(evaluated, newline="") as f:
         run.per_image = [{k: (v if k == "case" else float(v)) for k, v in row.items()} for row in csv.DictReader(f)]
-    run.computation = json.loads((run.run_dir / f"eval-{split}" / "metrics.json").read_text())["computation"]
+    report = json.loads((run.run_dir / f"eval-{split}" / "metrics.json").read_text())
+    run.computation = report["computation"]
+    run.distance_unit = report["conventions"].get("distance_unit", "px")
     run.status = "done"
 
 
@@ -325,7 +329,7 @@ def summarise(args, varying, runs: list[Run], baseline: tuple) -> list[dict]:
     return rows
 
 
-def write_tables(rows: list[dict], out: Path, baseline_label: str, split: str) -> str:
+def write_tables(rows: list[dict], out: Path, baseline_label: str, split: str, distance_unit: str = "px") -> str:
     write_csv(rows, out / "table.csv")
 
     def pm(row, metric, scale):
@@ -335,7 +339,7 @@ def write_tables(rows: list[dict], out: Path, baseline_label: str, split: str) -
     lines = [f"Evaluated on the {split} split. Mean ± std over seeds (each seed: its run's mean over images); "
              f"ΔIoU against \"{baseline_label}\": mean over (seed, image) pairs, 95 % CI by paired bootstrap, "
              f"p by sign-flip permutation test.", "",
-             "| setting | seeds | IoU % | Dice % | HD95 px | NSD % | trainable | frozen | G MACs | ΔIoU % [95 % CI] | p |",
+             f"| setting | seeds | IoU % | Dice % | HD95 {distance_unit} | NSD % | trainable | frozen | G MACs | ΔIoU % [95 % CI] | p |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         if "iou_diff" in row:
@@ -434,7 +438,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     out = Path(args.out)
     rows = summarise(args, varying, runs, baseline)
-    print(write_tables(rows, out, setting_label(varying, baseline), args.split))
+    units = {run.distance_unit for run in runs if run.status == "done"}
+    print(write_tables(rows, out, setting_label(varying, baseline), args.split, units.pop() if len(units) == 1 else "px"))
     for path in plot(varying, runs, out):
         print(f"wrote {path}")
     print(f"wrote {out / 'table.md'} and {out / 'table.csv'}")

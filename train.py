@@ -63,17 +63,16 @@ from tqdm import tqdm
 from checkpoints import (keep_metrics_up_to, load_checkpoint, read_run_config, rebuild_model, rng_state,
                          save_checkpoint, set_rng_state)
 from cli import USER_ERROR_EXIT, USER_ERRORS, user_error
-from data import load_dataset
 from files import write_atomically
 from metrics import SEGMENTATION_METRICS, evaluate_cases, mean_and_std
 from model import build_model, count_params, set_frozen_dtype
 from pictures import curves_png
 from runtime import (Processes, StopRequests, autocast, compile_mode, memory_format, rank_zero_first,
                      resolve_device, resolve_precision, to_device)
-from settings import check_args, default_run_dir, parse_args
+from data import VOLUME_DATASETS, input_channels, load_dataset
+from settings import check_args, data_options, default_run_dir, parse_args
 
 POLY_POWER = 0.9
-BCE_WEIGHT = 0.5
 DICE_SMOOTH = 1e-5
 CURVES_EVERY_S = 30
 
@@ -82,18 +81,20 @@ CURVES_EVERY_S = 30
 # The recipe: loss, learning rate, validation
 
 
-def poly_lr(base_lr: float, step: int, max_steps: int) -> float:
-    """The lr of optimizer step `step` (0-based), decayed per iteration."""
-    return base_lr * (1 - step / max_steps) ** POLY_POWER
+def learning_rate(args: argparse.Namespace, step: int, max_steps: int) -> float:
+    """The lr of optimizer step `step` (0-based): constant, or poly-decayed per iteration."""
+    if args.schedule == "constant":
+        return args.lr
+    return args.lr * (1 - step / max_steps) ** POLY_POWER
 
 
-def bce_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """logits, target (B, 1, H, W) -> scalar 0.5 * BCE + (1 - soft Dice averaged over the batch)."""
+def bce_dice_loss(logits: torch.Tensor, target: torch.Tensor, bce_weight: float = 0.5) -> torch.Tensor:
+    """logits, target (B, 1, *spatial) -> scalar bce_weight * BCE + (1 - soft Dice averaged over the batch)."""
     bce = F.binary_cross_entropy_with_logits(logits, target)
     probability, target = torch.sigmoid(logits).flatten(1), target.flatten(1)    # (B, N)
     dice = (2 * (probability * target).sum(1) + DICE_SMOOTH) / (
         probability.sum(1) + target.sum(1) + DICE_SMOOTH)                          # (B,)
-    return BCE_WEIGHT * bce + (1 - dice.mean())
+    return bce_weight * bce + (1 - dice.mean())
 
 
 def validate(net: torch.nn.Module, loader: DataLoader, device: torch.device, precision: torch.dtype) -> dict[str, float]:
@@ -156,12 +157,11 @@ def setup(argv: list[str] | None, processes: Processes) -> Run:
     with rank_zero_first(processes):
         net = build_or_rebuild_model(args)
         train_set, val_set = (load_dataset(args.data, args.data_dir, split, args.img_size, args.seed,
-                                           synthetic_size=args.synthetic_size) for split in ("train", "val"))
+                                           **data_options(vars(args))) for split in ("train", "val"))
     torch.manual_seed(args.seed + processes.rank)
 
     set_frozen_dtype(net, precision).to(device, memory_format=memory_format(device))
-    trainable = [p for p in net.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(trainable, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    optimizer = make_optimizer(args, [p for p in net.parameters() if p.requires_grad])
     model = net
     if processes.distributed:
         model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
@@ -192,7 +192,19 @@ def build_or_rebuild_model(args: argparse.Namespace) -> torch.nn.Module:
     # A local directory or .gguf is recorded by absolute path, so eval.py finds it from anywhere.
     local = Path(args.llm).expanduser()
     llm = None if args.llm == "none" else str(local.resolve()) if local.exists() else args.llm
-    return build_model(args.backbone, llm, args.layer, args.mode, lora_rank=args.lora_rank, residual=args.residual)
+    in_channels = input_channels(args.data, args.data_dir)
+    return build_model(args.backbone, llm, args.layer, args.mode, in_channels=in_channels, lora_rank=args.lora_rank,
+                       mapper_lora_rank=args.mapper_lora_rank, residual=args.residual, final_norm=args.final_norm,
+                       spatial_dims=3 if args.data in VOLUME_DATASETS else 2, img_size=args.img_size,
+                       patch_size=args.patch_size, embed_dim=args.embed_dim, depth=args.depth, heads=args.heads,
+                       dropout=args.dropout)
+
+
+def make_optimizer(args: argparse.Namespace, trainable: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """SGD with momentum (LLM4Seg) or Adam (MedVisionLlama) over the trainable tensors only."""
+    if args.optimizer == "adam":
+        return torch.optim.Adam(trainable, lr=args.lr, weight_decay=args.weight_decay)
+    return torch.optim.SGD(trainable, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
 
 
 def resume_from_last(run: Run) -> None:
@@ -289,14 +301,14 @@ def train_one_epoch(run: Run, epoch: int, stop: StopRequests) -> tuple[int | Non
     with contextlib.closing(bar):
         for batch in loader:
             step_start = time.perf_counter()
-            lr = poly_lr(args.lr, progress.global_step, run.max_steps)
+            lr = learning_rate(args, progress.global_step, run.max_steps)
             for group in run.optimizer.param_groups:
                 group["lr"] = lr
             if run.compile_mode == "reduce-overhead":
                 torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are not read again
             with autocast(device, run.precision):
                 logits = run.model(to_device(batch["image"], device))
-            loss = bce_dice_loss(logits.float(), batch["mask"].to(device, non_blocking=True))
+            loss = bce_dice_loss(logits.float(), batch["mask"].to(device, non_blocking=True), args.bce_weight)
             run.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             non_finite, stopping = step_flags_over_ranks(run, loss, stop)
@@ -349,7 +361,7 @@ def log_epoch(run: Run, epoch: int, train_loss: float, images_per_second: float,
     """One line of metrics.jsonl, the curves redrawn from all of them, and one printed line."""
     args, progress = run.args, run.progress
     line = {"epoch": epoch, "global_step": progress.global_step,
-            "lr": poly_lr(args.lr, progress.global_step - 1, run.max_steps),  # of the epoch's last step
+            "lr": learning_rate(args, progress.global_step - 1, run.max_steps),  # of the epoch's last step
             "train_loss": train_loss, "images_per_second": images_per_second,
             "batch_images": args.batch_size * run.processes.world_size,
             **{f"val_{name}": value for name, value in metrics.items()},

@@ -122,7 +122,6 @@ class MSDVolumes(Dataset):
 
 class SyntheticVolumes(Dataset):
     """`length` volumes with global indices first_index..; volume i depends only on (seed, i)."""
-    in_channels = 1
 
     def __init__(self, length: int, first_index: int, img_size: int, seed: int):
         self.length, self.first_index, self.img_size, self.seed = length, first_index, img_size, seed

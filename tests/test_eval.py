@@ -250,3 +250,29 @@ def test_the_metric_functions_are_still_offered_by_eval():
     import metrics
 
     assert ev.segmentation_metrics is metrics.segmentation_metrics and ev.surface_metrics is metrics.surface_metrics
+
+
+# --- volumes: a MedVisionLlama run on an MSD task in its shipped layout ---------------------------
+
+
+def test_an_msd_run_trains_and_evaluates_its_test_split_in_millimetres(tmp_path, tiny_llm):
+    from test_volumes import SPACING, write_msd_task
+
+    task = write_msd_task(tmp_path, cases=10, modalities=2)
+    run = tmp_path / "run"
+    with one_thread():
+        assert train.main(["--data", "msd", "--data-dir", str(task), "--backbone", "vit", "--img-size", "8",
+                           "--patch-size", "4", "--embed-dim", "16", "--depth", "1", "--llm", str(tiny_llm),
+                           "--layer", "2", "--recipe", "medvisionllama", "--epochs", "1", "--workers", "0",
+                           "--device", "cpu", "--precision", "fp32", "--out", str(run)]) == 0
+    assert run_eval(run, "--split", "test", "--samples", "1") == 0
+    report = json.loads((run / "eval-test" / "metrics.json").read_text())
+    assert report["images"] == 1 and report["computation"]["input_shape"] == [1, 2, 8, 8, 8]
+    assert report["conventions"]["distance_unit"] == "mm"
+    # A miss scores the volume's diagonal in mm: the 8^3 grid spans the stored 12 x 10 x 8 voxels of SPACING.
+    diagonal = math.dist((0, 0, 0), [n * s for n, s in zip((12, 10, 8), SPACING)])
+    assert 0 <= report["metrics"]["hd95"]["mean"] <= diagonal + 1e-4
+    panel = Image.open(next((run / "eval-test" / "samples").glob("*.png")))
+    assert panel.height > 3 * 256  # the axial, coronal and sagittal rows, each enlarged to >= 256 px
+    assert run_eval(run, "--images", str(tmp_path)) == 2
+    assert run_eval(run, "--analyze") == 2

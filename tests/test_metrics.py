@@ -206,3 +206,6 @@ def test_spacing_scales_distances_and_is_checked():
     torch.testing.assert_close(doubled, 2 * voxels)
     with pytest.raises(ValueError, match="expected 3 positive voxel sizes"):
         metrics.surface_metrics(pred, true, spacing=(1.0, 1.0))
+    per_case = metrics.surface_metrics(pred, true, from_logits=False,
+                                       spacing=torch.tensor([[1.0, 1.0, 1.0], [2.0, 2.0, 2.0]]))["hd95"]
+    torch.testing.assert_close(per_case, torch.stack([voxels[0], doubled[1]]))  # one spacing per case

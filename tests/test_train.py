@@ -116,7 +116,9 @@ def test_two_epochs_write_config_metrics_checkpoints_and_keep_the_layer_frozen(t
     assert config["train"]["epochs"] == 2 and config["train"]["seed"] == 41
     assert config["llm_layer"]["path"] == str(tiny_llm) and config["llm_layer"]["layer"] == 2
     assert config["model"] == {"backbone": "cmunext", "llm": str(tiny_llm), "layer": 2, "mode": "frozen",
-                               "in_channels": 3, "num_classes": 1, "lora_rank": 0, "residual": False, "revision": None}
+                               "in_channels": 3, "num_classes": 1, "lora_rank": 0, "residual": False, "revision": None,
+                               "mapper_lora_rank": 0, "final_norm": "none", "spatial_dims": 2, "img_size": None,
+                               "patch_size": None, "embed_dim": None, "depth": None, "heads": None, "dropout": None}
 
     # The checkpoint holds what was trained; the config rebuilds the rest.
     last = load_file(out / "last.safetensors")
@@ -157,10 +159,10 @@ def test_ctrl_c_mid_epoch_saves_last_and_resume_is_exact(tiny_llm, tmp_path, thr
     completes, is saved, and the resumed run continues with the next batch's data and draws."""
     loss_calls, real_loss = itertools.count(1), train.bce_dice_loss
 
-    def loss_with_ctrl_c(logits, target):
+    def loss_with_ctrl_c(logits, target, bce_weight):
         if next(loss_calls) == step:
             os.kill(os.getpid(), signal.SIGINT)
-        return real_loss(logits, target)
+        return real_loss(logits, target, bce_weight)
 
     monkeypatch.setattr(train, "bce_dice_loss", loss_with_ctrl_c)
     out = tmp_path / "interrupted"
@@ -180,8 +182,8 @@ def test_ctrl_c_mid_epoch_saves_last_and_resume_is_exact(tiny_llm, tmp_path, thr
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_llm, tmp_path, monkeypatch, capsys):
     loss_calls, real_loss = itertools.count(1), train.bce_dice_loss
 
-    def nan_in_epoch_two(logits, target):
-        loss = real_loss(logits, target)
+    def nan_in_epoch_two(logits, target, bce_weight):
+        loss = real_loss(logits, target, bce_weight)
         return loss * float("nan") if next(loss_calls) == 4 else loss
 
     monkeypatch.setattr(train, "bce_dice_loss", nan_in_epoch_two)
@@ -236,6 +238,9 @@ def test_torchrun_two_processes_on_cpu_complete_an_epoch(tiny_llm, tmp_path):
     (["--layer", "3"], "layer 3 out of range"),
     (["--layer", "0"], "layer 0 out of range"),
     (["--img-size", "100"], "--img-size: got 100x100; height and width must be positive multiples of 16 (the network halves them 4 times): resize or crop, e.g. to 96x96"),
+    (["--data", "synthetic3d"], "--data synthetic3d holds 3D volumes; the cmunext backbone is 2D: use --backbone vit"),
+    (["--backbone", "vit", "--patch-size", "12"], "--img-size: got 64x64; every side must be a positive multiple of the patch size 12"),
+    (["--fold", "5", "--data", "kvasir"], "fold 5 out of range"),
 ])
 def test_bad_flags_exit_2_with_one_line_before_any_work(tiny_llm, tmp_path, capsys, flags, message):
     out = tmp_path / "never-created"
@@ -295,3 +300,61 @@ def test_compile_wraps_the_training_model_and_reports_its_first_step_once(tiny_l
     assert printed.count("torch.compile (default): the first step took") == 1
     saved = json.loads((tmp_path / "run" / "config.json").read_text())["train"]
     assert saved["compile"] is True
+
+
+# --- MedVisionLlama: the ViT on volumes ----------------------------------------------------------
+# synthetic volumes at 16^3, patch 4 (64 tokens), E 32, 2 blocks, the tiny Llama layer; 14 train / 4 val.
+
+
+def volume_run(tiny_llm: Path, out: Path, *extra: str) -> list[str]:
+    return ["--data", "synthetic3d", "--synthetic-size", "20", "--backbone", "vit", "--img-size", "16",
+            "--patch-size", "4", "--embed-dim", "32", "--depth", "2", "--llm", str(tiny_llm), "--layer", "2",
+            "--recipe", "medvisionllama", "--workers", "0", "--device", "cpu", "--precision", "fp32",
+            "--out", str(out), *extra]
+
+
+@pytest.fixture(scope="session")
+def two_volume_epochs(tiny_llm, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "volumes"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    assert train.main(volume_run(tiny_llm, out, "--epochs", "2")) == 0
+    torch.set_num_threads(threads)
+    return out
+
+
+def test_medvisionllama_recipe_trains_the_vit_with_adam_mapper_lora_and_a_constant_lr(two_volume_epochs):
+    config = json.loads((two_volume_epochs / "config.json").read_text())
+    settings = config["train"]
+    assert (settings["optimizer"], settings["lr"], settings["batch_size"], settings["bce_weight"],
+            settings["schedule"], settings["weight_decay"]) == ("adam", 2e-3, 4, 1.0, "constant", 0.0)
+    assert {key: config["model"][key] for key in ("backbone", "spatial_dims", "in_channels", "mapper_lora_rank",
+                                                   "residual", "final_norm", "img_size", "patch_size")} == {
+        "backbone": "vit", "spatial_dims": 3, "in_channels": 1, "mapper_lora_rank": 8, "residual": True,
+        "final_norm": "unit", "img_size": 16, "patch_size": 4}
+    lines = metrics(two_volume_epochs)
+    assert [line["lr"] for line in lines] == [2e-3, 2e-3]
+    assert [line["global_step"] for line in lines] == [4, 8]  # 14 cases in batches of 4
+    last = load_file(two_volume_epochs / "last.safetensors")
+    assert "model.bridge.project_in.lora_a" in last and "model.bridge.project_in.base.weight" in last
+    assert any(key.endswith(".exp_avg_sq") for key in last)  # Adam's second moments are saved
+
+
+def test_volume_run_stopped_and_resumed_equals_the_uninterrupted_one(tiny_llm, tmp_path, two_volume_epochs):
+    out = tmp_path / "stopped"
+    assert train.main(volume_run(tiny_llm, out, "--epochs", "2", "--stop-after-epoch", "1")) == 0
+    assert train.main(["--resume", str(out)]) == 0
+    assert_same_metrics(out, two_volume_epochs)
+    assert_same_tensors(out / "last.safetensors", two_volume_epochs / "last.safetensors")
+
+
+def test_explicit_flags_win_over_the_recipe():
+    from settings import parse_args
+
+    args = parse_args(["--recipe", "medvisionllama", "--lr", "0.1", "--epochs", "3", "--llm", "none",
+                       "--data", "synthetic3d", "--backbone", "vit"])
+    assert (args.optimizer, args.lr, args.epochs, args.batch_size, args.mapper_lora_rank, args.img_size) == \
+        ("adam", 0.1, 3, 4, 0, 128)  # a plain ViT has no mappers; volumes default to 128^3
+    default = parse_args([])
+    assert (default.optimizer, default.lr, default.epochs, default.batch_size, default.schedule, default.img_size) == \
+        ("sgd", 0.01, 300, 8, "poly", 256)
