@@ -1,4 +1,5 @@
-"""Evaluate a trained LLM4Seg run: the paper's metrics, its Sec. 4.2 feature analysis, pictures.
+"""Evaluate a trained run (LLM4Seg, or MedVisionLlama on volumes): the paper's metrics, LLM4Seg's Sec. 4.2
+feature analysis, pictures.
 
     python eval.py runs/kvasir_cmunext_llama3.2-1b-L15-frozen_seed41                  # val, best checkpoint
     python eval.py RUN_DIR --split test --checkpoint last                            # held-out test set
@@ -6,6 +7,7 @@
     python eval.py RUN_DIR --analyze                                                 # + Fig. 2 / Sec. 4.2 analysis
     python eval.py RUN_DIR --data-dir /elsewhere/kvasir --device cpu --batch-size 4 --workers 0
     python eval.py RUN_DIR --images new_scans/ --out masks/                         # segment new images
+    python eval.py runs/msd_vit_llama3.1-8b-L32-frozen-mapperlora8_seed41 --split test --samples 4   # MedVisionLlama
 
 The command rebuilds the model from RUN_DIR/config.json (a frozen LLM layer is read again from
 its local directory or the local Hub cache, and must be the same commit), loads <checkpoint>.safetensors
@@ -18,7 +20,9 @@ and evaluates the split the run's data settings define, writing into RUN_DIR/eva
     per_image.csv   one row per case: every metric (and with --analyze the analysis values)
     samples/        --samples N: worst-01_<case>.png .. and best-01_<case>.png .., ranked by IoU, each a
                     panel: the image with the true (green) and predicted (red) contours | truth |
-                    prediction | errors (red: false positive, blue: missed), enlarged to >= 256 px
+                    prediction | errors (red: false positive, blue: missed), enlarged to >= 256 px;
+                    of a volume, one such row for each of its middle axial, coronal and sagittal slices
+Volumes are scored with their voxel spacing: HD95 and the NSD tolerance in millimetres (metrics.py).
     analysis.json   --analyze: concentration IoU, effective rank and LSVR before / after the layer
     activations/    --analyze: <case>_before.png, <case>_after.png heat maps of the first --maps cases
 With --images DIR it segments new images instead (prediction.py): one mask PNG per readable image of

@@ -53,10 +53,10 @@ Left out: the paper's 3D backbones (MedNeXt, 3D UX-Net).
 
 MedVisionLlama (build_model("vit", ...), vit.py): the bridge sits on the ViT's tokens (B, N, E) and, by
 default for "vit", adds the residual and the LLM's final RMSNorm: E -> D -> h + norm(layer(h)) -> E.
-The public code builds that norm but never loads its weight, so it runs with weight 1 (final_norm="unit";
-the checkpoint's model.norm.weight is not used). mapper_lora_rank=r puts LoRA (W + B A, as on q / v) on the
-two mappers, whose own weights train too (loralib's Linear, as the public code); lora_rank=r adapts q / v
-inside the layer (the paper's "selectively"). Trainable parameters at 1 x 128^3, patch 8, E 64, 16 blocks:
+The public code builds that norm but never loads its weight, so it runs with weight 1 (final_norm="unit");
+final_norm="pretrained" loads the checkpoint's model.norm.weight instead. mapper_lora_rank=r puts LoRA
+(W + B A, as on q / v) on the two mappers, whose own weights train too (loralib's Linear, as the public
+code); lora_rank=r adapts q / v inside the layer (the paper's "selectively"). Trainable parameters at 1 x 128^3, patch 8, E 64, 16 blocks:
                                         ours          paper's Table 5
     ViT-Baseline                        1,128,000     1.16 M (its code counts an unused head, +33,280)
       + Llama-3.1-8B L32, mappers       +528,448
@@ -73,7 +73,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llm_layer import MODES as LLM_MODES
-from llm_layer import load_layer
+from llm_layer import load_final_norm, load_layer
 from llm_layer.layers import RMSNorm
 from vit import VisionTransformer
 
@@ -176,7 +176,7 @@ class LLMBridge(nn.Module):
     (B, N, C) through `refine`:
         hidden = Linear(C, D)(tokens);  out = layer(hidden);  out = final_norm(out) if any;
         out = hidden + out if residual;  Linear(D, C)(out)
-    final_norm is MedVisionLlama's: the LLM's final RMSNorm, with unit weight (FINAL_NORMS)."""
+    final_norm is MedVisionLlama's: the LLM's final RMSNorm, frozen, with unit or pre-trained weight (FINAL_NORMS)."""
 
     def __init__(self, channels: int, layer: nn.Module, *, residual: bool, final_norm: nn.Module | None = None):
         super().__init__()
@@ -201,6 +201,18 @@ class LLMBridge(nn.Module):
         if self.residual:
             out = hidden + out
         return self.project_out(out)             # (B, N, C)
+
+
+def pretrained_final_norm(config: "ModelConfig", layer: nn.Module) -> torch.Tensor:
+    """The LLM's own model.norm.weight, float32, checked against the layer's width."""
+    if layer.config.model_type not in ("llama", "mistral", "qwen2"):
+        raise ValueError(f"final_norm='pretrained' reads model.norm.weight, the RMSNorm of Llama / Mistral / Qwen2; "
+                         f"{config.llm} is a {layer.config.model_type}: use final_norm 'unit' or 'none'")
+    weight = load_final_norm(config.llm, revision=layer.config.commit or config.revision).float()
+    if weight.shape != (layer.config.hidden_size,):
+        raise ValueError(f"{config.llm}'s model.norm.weight has shape {list(weight.shape)}, expected "
+                         f"[{layer.config.hidden_size}]")
+    return weight
 
 
 def unit_final_norm(layer: nn.Module) -> nn.Module:
@@ -353,7 +365,9 @@ BACKBONES = {"unet": unet_parts, "cmunext": cmunext_parts, "nnunet": nnunet_part
 
 VIT_DEFAULTS = {"in_channels": 1, "spatial_dims": 3, "residual": True, "final_norm": "unit"}  # MedVisionLlama's
 CNN_DEFAULTS = {"in_channels": 3, "spatial_dims": 2, "residual": False, "final_norm": "none"}   # LLM4Seg's
-FINAL_NORMS = ("none", "unit")  # after the layer: nothing, or the LLM's final RMSNorm with unit weight
+# After the layer: nothing, the LLM's final RMSNorm with unit weight (MedVisionLlama's code), or with its
+# pre-trained weight (model.norm.weight, read alone; Llama, Mistral and Qwen2 families).
+FINAL_NORMS = ("none", "unit", "pretrained")
 
 
 def build_model(backbone: str = "cmunext", llm: str | None = "llama3.2-1b", layer: int = 15,
@@ -370,7 +384,7 @@ def build_model(backbone: str = "cmunext", llm: str | None = "llama3.2-1b", laye
     lora_rank: LoRA on the frozen layer's query and value projections; mapper_lora_rank: LoRA on the
     bridge's two adapters (MedVisionLlama's "LoRA-based dimension mapping layers").
     None takes the backbone's default (VIT_DEFAULTS, CNN_DEFAULTS): in_channels (1 or 3), spatial_dims
-    (3 or 2), residual (x + ... around the layer) and final_norm (FINAL_NORMS: "unit" or "none").
+    (3 or 2), residual (x + ... around the layer) and final_norm (FINAL_NORMS: "unit" or "none"; "pretrained").
     img_size, patch_size, embed_dim, depth, heads, dropout: the ViT's (vit.py), MedVisionLlama's defaults;
     the CNNs take any multiple of 16 and ignore them."""
     if backbone not in BACKBONES and backbone != "vit":
@@ -434,7 +448,9 @@ def llm_bridge(config: ModelConfig, channels: int) -> LLMBridge:
                                dtype=torch.float32 if config.mode == "trainable" else None, revision=config.revision)
     if config.lora_rank:
         add_lora(decoder_layer, config.lora_rank)
-    final_norm = unit_final_norm(decoder_layer) if config.final_norm == "unit" else None
+    final_norm = None if config.final_norm == "none" else unit_final_norm(decoder_layer)
+    if config.final_norm == "pretrained":
+        final_norm.weight.data = pretrained_final_norm(config, decoder_layer)
     bridge = LLMBridge(channels, decoder_layer, residual=config.residual, final_norm=final_norm)
     if config.mapper_lora_rank:
         bridge.project_in = LoRALinear(bridge.project_in, config.mapper_lora_rank)

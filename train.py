@@ -1,4 +1,5 @@
-"""Train LLM4Seg: a CMUNeXt or U-Net with one frozen LLM decoder layer at the bottleneck.
+"""Train LLM4Seg (a CMUNeXt, U-Net or nnU-Net with one frozen LLM decoder layer at the bottleneck) or
+MedVisionLlama (a ViT with one after its patch embedding, on volumes).
 
     python train.py --data kvasir --llm llama3.2-1b --layer 15        # the paper's CMUNeXt + LLaMA row
     python train.py --data kvasir --llm none                          # the plain CMUNeXt baseline
@@ -8,9 +9,13 @@
     python train.py --data synthetic --llm none --img-size 128 --epochs 5   # smoke test, no downloads
     python train.py --resume runs/kvasir_cmunext_llama3.2-1b-L15-frozen_seed41
     torchrun --nproc_per_node=4 train.py --data kvasir --llm llama3.2-1b --layer 15
+    python train.py --data msd --data-dir data/Task09_Spleen --backbone vit --llm llama3.1-8b --layer 32 \
+        --recipe medvisionllama                                       # MedVisionLlama on 128^3 volumes
 
-The recipe is the paper's (its CMUNeXt code base), every default below:
-    loss   = 0.5 * BCEWithLogits(z, g) + (1 - mean_b Dice_b),
+The default recipe (--recipe llm4seg) is LLM4Seg's (its CMUNeXt code base), every default below;
+--recipe medvisionllama swaps in Adam 2e-3 at a constant lr, batch 4, 200 epochs, BCE + Dice (w = 1)
+and LoRA rank 8 on the mappers (settings.RECIPES); flags given explicitly win over either:
+    loss   = w * BCEWithLogits(z, g) + (1 - mean_b Dice_b),  w = 0.5
              Dice_b = (2 sum(sigmoid(z_b) g_b) + 1e-5) / (sum sigmoid(z_b) + sum g_b + 1e-5)
     SGD(lr 0.01, momentum 0.9, weight decay 1e-4) over the trainable tensors only,
     lr(it) = lr * (1 - it / max_it) ** 0.9 per iteration, max_it = epochs * iterations per epoch,

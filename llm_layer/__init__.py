@@ -25,13 +25,13 @@ from pathlib import Path
 import torch
 
 from llm_layer.gguf_file import from_gguf
-from llm_layer.hub import from_hub
+from llm_layer.hub import final_norm_from_hub, from_hub
 from llm_layer.layers import (LAYER_CLASSES, MODES, DecoderLayer, LayerConfig, PretrainedLayer, build_layer,
                               init_random_)
-from llm_layer.safetensors_file import from_directory
+from llm_layer.safetensors_file import FINAL_NORM, final_norm_from_directory, from_directory
 
-__all__ = ["ALIASES", "LAYER_CLASSES", "MODES", "DecoderLayer", "LayerConfig", "PretrainedLayer", "init_random_",
-           "load_layer"]
+__all__ = ["ALIASES", "FINAL_NORM", "LAYER_CLASSES", "MODES", "DecoderLayer", "LayerConfig", "PretrainedLayer",
+           "init_random_", "load_final_norm", "load_layer"]
 
 ALIASES = {  # the LLMs of both papers; README.md lists their layer counts and widths
     "llama3.2-1b": "meta-llama/Llama-3.2-1B",
@@ -97,6 +97,19 @@ def load_layer(llm: str, layer: int, *, mode: str = "frozen", dtype: torch.dtype
             module = module.to(dtype)
     module.requires_grad_(mode != "frozen")
     return module
+
+
+def load_final_norm(llm: str, *, revision: str | None = None) -> torch.Tensor:
+    """The weight of the LLM's final RMSNorm, FINAL_NORM = model.norm.weight, (hidden_size,) in the
+    checkpoint's dtype, read alone from a Hub repo (cached) or a local model directory. MedVisionLlama's
+    code never loads it (model.build_model's final_norm="unit"); final_norm="pretrained" uses it."""
+    local = Path(llm).expanduser()
+    if local.is_dir():
+        return final_norm_from_directory(local)
+    if local.suffix == ".gguf":
+        raise ValueError(f"the pre-trained final norm is read from safetensors only, not from the GGUF {local}: "
+                         "use final_norm 'unit', or a Hub repo or model directory")
+    return final_norm_from_hub(_repo_id(llm), revision)
 
 
 def _repo_id(llm: str) -> str:

@@ -7,7 +7,8 @@ are downloaded, adjacent tensors in one request, into a small safetensors file
 
     $HF_HOME/llm4seg/<org>--<name>/<commit>/model.layers.<i>.safetensors
 
-which later calls read with no network at all. Requests go through huggingface_hub's HTTP
+which later calls read with no network at all. The LLM's final norm (model.norm.weight), when asked
+for, is fetched alone the same way into model.norm.safetensors beside it. Requests go through huggingface_hub's HTTP
 session with its retries, so its endpoint (HF_ENDPOINT), token and proxies apply and a dropped
 connection is tried again; a body cut short, and every other failure, becomes a one-line error
 that says what to do (gated: accept the licence and log in; unreachable: connect once).
@@ -15,10 +16,13 @@ that says what to do (gated: accept the licence and log in; unreachable: connect
 import json
 from pathlib import Path
 
-from llm_layer.layers import LayerConfig
-from llm_layer.safetensors_file import (TensorEntry, check_entries, layer_entries, parse_header, pickled_only,
-                                        read_layer_files)
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
 from files import write_atomically
+from llm_layer.layers import LayerConfig
+from llm_layer.safetensors_file import (FINAL_NORM, TensorEntry, check_entries, layer_entries, parse_header,
+                                        pickled_only, read_layer_files, read_named_tensor)
 
 
 def from_hub(repo: str, layer: int, revision: str | None, need_weights: bool):
@@ -39,6 +43,34 @@ def from_hub(repo: str, layer: int, revision: str | None, need_weights: bool):
     if not cached_layer.is_file():
         _fetch_layer(repo, commit, config, cached_layer)
     return config, read_layer_files([cached_layer], config, cached_layer)
+
+
+def final_norm_from_hub(repo: str, revision: str | None) -> Tensor:
+    """FINAL_NORM of a Hub repo at `revision`: its bytes alone, cached beside the layers."""
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import EntryNotFoundError
+
+    config_file = try_to_load_from_cache(repo, "config.json", revision=revision)
+    if not isinstance(config_file, str) or not _norm_cache_file(repo, Path(config_file).parent.name).is_file():
+        config_file = _hub_download(repo, "config.json", revision)
+    commit = Path(config_file).parent.name
+    cached = _norm_cache_file(repo, commit)
+    if not cached.is_file():
+        try:
+            index = json.loads(Path(_hub_download(repo, "model.safetensors.index.json", commit)).read_text())
+            filename = index["weight_map"].get(FINAL_NORM)
+        except EntryNotFoundError:
+            filename = "model.safetensors"
+        if filename is None:
+            raise ValueError(f"{repo}'s model.safetensors.index.json lists no {FINAL_NORM}")
+        norm = read_named_tensor(_HubRangeReader(repo, commit, filename).read, FINAL_NORM, f"{repo}@{commit[:10]}")
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(cached, lambda temporary: save_file({FINAL_NORM: norm}, temporary))
+    return load_file(cached)[FINAL_NORM]
+
+
+def _norm_cache_file(repo: str, commit: str) -> Path:
+    return layer_cache_file(repo, commit, 1).with_name(f"{FINAL_NORM.removesuffix('.weight')}.safetensors")
 
 
 def layer_cache_file(repo: str, commit: str, layer: int) -> Path:

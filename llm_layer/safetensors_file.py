@@ -6,7 +6,8 @@ header), then the raw tensor data. So the header alone says where `model.layers.
 those byte ranges are all that is read, from disk here or over HTTP Range in hub.py.
 A local model directory holds config.json and one *.safetensors file, or several listed in
 model.safetensors.index.json (then only the shard(s) holding the layer are opened).
-Only float tensors (F64 / F32 / F16 / BF16) are accepted; nothing is ever unpickled.
+Only float tensors (F64 / F32 / F16 / BF16) are accepted; nothing is ever unpickled. The LLM's final
+norm (FINAL_NORM, which MedVisionLlama may apply after the layer) is read alone the same way.
 """
 import json
 import math
@@ -18,6 +19,7 @@ from torch import Tensor
 
 from llm_layer.layers import LayerConfig, expected_shapes
 
+FINAL_NORM = "model.norm.weight"  # the LLM's last RMSNorm, after its last layer (Llama, Mistral, Qwen2)
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
 }
@@ -53,6 +55,38 @@ def from_directory(root: Path, layer: int, need_weights: bool):
     if not files:
         raise FileNotFoundError(f"no *.safetensors holding {config.prefix[:-1]} in {root}")
     return config, read_layer_files(files, config, root)
+
+
+def final_norm_from_directory(root: Path) -> Tensor:
+    """FINAL_NORM of a local model directory (single file, or the shard its index names)."""
+    index_file = root / "model.safetensors.index.json"
+    if index_file.is_file():
+        weight_map = json.loads(index_file.read_text())["weight_map"]
+        if FINAL_NORM not in weight_map:
+            raise ValueError(f"{index_file} lists no {FINAL_NORM}")
+        files = [root / weight_map[FINAL_NORM]]
+    else:
+        files = sorted(root.glob("*.safetensors"))
+    if len(files) != 1:
+        raise FileNotFoundError(f"expected one *.safetensors (or an index) holding {FINAL_NORM} in {root}, "
+                                f"found {len(files)}")
+    with open(files[0], "rb") as f:
+        return read_named_tensor(lambda start, end: _read_exactly(f, start, end, files[0]), FINAL_NORM, files[0])
+
+
+def read_named_tensor(read, name: str, where) -> Tensor:
+    """One tensor of a safetensors file by its full name, reading only the header and its own bytes;
+    `read(start, end)` returns bytes [start, end) of the file (from disk, or over HTTP Range)."""
+    header_len, header = parse_header(read)
+    if name not in header:
+        raise ValueError(f"missing tensor {name} in {where}")
+    info = header[name]
+    if info["dtype"] not in SAFETENSORS_DTYPES:
+        raise ValueError(f"tensor {name} in {where} has dtype {info['dtype']}, expected one of "
+                         f"{', '.join(SAFETENSORS_DTYPES)}")
+    start, end = info["data_offsets"]
+    data = bytearray(read(8 + header_len + start, 8 + header_len + end))
+    return torch.frombuffer(data, dtype=SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
 
 
 def pickled_only(llm: str) -> ValueError:

@@ -197,6 +197,25 @@ def test_medvisionllamas_layer_32_of_a_sharded_llama_3_1_8b_is_fetched_alone(hub
     fetched = data_bytes_fetched(hub, "tiny-org/llama-3.1-8b-shaped", tmp_path)
     assert {name for name, count in fetched.items() if count} == {"model-00004-of-00004.safetensors"}
     assert layer_bytes <= fetched["model-00004-of-00004.safetensors"] <= 1.02 * layer_bytes
+    # The final norm, when asked for: its 8 kB alone, from the same shard.
+    norm = llm_layer.load_final_norm("tiny-org/llama-3.1-8b-shaped")
+    assert norm.shape == (4096,) and norm.dtype == torch.bfloat16
+    with_norm = data_bytes_fetched(hub, "tiny-org/llama-3.1-8b-shaped", tmp_path)
+    assert with_norm["model-00004-of-00004.safetensors"] - fetched["model-00004-of-00004.safetensors"] == 8192
+
+
+def test_the_final_norm_is_the_checkpoints_from_the_hub_a_folder_and_the_cache(checkpoints, hub):
+    """model.norm.weight alone, single-file and sharded, equal to transformers' model.norm; a second read
+    comes from the cache without a request."""
+    from transformers import AutoModelForCausalLM
+
+    for repo, directory in checkpoints.items():
+        expected = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).model.norm.weight
+        from_hub = llm_layer.load_final_norm(repo)
+        requests = len(hub.sent(repo))
+        assert torch.equal(from_hub.float(), expected) and torch.equal(llm_layer.load_final_norm(repo), from_hub)
+        assert len(hub.sent(repo)) == requests
+        assert torch.equal(llm_layer.load_final_norm(str(directory)).float(), expected)
 
 
 def test_local_directories_single_file_and_sharded(checkpoints):

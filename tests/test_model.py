@@ -318,7 +318,7 @@ def test_lora_and_trainable_state_dicts_keep_what_was_trained(tiny_dir):
     (dict(mode="trainable", lora_rank=4), "LoRA adapts a frozen LLM layer"),
     (dict(llm=None, residual=True), "residual=True belongs to the LLM bridge"),
     (dict(llm=None, mapper_lora_rank=2), "mapper_lora_rank=2 belongs to the LLM bridge"),
-    (dict(final_norm="pretrained"), "expected final_norm one of"),
+    (dict(final_norm="learned"), "expected final_norm one of"),
     (dict(spatial_dims=3), "for volumes use the vit backbone"),
 ])
 def test_inconsistent_options_are_refused(tiny_dir, options, message):

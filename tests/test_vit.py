@@ -8,10 +8,17 @@ import pytest
 import torch
 
 from model import build_model, count_params
-from test_model import TINY_LLAMA, layer_param_count, tiny_dir  # noqa: F401  (tiny_dir: the fixture)
+from test_model import TINY_LLAMA, layer_param_count, write_one_layer_checkpoint
 from vit import patchify, unpatchify
 
 VIT_BASELINE_PARAMS = 1_128_000  # the paper's Table 5 says 1.16 M: its code also counts an unused head (+33,280)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A one-layer checkpoint of TINY_LLAMA's shapes (hidden 64), the paper's layer 2."""
+    return write_one_layer_checkpoint(tmp_path_factory.mktemp("llm") / "tiny-llama", TINY_LLAMA,
+                                      layer=2, dtype=torch.float32, seed=3)
 
 
 def tiny_vit(llm=None, **options):
@@ -131,3 +138,13 @@ def test_vit_in_2d_takes_the_llm_block_too(tiny_dir):
     net = tiny_vit(tiny_dir, spatial_dims=2, in_channels=3, img_size=32)
     assert net(torch.randn(2, 3, 32, 32)).shape == (2, 1, 32, 32)
     assert net.pos_embed.shape[1] == math.prod((32 // 8,) * 2)
+
+
+def test_pretrained_final_norm_is_the_checkpoints_model_norm(tiny_llm):
+    """final_norm="pretrained": model.norm.weight of the LLM (here transformers' tiny Llama with
+    randomised norms), frozen, instead of MedVisionLlama's unit weight."""
+    from transformers import AutoModelForCausalLM
+
+    norm = tiny_vit(tiny_llm, final_norm="pretrained").bridge.final_norm
+    expected = AutoModelForCausalLM.from_pretrained(tiny_llm, dtype=torch.float32).model.norm.weight
+    assert torch.equal(norm.weight, expected) and not norm.weight.requires_grad
