@@ -346,6 +346,12 @@ def test_volume_run_stopped_and_resumed_equals_the_uninterrupted_one(tiny_llm, t
     assert train.main(["--resume", str(out)]) == 0
     assert_same_metrics(out, two_volume_epochs)
     assert_same_tensors(out / "last.safetensors", two_volume_epochs / "last.safetensors")
+    import eval as ev
+
+    assert ev.main([str(out), "--split", "test", "--workers", "0", "--device", "cpu", "--samples", "2"]) == 0
+    report = json.loads((out / "eval-test" / "metrics.json").read_text())
+    assert report["images"] == 2 and report["conventions"]["distance_unit"] == "mm"
+    assert all(0 <= report["metrics"][name]["mean"] <= 1 for name in ("iou", "dice", "sensitivity", "specificity", "nsd"))
 
 
 def test_explicit_flags_win_over_the_recipe():
