@@ -51,7 +51,7 @@ from torch.utils.data import Dataset
 from files import write_atomically
 from raw_layouts import IMAGE_EXTENSIONS, RAW_DATASETS, Case, download_kvasir, missing_dataset
 from synthetic import draw_polyp_scene
-from volumes import MSDVolumes, SyntheticVolumes, msd_cases
+from volumes import MSDVolumes, draw_blob_volume, msd_cases
 
 # The owners' 2D datasets (raw_layouts.py), the generated polyps, and the 3D ones (volumes.py).
 DATASETS = (*RAW_DATASETS, "synthetic", "msd", "synthetic3d")
@@ -304,14 +304,16 @@ class SegmentationFiles(Dataset):
 
 
 # ---------------------------------------------------------------------------------------------
-# Synthetic polyps (synthetic.py draws them): generated per index from (seed, index), no files
+# Synthetic cases, generated per index from (seed, index), no files: polyps (synthetic.py draws them)
+# or blob volumes (volumes.py draws them)
 
 
-class SyntheticPolyps(Dataset):
-    """`length` scenes with global indices first_index.. ; scene i depends only on (seed, i)."""
+class SyntheticCases(Dataset):
+    """`length` scenes of dataset `name` ("synthetic" or "synthetic3d") with global indices first_index..;
+    scene i depends only on (seed, i). Polyps are augmented when `augment`; volumes carry a 1 mm spacing."""
 
-    def __init__(self, length: int, first_index: int, img_size: int, seed: int, augment: bool):
-        self.length, self.first_index = length, first_index
+    def __init__(self, name: str, length: int, first_index: int, img_size: int, seed: int, augment: bool):
+        self.name, self.length, self.first_index = name, length, first_index
         self.img_size, self.seed, self.augment = img_size, seed, augment
 
     def __len__(self) -> int:
@@ -319,25 +321,26 @@ class SyntheticPolyps(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.length:
-            raise IndexError(f"index {index} out of range for {self.length} synthetic cases")
+            raise IndexError(f"index {index} out of range for {self.length} {self.name} cases")
         scene = self.first_index + index
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + scene)
+        if self.name == "synthetic3d":
+            image, mask = draw_blob_volume(self.img_size, generator)
+            return {"image": image, "mask": mask, "name": f"synthetic3d_{scene:05d}",
+                    "spacing": torch.ones(3, dtype=torch.float64)}
         image, mask = draw_polyp_scene(self.img_size, generator)
         return make_item(image, mask, f"synthetic_{scene:05d}", self.augment)
 
 
-def synthetic_split(name: str, split: str, total: int, img_size: int, seed: int) -> Dataset:
-    """Polyps (name "synthetic") or volumes ("synthetic3d") in consecutive index ranges per split, so the
-    splits are disjoint by construction."""
+def synthetic_split(name: str, split: str, total: int, img_size: int, seed: int) -> SyntheticCases:
+    """Consecutive index ranges per split, so the splits are disjoint by construction."""
     val, test = (ceil_count(fraction, total) for fraction in SYNTHETIC_FRACTIONS)
     ranges = {"train": (0, total - val - test), "val": (total - val - test, val),
               "test": (total - test, test)}
     first, length = ranges[split]
     if length < 1:
         raise ValueError(f"synthetic_size={total} leaves no {split} cases; expected at least 3")
-    if name == "synthetic3d":
-        return SyntheticVolumes(length, first, img_size, seed)
-    return SyntheticPolyps(length, first, img_size, seed, augment=split == "train")
+    return SyntheticCases(name, length, first, img_size, seed, augment=split == "train")
 
 
 def default_root(name: str) -> Path:

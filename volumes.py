@@ -1,5 +1,6 @@
-"""3D datasets for MedVisionLlama: any task of the Medical Segmentation Decathlon as shipped, and synthetic
-volumes that need no files. data.load_dataset splits them and returns these Datasets.
+"""3D data for MedVisionLlama: any task of the Medical Segmentation Decathlon as shipped (MSDVolumes), and
+synthetic volumes that need no files (draw_blob_volume; data.SyntheticCases serves them). data.load_dataset
+splits both.
 
     item = {"image": (C, S, S, S) float32, "mask": (1, S, S, S) float32 in {0, 1}, "name": case id,
             "spacing": (3,) float64, the voxel size in mm along each axis after resizing}
@@ -118,25 +119,6 @@ class MSDVolumes(Dataset):
         return {"image": resize_volume((image - mean) / std, self.img_size, "trilinear"),
                 "mask": resize_volume(mask, self.img_size, "nearest"), "name": case.name,
                 "spacing": torch.from_numpy(np.array(spacing) * scale)}
-
-
-class SyntheticVolumes(Dataset):
-    """`length` volumes with global indices first_index..; volume i depends only on (seed, i)."""
-
-    def __init__(self, length: int, first_index: int, img_size: int, seed: int):
-        self.length, self.first_index, self.img_size, self.seed = length, first_index, img_size, seed
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, index: int) -> dict:
-        if not 0 <= index < self.length:
-            raise IndexError(f"index {index} out of range for {self.length} synthetic volumes")
-        scene = self.first_index + index
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + scene)
-        image, mask = draw_blob_volume(self.img_size, generator)
-        return {"image": image, "mask": mask, "name": f"synthetic3d_{scene:05d}",
-                "spacing": torch.ones(3, dtype=torch.float64)}
 
 
 def draw_blob_volume(size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -65,14 +65,21 @@ def assert_same_metrics(run_a: Path, run_b: Path) -> None:
     assert without_speed(metrics(run_a)) == without_speed(metrics(run_b))
 
 
+def reference_run(argv: list[str]) -> None:
+    """A session fixture's uninterrupted run, on one thread like the tests that compare with it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert train.main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def three_epochs(tiny_llm, tmp_path_factory) -> Path:
     """The uninterrupted reference run."""
     out = tmp_path_factory.mktemp("runs") / "three-epochs"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    assert train.main(small_run(tiny_llm, out, "--epochs", "3")) == 0
-    torch.set_num_threads(threads)
+    reference_run(small_run(tiny_llm, out, "--epochs", "3"))
     return out
 
 
@@ -316,10 +323,7 @@ def volume_run(tiny_llm: Path, out: Path, *extra: str) -> list[str]:
 @pytest.fixture(scope="session")
 def two_volume_epochs(tiny_llm, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "volumes"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    assert train.main(volume_run(tiny_llm, out, "--epochs", "2")) == 0
-    torch.set_num_threads(threads)
+    reference_run(volume_run(tiny_llm, out, "--epochs", "2"))
     return out
 
 
