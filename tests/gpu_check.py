@@ -19,6 +19,8 @@ Llama-3.2-1B's shapes (random bf16 values: the real model is gated, and speed de
      our CMUNeXt equals theirs weight for weight, and their bridge is Linear, the HF layer, Linear.
   5. train.py for 2 epochs and eval.py with every default (--device auto); train.py's own images/s in
      its second epoch against the step rate of 4.
+  6. MedVisionLlama: the ViT with that layer on synthetic volumes (64^3, patch 8), --recipe medvisionllama,
+     2 epochs, then eval.py on the test split (HD95 in mm, slice panels): both exit 0.
 
 It writes a markdown table (date, GPU, versions, each measured ratio beside its goal) and exits 1 if a
 goal is missed, 0 if all are met.
@@ -112,6 +114,18 @@ def main() -> int:
               0.9)
     else:
         print(trained.stderr[-3000:], file=sys.stderr)
+
+    volume_dir = work / "run3d"  # MedVisionLlama: the ViT on volumes with that layer, its recipe, 64^3 / patch 8
+    trained = run([sys.executable, "train.py", "--data", "synthetic3d", "--synthetic-size", "20" if args.smoke else "80",
+                   "--backbone", "vit", "--img-size", "16" if args.smoke else "64", "--patch-size", "4" if args.smoke else "8",
+                   "--recipe", "medvisionllama", "--epochs", "2", "--llm", str(llm_dir), "--layer", str(layer),
+                   "--workers", "2", "--out", str(volume_dir)], timeout=3600)
+    evaluated = run([sys.executable, "eval.py", str(volume_dir), "--split", "test", "--samples", "2"], timeout=3600)
+    rows.append(("MedVisionLlama: train.py --backbone vit --data synthetic3d --recipe medvisionllama 2 epochs + eval.py "
+                 "--split test", f"exit {trained.returncode}, {evaluated.returncode}", "exit 0, 0",
+                 trained.returncode == 0 and evaluated.returncode == 0))
+    if trained.returncode or evaluated.returncode:
+        print((trained.stderr + evaluated.stderr)[-3000:], file=sys.stderr)
 
     versions = (f"torch {torch.__version__}, triton {__import__('triton').__version__}, "
                 f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'no GPU (smoke run)'}")

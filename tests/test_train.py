@@ -368,3 +368,12 @@ def test_explicit_flags_win_over_the_recipe():
     default = parse_args([])
     assert (default.optimizer, default.lr, default.epochs, default.batch_size, default.schedule, default.img_size) == \
         ("sgd", 0.01, 300, 8, "poly", 256)
+
+
+def test_the_vit_trains_on_2d_images_too(tiny_llm, tmp_path):
+    out = tmp_path / "vit2d"
+    assert train.main(small_run(tiny_llm, out, "--epochs", "1", "--backbone", "vit", "--img-size", "32",
+                                "--patch-size", "8", "--depth", "1", "--embed-dim", "16")) == 0
+    model = json.loads((out / "config.json").read_text())["model"]
+    assert (model["spatial_dims"], model["in_channels"], model["img_size"], model["residual"]) == (2, 3, 32, True)
+    assert math.isfinite(metrics(out)[0]["val_iou"])
