@@ -178,7 +178,8 @@ def load_dataset(name: str, root: str | None = None, split: str = "train", img_s
         note += f"; {len(cases) - len(listed)} cases found are in no list and unused"
     print(f"{name} {split}: {len(chosen)} cases from {data_dir}, split {source}{note}")
     if name == "msd":
-        return MSDVolumes(chosen, img_size, channels, label)
+        cache = root_dir / "llm4seg_cache" / (f"{img_size}px" + ("" if label is None else f"_label{label}"))
+        return MSDVolumes(chosen, img_size, channels, label, cache)
     return SegmentationFiles(chosen, img_size, augment=split == "train")
 
 

@@ -16,7 +16,8 @@ task), or == `label` for one chosen structure; each channel z-scored over the wh
 std; then resized to S^3, trilinear for the image (align_corners=False) and nearest for the mask. The
 voxel spacing is the header's, scaled by (original side / S) per axis, so distances on the resized
 grid stay in millimetres (HD95, NSD). Resampling ignores the orientation matrix: axes stay as stored.
-No augmentation (the paper names none).
+No augmentation (the paper names none). Preprocessed cases are cached in the task folder,
+`llm4seg_cache/<S>px[_label<k>]/<case>.safetensors`, and read again until their NIfTI files change.
 
 Synthetic volumes (`--data synthetic3d`): per (seed, index), 1-3 ellipsoids of raised intensity (the mask
 is their union) and 1-2 bright distractor ellipsoids that are not, in a smooth random background with
@@ -30,8 +31,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch.utils.data import Dataset
 
+from files import write_atomically
 from raw_layouts import Case
 
 MSD_LAYOUT = "TaskNN_Name/dataset.json with imagesTr/*.nii.gz and labelsTr/*.nii.gz"
@@ -89,16 +93,40 @@ def resize_volume(volume: torch.Tensor, size: int, mode: str) -> torch.Tensor:
 
 
 class MSDVolumes(Dataset):
-    """Cases of an MSD task, read and resized on each access."""
+    """Cases of an MSD task. A case is read, z-scored and resized once, then kept as a small safetensors
+    file in `cache_dir` (None: no cache), stamped with its NIfTI files' sizes and times, so later epochs
+    and runs skip the decompression and resampling (seconds per CT volume) until a file changes."""
 
-    def __init__(self, cases: list[Case], img_size: int, in_channels: int, label: int | None):
+    def __init__(self, cases: list[Case], img_size: int, in_channels: int, label: int | None,
+                 cache_dir: Path | None = None):
         self.cases, self.img_size, self.in_channels, self.label = cases, img_size, in_channels, label
+        self.cache_dir = cache_dir
 
     def __len__(self) -> int:
         return len(self.cases)
 
     def __getitem__(self, index: int) -> dict:
         case = self.cases[index]
+        if self.cache_dir is None:
+            return self.read_case(case)
+        cached = self.cache_dir / f"{case.name}.safetensors"
+        stamp = ";".join(f"{path.stat().st_size}:{path.stat().st_mtime_ns}" for path in (case.image, *case.masks))
+        if cached.is_file():
+            with safe_open(cached, framework="pt") as f:
+                if f.metadata().get("source") == stamp:
+                    return {"name": case.name, **{key: f.get_tensor(key) for key in f.keys()}}
+        item = self.read_case(case)
+        try:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            tensors = {key: value for key, value in item.items() if key != "name"}
+            write_atomically(cached, lambda temporary: save_file(tensors, temporary, metadata={"source": stamp}))
+        except OSError as error:  # a read-only dataset folder: train without the cache
+            print(f"volumes: not caching preprocessed cases in {self.cache_dir} ({error})")
+            self.cache_dir = None
+        return item
+
+    def read_case(self, case: Case) -> dict:
+        """The case from its NIfTI files: z-scored, resized, the spacing scaled with it."""
         image, spacing = read_nifti(case.image, "image")
         labels, _ = read_nifti(case.masks[0], "label")
         if image.ndim == 3:

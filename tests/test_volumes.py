@@ -162,3 +162,16 @@ def test_synthetic_volumes_are_reproducible_and_disjoint():
     assert not {train[i]["name"] for i in range(len(train))} & {val[i]["name"] for i in range(len(val))}
     with pytest.raises(ValueError, match="fold applies to datasets read from files"):
         load_dataset("synthetic3d", None, "train", 16, 41, fold=0)
+
+
+def test_preprocessed_cases_are_cached_until_their_files_change(task):
+    dataset = load_dataset("msd", str(task), "train", 8, 41)
+    first = dataset[0]
+    cached = task / "llm4seg_cache" / "8px" / f"{first['name']}.safetensors"
+    assert cached.is_file()
+    again = dataset[0]
+    assert all(torch.equal(first[key], again[key]) for key in ("image", "mask", "spacing"))
+    label_file = dataset.cases[0].masks[0]
+    nibabel.save(nibabel.Nifti1Image(np.zeros(SHAPE, np.uint8), np.diag([*SPACING, 1.0])), label_file)
+    assert dataset[0]["mask"].sum() == 0  # the label changed: read again, not the stale cache
+    assert load_dataset("msd", str(task), "train", 8, 41, label=1).cache_dir.name == "8px_label1"
