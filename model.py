@@ -56,7 +56,8 @@ default for "vit", adds the residual and the LLM's final RMSNorm: E -> D -> h + 
 The public code builds that norm but never loads its weight, so it runs with weight 1 (final_norm="unit");
 final_norm="pretrained" loads the checkpoint's model.norm.weight instead. mapper_lora_rank=r puts LoRA
 (W + B A, as on q / v) on the two mappers, whose own weights train too (loralib's Linear, as the public
-code); lora_rank=r adapts q / v inside the layer (the paper's "selectively"). Trainable parameters at 1 x 128^3, patch 8, E 64, 16 blocks:
+code); lora_rank=r adapts q / v inside the layer (the paper's "selectively").
+Trainable parameters at 1 x 128^3, patch 8, E 64, 16 blocks (tests/test_vit.py, tests/bench_vit_step.py):
                                         ours          paper's Table 5
     ViT-Baseline                        1,128,000     1.16 M (its code counts an unused head, +33,280)
       + Llama-3.1-8B L32, mappers       +528,448
@@ -203,7 +204,7 @@ class LLMBridge(nn.Module):
         return self.project_out(out)             # (B, N, C)
 
 
-def pretrained_final_norm(config: "ModelConfig", layer: nn.Module) -> torch.Tensor:
+def pretrained_final_norm(config: ModelConfig, layer: nn.Module) -> torch.Tensor:
     """The LLM's own model.norm.weight, float32, checked against the layer's width."""
     if layer.config.model_type not in ("llama", "mistral", "qwen2"):
         raise ValueError(f"final_norm='pretrained' reads model.norm.weight, the RMSNorm of Llama / Mistral / Qwen2; "
@@ -395,7 +396,7 @@ def build_model(backbone: str = "cmunext", llm: str | None = "llama3.2-1b", laye
     in_channels = defaults["in_channels"] if in_channels is None else in_channels
     spatial_dims = defaults["spatial_dims"] if spatial_dims is None else spatial_dims
     plain = llm is None or mode == "none"
-    residual = defaults["residual"] and not plain if residual is None else residual
+    residual = (defaults["residual"] and not plain) if residual is None else residual
     final_norm = (defaults["final_norm"] if not plain else "none") if final_norm is None else final_norm
     check_model_options(backbone, llm, mode, plain, lora_rank, mapper_lora_rank, residual, final_norm, spatial_dims)
     config = ModelConfig(backbone=backbone, llm=None if plain else llm, layer=layer,
@@ -405,8 +406,6 @@ def build_model(backbone: str = "cmunext", llm: str | None = "llama3.2-1b", laye
     if backbone == "vit":
         config.img_size, config.patch_size, config.embed_dim = img_size, patch_size, embed_dim
         config.depth, config.heads, config.dropout = depth, heads, dropout
-
-    if backbone == "vit":
         bridge = None if plain else llm_bridge(config, embed_dim)
         net = VisionTransformer(in_channels=in_channels, num_classes=num_classes, spatial_dims=spatial_dims,
                                 img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
