@@ -71,6 +71,16 @@ def check_dataset_name(name: str) -> None:
         raise ValueError(f"unknown dataset {name!r}: expected one of {', '.join(DATASETS)}")
 
 
+def check_data_options(name: str, fold: int | None, label: int | None) -> None:
+    """Cheap checks of load_dataset's fold and label, for entry scripts to run before heavy work too."""
+    if fold is not None and not 0 <= fold < FOLDS:
+        raise ValueError(f"fold {fold} out of range: expected 0..{FOLDS - 1}")
+    if fold is not None and name in ("synthetic", "synthetic3d"):
+        raise ValueError(f"fold applies to datasets read from files; {name} has fixed splits")
+    if label is not None and name != "msd":
+        raise ValueError(f"label chooses a structure of an msd task, got it for {name}")
+
+
 
 # ---------------------------------------------------------------------------------------------
 # The public entry point
@@ -98,13 +108,8 @@ def load_dataset(name: str, root: str | None = None, split: str = "train", img_s
         raise ValueError(f"unknown split {split!r}: expected one of {', '.join(SPLITS)}")
     if img_size < 1:
         raise ValueError(f"img_size must be positive, got {img_size}")
-    if fold is not None and not 0 <= fold < FOLDS:
-        raise ValueError(f"fold {fold} out of range: expected 0..{FOLDS - 1}")
-    if label is not None and name != "msd":
-        raise ValueError(f"label chooses a structure of an msd task, got it for {name}")
+    check_data_options(name, fold, label)
     if name in ("synthetic", "synthetic3d"):
-        if fold is not None:
-            raise ValueError(f"fold applies to datasets read from files; {name} has fixed splits")
         dataset = synthetic_split(name, split, synthetic_size, img_size, seed)
         print(f"{name} {split}: {len(dataset)} generated cases (seed {seed}, {img_size} px)")
         return dataset

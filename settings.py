@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from cli import add_runtime_flags, check_runtime_flags, defaults_of, one_line_error_parser
-from data import DATASETS, VOLUME_DATASETS, load_dataset
+from data import DATASETS, VOLUME_DATASETS, check_data_options, load_dataset
 from model import BACKBONES, DOWNSAMPLING, FINAL_NORMS, MODES, build_model, check_image_sides
 from vit import check_patch_grid
 
@@ -133,6 +133,10 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
 
 def check_args(args: argparse.Namespace) -> None:
     """The cheap checks, before anything is loaded."""
+    try:
+        check_data_options(args.data, args.fold, args.label)
+    except ValueError as error:
+        raise ValueError(f"--data {args.data}: {error}") from None
     volumes = args.data in VOLUME_DATASETS
     if volumes and args.backbone != "vit":
         raise ValueError(f"--data {args.data} holds 3D volumes; the {args.backbone} backbone is 2D: use --backbone vit")

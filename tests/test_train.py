@@ -247,7 +247,9 @@ def test_torchrun_two_processes_on_cpu_complete_an_epoch(tiny_llm, tmp_path):
     (["--img-size", "100"], "--img-size: got 100x100; height and width must be positive multiples of 16 (the network halves them 4 times): resize or crop, e.g. to 96x96"),
     (["--data", "synthetic3d"], "--data synthetic3d holds 3D volumes; the cmunext backbone is 2D: use --backbone vit"),
     (["--backbone", "vit", "--patch-size", "12"], "--img-size: got 64x64; every side must be a positive multiple of the patch size 12"),
-    (["--fold", "5", "--data", "kvasir"], "fold 5 out of range"),
+    (["--fold", "5", "--data", "kvasir"], "--data kvasir: fold 5 out of range: expected 0..4"),
+    (["--fold", "0"], "--data synthetic: fold applies to datasets read from files"),
+    (["--label", "2"], "--data synthetic: label chooses a structure of an msd task"),
 ])
 def test_bad_flags_exit_2_with_one_line_before_any_work(tiny_llm, tmp_path, capsys, flags, message):
     out = tmp_path / "never-created"
