@@ -202,6 +202,10 @@ def test_medvisionllamas_layer_32_of_a_sharded_llama_3_1_8b_is_fetched_alone(hub
     assert norm.shape == (4096,) and norm.dtype == torch.bfloat16
     with_norm = data_bytes_fetched(hub, "tiny-org/llama-3.1-8b-shaped", tmp_path)
     assert with_norm["model-00004-of-00004.safetensors"] - fetched["model-00004-of-00004.safetensors"] == 8192
+    # MedVisionLlama with it (the README's parameter table): the paper's ViT, mappers 4096 wide, LoRA rank 8 on them.
+    from model import build_model, count_params
+    net = build_model("vit", "tiny-org/llama-3.1-8b-shaped", 32, "frozen", mapper_lora_rank=8)
+    assert count_params(net) == (1_128_000 + 528_448 + 66_560, 218_112_000 + 4096)  # + the unit final norm
 
 
 def test_the_final_norm_is_the_checkpoints_from_the_hub_a_folder_and_the_cache(checkpoints, hub):
