@@ -54,15 +54,16 @@ Left out: the paper's 3D backbones (MedNeXt, 3D UX-Net).
 MedVisionLlama (build_model("vit", ...), vit.py): the bridge sits on the ViT's tokens (B, N, E) and, by
 default for "vit", adds the residual and the LLM's final RMSNorm: E -> D -> h + norm(layer(h)) -> E.
 The public code builds that norm but never loads its weight, so it runs with weight 1 (final_norm="unit");
-final_norm="pretrained" loads the checkpoint's model.norm.weight instead. mapper_lora_rank=r puts LoRA
-(W + B A, as on q / v) on the two mappers, whose own weights train too (loralib's Linear, as the public
-code); lora_rank=r adapts q / v inside the layer (the paper's "selectively").
-Trainable parameters at 1 x 128^3, patch 8, E 64, 16 blocks (tests/test_vit.py, tests/bench_vit_step.py):
-                                        ours          paper's Table 5
-    ViT-Baseline                        1,128,000     1.16 M (its code counts an unused head, +33,280)
-      + Llama-3.1-8B L32, mappers       +528,448
-      + mapper LoRA rank 8              +66,560       5.43 M in all with "LoRA"; not reproducible from the
-                                                      paper or code (see README.md)
+final_norm="pretrained" loads the checkpoint's model.norm.weight instead. mapper_lora_rank=r makes the two
+mappers what the public code's loralib.Linear(r=r) is: weight frozen at its random init, bias and B A trained,
+scale 1 / r (lora_mapper); 0 leaves them plain trained Linears (the paper's "Linear" variant). lora_rank=r
+adapts q / v inside the layer (the paper's "selectively"; which projections, it does not say). At 1 x 128^3,
+patch 8, E 64, 16 blocks (tests/test_vit.py; the Llama-3.1-8B-shaped rows in tests/test_llm_layer.py):
+                                             trainable    frozen        paper's Table 5 (trainable / frozen)
+    ViT-Baseline                             1,128,000    0             1.16 M (+ an unused head, 33,280)
+    + Llama-3.1-8B L32, Linear mappers       1,656,448    218,116,096   "Linear" 6.78 M / 218.12 M
+    + Llama-3.1-8B L32, mapper LoRA rank 8   1,198,720    218,640,384   "LoRA" 5.43 M / 218.24 M
+(frozen: the layer's 218,112,000, the unit norm's 4,096, and with LoRA the mappers' weights 524,288).
 """
 
 import copy
@@ -224,27 +225,36 @@ def unit_final_norm(layer: nn.Module) -> nn.Module:
 
 
 class LoRALinear(nn.Module):
-    """y = base(x) + x A^T B^T; A (r, in) kaiming-uniform, B (out, r) zero at start. The base keeps its
-    requires_grad: frozen for a projection of the LLM layer, trained for a mapper (MedVisionLlama's
-    public code uses loralib's Linear there, whose full weight trains beside B A).
+    """y = base(x) + scale * x A^T B^T with base's weight frozen; A (r, in) kaiming-uniform, B (out, r)
+    zero at start, scale = alpha / r. The base's bias keeps its requires_grad (loralib's Linear trains it).
 
     A and B stay float32 (they are trained) and are cast to x's dtype, e.g. a bf16 layer's."""
 
-    def __init__(self, base: nn.Linear, rank: int):
+    def __init__(self, base: nn.Linear, rank: int, scale: float = 1.0):
         super().__init__()
         self.base = base
+        self.scale = scale
+        base.weight.requires_grad_(False)
         self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
         self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))  # as nn.Linear and the LoRA paper's code
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         low_rank = F.linear(x, self.lora_a.to(x.dtype))                 # (B, N, r)
-        return self.base(x) + F.linear(low_rank, self.lora_b.to(x.dtype))
+        update = F.linear(low_rank, self.lora_b.to(x.dtype))            # (B, N, out)
+        return self.base(x) + (update if self.scale == 1 else self.scale * update)
+
+
+def lora_mapper(mapper: nn.Linear, rank: int) -> LoRALinear:
+    """A mapper as MedVisionLlama's public code builds it, loralib.Linear(in, out, r=rank): the weight is
+    frozen at its random initialisation, the bias and B A train, and the update is scaled by
+    lora_alpha / r = 1 / r (loralib's default lora_alpha of 1; the code passes none)."""
+    return LoRALinear(mapper, rank, scale=1 / rank)
 
 
 def add_lora(layer: nn.Module, rank: int) -> None:
     """LoRA on the query and value projections (the layer's LORA_TARGETS: q_proj and v_proj, or
-    BERT's query and value), the projections MedVisionLlama and the LoRA paper adapt."""
+    BERT's query and value), the projections the LoRA paper adapts; alpha = r, so the scale is 1."""
     for name in layer.LORA_TARGETS:
         parent_name, _, attribute = name.rpartition(".")
         parent = layer.get_submodule(parent_name)
@@ -452,8 +462,8 @@ def llm_bridge(config: ModelConfig, channels: int) -> LLMBridge:
         final_norm.weight.data = pretrained_final_norm(config, decoder_layer)
     bridge = LLMBridge(channels, decoder_layer, residual=config.residual, final_norm=final_norm)
     if config.mapper_lora_rank:
-        bridge.project_in = LoRALinear(bridge.project_in, config.mapper_lora_rank)
-        bridge.project_out = LoRALinear(bridge.project_out, config.mapper_lora_rank)
+        bridge.project_in = lora_mapper(bridge.project_in, config.mapper_lora_rank)
+        bridge.project_out = lora_mapper(bridge.project_out, config.mapper_lora_rank)
     return bridge
 
 

@@ -54,7 +54,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-rank", type=int, default=MODEL_DEFAULTS["lora_rank"],
                    help="LoRA on q/v inside a frozen layer; 0 = off")
     p.add_argument("--mapper-lora-rank", type=int, default=None,
-                   help="LoRA on the two mappers around the layer (MedVisionLlama); None means the recipe's")
+                   help="loralib's LoRA on the two mappers around the layer (MedVisionLlama: weights frozen, "
+                        "bias and B A train); 0 = plain Linears; None means the recipe's")
     p.add_argument("--residual", default=None, action=argparse.BooleanOptionalAction,
                    help="the bridge computes h + layer(h); None means on for vit, off for the CNNs")
     p.add_argument("--final-norm", default=None, choices=FINAL_NORMS,

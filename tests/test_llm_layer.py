@@ -202,10 +202,13 @@ def test_medvisionllamas_layer_32_of_a_sharded_llama_3_1_8b_is_fetched_alone(hub
     assert norm.shape == (4096,) and norm.dtype == torch.bfloat16
     with_norm = data_bytes_fetched(hub, "tiny-org/llama-3.1-8b-shaped", tmp_path)
     assert with_norm["model-00004-of-00004.safetensors"] - fetched["model-00004-of-00004.safetensors"] == 8192
-    # MedVisionLlama with it (the README's parameter table): the paper's ViT, mappers 4096 wide, LoRA rank 8 on them.
+    # MedVisionLlama with it (the README's parameter table): the paper's ViT, mappers 4096 wide, as Linears
+    # and with loralib's LoRA rank 8 (weights frozen; biases 4,160 and B A 66,560 train).
     from model import build_model, count_params
-    net = build_model("vit", "tiny-org/llama-3.1-8b-shaped", 32, "frozen", mapper_lora_rank=8)
-    assert count_params(net) == (1_128_000 + 528_448 + 66_560, 218_112_000 + 4096)  # + the unit final norm
+    linear = build_model("vit", "tiny-org/llama-3.1-8b-shaped", 32, "frozen")
+    assert count_params(linear) == (1_128_000 + 528_448, 218_112_000 + 4096)  # + the unit final norm
+    lora = build_model("vit", "tiny-org/llama-3.1-8b-shaped", 32, "frozen", mapper_lora_rank=8)
+    assert count_params(lora) == (1_128_000 + 4_160 + 66_560, 218_112_000 + 4096 + 524_288)
 
 
 def test_the_final_norm_is_the_checkpoints_from_the_hub_a_folder_and_the_cache(checkpoints, hub):

@@ -86,15 +86,17 @@ def test_llm_block_is_residual_over_the_unit_final_norm(tiny_dir):
 
 
 def test_parameters_add_up_with_mappers_and_lora(tiny_dir):
+    """Linear mappers train whole; with mapper LoRA (loralib's Linear) their weights are frozen and only
+    their biases and B A train."""
     E, D, r, q_out, v_out = 32, 64, 4, 64, 32
-    mappers = (E * D + D) + (D * E + E)
+    mapper_weights, mapper_biases = 2 * E * D, D + E
     mapper_lora = r * (E + D) + r * (D + E)
     layer_lora = r * (D + q_out) + r * (D + v_out)
     baseline = count_params(tiny_vit())[0]
-    final_norm = 64
-    assert count_params(tiny_vit(tiny_dir)) == (baseline + mappers, layer_param_count(TINY_LLAMA) + final_norm)
-    assert count_params(tiny_vit(tiny_dir, mapper_lora_rank=r, lora_rank=r))[0] == \
-        baseline + mappers + mapper_lora + layer_lora
+    frozen = layer_param_count(TINY_LLAMA) + 64  # the layer and its unit final norm
+    assert count_params(tiny_vit(tiny_dir)) == (baseline + mapper_weights + mapper_biases, frozen)
+    assert count_params(tiny_vit(tiny_dir, mapper_lora_rank=r, lora_rank=r)) == \
+        (baseline + mapper_biases + mapper_lora + layer_lora, frozen + mapper_weights)
 
 
 def test_gradients_reach_the_mappers_and_lora_but_no_frozen_weight(tiny_dir):
@@ -104,21 +106,28 @@ def test_gradients_reach_the_mappers_and_lora_but_no_frozen_weight(tiny_dir):
     for name, parameter in net.named_parameters():
         assert (parameter.grad is not None) == parameter.requires_grad, name
     bridge = net.bridge
-    for trained in (bridge.project_in.base.weight, bridge.project_in.lora_b, bridge.project_out.lora_b,
+    for trained in (bridge.project_in.base.bias, bridge.project_in.lora_b, bridge.project_out.lora_b,
                     bridge.layer.self_attn.q_proj.lora_b, bridge.layer.self_attn.v_proj.lora_b, net.patch_embed.weight):
         assert trained.grad.abs().sum() > 0
     frozen = {name for name, p in net.named_parameters() if not p.requires_grad}
     assert frozen == {f"bridge.layer.{name}" for name in (
         "self_attn.q_proj.base.weight", "self_attn.k_proj.weight", "self_attn.v_proj.base.weight",
         "self_attn.o_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
-        "input_layernorm.weight", "post_attention_layernorm.weight")} | {"bridge.final_norm.weight"}
+        "input_layernorm.weight", "post_attention_layernorm.weight")} | {
+        "bridge.final_norm.weight", "bridge.project_in.base.weight", "bridge.project_out.base.weight"}
 
 
-def test_mapper_lora_starts_as_the_plain_mapper(tiny_dir):
+def test_mapper_lora_is_loralibs_linear(tiny_dir):
+    """loralib.Linear(r=4) as MedVisionLlama's code builds its mappers: W x + b + (1 / r) x A^T B^T, W frozen."""
     torch.manual_seed(0)
     mapper = tiny_vit(tiny_dir, mapper_lora_rank=4).bridge.project_in
     tokens = torch.randn(1, 8, 32)
-    assert torch.equal(mapper(tokens), mapper.base(tokens))
+    assert torch.equal(mapper(tokens), mapper.base(tokens))  # B = 0 at the start
+    with torch.no_grad():
+        mapper.lora_b.normal_()
+    expected = tokens @ mapper.base.weight.T + mapper.base.bias + (tokens @ mapper.lora_a.T @ mapper.lora_b.T) / 4
+    torch.testing.assert_close(mapper(tokens), expected, rtol=1e-5, atol=1e-5)  # float32 sums in another order
+    assert not mapper.base.weight.requires_grad and mapper.base.bias.requires_grad
 
 
 def test_state_dict_round_trips_without_the_frozen_layer(tiny_dir):
