@@ -15,7 +15,7 @@ builds it, with model.LLMBridge as that block).
 
 Attention dropout (the public code's nn.MultiheadAttention(dropout=...)) keeps torch's fused attention on
 CUDA but not on the CPU, which then materialises every block's N x N weights: at 128^3 / patch 8 a step
-takes 47 s and 12.6 GB there, against 3.9 s and 75 MB with dropout 0 (README, "Measured here").
+takes 33 s and 12.6 GB there, against 3.9 s and 75 MB with dropout 0 (README, "Measured here").
 No class token and no final LayerNorm: the ViT-Baseline of the paper at in_channels 1, 128^3, P = 8,
 E = 64, 16 blocks is exactly 1,128,000 parameters (tests/test_vit.py). The position embedding has one
 row per token of `img_size`, so the network takes inputs of that size only.
