@@ -25,7 +25,7 @@ RECIPES = {
     "llm4seg": dict(optimizer="sgd", lr=0.01, weight_decay=1e-4, batch_size=8, epochs=300, bce_weight=0.5,
                     schedule="poly", mapper_lora_rank=0),
     # MedVisionLlama (paper Sec. 4 and its public code): Adam 2e-3, batch 4, 200 epochs, Dice + BCE, no
-    # schedule or weight decay named, LoRA rank 8 on the two mappers
+    # schedule or weight decay named, loralib's LoRA rank 8 on the two mappers
     "medvisionllama": dict(optimizer="adam", lr=2e-3, weight_decay=0.0, batch_size=4, epochs=200, bce_weight=1.0,
                            schedule="constant", mapper_lora_rank=8),
 }
@@ -59,7 +59,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--residual", default=None, action=argparse.BooleanOptionalAction,
                    help="the bridge computes h + layer(h); None means on for vit, off for the CNNs")
     p.add_argument("--final-norm", default=None, choices=FINAL_NORMS,
-                   help="after the layer: the LLM's final RMSNorm with unit weight; None means unit for vit")
+                   help="after the layer, the LLM's final RMSNorm: unit = weight 1 (MedVisionLlama's code), pretrained "
+                        "= its model.norm.weight; None means unit for vit, none for the CNNs")
     p.add_argument("--patch-size", type=int, default=MODEL_DEFAULTS["patch_size"], help="vit: patch side")
     p.add_argument("--embed-dim", type=int, default=MODEL_DEFAULTS["embed_dim"], help="vit: token width E")
     p.add_argument("--depth", type=int, default=MODEL_DEFAULTS["depth"], help="vit: transformer blocks")
