@@ -32,8 +32,9 @@ $(VENV)/.test: $(VENV)/.runtime requirements-test.txt
 	$(PIP) --no-deps dynamic-network-architectures==0.4.4
 	touch $@
 
+# Two processes, one per core here; a file's tests stay in one process, so its session fixtures are built once.
 test: $(VENV)/.test
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 demo: $(VENV)/.runtime
 	rm -rf $(DEMO_OUT)
