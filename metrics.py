@@ -154,9 +154,10 @@ def surface_metrics(output: Tensor, target: Tensor, from_logits: bool = True,
     output (B, 1, H, W) or (B, 1, D, H, W) logits (or probabilities with from_logits=False), target the
     masks of the same shape -> {"hd95", "nsd"}, each (B,) float32. spacing: the voxel size along each
     spatial axis (e.g. millimetres, from the NIfTI header), one for the batch (d,) or one per case (B, d);
-    None = 1, so distances are in pixels. HD95 and the NSD tolerance are in spacing's unit. The distance from each boundary voxel of one mask to
-    the other's boundary is read off a Euclidean distance transform of the other boundary's complement
-    (scipy.ndimage, exact, O(voxels): fast on 128^3 volumes), as MONAI computes it.
+    None = 1, so distances are in pixels. HD95 and the NSD tolerance are in spacing's unit. The distance
+    from each boundary voxel of one mask to the other's boundary is read off a Euclidean distance transform
+    of the other boundary's complement (scipy.ndimage, exact, O(voxels): fast on 128^3 volumes), as MONAI
+    computes it.
     """
     from scipy.ndimage import distance_transform_edt  # 0.2 s of imports that training never needs
 

@@ -134,9 +134,6 @@ def _panel_row(image, gt_mask, pred_mask, gap: int) -> np.ndarray:
     return np.concatenate([part for panel in panels for part in (panel, spacer)][:-1], axis=1)  # (H, 4W + 3 gap, 3)
 
 
-PLANES = ("axial", "coronal", "sagittal")  # the middle slice across the third, second and first axis
-
-
 def volume_panel_png(volume: Tensor, gt_mask, pred_mask, path, gap: int = 4) -> None:
     """Write the middle axial, coronal and sagittal slices of a volume, one panel_png row each (top to
     bottom), to `path`. volume (C, X, Y, Z), z-scored: its first channel, shown from its 1st to 99th
@@ -146,7 +143,7 @@ def volume_panel_png(volume: Tensor, gt_mask, pred_mask, path, gap: int = 4) -> 
     gray = ((gray - low) / (high - low).clamp_min(1e-6) * 255).clamp(0, 255).round().to(torch.uint8).numpy()
     gt, pred = _numpy(gt_mask), _numpy(pred_mask)
     rows = []
-    for axis in (2, 1, 0):
+    for axis in (2, 1, 0):  # axial, coronal, sagittal: across the third, second and first axis
         middle = gray.shape[axis] // 2
         cut = [np.rot90(np.take(array, middle, axis=axis)) for array in (gray, gt, pred)]
         rows.append(_panel_row(np.ascontiguousarray(cut[0]), *cut[1:], gap))

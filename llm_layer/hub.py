@@ -8,9 +8,9 @@ are downloaded, adjacent tensors in one request, into a small safetensors file
     $HF_HOME/llm4seg/<org>--<name>/<commit>/model.layers.<i>.safetensors
 
 which later calls read with no network at all. The LLM's final norm (model.norm.weight), when asked
-for, is fetched alone the same way into model.norm.safetensors beside it. Requests go through huggingface_hub's HTTP
-session with its retries, so its endpoint (HF_ENDPOINT), token and proxies apply and a dropped
-connection is tried again; a body cut short, and every other failure, becomes a one-line error
+for, is fetched alone the same way into model.norm.safetensors beside it. Requests go through
+huggingface_hub's HTTP session with its retries, so its endpoint (HF_ENDPOINT), token and proxies apply
+and a dropped connection is tried again; a body cut short, and every other failure, becomes a one-line error
 that says what to do (gated: accept the licence and log in; unreachable: connect once).
 """
 import json
@@ -70,7 +70,7 @@ def final_norm_from_hub(repo: str, revision: str | None) -> Tensor:
 
 
 def _norm_cache_file(repo: str, commit: str) -> Path:
-    return layer_cache_file(repo, commit, 1).with_name(f"{FINAL_NORM.removesuffix('.weight')}.safetensors")
+    return layer_cache_file(repo, commit, 1).parent / "model.norm.safetensors"
 
 
 def layer_cache_file(repo: str, commit: str, layer: int) -> Path:
