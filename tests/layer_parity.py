@@ -16,3 +16,13 @@ def parity_errors(ours, reference, x: torch.Tensor, device: str = "cpu") -> tupl
     y_ref.backward(grad_out)
     return ((y_ours.cpu() - y_ref).abs().max().item(), (x_ours.grad.cpu() - x_ref.grad).abs().max().item(),
             y_ours)
+
+
+def assert_frozen_layer_matches(ours, reference, T: int) -> None:
+    """Our frozen layer against reference(x) on a seeded (2, T, hidden) input: output and input gradient
+    within the tolerances above, and no gradient reaches our (frozen) weights."""
+    x = torch.randn(2, T, ours.config.hidden_size, generator=torch.Generator().manual_seed(T))
+    forward_error, gradient_error, _ = parity_errors(ours, reference, x)
+    assert forward_error <= FORWARD_TOLERANCE and gradient_error <= GRADIENT_TOLERANCE, \
+        f"forward error {forward_error:.3g}, input-gradient error {gradient_error:.3g}"
+    assert all(p.grad is None for p in ours.parameters()), "frozen layer must not get weight grads"
