@@ -1,7 +1,8 @@
 """Every Triton kernel, at every launch configuration its dispatcher chooses for the paper's two LLMs and
 Gemma-2-9B (head_dim 256, soft-capped attention), compiles to a real cubin for an A100 (sm_80) and an
 H100 (sm_90), and fits: shared memory within the architecture's limit, no spill stack in bf16, at most
-FP32_SPILL_BUDGET bytes per thread in float32.
+FP32_SPILL_BUDGET bytes per thread in float32. On sm_90 the attention dots' tensor-core layouts are checked
+too: they decide how much of a warpgroup's work reaches the tensor cores.
 No GPU needed: tests/kernel_resources.py compiles with triton.compile(..., GPUTarget(...)) and reads
 each cubin with the cuobjdump in triton's wheel. It runs in a subprocess, because this test session
 runs Triton in its interpreter (TRITON_INTERPRET=1), which cannot compile. About 35 s on 2 cores with
@@ -41,6 +42,18 @@ def test_every_configuration_compiled_for_both_architectures(compiled):
 def test_shared_memory_fits_the_architecture(compiled):
     too_big = [row for row in compiled if row["shared"] > row["shared_limit"]]
     assert not too_big, too_big
+
+
+def test_h100_dots_stack_the_warps_along_the_rows(compiled):
+    """An H100 warpgroup multiplies 64-row bands. With the warps stacked along a tile's rows (warpsPerCTA
+    [num_warps, 1]), each softmax row stays inside one warp and P feeds the next dot where it lies
+    (attention._launch_config says why and what it costs otherwise). Every sm_90 bf16 dot is so, except
+    dK/dV at d = 128, where stacked tiles spill, and Gemma-2's d = 256, where every stacked tile tried spills."""
+    unstacked = {(row["kernel"], row["shape"]) for row in compiled
+                 if row["arch"] == 90 and row["dtype"] == "bf16" and row["mma_warps"]
+                 and row["mma_warps"] != [[row["num_warps"], 1]]}
+    assert unstacked == {("attention dK/dV", "deepseek d128 g6"), ("attention forward", "gemma2-9b d256 g2 softcap"),
+                         ("attention dK/dV", "gemma2-9b d256 g2 softcap"), ("attention dQ", "gemma2-9b d256 g2 softcap")}
 
 
 def test_bf16_kernels_do_not_spill_and_fp32_stay_within_budget(compiled):
