@@ -244,10 +244,10 @@ def _kernels():
     return jit_once(_forward_kernel, _delta_kernel, _dk_dv_kernel, _dq_kernel)
 
 
-def _launch_config(head_dim: int, T: int, float32: bool = False, hopper: bool = False) -> dict:
-    """Tile sizes and warps, by head_dim and GPU generation (hopper: sm_90, H100). Every config holds
-    BLOCK_D, the head dim padded to a power of two (tl.arange's rule: 80, 96, 112 -> 128), and the
-    rules below read that padded width, which is what the registers hold.
+def _launch_config(head_dim: int, T: int, float32: bool = False) -> dict:
+    """Tile sizes and warps, by head_dim (reasoning for an H100 below). Every config holds BLOCK_D,
+    the head dim padded to a power of two (tl.arange's rule: 80, 96, 112 -> 128), and the rules
+    below read that padded width, which is what the registers hold.
 
     The rows of a program's dots (BLOCK_M queries in the forward and dQ, BLOCK_N keys in dK/dV) are
     the tensor cores' M side. An H100 warpgroup (4 warps) multiplies 64-row bands (wgmma m64), so a
@@ -258,14 +258,15 @@ def _launch_config(head_dim: int, T: int, float32: bool = False, hopper: bool = 
     holds 20 wgmma instructions for 64 rows where 128 stacked rows need 12 (read from the sm_90 TTGIR
     and PTX; tests/test_kernels_compile.py asserts the layouts). Hence, in fp16 / bf16:
     - d <= 64 (Llama-3.2-1B): 64 x 64 tiles on 4 warps everywhere (3 stages in the forward).
-    - d = 128 (Llama-3.1-8B, DeepSeek, Mistral, Qwen2): the forward takes 128 query rows on 8 warps
-      on an H100 (221 registers, no spill, 64 KiB shared), FlashAttention-3's row count there; on an
-      A100 that tile spills 56 B, so there it keeps 64 rows on 8 warps. dQ takes 64 rows x 32-key
-      steps on 4 warps, stacked (18 wgmma instructions where 8 warps needed 34; 147 / 255 registers
-      on sm_90 / sm_80, no spill). dK/dV keeps 64 keys x 32 query steps on 8 warps, unstacked: its
-      two 64 x 128 float32 accumulators beside the k, v and score tiles spill 176 B per thread on 4
-      warps, and 128 keys on 8 warps spill 216 B; which costs less only a GPU can tell.
-    - d = 256 (Gemma-2): 32-wide steps and 8 warps; every stacked layout tried spills.
+    - d = 128 (Llama-3.1-8B, DeepSeek, Mistral, Qwen2): the forward takes 128 query rows x 64 keys
+      on 8 warps; FlashAttention-2 also takes 128 query rows at this head dim (sm_90: 179 registers,
+      no spill, 128 KiB shared; sm_80: 205, no spill, 96 KiB). dQ takes 64 rows x 32-key steps on 4 warps, stacked
+      (18 wgmma instructions where 8 warps needed 34; 126 registers, no spill). dK/dV keeps 64 keys x
+      32 query steps on 8 warps, unstacked: 64 keys on 4 warps spill 16 B per thread on sm_90, and
+      128 keys on 8 warps (245 registers on sm_90, 16 B spill on sm_80) would halve its programs,
+      32 for DeepSeek's 2 kv heads at B = 8, T = 256, a quarter of an H100's 132 SMs. Which costs
+      least only a GPU can tell.
+    - d = 256 (Gemma-2): 32-wide steps on 8 warps, as measured to fit; not reasoned further.
     At B=8, T=256 64-row tiles still give 4 row blocks x B*Hq programs (>= 3 waves on 132 SMs).
     Short sequences shrink the blocks (never below 16, the smallest tl.dot side) so T = 1 or 17
     does not compute 64-wide padding.
@@ -273,7 +274,8 @@ def _launch_config(head_dim: int, T: int, float32: bool = False, hopper: bool = 
     3 stages needed 180,480 B of shared memory at d = 128 (over an A100's 166,912) and spilled up to
     7.4 kB per thread, so they use 32-row tiles and 2 stages (4 warps up to d = 64, else 8), and
     16-row tiles at d = 256, where 32 rows spilled 8.2 kB per thread in dK/dV on sm_80.
-    Figures from tests/kernel_resources.py (triton 3.9); tests/test_kernels_compile.py asserts them.
+    Figures for the builds a launch at T = 256 gets (aligned pointers and strides, triton 3.9), from
+    tests/kernel_resources.py; tests/test_kernels_compile.py asserts them.
     """
     fit = max(16, next_power_of_2(T))
     block_d = next_power_of_2(head_dim)
@@ -288,20 +290,13 @@ def _launch_config(head_dim: int, T: int, float32: bool = False, hopper: bool = 
         )
     block = min(64 if block_d <= 128 else 32, fit)
     step = min(32, fit)
-    forward_rows = 128 if hopper and block_d == 128 else 64
     return dict(
-        forward=dict(BLOCK_D=block_d, BLOCK_M=min(forward_rows, fit), BLOCK_N=block, num_warps=warps,
-                     num_stages=3 if block_d <= 128 else 2),
+        forward=dict(BLOCK_D=block_d, BLOCK_M=min(128 if block_d == 128 else 64, fit), BLOCK_N=block,
+                     num_warps=warps, num_stages=3 if block_d <= 128 else 2),
         delta=dict(BLOCK_D=block_d, BLOCK_M=block),
         dk_dv=dict(BLOCK_D=block_d, BLOCK_N=block, BLOCK_M=step, num_warps=warps, num_stages=2),
         dq=dict(BLOCK_D=block_d, BLOCK_M=block, BLOCK_N=step, num_warps=4 if block_d <= 128 else 8, num_stages=2),
     )
-
-
-def _is_hopper(device: torch.device) -> bool:
-    """An sm_90 GPU (H100 / H200): warpgroup tensor-core instructions. Not sm_100+ (Blackwell's
-    tcgen05 or, on sm_120, Ampere-style mma), for which the tiles above were not reasoned."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
 
 
 def _strides(t: Tensor) -> tuple[int, int, int]:
@@ -324,7 +319,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, scale: float, softcap: float) -> t
     forward_kernel, *_ = _kernels()
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     B, Hq, T, d = q.shape
-    config = _launch_config(d, T, q.dtype == torch.float32, _is_hopper(q.device))["forward"]
+    config = _launch_config(d, T, q.dtype == torch.float32)["forward"]
     o = torch.empty_like(q)
     lse = torch.empty((B, Hq, T), dtype=torch.float32, device=q.device)
     grid = (-(-T // config["BLOCK_M"]), B * Hq)
@@ -348,7 +343,7 @@ def _backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tenso
     q, k, v, do = (_last_dim_contiguous(t) for t in (q, k, v, do))
     B, Hq, T, d = q.shape
     Hkv = k.shape[1]
-    config = _launch_config(d, T, q.dtype == torch.float32, _is_hopper(q.device))
+    config = _launch_config(d, T, q.dtype == torch.float32)
     scores = dict(GROUP=Hq // Hkv, SOFTCAP=softcap > 0, HEAD_DIM=d)  # constexprs of both gradient kernels
     delta = torch.empty_like(lse)
     block_m = config["dq"]["BLOCK_M"]

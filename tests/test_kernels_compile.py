@@ -1,11 +1,12 @@
 """Every Triton kernel, at every launch configuration its dispatcher chooses for the paper's two LLMs and
 Gemma-2-9B (head_dim 256, soft-capped attention), compiles to a real cubin for an A100 (sm_80) and an
 H100 (sm_90), and fits: shared memory within the architecture's limit, no spill stack in bf16, at most
-FP32_SPILL_BUDGET bytes per thread in float32. On sm_90 the attention dots' tensor-core layouts are checked
-too: they decide how much of a warpgroup's work reaches the tensor cores.
+FP32_SPILL_BUDGET bytes per thread in float32. Each is built as a launch at the paper's shapes builds it
+(aligned pointers and strides; attention also for a T that is not a multiple of 16). On sm_90 the attention
+dots' tensor-core layouts are checked too: they decide how much of a warpgroup's work reaches the tensor cores.
 No GPU needed: tests/kernel_resources.py compiles with triton.compile(..., GPUTarget(...)) and reads
 each cubin with the cuobjdump in triton's wheel. It runs in a subprocess, because this test session
-runs Triton in its interpreter (TRITON_INTERPRET=1), which cannot compile. About 35 s on 2 cores with
+runs Triton in its interpreter (TRITON_INTERPRET=1), which cannot compile. About 50 s on 2 cores with
 an empty Triton cache; seconds once ~/.triton/cache holds the cubins.
 """
 import json
@@ -17,8 +18,8 @@ from pathlib import Path
 import pytest
 
 # float32 kernels serve parity tests and --precision fp32, not speed. Two spill: the dK/dV program at
-# d = 64 on sm_90 (800 B: two 32 x 64 float32 accumulators beside the k, v and score tiles at 4 warps)
-# and the soft-capped forward at d = 256 on sm_90 (8 B); every other float32 kernel spills nothing.
+# d = 64 on sm_90 (472 B: two 32 x 64 float32 accumulators beside the k, v and score tiles at 4 warps)
+# and the delta program at d = 256 on sm_80 (8 B); every other float32 kernel spills nothing.
 FP32_SPILL_BUDGET = 1024
 
 
@@ -46,10 +47,10 @@ def test_shared_memory_fits_the_architecture(compiled):
 
 def test_h100_dots_stack_the_warps_along_the_rows(compiled):
     """An H100 warpgroup multiplies 64-row bands. With the warps stacked along a tile's rows (warpsPerCTA
-    [num_warps, 1]), each softmax row stays inside one warp and P feeds the next dot where it lies
-    (attention._launch_config says why and what it costs otherwise). Every sm_90 bf16 dot is so, except
-    dK/dV at d = 128, where stacked tiles spill, and Gemma-2's d = 256, where every stacked tile tried spills."""
-    unstacked = {(row["kernel"], row["shape"]) for row in compiled
+    [num_warps, 1]), each softmax row stays inside one warp's band and P feeds the next dot as it lies
+    (attention._launch_config says why, and what each exception would cost). Every sm_90 bf16 dot is so,
+    except dK/dV at d = 128 and Gemma-2's d = 256, whatever T."""
+    unstacked = {(row["kernel"], row["shape"].split(" T ")[0]) for row in compiled
                  if row["arch"] == 90 and row["dtype"] == "bf16" and row["mma_warps"]
                  and row["mma_warps"] != [[row["num_warps"], 1]]}
     assert unstacked == {("attention dK/dV", "deepseek d128 g6"), ("attention forward", "gemma2-9b d256 g2 softcap"),
