@@ -259,20 +259,21 @@ def _launch_config(head_dim: int, T: int, float32: bool = False) -> dict:
     and PTX; tests/test_kernels_compile.py asserts the layouts). Hence, in fp16 / bf16:
     - d <= 64 (Llama-3.2-1B): 64 x 64 tiles on 4 warps everywhere (3 stages in the forward).
     - d = 128 (Llama-3.1-8B, DeepSeek, Mistral, Qwen2): the forward takes 128 query rows x 64 keys
-      on 8 warps; FlashAttention-2 also takes 128 query rows at this head dim (sm_90: 179 registers,
-      no spill, 128 KiB shared; sm_80: 205, no spill, 96 KiB). dQ takes 64 rows x 32-key steps on 4 warps, stacked
-      (18 wgmma instructions where 8 warps needed 34; 126 registers, no spill). dK/dV keeps 64 keys x
-      32 query steps on 8 warps, unstacked: 64 keys on 4 warps spill 16 B per thread on sm_90, and
-      128 keys on 8 warps (245 registers on sm_90, 16 B spill on sm_80) would halve its programs,
-      32 for DeepSeek's 2 kv heads at B = 8, T = 256, a quarter of an H100's 132 SMs. Which costs
-      least only a GPU can tell.
+      on 8 warps, as FlashAttention-2 takes 128 query rows at this head dim (sm_90: 179 registers,
+      no spill, 128 KiB shared; sm_80: 205, no spill, 96 KiB). dQ takes 64 rows x 32-key steps on
+      4 warps, stacked (18 wgmma instructions where 8 warps needed 34; 126 registers, no spill).
+      dK/dV keeps 64 keys x 32 query steps on 8 warps, unstacked: 64 keys on 4 warps spill 16 B per
+      thread on sm_90, and 128 keys on 8 warps (245 registers on sm_90, 16 B spill on sm_80) would
+      halve its programs, to 32 for DeepSeek's 2 kv heads at B = 8, T = 256, a quarter of an H100's
+      132 SMs. Which costs least only a GPU can tell.
     - d = 256 (Gemma-2): 32-wide steps on 8 warps, as measured to fit; not reasoned further.
-    At B=8, T=256 64-row tiles still give 4 row blocks x B*Hq programs (>= 3 waves on 132 SMs).
+    Programs at B = 8, T = 256: 4 row blocks x B*Hq for 64-row tiles (Llama-3.2-1B: 1,024, over 7
+    per SM), 2 x B*Hq for DeepSeek's 128-row forward (192, under 2 waves of one 8-warp program per SM).
     Short sequences shrink the blocks (never below 16, the smallest tl.dot side) so T = 1 or 17
     does not compute 64-wide padding.
     float32 inputs (parity tests, --precision fp32) hold twice the bytes per tile: 64-row tiles with
     3 stages needed 180,480 B of shared memory at d = 128 (over an A100's 166,912) and spilled up to
-    7.4 kB per thread, so they use 32-row tiles and 2 stages (4 warps up to d = 64, else 8), and
+    7.4 kB per thread (as first measured, unspecialised), so they use 32-row tiles and 2 stages (4 warps up to d = 64, else 8), and
     16-row tiles at d = 256, where 32 rows spilled 8.2 kB per thread in dK/dV on sm_80.
     Figures for the builds a launch at T = 256 gets (aligned pointers and strides, triton 3.9), from
     tests/kernel_resources.py; tests/test_kernels_compile.py asserts them.
