@@ -40,20 +40,28 @@ REPEATS = {"repeats": 10, "inner_scale": 1.0}
 
 def time_ms(step, device: torch.device, repeats: int | None = None, inner: int = 1) -> float:
     """Median over `repeats` of the mean time of `inner` back-to-back step() calls, in ms."""
+    return interleaved_ms({"step": step}, device, repeats, inner)["step"]
+
+
+def interleaved_ms(steps: dict, device: torch.device, repeats: int | None = None, inner: int = 1) -> dict:
+    """{name: time_ms of step} for several steps measured in turns (A, B, A, B, ...), so a drift in the
+    machine's speed (other processes, a compiler's idle workers) falls on every step alike."""
     repeats = repeats or REPEATS["repeats"]
     inner = max(1, round(inner * REPEATS["inner_scale"]))
-    step()  # warm-up: compilation, autotuning caches, allocator
-    times = []
+    for step in steps.values():
+        step()  # warm-up: compilation, autotuning caches, allocator
+    times = {name: [] for name in steps}
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        for _ in range(inner):
-            step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append((time.perf_counter() - start) / inner)
-    return 1e3 * statistics.median(times)
+        for name, step in steps.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            for _ in range(inner):
+                step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times[name].append((time.perf_counter() - start) / inner)
+    return {name: 1e3 * statistics.median(measured) for name, measured in times.items()}
 
 
 def forward_backward(fn, inputs, *args):

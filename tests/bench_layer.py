@@ -10,7 +10,6 @@ time over theirs (goal: <= 0.9). transformers is needed only here and by the tes
 """
 import json
 import os
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -19,7 +18,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, for a plain `python`
 import llm_layer  # noqa: E402
-from kernels.bench import BATCH, LLMS, TOKENS, forward_backward, kernels_path, print_row, time_ms  # noqa: E402
+from kernels.bench import (BATCH, LLMS, TOKENS, forward_backward, interleaved_ms, kernels_path, print_row,  # noqa: E402
+                           time_ms)
 
 SMOLLM2 = dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_attention_heads=9,
                num_key_value_heads=3, num_hidden_layers=30, rms_norm_eps=1e-5)
@@ -77,12 +77,9 @@ def bench_layer_cpu(repeats: int = 7):
     with kernels_path("torch"), torch.no_grad():
         max_diff = (ours(x) - hf_layer(x)).abs().max().item()
     steps = {"ours": forward_backward(ours, [x]), "transformers": forward_backward(hf_layer, [x])}
-    times = {name: [] for name in steps}
     with kernels_path("torch"):
-        for _ in range(repeats):  # interleaved, so load from other processes hits both alike
-            for name, step in steps.items():
-                times[name].append(time_ms(step, torch.device("cpu"), repeats=1))
-    ours_ms, theirs_ms = (statistics.median(times[name]) for name in steps)
+        timings = interleaved_ms(steps, torch.device("cpu"), repeats)
+    ours_ms, theirs_ms = timings["ours"], timings["transformers"]
     print(f"CPU, {torch.get_num_threads()} threads: frozen layer at SmolLM2-135M width (D=576, I=1536, "
           f"9/3 heads, d=64), B={CPU_BATCH} T={TOKENS} float32, forward + input gradient")
     print(f"  outputs agree to {max_diff:.1e}")

@@ -2,6 +2,7 @@
 
     python tests/bench_step.py                   # batch 8, 256 x 256, Llama-3.2-1B-shaped layer 15
     python tests/bench_step.py --batch 2 --size 64 --tiny   # a quick look
+    python tests/bench_step.py --compile         # ours under torch.compile, also on the CPU
 
 Ours: the frozen layer from a generated one-layer checkpoint of Llama-3.2-1B's shapes (random bf16; the
 real model is gated and speed depends on shapes only), --precision auto, the device's memory format
@@ -15,13 +16,14 @@ import argparse
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from kernels.bench import LLMS, time_ms  # noqa: E402
+from kernels.bench import LLMS, interleaved_ms  # noqa: E402
 from llm_layer.layers import LayerConfig, expected_shapes  # noqa: E402
 from model import CMUNEXT_DIMS, build_model, set_frozen_dtype  # noqa: E402
 from runtime import Processes, autocast, compile_mode, memory_format, resolve_precision  # noqa: E402
@@ -70,16 +72,16 @@ class AuthorsBridge(torch.nn.Module):
         return self.project_out(out).transpose(1, 2).reshape(B, C, H, W)
 
 
-def training_step(net, device, batch: int, size: int, precision_and_compile: bool):
+def training_step(net, device, batch: int, size: int, precision_and_compile: bool, compile: bool | None = None):
     """A function doing one SGD step of `net` on a fixed random batch, as train.py does (--precision auto,
-    the device's memory format, compiled as runtime.compile_mode chooses) or as the authors do (float32,
-    the default layout, eager)."""
+    the device's memory format, compiled as runtime.compile_mode chooses for train.py's --compile flag,
+    `compile`) or as the authors do (float32, the default layout, eager)."""
     precision = resolve_precision("auto" if precision_and_compile else "fp32", device)
     layout = memory_format(device) if precision_and_compile else torch.contiguous_format  # theirs: as shipped
     set_frozen_dtype(net, precision).to(device, memory_format=layout).train()
     optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.01, momentum=0.9,
                                 weight_decay=1e-4)
-    mode = compile_mode(None, device, Processes()) if precision_and_compile else None
+    mode = compile_mode(compile, device, Processes()) if precision_and_compile else None
     model = torch.compile(net, mode=mode, dynamic=False) if mode else net
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 3, size, size, generator=generator).to(device, memory_format=layout)
@@ -97,12 +99,23 @@ def training_step(net, device, batch: int, size: int, precision_and_compile: boo
     return step
 
 
+def first_call_s(step, device: torch.device) -> float:
+    """Seconds of step()'s first call, compilation included."""
+    start = time.perf_counter()
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--tiny", action="store_true", help="a 64-wide 2-layer Llama instead of Llama-3.2-1B's shapes")
     parser.add_argument("--authors-trained", action="store_true", help="train their layer, as their default run does")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="compile ours as train.py --compile / --no-compile would (default: as train.py, CUDA only)")
     args = parser.parse_args()
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     config, layer = (TINY, 2) if args.tiny else ({**LLMS["llama3.2-1b"], "head_dim": 64}, 15)
@@ -114,13 +127,18 @@ def main():
     precision = resolve_precision("auto", device)
     print(f"{device}, {torch.get_num_threads()} threads, B{args.batch} {args.size}px, layer {layer} of "
           f"{'a tiny Llama' if args.tiny else 'Llama-3.2-1B shapes'}; ours: {precision}, {memory_format(device)}, "
-          f"compile {compile_mode(None, device, Processes())}")
-    ours_ms = time_ms(training_step(ours, device, args.batch, args.size, True), device, repeats=3)
-    theirs_ms = time_ms(training_step(theirs, device, args.batch, args.size, False), device, repeats=3)
-    for name, ms in (("ours", ours_ms), ("authors'", theirs_ms)):
-        print(f"  {name:9s} {ms:10.1f} ms/step  {args.batch * 1e3 / ms:8.2f} images/s")
-    print(f"  ours / authors' images/s = {theirs_ms / ours_ms:.2f}x")
-    print(json.dumps({"ours_ms": ours_ms, "authors_ms": theirs_ms}))
+          f"compile {compile_mode(args.compile, device, Processes())}")
+    steps = {"ours": training_step(ours, device, args.batch, args.size, True, args.compile)}
+    print(f"  ours' first step (compiling, if it does): {first_call_s(steps['ours'], device):.1f} s")
+    if compile_mode(args.compile, device, Processes()):  # the same model uncompiled, for what compiling gives
+        steps["ours_eager"] = training_step(ours, device, args.batch, args.size, True, False)
+    steps["authors"] = training_step(theirs, device, args.batch, args.size, False)
+    timings = interleaved_ms(steps, device, repeats=3)
+    labels = {"ours": "ours", "ours_eager": "ours, eager", "authors": "authors'"}
+    for name, ms in timings.items():
+        print(f"  {labels[name]:12s} {ms:10.1f} ms/step  {args.batch * 1e3 / ms:8.2f} images/s  "
+              f"{timings['authors'] / ms:5.2f}x the authors' images/s")
+    print(json.dumps({f"{name}_ms": ms for name, ms in timings.items()}))
 
 
 if __name__ == "__main__":
