@@ -6,7 +6,7 @@ FP32_SPILL_BUDGET bytes per thread in float32. Each is built as a launch at the 
 dots' tensor-core layouts are checked too: they decide how much of a warpgroup's work reaches the tensor cores.
 No GPU needed: tests/kernel_resources.py compiles with triton.compile(..., GPUTarget(...)) and reads
 each cubin with the cuobjdump in triton's wheel. It runs in a subprocess, because this test session
-runs Triton in its interpreter (TRITON_INTERPRET=1), which cannot compile. About 50 s on 2 cores with
+runs Triton in its interpreter (TRITON_INTERPRET=1), which cannot compile. About 45 s on 2 cores with
 an empty Triton cache; seconds once ~/.triton/cache holds the cubins.
 """
 import json
