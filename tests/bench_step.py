@@ -72,16 +72,17 @@ class AuthorsBridge(torch.nn.Module):
         return self.project_out(out).transpose(1, 2).reshape(B, C, H, W)
 
 
-def training_step(net, device, batch: int, size: int, precision_and_compile: bool, compile: bool | None = None):
+def training_step(net, device, batch: int, size: int, precision_and_compile: bool,
+                  compile_requested: bool | None = None):
     """A function doing one SGD step of `net` on a fixed random batch, as train.py does (--precision auto,
     the device's memory format, compiled as runtime.compile_mode chooses for train.py's --compile flag,
-    `compile`) or as the authors do (float32, the default layout, eager)."""
+    `compile_requested`) or as the authors do (float32, the default layout, eager)."""
     precision = resolve_precision("auto" if precision_and_compile else "fp32", device)
     layout = memory_format(device) if precision_and_compile else torch.contiguous_format  # theirs: as shipped
     set_frozen_dtype(net, precision).to(device, memory_format=layout).train()
     optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.01, momentum=0.9,
                                 weight_decay=1e-4)
-    mode = compile_mode(compile, device, Processes()) if precision_and_compile else None
+    mode = compile_mode(compile_requested, device, Processes()) if precision_and_compile else None
     model = torch.compile(net, mode=mode, dynamic=False) if mode else net
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 3, size, size, generator=generator).to(device, memory_format=layout)

@@ -6,11 +6,11 @@ triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32)) builds the sa
 run, and cuobjdump (shipped in triton's wheel) reports its registers per thread (REG), spill stack per
 thread (STACK) and the shared memory it needs; the TTGIR says how the tensor-core (MMA) tiles spread
 over the warps. Each launch configuration comes from the kernel's own _launch_config, the function its
-dispatcher calls, built with the specialisation a launch gets (multiples_of_16), so what is checked is
-what would launch. The
-shapes are the paper's two LLMs' (Llama-3.2-1B: D 2048, I 8192, 32/8 heads, d 64; DeepSeek-R1-Qwen-1.5B:
-D 1536, I 8960, 12/2 heads, d 128) and Gemma-2-9B's soft-capped attention (16/8 heads, d 256) at T = 256,
-in bf16 and fp32, for sm_80 (A100) and sm_90 (H100).
+dispatcher calls, and is built with the specialisation a launch gets (multiples_of_16), so what is
+checked is what would launch. The shapes are the paper's two LLMs' (Llama-3.2-1B: D 2048, I 8192, 32/8
+heads, d 64; DeepSeek-R1-Qwen-1.5B: D 1536, I 8960, 12/2 heads, d 128) and Gemma-2-9B's soft-capped
+attention (16/8 heads, d 256) at T = 256 (and a ragged T = 200 in bf16), in bf16 and fp32, for sm_80
+(A100) and sm_90 (H100).
 Must run where TRITON_INTERPRET is unset (tests/test_kernels_compile.py starts it in a subprocess).
 """
 import importlib
@@ -153,4 +153,4 @@ if __name__ == "__main__":
         for r in rows:
             print(f"{r['kernel']:24s} {r['shape']:32s} {r['dtype']:5s} sm_{r['arch']:<3d} {r['num_warps']:5d} "
                   f"{r['registers']:4d} {r['spill']:6d} {r['shared']:8d}  "
-                  + " ".join(f"{rows}x{cols}" for rows, cols in r["mma_warps"]))
+                  + " ".join(f"{along_rows}x{along_columns}" for along_rows, along_columns in r["mma_warps"]))
