@@ -188,6 +188,11 @@ def load_dataset(name: str, root: str | None = None, split: str = "train", img_s
     return SegmentationFiles(chosen, img_size, augment=split == "train")
 
 
+def spatial_dims(name: str) -> int:
+    """3 for the volume datasets, 2 for the image ones."""
+    return 3 if name in VOLUME_DATASETS else 2
+
+
 def input_channels(name: str, root: str | None = None) -> int:
     """The channels of a dataset's images, known before loading it (to build the model first): RGB in 2D,
     1 for synthetic3d, an MSD task's modalities."""

@@ -116,7 +116,7 @@ def predict_images(args) -> int:
     run_dir = Path(args.run_dir)
     config = read_run_config(run_dir)
     check_runtime_flags(args)
-    if config["model"].get("spatial_dims", 2) != 2:
+    if run_spatial_dims(config) != 2:
         raise ValueError(f"--images segments 2D images; {run_dir} was trained on volumes ({config['train']['data']}): "
                          "evaluate it with --split instead")
     device = resolve_device(args.device, Processes())
@@ -149,16 +149,21 @@ def check_args(args, config: dict, run_dir: Path) -> None:
 def computation_report(net: torch.nn.Module, config: dict) -> dict:
     """The paper's Table 1 columns for this run's model at its image size."""
     trainable, frozen = count_params(net)
-    size, spatial_dims = config["train"]["img_size"], config["model"].get("spatial_dims", 2)
+    size, spatial_dims = config["train"]["img_size"], run_spatial_dims(config)
     input_shape = [1, config["model"]["in_channels"], *(size,) * spatial_dims]
     return {"trainable_params": trainable, "frozen_params": frozen,
             "gmacs": count_gmacs(net, input_shape[1], size, spatial_dims), "input_shape": input_shape,
             "counted_with": "torch.utils.flop_counter.FlopCounterMode, FLOPs / 2 (convs and matmuls)"}
 
 
+def run_spatial_dims(config: dict) -> int:
+    """2 or 3: the run's images or volumes (runs saved before volumes existed are 2D)."""
+    return config["model"].get("spatial_dims", 2)
+
+
 def distance_unit(config: dict) -> str:
     """HD95's and the NSD tolerance's unit: volumes carry their voxel spacing, 2D images do not."""
-    return "mm" if config["model"].get("spatial_dims", 2) == 3 else "px"
+    return "mm" if run_spatial_dims(config) == 3 else "px"
 
 
 def analysis_report(rows: list[dict], maps: list[Path], out_dir: Path) -> dict:

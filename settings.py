@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from cli import add_runtime_flags, check_runtime_flags, defaults_of, one_line_error_parser
-from data import DATASETS, VOLUME_DATASETS, check_data_options, load_dataset
+from data import DATASETS, check_data_options, load_dataset, spatial_dims
 from model import BACKBONES, DOWNSAMPLING, FINAL_NORMS, MODES, build_model, check_image_sides
 from vit import check_patch_grid
 
@@ -129,7 +129,7 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
         if getattr(args, name, None) is None:
             setattr(args, name, 0 if name == "mapper_lora_rank" and plain else value)
     if args.img_size is None:
-        args.img_size = IMG_SIZE_3D if args.data in VOLUME_DATASETS else IMG_SIZE_2D
+        args.img_size = IMG_SIZE_3D if spatial_dims(args.data) == 3 else IMG_SIZE_2D
     return args
 
 
@@ -139,12 +139,11 @@ def check_args(args: argparse.Namespace) -> None:
         check_data_options(args.data, args.fold, args.label)
     except ValueError as error:
         raise ValueError(f"--data {args.data}: {error}") from None
-    volumes = args.data in VOLUME_DATASETS
-    if volumes and args.backbone != "vit":
+    if spatial_dims(args.data) == 3 and args.backbone != "vit":
         raise ValueError(f"--data {args.data} holds 3D volumes; the {args.backbone} backbone is 2D: use --backbone vit")
     try:
         if args.backbone == "vit":
-            check_patch_grid((args.img_size,) * (3 if volumes else 2), args.patch_size)
+            check_patch_grid((args.img_size,) * spatial_dims(args.data), args.patch_size)
         else:
             check_image_sides(args.img_size, args.img_size)
     except ValueError as error:

@@ -68,13 +68,13 @@ from tqdm import tqdm
 from checkpoints import (keep_metrics_up_to, load_checkpoint, read_run_config, rebuild_model, rng_state,
                          save_checkpoint, set_rng_state)
 from cli import USER_ERROR_EXIT, USER_ERRORS, user_error
+from data import input_channels, load_dataset, spatial_dims
 from files import write_atomically
 from metrics import SEGMENTATION_METRICS, evaluate_cases, mean_and_std
 from model import build_model, count_params, set_frozen_dtype
 from pictures import curves_png
 from runtime import (Processes, StopRequests, autocast, compile_mode, memory_format, rank_zero_first,
                      resolve_device, resolve_precision, to_device)
-from data import VOLUME_DATASETS, input_channels, load_dataset
 from settings import check_args, data_options, default_run_dir, parse_args
 
 POLY_POWER = 0.9
@@ -200,7 +200,7 @@ def build_or_rebuild_model(args: argparse.Namespace) -> torch.nn.Module:
     in_channels = input_channels(args.data, args.data_dir)
     return build_model(args.backbone, llm, args.layer, args.mode, in_channels=in_channels, lora_rank=args.lora_rank,
                        mapper_lora_rank=args.mapper_lora_rank, residual=args.residual, final_norm=args.final_norm,
-                       spatial_dims=3 if args.data in VOLUME_DATASETS else 2, img_size=args.img_size,
+                       spatial_dims=spatial_dims(args.data), img_size=args.img_size,
                        patch_size=args.patch_size, embed_dim=args.embed_dim, depth=args.depth, heads=args.heads,
                        dropout=args.dropout)
 

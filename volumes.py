@@ -110,7 +110,8 @@ class MSDVolumes(Dataset):
         if self.cache_dir is None:
             return self.read_case(case)
         cached = self.cache_dir / f"{case.name}.safetensors"
-        stamp = ";".join(f"{path.stat().st_size}:{path.stat().st_mtime_ns}" for path in (case.image, *case.masks))
+        stats = [path.stat() for path in (case.image, *case.masks)]
+        stamp = ";".join(f"{stat.st_size}:{stat.st_mtime_ns}" for stat in stats)
         if cached.is_file():
             with safe_open(cached, framework="pt") as f:
                 if f.metadata().get("source") == stamp:
