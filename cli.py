@@ -5,16 +5,21 @@
     defaults_of(function)      a function's defaults: flags read theirs from the signature they
                                configure, so each is written once (--layer from build_model's `layer=15`)
     add_runtime_flags(parser)  --device, --batch-size, --workers, --precision, the same in every script
-    USER_ERRORS, user_error    what the user can fix is one "error: ..." line and exit code 2
+    USER_ERRORS, user_error    what the user can fix is one "error: ..." line and exit code 2;
+                               LLM4SEG_DEBUG=1 prints the traceback as well
 """
 import argparse
 import inspect
+import os
 import sys
+import traceback
 
 from runtime import PRECISIONS
 
-# The exceptions that mean "fix your input", never a bug: printed as one line, no traceback.
+# The exceptions that mean "fix your input", never a bug: printed as one line, no traceback
+# (files.InputError, which every reader raises for a malformed file, is a ValueError).
 USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, ConnectionError)
+DEBUG_ENV = "LLM4SEG_DEBUG"  # =1: a user error prints its traceback too
 USER_ERROR_EXIT = 2
 
 
@@ -50,6 +55,9 @@ def check_runtime_flags(args: argparse.Namespace) -> None:
 
 
 def user_error(error: Exception) -> int:
-    """Print `error` as the one line a user reads, and return the exit code for it."""
+    """Print `error` as the one line a user reads (with its traceback under LLM4SEG_DEBUG=1), and return
+    the exit code for it."""
+    if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+        traceback.print_exception(error, file=sys.stderr)
     print(f"error: {error}", file=sys.stderr)
     return USER_ERROR_EXIT

@@ -1,25 +1,58 @@
-"""Writing files: atomically (a reader sees the old file or the whole new one, never half of one), and
-tables of rows as CSV.
+"""Reading and writing the project's files: atomically and durably (a reader sees the old file or the
+whole new one, never half of one, even after a power cut), tables of rows as CSV, and the one error type
+that every reader raises for a malformed file.
 
-`write_atomically(path, write)` calls `write(temporary)` on a hidden name beside `path` and then
-renames it over `path` (os.replace is atomic within one file system). A crash, kill or Ctrl-C in
-between leaves the old file and no temporary. Checkpoints, metrics logs, split lists and fetched
-LLM layers are all written through it.
+`write_atomically(path, write)` calls `write(temporary)` on a hidden name beside `path`, flushes it to
+the disk (fsync), renames it over `path` (os.replace is atomic within one file system) and fsyncs the
+directory so the rename itself survives a power cut. A crash, kill or Ctrl-C in between leaves the old
+file and at most a hidden temporary. Checkpoints, metrics logs, split lists, caches and fetched LLM
+layers are all written through it; the file gets the permissions an ordinary open() would give it
+(0644 under the usual umask), whatever `write` used.
+
+`InputError` is a ValueError: what the user can fix (a truncated file, a header that lies, a mask that
+is a label map). Its message is one line naming the file and what is wrong; the entry scripts print it
+and exit with 2 (cli.user_error).
 """
 import csv
 import os
 from pathlib import Path
 
 
+class InputError(ValueError):
+    """A malformed or inconsistent input file: one line naming the file, what is wrong, what to do."""
+
+
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# Read once: os.umask can only be read by setting it, which is not thread-safe.
+_FILE_MODE = 0o666 & ~_current_umask()
+
+
 def write_atomically(path: Path, write) -> None:
-    """write(temporary_path), then rename it over `path`."""
+    """write(temporary_path), fsync it, then rename it over `path` and fsync the directory."""
     path = Path(path)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(temporary)
+        os.chmod(temporary, _FILE_MODE)
+        fsync_path(temporary)
         os.replace(temporary, path)
+        fsync_path(path.parent)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's (or a directory's entries') data to the disk."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
