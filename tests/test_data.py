@@ -1,5 +1,6 @@
-"""Tests of data.py: mask encodings, splits (written once, reused, the authors' lists), augmentation
-alignment and seeding, and every bad-input error of load_dataset."""
+"""Tests of data.py: mask encodings and refused label maps, splits (written once, reused, the authors'
+lists), augmentation alignment and its determinism per (seed, epoch, index) across DataLoader workers,
+and every bad-input error of load_dataset. data.check_cases has its own file, test_data_checks.py."""
 import json
 
 import numpy as np
@@ -8,7 +9,9 @@ import torch
 from PIL import Image
 
 import data
-from dataset_trees import box_mask, make_busi, make_kvasir, unnormalise, write_case, write_split
+from dataset_trees import box_mask, make_busi, make_kvasir, symmetries, unnormalise, write_case, write_split
+from files import InputError
+from synthetic import draw_polyp_scene
 
 
 def rgba(mask: np.ndarray) -> Image.Image:
@@ -39,6 +42,27 @@ MASK_ENCODINGS = {
 def test_mask_encodings_binarise_to_the_drawn_shape(encoding):
     mask = box_mask(32, 32, np.random.default_rng(4))
     assert np.array_equal(data.mask_to_binary(MASK_ENCODINGS[encoding](mask)), mask)
+
+
+def three_labels() -> np.ndarray:
+    labels = np.zeros((8, 8), np.uint8)
+    labels[2:4], labels[5:7] = 1, 2
+    return labels
+
+
+LABEL_MAPS = {
+    "L {0, 1, 2}": (lambda: Image.fromarray(three_labels()), r"holds the labels \{0, 1, 2\}"),
+    "I;16 {0, 1, 2}": (lambda: Image.fromarray(three_labels().astype(np.uint16)), r"holds the labels \{0, 1, 2\}"),
+    "P, 3 colours": (lambda: palette(three_labels()), r"holds the palette labels \{0, 1, 2\}"),
+}
+
+
+@pytest.mark.parametrize("label_map", LABEL_MAPS)
+def test_label_maps_are_refused_not_thresholded(label_map):
+    """Thresholded at 128, {0, 1, 2} would be an empty mask; a label map is no binary mask."""
+    make, message = LABEL_MAPS[label_map]
+    with pytest.raises(ValueError, match=message + r": expected a binary mask \(0/255 or 0/1\)"):
+        data.mask_to_binary(make())
 
 
 def test_split_written_once_reused_disjoint_and_editable(tmp_path):
@@ -94,18 +118,16 @@ def l_shape_case(tmp_path) -> str:
     return write_split(tmp_path / "split.json", ["l"], [])
 
 
-def test_augmentation_keeps_image_and_mask_aligned_and_is_seeded(tmp_path, l_shape_case):
+def test_augmentation_keeps_image_and_mask_aligned_and_reaches_all_symmetries(tmp_path, l_shape_case):
     dataset = data.load_dataset("folder", str(tmp_path), "train", img_size=16, split_file=l_shape_case)
-    torch.manual_seed(0)
-    draws = [dataset[0] for _ in range(40)]
     orientations = set()
-    for item in draws:
+    for epoch in range(40):
+        dataset.epoch = epoch
+        item = dataset[0]
         image = unnormalise(item["image"])
         assert torch.equal((image[0] > 0.5).float(), item["mask"][0])
         orientations.add(str(item["mask"].tolist()))
     assert len(orientations) == 8, "rot90 x flips reach all 8 symmetries of the square"
-    torch.manual_seed(0)
-    assert all(torch.equal(a["image"], dataset[0]["image"]) for a in draws)
     val = data.load_dataset("folder", str(tmp_path), "val", img_size=16, split_file=write_split(
         tmp_path / "val.json", [], ["l"]))
     upright = val[0]["mask"]
@@ -113,31 +135,70 @@ def test_augmentation_keeps_image_and_mask_aligned_and_is_seeded(tmp_path, l_sha
     assert all(torch.equal(val[0]["mask"], upright) for _ in range(5))
 
 
-def test_dataloader_workers_reproducible_under_manual_seed(tmp_path, l_shape_case):
-    dataset = data.load_dataset("folder", str(tmp_path), "train", img_size=16, split_file=l_shape_case)
-    repeated = torch.utils.data.ConcatDataset([dataset] * 8)
+@pytest.fixture
+def eight_train_cases(tmp_path) -> data.SegmentationFiles:
+    make_kvasir(tmp_path / "Kvasir-SEG", 8)
+    names = [f"cju{i:04d}kvasir" for i in range(8)]
+    return data.load_dataset("kvasir", str(tmp_path), "train", img_size=32, seed=5,
+                             split_file=write_split(tmp_path / "split.json", names, []))
 
-    def masks() -> torch.Tensor:
-        torch.manual_seed(3)
-        loader = torch.utils.data.DataLoader(repeated, batch_size=4, num_workers=2)
-        return torch.cat([batch["mask"] for batch in loader])   # (8, 1, 16, 16)
 
-    first = masks()
-    assert torch.equal(first, masks())
-    assert len({str(m.tolist()) for m in first}) > 1, "workers must not repeat one draw"
+def masks_of(dataset, epoch: int) -> list[torch.Tensor]:
+    dataset.epoch = epoch
+    return [dataset[index]["mask"] for index in range(len(dataset))]
+
+
+def test_augmentation_is_a_function_of_seed_epoch_and_index(eight_train_cases):
+    """Not of the global RNG: a run resumed mid-epoch redraws the same items. 8 cases, so another epoch
+    repeating every draw has chance 8^-8."""
+    torch.manual_seed(0)
+    first = masks_of(eight_train_cases, 2)
+    torch.manual_seed(1)
+    torch.rand(5)
+    assert all(torch.equal(a, b) for a, b in zip(first, masks_of(eight_train_cases, 2)))
+    assert not all(torch.equal(a, b) for a, b in zip(first, masks_of(eight_train_cases, 3)))
+    eight_train_cases.seed = 6
+    assert not all(torch.equal(a, b) for a, b in zip(first, masks_of(eight_train_cases, 2)))
+
+
+def test_dataloader_workers_give_the_items_of_one_process(eight_train_cases):
+    eight_train_cases.epoch = 3
+
+    def masks(workers: int) -> torch.Tensor:
+        loader = torch.utils.data.DataLoader(eight_train_cases, batch_size=3, num_workers=workers)
+        return torch.cat([batch["mask"] for batch in loader])   # (8, 1, 32, 32)
+
+    in_process = masks(0)
+    assert torch.equal(in_process, masks(2))
+    assert len({str(m.tolist()) for m in in_process}) == 8
+
+
+def test_synthetic_augmentation_is_seeded_apart_from_its_scene():
+    """The scene is drawn as before from (seed, scene index); the epoch only turns or flips it."""
+    train = data.load_dataset("synthetic", split="train", img_size=32, seed=3, synthetic_size=10)
+    _, scene_mask = draw_polyp_scene(32, torch.Generator().manual_seed(3 * 1_000_003 + 4))
+    drawn = set()
+    for epoch in range(6):
+        train.epoch = epoch
+        torch.manual_seed(epoch)  # the global RNG must not matter
+        mask = train[4]["mask"]
+        assert any(torch.equal(mask, s) for s in symmetries(scene_mask))
+        assert torch.equal(mask, train[4]["mask"])
+        drawn.add(str(mask.tolist()))
+    assert len(drawn) > 1
 
 
 def test_unreadable_image_names_the_file(tmp_path, l_shape_case):
     (tmp_path / "images" / "l.png").write_bytes(b"not a png")
     dataset = data.load_dataset("folder", str(tmp_path), "train", img_size=16, split_file=l_shape_case)
-    with pytest.raises(ValueError, match=r"cannot read image file .*images/l\.png"):
+    with pytest.raises(InputError, match=r"cannot read image file .*images/l\.png"):
         dataset[0]
 
 
 def test_size_mismatch_names_image_and_mask(tmp_path, l_shape_case):
     Image.fromarray(np.zeros((30, 48), np.uint8)).save(tmp_path / "masks" / "l.png")
     dataset = data.load_dataset("folder", str(tmp_path), "train", img_size=16, split_file=l_shape_case)
-    with pytest.raises(ValueError, match=r"image .*images/l\.png is 48x32 but its mask .*masks/l\.png is 48x30"):
+    with pytest.raises(InputError, match=r"image .*images/l\.png is 48x32 but its mask .*masks/l\.png is 48x30"):
         dataset[0]
 
 
@@ -159,5 +220,5 @@ def test_wrong_names_options_and_stale_split_rejected(tmp_path):
         data.load_dataset("busi", str(tmp_path), "val", split_file=write_split(
             tmp_path / "leak.json", ["benign (1)"], ["benign (1)"]))
     (tmp_path / "bad.json").write_text("[1, 2")
-    with pytest.raises(ValueError, match=r"split file .*bad\.json is unreadable"):
+    with pytest.raises(InputError, match=r"split file .*bad\.json is unreadable"):
         data.load_dataset("busi", str(tmp_path), "val", split_file=str(tmp_path / "bad.json"))
