@@ -1,15 +1,18 @@
 """volumes.py through data.load_dataset: MSD task folders in the exact shipped layout (3D and 4D NIfTI
 written with nibabel, dataset.json, the tarballs' macOS `._*` files), their splits and folds, the clear
-errors, and the synthetic volumes."""
+errors, data.check_cases listing every bad case, the cache (rebuilt when it fails to read), and the
+synthetic volumes."""
 import gzip
 import json
+import re
 
 import nibabel
 import numpy as np
 import pytest
 import torch
 
-from data import load_dataset
+from data import check_cases, load_dataset
+from files import InputError
 
 SHAPE = (12, 10, 8)          # (X, Y, Z) as stored
 SPACING = (0.8, 0.8, 2.5)    # mm, anisotropic like a CT
@@ -175,3 +178,51 @@ def test_preprocessed_cases_are_cached_until_their_files_change(task):
     nibabel.save(nibabel.Nifti1Image(np.zeros(SHAPE, np.uint8), np.diag([*SPACING, 1.0])), label_file)
     assert dataset[0]["mask"].sum() == 0  # the label changed: read again, not the stale cache
     assert load_dataset("msd", str(task), "train", 8, 41, label=1).cache_dir.name == "8px_label1"
+
+
+def test_check_cases_reads_every_case_and_lists_each_bad_one(task):
+    """A cut .nii.gz, a label of another shape and an image with 2 channels where dataset.json lists 1:
+    one message, one line each; the good cases are read and cached on the way."""
+    dataset = load_dataset("msd", str(task), "train", 8, 41)
+    cut, other_shape, two_channels = dataset.cases[:3]
+    cut.image.write_bytes(cut.image.read_bytes()[:300])
+    nibabel.save(nibabel.Nifti1Image(np.zeros((12, 10, 7), np.uint8), np.eye(4)), other_shape.masks[0])
+    nibabel.save(nibabel.Nifti1Image(np.zeros((*SHAPE, 2), np.float32), np.eye(4)), two_channels.image)
+    with pytest.raises(InputError) as raised:
+        check_cases(dataset)
+    lines = str(raised.value).splitlines()
+    assert lines[0] == "3 of 7 cases cannot be used:"
+    assert re.match(rf"  cannot read the image .*{cut.image.name}: .*corrupt or not NIfTI", lines[1])
+    assert re.match(rf"  case {other_shape.name}: image .* is \[12, 10, 8, 1\] and label .* is \[12, 10, 7\]", lines[2])
+    assert re.match(rf"  case {two_channels.name}: image .* has 2 channels; expected 1", lines[3])
+    assert sorted(p.stem for p in (task / "llm4seg_cache" / "8px").iterdir()) == sorted(c.name for c in dataset.cases[3:])
+    check_cases(load_dataset("msd", str(task), "val", 8, 41))
+
+
+def flip_last_byte(path):
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # the last tensor's last byte: the header still parses
+    path.write_bytes(bytes(data))
+
+
+CACHE_DAMAGE = {
+    "cut short": lambda path: path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2]),
+    "a flipped bit": flip_last_byte,
+    "not safetensors": lambda path: path.write_bytes(b"\x00" * 64),
+    "empty": lambda path: path.write_bytes(b""),
+}
+
+
+@pytest.mark.parametrize("damage", CACHE_DAMAGE)
+def test_a_cache_file_that_fails_to_read_is_rebuilt(task, capsys, damage):
+    dataset = load_dataset("msd", str(task), "train", 8, 41)
+    fresh = dataset.read_case(dataset.cases[0])
+    cached = task / "llm4seg_cache" / "8px" / f"{fresh['name']}.safetensors"
+    dataset[0]
+    CACHE_DAMAGE[damage](cached)
+    capsys.readouterr()
+    for printed in (rf"volumes: the cached case .*{cached.name} is unreadable \(.+\); rebuilding it from its "
+                    r"NIfTI files\n", ""):  # rebuilt once, then read from the rebuilt cache
+        item = dataset[0]
+        assert all(torch.equal(item[key], fresh[key]) for key in ("image", "mask", "spacing"))
+        assert re.fullmatch(printed, capsys.readouterr().out)
