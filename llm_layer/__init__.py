@@ -16,14 +16,21 @@ Where the weights come from (`llm`):
     (safetensors_file.py): only the layer's bytes are read from disk;
   * a local .gguf file (gguf_file.py).
 Numbering is the paper's: layer N (1-based) is `model.layers.{N-1}`. Weights are never unpickled.
+
+A Hub layer is pinned by its commit (config.commit). A layer read from a local folder or GGUF file is in
+no checkpoint and its file may be replaced, so it carries config.fingerprint (the sha256 of its tensors as
+stored); `check_fingerprint(expected, config)` tells a later load that the weights changed. A malformed
+file raises files.InputError naming it.
 """
 import importlib.util
 import re
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
+from files import InputError
 from llm_layer.gguf_file import from_gguf
 from llm_layer.hub import final_norm_from_hub, from_hub
 from llm_layer.layers import (LAYER_CLASSES, MODES, DecoderLayer, LayerConfig, PretrainedLayer, build_layer,
@@ -31,7 +38,7 @@ from llm_layer.layers import (LAYER_CLASSES, MODES, DecoderLayer, LayerConfig, P
 from llm_layer.safetensors_file import FINAL_NORM, final_norm_from_directory, from_directory
 
 __all__ = ["ALIASES", "FINAL_NORM", "LAYER_CLASSES", "MODES", "DecoderLayer", "LayerConfig", "PretrainedLayer",
-           "init_random_", "load_final_norm", "load_layer"]
+           "check_fingerprint", "init_random_", "load_final_norm", "load_layer"]
 
 ALIASES = {  # the LLMs of both papers; README.md lists their layer counts and widths
     "llama3.2-1b": "meta-llama/Llama-3.2-1B",
@@ -110,6 +117,35 @@ def load_final_norm(llm: str, *, revision: str | None = None) -> torch.Tensor:
         raise ValueError(f"the pre-trained final norm is read from safetensors only, not from the GGUF {local}: "
                          "use final_norm 'unit', or a Hub repo or model directory")
     return final_norm_from_hub(_repo_id(llm), revision)
+
+
+def check_fingerprint(expected: dict | None, loaded: LayerConfig) -> None:
+    """Raise InputError unless `loaded` (the config of a layer just loaded) has the weights of `expected`,
+    the fingerprint a run recorded when it trained (its config.json's llm_layer["fingerprint"]). A frozen
+    layer read from a folder or GGUF is in no checkpoint, so other weights there would silently change
+    what the run computes. expected None (a Hub layer, pinned by its commit; a random one) checks nothing;
+    the files' sizes and mtimes are only reported, so a file merely touched passes."""
+    if expected is None:
+        return
+    if not isinstance(expected, dict) or not isinstance(expected.get("sha256"), str):
+        raise InputError(f'the run\'s record of its layer {loaded.source}: expected a fingerprint {{"sha256": ..., '
+                         f'"files": [...]}}, got {expected!r}; the run\'s config.json is damaged')
+    now = loaded.fingerprint or {}
+    if now.get("sha256") == expected["sha256"]:
+        return
+    files = ", ".join(f["path"] for f in (now or expected).get("files", [])) or loaded.source
+    raise InputError(
+        f"the frozen layer in {files} changed since the run trained (sha256 {expected['sha256'][:12]}... then, "
+        f"{now['sha256'][:12] + '...' if now else 'none'} now; {_file_stats(expected)} then, {_file_stats(now)} now): "
+        f"expected the same weights, because the layer is in no checkpoint; restore the file or train a new run")
+
+
+def _file_stats(fingerprint: dict) -> str:
+    """'name 1234 bytes, modified 2026-12-01T11:29:17Z' for each file of a fingerprint."""
+    stats = [f"{Path(f['path']).name} {f['size']} bytes, modified "
+             f"{datetime.fromtimestamp(f['mtime_ns'] / 1e9, timezone.utc):%Y-%m-%dT%H:%M:%SZ}"
+             for f in fingerprint.get("files", [])]
+    return "; ".join(stats) or "no files"
 
 
 def _repo_id(llm: str) -> str:

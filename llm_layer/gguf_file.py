@@ -8,20 +8,30 @@ and k inside each head for its RoPE kernel; the order is undone so the weights e
 (the RoPE-free attention here would give the same result either way: q.k sums over the same pairs).
 
 Parsing a GGUF reads all its metadata (SmolLM2's holds a 49k-token vocabulary: ~5.5 s on 2 cores), so
-the layer's config and dequantised tensors are cached the first time, like a Hub layer, under
+the layer's config, fingerprint and dequantised tensors are cached the first time, like a Hub layer, under
     $HF_HOME/llm4seg/gguf/<file stem>-<hash of its path, size and mtime>/layer<N>.json, .safetensors
-and later loads (each run and evaluation of a sweep) read those instead. A changed file gets a new key.
+and later loads (each run and evaluation of a sweep) read those instead. A changed file gets a new key;
+a cache file that does not read (cut short, edited, from an older version) is rebuilt from the GGUF.
+
+The fingerprint (LayerConfig.fingerprint) is the sha256 of the layer's tensors as the GGUF stores them
+(quantised), so it changes when the file's layer does. A truncated or corrupt GGUF raises files.InputError
+naming it, whatever the `gguf` package raised.
 """
 import hashlib
 import json
+import sys
+from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from files import write_atomically
+from files import InputError, write_atomically
 from llm_layer.layers import LayerConfig, expected_shapes
+from llm_layer.safetensors_file import layer_fingerprint
 
 GGUF_NAMES = {  # llama.cpp's names within `blk.{i}.` -> ours
     "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
@@ -32,40 +42,82 @@ GGUF_NAMES = {  # llama.cpp's names within `blk.{i}.` -> ours
 
 def from_gguf(path: Path, layer: int, need_weights: bool):
     """(config, tensors or None) of the `layer`-th (1-based) layer of a GGUF file: from the cache when
-    it holds them, else parsed and then cached."""
-    cache = _cache_dir(Path(path))
+    it holds them, else parsed and then cached. With the weights, config.fingerprint pins them."""
+    path = Path(path)
+    stat = path.stat()
+    cache = _cache_dir(path, stat)
     hf_file, tensors_file = cache / f"layer{layer}.json", cache / f"layer{layer}.safetensors"
-    if hf_file.is_file() and (tensors_file.is_file() or not need_weights):
-        config = LayerConfig.from_hf(json.loads(hf_file.read_text()), layer, path=str(path))
-        return config, load_file(tensors_file) if need_weights else None
-    hf, config, tensors = _parse(path, layer, need_weights)
+    cached = _read_cache(hf_file, tensors_file, path, layer, need_weights)
+    if cached is not None:
+        return cached
+    hf, config, tensors = _parse(path, layer, need_weights, stat)
     cache.mkdir(parents=True, exist_ok=True)
     if tensors is not None:
         write_atomically(tensors_file, lambda temporary: save_file(tensors, temporary))
-    write_atomically(hf_file, lambda temporary: temporary.write_text(json.dumps(hf)))
+    entry = {"config": hf, "fingerprint": config.fingerprint}
+    write_atomically(hf_file, lambda temporary: temporary.write_text(json.dumps(entry)))
     return config, tensors
 
 
-def _cache_dir(path: Path) -> Path:
+def _cache_dir(path: Path, stat) -> Path:
     from huggingface_hub import constants
 
-    stat = path.stat()
     key = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     return Path(constants.HF_HOME) / "llm4seg" / "gguf" / f"{path.stem}-{key}"
 
 
-def _parse(path: Path, layer: int, need_weights: bool):
+def _read_cache(hf_file: Path, tensors_file: Path, path: Path, layer: int, need_weights: bool):
+    """(config, tensors or None) from the cache; None when it lacks them or they do not read back as
+    what _parse wrote (the GGUF is then parsed again and the cache rewritten)."""
+    if not hf_file.is_file() or (need_weights and not tensors_file.is_file()):
+        return None
+    try:
+        entry = json.loads(hf_file.read_bytes())
+        config = LayerConfig.from_hf(entry["config"], layer, path=str(path), origin=str(hf_file))
+        if not need_weights:
+            return config, None
+        fingerprint = entry["fingerprint"]
+        if not isinstance(fingerprint["sha256"], str):
+            raise TypeError(f"expected a fingerprint's sha256 to be a string, got {fingerprint['sha256']!r}")
+        tensors = load_file(tensors_file)
+        shapes = {name: tuple(t.shape) for name, t in tensors.items() if t.dtype == torch.float32}
+        if shapes != expected_shapes(config):
+            raise ValueError(f"expected float32 tensors of shapes {expected_shapes(config)}, got {shapes}")
+    except (KeyError, TypeError, ValueError, SafetensorError) as e:  # InputError is a ValueError
+        print(f"llm_layer: the cache of {path} layer {layer} does not read ({type(e).__name__}: {e}); "
+              f"parsing the GGUF again", file=sys.stderr)
+        return None
+    return replace(config, fingerprint=fingerprint), tensors
+
+
+@contextmanager
+def _parsing(path: Path):
+    """Turn whatever the `gguf` package raises into one InputError naming the file. It is a third-party
+    parser of untrusted bytes: a truncated or corrupt file makes it fail in many ways (IndexError,
+    numpy's reshape ValueError, struct and Unicode errors, ...), each of which means a bad file."""
+    try:
+        yield
+    except Exception as e:
+        reason = " ".join(str(e).split())  # one line, whatever the parser wrote
+        raise InputError(f"{path} is truncated or corrupt: the gguf package cannot read it ({type(e).__name__}: "
+                         f"{reason}); expected a complete GGUF file, download it again") from e
+
+
+def _parse(path: Path, layer: int, need_weights: bool, stat):
     """(config.json-like dict, config, tensors or None) read from the GGUF file itself."""
     try:
         import gguf
     except ImportError as e:
         raise ImportError(f"reading {path} needs the optional `gguf` package: pip install gguf") from e
-    reader = gguf.GGUFReader(path)
-    fields = {name: field.contents() for name, field in reader.fields.items()
-              if not name.startswith("tokenizer.")}
+    with _parsing(path):
+        reader = gguf.GGUFReader(path)
+        fields = {name: field.contents() for name, field in reader.fields.items()
+                  if not name.startswith("tokenizer.")}
+        found = list(reader.tensors)
     arch = fields.get("general.architecture")
     prefix = f"blk.{layer - 1}."
-    names = {t.name for t in reader.tensors}
+    names = {t.name for t in found}
+    eps = fields.get(f"{arch}.attention.layer_norm_rms_epsilon")
     hf = {
         "model_type": arch,
         "num_hidden_layers": fields.get(f"{arch}.block_count"),
@@ -74,36 +126,46 @@ def _parse(path: Path, layer: int, need_weights: bool):
         "num_attention_heads": fields.get(f"{arch}.attention.head_count"),
         "num_key_value_heads": fields.get(f"{arch}.attention.head_count_kv"),
         "head_dim": fields.get(f"{arch}.attention.key_length"),
-        # Stored as float32 (9.9999997e-06 for 1e-5); 7 digits give back the config's value.
-        "rms_norm_eps": float(f"{fields.get(f'{arch}.attention.layer_norm_rms_epsilon', 0.0):.7g}"),
+        # Stored as float32 (9.9999997e-06 for 1e-5); 7 digits give back the config's value. Anything
+        # else is passed on for LayerConfig to reject.
+        "rms_norm_eps": float(f"{eps:.7g}") if isinstance(eps, float) else eps,
         "attention_bias": prefix + "attn_q.bias" in names,
     }
     config = LayerConfig.from_hf(hf, layer, path=str(path))
     if not need_weights:
         return hf, config, None
+    if arch == "llama" and config.head_dim % 2:
+        raise InputError(f"{path}: expected an even head dimension (llama.cpp pairs the rows of q and k), got "
+                         f"{config.head_dim}; the file is corrupt, download it again")
 
-    tensors = {}
-    for t in reader.tensors:
+    expected, tensors, stored = expected_shapes(config), {}, []
+    for t in found:
         if not t.name.startswith(prefix):
             continue
-        block_name, kind = t.name[len(prefix):].rsplit(".", 1)
-        if block_name not in GGUF_NAMES:
-            raise ValueError(f"unexpected tensor {t.name} in {path}: not part of a {arch} decoder layer")
+        block_name, _, kind = t.name[len(prefix):].rpartition(".")
+        name = f"{GGUF_NAMES.get(block_name)}.{kind}"
+        if name not in expected:
+            raise InputError(f"unexpected tensor {t.name} in {path}: not part of a {arch} decoder layer")
         # GGUF lists dimensions innermost first; dequantize gives rows x columns, torch's (out, in).
-        values = gguf.quants.dequantize(t.data, t.tensor_type).astype("float32")
-        weight = torch.from_numpy(values.reshape(tuple(reversed([int(d) for d in t.shape]))))
+        with _parsing(path):
+            gguf_shape = [int(d) for d in t.shape]
+            values = gguf.quants.dequantize(t.data, t.tensor_type).astype("float32")
+            weight = torch.from_numpy(values.reshape(tuple(reversed(gguf_shape))))
+        if tuple(weight.shape) != expected[name]:
+            raise InputError(f"tensor {name} of layer {layer} in {path} has shape {list(weight.shape)}, "
+                             f"expected {list(expected[name])} from its metadata")
         if arch == "llama" and block_name in ("attn_q", "attn_k"):
             heads = config.num_attention_heads if block_name == "attn_q" else config.num_key_value_heads
             weight = _undo_llama_cpp_rope_permutation(weight, heads)
-        tensors[f"{GGUF_NAMES[block_name]}.{kind}"] = weight
-    for name, shape in expected_shapes(config).items():
+        tensors[name] = weight.contiguous()
+        stored.append((name, t.tensor_type.name, gguf_shape, t.data))
+    for name in expected:
         if name not in tensors:
             gguf_name = next(k for k, v in GGUF_NAMES.items() if name.startswith(v))
-            raise ValueError(f"missing tensor {prefix}{gguf_name}.{name.rsplit('.', 1)[1]} in {path}")
-        if tuple(tensors[name].shape) != shape:
-            raise ValueError(f"tensor {name} of layer {layer} in {path} has shape "
-                             f"{list(tensors[name].shape)}, expected {list(shape)} from its metadata")
-    return hf, config, {name: tensor.contiguous() for name, tensor in tensors.items()}
+            raise InputError(f"missing tensor {prefix}{gguf_name}.{name.rsplit('.', 1)[1]} in {path}")
+    fingerprint = layer_fingerprint(stored, [{"path": str(path.resolve()), "size": stat.st_size,
+                                              "mtime_ns": stat.st_mtime_ns}])
+    return hf, replace(config, fingerprint=fingerprint), tensors
 
 
 def _undo_llama_cpp_rope_permutation(weight: Tensor, heads: int) -> Tensor:
@@ -111,4 +173,3 @@ def _undo_llama_cpp_rope_permutation(weight: Tensor, heads: int) -> Tensor:
     to interleaved pairs: rows (heads, 2, d/2) -> (heads, d/2, 2). Reverse it."""
     rows = weight.shape[0]
     return weight.reshape(heads, rows // heads // 2, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
-

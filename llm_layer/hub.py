@@ -11,18 +11,22 @@ which later calls read with no network at all. The LLM's final norm (model.norm.
 for, is fetched alone the same way into model.norm.safetensors beside it. Requests go through
 huggingface_hub's HTTP session with its retries, so its endpoint (HF_ENDPOINT), token and proxies apply
 and a dropped connection is tried again; a body cut short, and every other failure, becomes a one-line error
-that says what to do (gated: accept the licence and log in; unreachable: connect once).
+that says what to do (gated: accept the licence and log in; unreachable: connect once). A file of the
+repo that is malformed (config.json, the index, a safetensors header) raises files.InputError naming it;
+a cached layer or norm file that no longer reads is fetched again.
 """
 import json
+import sys
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
-from files import write_atomically
+from files import InputError, write_atomically
 from llm_layer.layers import LayerConfig
 from llm_layer.safetensors_file import (FINAL_NORM, TensorEntry, check_entries, layer_entries, parse_header,
-                                        pickled_only, read_layer_files, read_named_tensor)
+                                        pickled_only, read_json, read_layer_files, read_named_tensor, read_tensor_file,
+                                        read_weight_map)
 
 
 def from_hub(repo: str, layer: int, revision: str | None, need_weights: bool):
@@ -36,13 +40,18 @@ def from_hub(repo: str, layer: int, revision: str | None, need_weights: bool):
             need_weights and not layer_cache_file(repo, Path(config_file).parent.name, layer).is_file()):
         config_file = _hub_download(repo, "config.json", revision)
     commit = Path(config_file).parent.name
-    config = LayerConfig.from_hf(json.loads(Path(config_file).read_text()), layer, repo=repo, commit=commit)
+    hf = read_json(Path(config_file), f"{repo}'s config.json")
+    config = LayerConfig.from_hf(hf, layer, repo=repo, commit=commit, origin=config_file)
     if not need_weights:
         return config, None
     cached_layer = layer_cache_file(repo, commit, layer)
-    if not cached_layer.is_file():
-        _fetch_layer(repo, commit, config, cached_layer)
-    return config, read_layer_files([cached_layer], config, cached_layer)
+    if cached_layer.is_file():
+        try:
+            return config, read_layer_files([cached_layer], config, cached_layer)[0]
+        except InputError as e:
+            print(f"llm_layer: the cached layer does not read ({e}); fetching it again", file=sys.stderr)
+    _fetch_layer(repo, commit, config, cached_layer)
+    return config, read_layer_files([cached_layer], config, cached_layer)[0]
 
 
 def final_norm_from_hub(repo: str, revision: str | None) -> Tensor:
@@ -55,18 +64,25 @@ def final_norm_from_hub(repo: str, revision: str | None) -> Tensor:
         config_file = _hub_download(repo, "config.json", revision)
     commit = Path(config_file).parent.name
     cached = _norm_cache_file(repo, commit)
-    if not cached.is_file():
+    if cached.is_file():
         try:
-            index = json.loads(Path(_hub_download(repo, "model.safetensors.index.json", commit)).read_text())
-            filename = index["weight_map"].get(FINAL_NORM)
-        except EntryNotFoundError:
-            filename = "model.safetensors"
-        if filename is None:
-            raise ValueError(f"{repo}'s model.safetensors.index.json lists no {FINAL_NORM}")
-        norm = read_named_tensor(_HubRangeReader(repo, commit, filename).read, FINAL_NORM, f"{repo}@{commit[:10]}")
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(cached, lambda temporary: save_file({FINAL_NORM: norm}, temporary))
-    return load_file(cached)[FINAL_NORM]
+            return read_tensor_file(cached, FINAL_NORM)
+        except InputError as e:
+            print(f"llm_layer: the cached norm does not read ({e}); fetching it again", file=sys.stderr)
+    try:
+        index_file = Path(_hub_download(repo, "model.safetensors.index.json", commit))
+    except EntryNotFoundError:
+        filename = "model.safetensors"
+    else:
+        filename = read_weight_map(index_file).get(FINAL_NORM)
+    if filename is None:
+        raise InputError(f"{repo}'s model.safetensors.index.json lists no {FINAL_NORM}: expected the final "
+                         f"norm's shard in its weight_map")
+    norm = read_named_tensor(_HubRangeReader(repo, commit, filename).read, FINAL_NORM,
+                             f"{repo}/{filename}@{commit[:10]}")
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(cached, lambda temporary: save_file({FINAL_NORM: norm}, temporary))
+    return norm
 
 
 def _norm_cache_file(repo: str, commit: str) -> Path:
@@ -110,23 +126,25 @@ def _fetch_layer(repo: str, commit: str, config: LayerConfig, destination: Path)
     from huggingface_hub.errors import EntryNotFoundError
 
     try:
-        index = json.loads(Path(_hub_download(repo, "model.safetensors.index.json", commit)).read_text())
-        files = sorted({f for n, f in index["weight_map"].items() if n.startswith(config.prefixes)})
+        index_file = Path(_hub_download(repo, "model.safetensors.index.json", commit))
     except EntryNotFoundError:
         files = ["model.safetensors"]
+    else:
+        files = sorted({f for n, f in read_weight_map(index_file).items() if n.startswith(config.prefixes)})
     if not files:
-        raise ValueError(f"{repo}'s model.safetensors.index.json lists no tensor of model.layers.{config.index}")
+        raise InputError(f"{repo}'s model.safetensors.index.json lists no tensor of {config.prefix[:-1]}: "
+                         f"expected the layer's shards in its weight_map")
 
     entries = {}
     for filename in files:
         reader = _HubRangeReader(repo, commit, filename)
         try:
-            header_len, header = parse_header(reader.read)
+            header_len, header = parse_header(reader.read, f"{repo}/{filename}@{commit[:10]}")
         except EntryNotFoundError:
             if file_exists(repo, "pytorch_model.bin", revision=commit):
                 raise pickled_only(repo) from None
             raise
-        entries.update(layer_entries(header, header_len, config, filename))
+        entries.update(layer_entries(header, header_len, config, filename, f"{repo}/{filename}@{commit[:10]}"))
     check_entries(entries, config, f"{repo}@{commit[:10]}")
     _write_layer_file(entries, destination, repo, commit, config)
 
@@ -192,6 +210,9 @@ class _HubRangeReader:
         # http_stream_backoff retries what fails before an answer (a dropped kept-alive connection,
         # a timeout, HTTP 429 / 5xx); a body cut short is caught below and named.
         with http_stream_backoff("GET", self.url, headers=headers, follow_redirects=True) as response:
+            if response.status_code == 416:  # Range Not Satisfiable: the header's offsets lie past the file's end
+                raise InputError(f"{self.repo}/{self.filename} has no bytes {start}..{end} for {what}: its header "
+                                 f"is corrupt; expected offsets inside the file, pick another revision")
             hf_raise_for_status(response)
             if response.status_code != 206:
                 raise ConnectionError(f"{self.url} ignored the byte-range request (HTTP "
@@ -203,7 +224,7 @@ class _HubRangeReader:
             except Exception as e:  # the HTTP client's own "connection closed early" error
                 interrupted = e
         if received != end - start or interrupted:
-            raise ValueError(f"{self.repo}/{self.filename} is truncated or changed: got {received} of "
+            raise InputError(f"{self.repo}/{self.filename} is truncated or changed: got {received} of "
                              f"{end - start} bytes for {what} (bytes {start}..{end})") from interrupted
 
     def read(self, start: int, end: int) -> bytes:

@@ -29,6 +29,7 @@ Shapes: x (B, T, hidden_size) -> (B, T, hidden_size); q (B, Hq, T, head_dim), k 
 is this module's `<name>`. LAYER_CLASSES maps a config.json `model_type` to the class that runs
 it: a new family is one class and one line there.
 """
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import kernels
+from files import InputError
 
 MODES = ("frozen", "trainable", "random")
 # config.json's activation name -> F.gelu's `approximate` (the MLPs of the GELU families)
@@ -64,6 +66,10 @@ class LayerConfig:
     activation: str = "silu"               # of the MLP: silu (SwiGLU), or a GELUS key
     attention_scale: float | None = None   # c in softmax(c q k^T); None = 1/sqrt(head_dim)
     softcap: float = 0.0                   # Gemma-2's attention logit soft-cap; 0 = none
+    # What pins weights read from local files (a folder or a GGUF), as the commit pins a Hub layer's:
+    # {"sha256": hex digest of the layer's tensors as stored, "files": [{"path", "size", "mtime_ns"}, ...]}.
+    # None for a Hub layer and for mode "random" (no weights read).
+    fingerprint: dict | None = None
 
     @property
     def index(self) -> int:
@@ -85,30 +91,84 @@ class LayerConfig:
         return self.prefixes[0]
 
     @classmethod
-    def from_hf(cls, hf: dict, layer: int, **where) -> "LayerConfig":
-        model_type = hf.get("model_type")
+    def from_hf(cls, hf: dict, layer: int, *, origin: str | None = None, **where) -> "LayerConfig":
+        """The layer's config from `hf`, a config.json's settings read from the file `origin` (named in
+        errors; the source by default). `where` (repo and commit, or path) says where the weights come
+        from. A setting that is missing or of the wrong type or value raises files.InputError."""
         source = where.get("repo") or where.get("path")
-        if model_type not in LAYER_CLASSES:
-            raise ValueError(f"unsupported architecture {model_type!r} in {source}: supported are "
+        origin = origin or source
+        if not isinstance(hf, dict):
+            raise InputError(f"{origin}: expected a JSON object of the model's settings, got a JSON "
+                             f"{type(hf).__name__}; restore the model's config.json")
+        model_type = hf.get("model_type")
+        if not isinstance(model_type, str) or model_type not in LAYER_CLASSES:
+            raise InputError(f"unsupported architecture {model_type!r} in {source}: supported are "
                              f"{', '.join(LAYER_CLASSES)}")
-        num_layers = hf["num_hidden_layers"]
+        num_layers = cls._count(hf, "num_hidden_layers", origin)
         if not 1 <= layer <= num_layers:
-            raise ValueError(f"layer {layer} out of range: {source} has layers 1..{num_layers} "
+            raise InputError(f"layer {layer} out of range: {source} has layers 1..{num_layers} "
                              f"(1-based, as in the paper: layer N is model.layers.{{N-1}})")
-        heads = hf["num_attention_heads"]
-        return cls(
+        hidden, heads = cls._count(hf, "hidden_size", origin), cls._count(hf, "num_attention_heads", origin)
+        kv_heads = cls._count(hf, "num_key_value_heads", origin, default=heads)
+        if heads % kv_heads:
+            raise InputError(f"{origin}: expected num_attention_heads ({heads}) to be a multiple of "
+                             f"num_key_value_heads, got {kv_heads}; restore the model's config.json")
+        if hf.get("head_dim") is None and hidden % heads:
+            raise InputError(f"{origin}: expected hidden_size ({hidden}) to be a multiple of "
+                             f"num_attention_heads, got {heads} (and no head_dim); restore the model's config.json")
+        try:
+            family = LAYER_CLASSES[model_type].read_config(hf, source)
+        except KeyError as e:
+            raise InputError(f"{origin}: expected {e.args[0]!r}, which every {model_type} config.json has, "
+                             f"got none; restore the model's config.json") from e
+        except ValueError as e:  # an activation the family does not use; the message names the source
+            raise InputError(f"{e}; restore the model's config.json") from e
+        except (TypeError, ZeroDivisionError) as e:  # e.g. query_pre_attn_scalar a string, or 0
+            raise InputError(f"{origin}: a {model_type} setting has the wrong type or value ({e}); "
+                             f"restore the model's config.json") from e
+        config = cls(
             model_type=model_type,
-            hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
+            hidden_size=hidden,
+            intermediate_size=cls._count(hf, "intermediate_size", origin),
             num_attention_heads=heads,
-            num_key_value_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            num_key_value_heads=kv_heads,
+            head_dim=cls._count(hf, "head_dim", origin, default=hidden // heads),
             num_hidden_layers=num_layers,
             layer=layer,
             initializer_range=hf.get("initializer_range", 0.02),
-            **LAYER_CLASSES[model_type].read_config(hf, source),
+            **family,
             **where,
         )
+        config._check_settings(origin)
+        return config
+
+    @staticmethod
+    def _count(hf: dict, key: str, origin: str, default: int | None = None) -> int:
+        """hf[key], a positive integer; `default` when the key is absent or null, if one is given."""
+        value = hf.get(key)
+        if value is None and default is not None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InputError(f"{origin}: expected {key} to be a positive integer, got {value!r}; "
+                             f"restore the model's config.json")
+        return value
+
+    def _check_settings(self, origin: str) -> None:
+        """The settings besides the sizes have the types and ranges the layer needs."""
+        must_be_positive = {"norm_eps": True, "attention_scale": True, "initializer_range": False, "softcap": False}
+        for name, positive in must_be_positive.items():
+            value = getattr(self, name)
+            if name == "attention_scale" and value is None:
+                continue  # the default, 1/sqrt(head_dim)
+            real = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not real or value < 0 or (positive and value == 0):
+                raise InputError(f"{origin}: expected the layer's {name} to be a finite number "
+                                 f"{'> 0' if positive else '>= 0'}, got {value!r}; restore the model's config.json")
+        for name in ("attention_bias", "o_proj_bias", "mlp_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"{origin}: expected true or false for the layer's {name} (config.json's "
+                                 f"attention_bias / mlp_bias), got {getattr(self, name)!r}; "
+                                 f"restore the model's config.json")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -2,10 +2,14 @@
 
 Checkpoints are tiny random Llama / Qwen2 models written with transformers' save_pretrained
 (one single-file, one sharded), with non-trivial norm weights and biases, served by the Hub
-stand-in of conftest.py. transformers' own decoder layers are the parity reference.
+stand-in of conftest.py. transformers' own decoder layers are the parity reference. A layer read
+from a folder or GGUF carries a fingerprint of its weights, checked here against replaced files.
+(Malformed files of every kind are tests/test_bad_files.py's.)
 """
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import llm_layer
+from files import InputError
 from layer_parity import assert_frozen_layer_matches
 from llm_layer import DecoderLayer, load_layer
 from sparse_checkpoints import data_bytes_fetched, write_sparse_safetensors
@@ -228,6 +233,58 @@ def test_local_directories_single_file_and_sharded(checkpoints):
         from_hub = load_layer(repo, 5)
         assert from_disk.config.path == str(directory) and from_disk.config.repo is None
         assert all(torch.equal(a, b) for a, b in zip(from_disk.parameters(), from_hub.parameters()))
+        # A folder's layer is pinned by its fingerprint, a Hub layer by its commit.
+        assert from_disk.config.fingerprint["sha256"] and from_hub.config.fingerprint is None
+    shards = {f["path"] for f in load_layer(str(checkpoints[QWEN2_REPO]), 5).config.fingerprint["files"]}
+    index = json.loads((checkpoints[QWEN2_REPO] / "model.safetensors.index.json").read_text())["weight_map"]
+    assert shards == {str((checkpoints[QWEN2_REPO] / f).resolve()) for n, f in index.items()
+                      if n.startswith("model.layers.4.")}
+
+
+# --- fingerprints of layers read from local files ------------------------------------------------
+
+
+def _expect_changed(fingerprint: dict, loaded: llm_layer.LayerConfig, file: Path) -> None:
+    """check_fingerprint raises, naming `file`, both digests and the file's size and mtime then and now."""
+    then = Path(fingerprint["files"][0]["path"]).name
+    message = (rf"the frozen layer in {re.escape(str(file.resolve()))} changed since the run trained "
+               rf"\(sha256 {fingerprint['sha256'][:12]}\.\.\. then, {loaded.fingerprint['sha256'][:12]}\.\.\. now; "
+               rf"{re.escape(then)} \d+ bytes, modified [-\dT:]+Z then, {re.escape(file.name)} \d+ bytes, modified "
+               rf"[-\dT:]+Z now\): expected the same weights, because the layer is in no checkpoint; restore the file "
+               rf"or train a new run")
+    with pytest.raises(InputError, match=message):
+        llm_layer.check_fingerprint(fingerprint, loaded)
+
+
+def test_a_folders_layer_is_fingerprinted_and_replaced_weights_are_caught(tiny_llm, tmp_path):
+    """The fingerprint hashes the layer's own bytes: replacing one weight of it is caught, naming the file;
+    touching the file, or changing another layer, is not."""
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_llm / name, tmp_path / name)
+    file = tmp_path / "model.safetensors"
+    trained = load_layer(str(tmp_path), 2).config
+    fingerprint, stat = trained.fingerprint, file.stat()
+    assert re.fullmatch(r"[0-9a-f]{64}", fingerprint["sha256"])
+    assert fingerprint["files"] == [{"path": str(file.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}]
+    assert json.loads(json.dumps(trained.to_dict()))["fingerprint"] == fingerprint  # saved with a run's config
+    assert load_layer(str(tmp_path), 2, mode="random").config.fingerprint is None  # no weights read
+
+    os.utime(file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    touched = load_layer(str(tmp_path), 2).config
+    assert touched.fingerprint["files"][0]["mtime_ns"] == stat.st_mtime_ns + 10**9
+    llm_layer.check_fingerprint(fingerprint, touched)
+
+    tensors = load_file(file)
+    tensors["model.layers.0.mlp.up_proj.weight"] += 1.0  # layer 1 only
+    save_file(tensors, file, metadata={"format": "pt"})
+    llm_layer.check_fingerprint(fingerprint, load_layer(str(tmp_path), 2).config)
+
+    tensors["model.layers.1.mlp.up_proj.weight"][0, 0] += 1.0  # one weight of layer 2
+    save_file(tensors, file, metadata={"format": "pt"})
+    _expect_changed(fingerprint, load_layer(str(tmp_path), 2).config, file)
+    llm_layer.check_fingerprint(None, load_layer(str(tmp_path), 2).config)  # a Hub or random layer: nothing to check
+    with pytest.raises(InputError, match=r"sha256 [0-9a-f]{12}\.\.\. then, none now"):
+        llm_layer.check_fingerprint(fingerprint, load_layer(str(tmp_path), 2, mode="random").config)
 
 
 # --- modes and dtypes -------------------------------------------------------------------------
@@ -467,6 +524,31 @@ def test_gguf_modes_and_errors(gguf_checkpoint):
         load_layer(str(path.parent / "missing.gguf"), 1)
 
 
+def test_a_gguf_layer_is_fingerprinted_from_its_quantised_bytes(gguf_checkpoint, tmp_path):
+    """The fingerprint hashes the layer's tensors as stored (quantised); the cache keeps it, and a flipped
+    byte of the layer in the file changes it, while one of another layer does not."""
+    import gguf
+
+    path = tmp_path / "copy.gguf"
+    shutil.copy(gguf_checkpoint[0], path)
+    first = load_layer(str(path), 2).config
+    assert re.fullmatch(r"[0-9a-f]{64}", first.fingerprint["sha256"])
+    assert first.fingerprint["files"][0]["path"] == str(path.resolve())
+    assert load_layer(str(path), 2).config.fingerprint == first.fingerprint  # read back from the cache
+    assert load_layer(str(path), 2, mode="random").config.fingerprint is None
+    offsets = {t.name: int(t.data_offset) for t in gguf.GGUFReader(path).tensors}
+    for tensor, same in (("blk.0.ffn_up.weight", True), ("blk.1.ffn_up.weight", False)):
+        data = bytearray(gguf_checkpoint[0].read_bytes())
+        data[offsets[tensor] + 100] ^= 0x01
+        path = tmp_path / f"flipped-{tensor}.gguf"
+        path.write_bytes(data)
+        loaded = load_layer(str(path), 2).config
+        if same:
+            llm_layer.check_fingerprint(first.fingerprint, loaded)
+        else:
+            _expect_changed(first.fingerprint, loaded, path)
+
+
 def test_gguf_is_parsed_once_then_read_from_the_cache(gguf_checkpoint, monkeypatch, tmp_path):
     import shutil
 
@@ -505,6 +587,15 @@ def test_bundled_smollm2_layer_loads(bundled_smollm2):
     assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (9, 3, 64)
     y = layer(torch.randn(1, 16, 576))
     assert y.shape == (1, 16, 576) and torch.isfinite(y).all()
+
+
+def test_bundled_smollm2_cut_short_is_named(bundled_smollm2, tmp_path):
+    """The real file cut to 1000 bytes: the gguf package fails inside (IndexError); the error names the file."""
+    path = tmp_path / "SmolLM2-cut.gguf"
+    with open(bundled_smollm2, "rb") as f:
+        path.write_bytes(f.read(1000))
+    with pytest.raises(InputError, match=rf"{re.escape(str(path))} is truncated or corrupt: .*IndexError"):
+        load_layer(str(path), 20)
 
 
 def test_smollm2_alias_falls_back_to_the_bundled_gguf_offline(tmp_path, bundled_smollm2):
