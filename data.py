@@ -212,32 +212,34 @@ def input_channels(name: str, root: str | None = None) -> int:
     return 1 if name == "synthetic3d" else 3
 
 
-def check_cases(dataset: Dataset) -> None:
-    """Open every file of a dataset load_dataset returned, once, before training: raise one InputError
-    listing every unusable case (the module docstring says what is checked), not a crash at the first
-    one in the middle of an epoch. MSD cases are read and cached, the work their first epoch would do
-    (done twice when the task folder is read-only and nothing can be cached); generated cases need no check."""
-    if isinstance(dataset, SyntheticCases):
-        return
-    volumes = isinstance(dataset, MSDVolumes)
-    problems, bad_cases = [], 0
-    for index, case in enumerate(tqdm(dataset.cases, desc="reading cases" if volumes else "checking files",
-                                      unit="case", leave=False, disable=None)):
-        if volumes:
-            try:
-                dataset[index]
-                found = []
-            except InputError as error:
-                found = [str(error)]
-        else:
-            found = case_problems(case)
-        problems += found
-        bad_cases += bool(found)
+def check_cases(*datasets: Dataset) -> None:
+    """Open every file of the datasets load_dataset returned, once, before training: raise one InputError
+    listing every unusable case of all of them (the module docstring says what is checked), not a crash at
+    the first one in the middle of an epoch. MSD cases are read and cached, the work their first epoch would
+    do (done twice when the task folder is read-only and nothing can be cached); generated cases need no check."""
+    problems, bad_cases, total = [], 0, 0
+    for dataset in datasets:
+        if isinstance(dataset, SyntheticCases):
+            continue
+        volumes = isinstance(dataset, MSDVolumes)
+        total += len(dataset.cases)
+        for index, case in enumerate(tqdm(dataset.cases, desc="reading cases" if volumes else "checking files",
+                                          unit="case", leave=False, disable=None)):
+            if volumes:
+                try:
+                    dataset[index]
+                    found = []
+                except InputError as error:
+                    found = [str(error)]
+            else:
+                found = case_problems(case)
+            problems += found
+            bad_cases += bool(found)
     if problems:
         listed = problems[:LISTED_PROBLEMS]
         if len(problems) > len(listed):
             listed.append(f"... and {len(problems) - len(listed)} more")
-        raise InputError(f"{bad_cases} of {len(dataset.cases)} cases cannot be used:\n"
+        raise InputError(f"{bad_cases} of {total} cases cannot be used:\n"
                          + "\n".join(f"  {line}" for line in listed)
                          + "\nexpected every case readable: replace these files, or remove their cases from the "
                          "data and the split file (or delete the split file to split again), then start again.")

@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader
 from analysis import ANALYSED, CONCENTRATION_THRESHOLD, BridgeFeatures, activation_map, feature_analysis, upsample_map
 from checkpoints import load_run, read_run_config
 from cli import USER_ERRORS, add_runtime_flags, check_runtime_flags, one_line_error_parser, user_error
-from data import load_dataset
+from data import check_cases, load_dataset
 from files import write_csv
 from metrics import NSD_TOLERANCE, SEGMENTATION_METRICS, SURFACE_METRICS, THRESHOLD, evaluate_cases, mean_and_std
 from metrics import segmentation_metrics, surface_metrics  # noqa: F401  public names eval.py has always offered
@@ -71,6 +71,7 @@ def evaluate_run(args) -> int:
     precision = resolve_precision(args.precision, device)
     dataset = load_dataset(settings["data"], args.data_dir or settings["data_dir"], args.split,
                            settings["img_size"], settings["seed"], **data_options(settings))
+    check_cases(dataset)
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,
                         pin_memory=device.type == "cuda")
 
@@ -93,7 +94,7 @@ def evaluate_run(args) -> int:
     if args.samples:
         samples = write_samples(net, dataset, rows, args.samples, device, precision, clean_folder(out_dir / "samples"))
 
-    epoch = info["epoch"] if "epoch" in info else info["progress"]["epochs_done"]  # best.json / last.json
+    epoch = info["epoch"] if "epoch" in info else info["progress"]["epochs_done"]  # best / last
     report = {
         "run_dir": str(run_dir), "split": args.split, "images": len(rows),
         "checkpoint": {"name": args.checkpoint, "epoch": epoch, "global_step": info["global_step"]},

@@ -14,6 +14,7 @@ is a label map). Its message is one line naming the file and what is wrong; the 
 and exit with 2 (cli.user_error).
 """
 import csv
+import errno
 import os
 from pathlib import Path
 
@@ -22,24 +23,38 @@ class InputError(ValueError):
     """A malformed or inconsistent input file: one line naming the file, what is wrong, what to do."""
 
 
+class WriteError(OSError):
+    """A file could not be written (disk full, file too large, I/O error); the file it was to replace is
+    as it was. train.py exits with 1 on it: the run is sound, the disk is not."""
+
+
 def _current_umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
 
+DISK_ERRORS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EIO)
 # Read once: os.umask can only be read by setting it, which is not thread-safe.
 _FILE_MODE = 0o666 & ~_current_umask()
 
 
 def write_atomically(path: Path, write) -> None:
-    """write(temporary_path), fsync it, then rename it over `path` and fsync the directory."""
+    """write(temporary_path), fsync it, then rename it over `path` and fsync the directory. A disk that
+    refuses the bytes (full, file too large, quota, I/O error) raises WriteError naming `path`, which is
+    left as it was; other errors (permissions, a missing folder) raise as they are."""
     path = Path(path)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        write(temporary)
-        os.chmod(temporary, _FILE_MODE)
-        fsync_path(temporary)
+        try:
+            write(temporary)
+            os.chmod(temporary, _FILE_MODE)
+            fsync_path(temporary)
+        except OSError as error:
+            if error.errno not in DISK_ERRORS:
+                raise
+            kept = f"the previous {path.name} is intact" if path.exists() else "nothing was written there"
+            raise WriteError(error.errno, f"{error.strerror} writing {path}; {kept}") from error
         os.replace(temporary, path)
         fsync_path(path.parent)
     finally:

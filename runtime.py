@@ -6,6 +6,7 @@ Library modules never pick a device; the entry scripts (train.py, eval.py) call 
                                process under torchrun)
     rank_zero_first(p)         rank 0 downloads and writes shared files first, the others wait
     StopRequests()             Ctrl-C / SIGTERM ask a training loop to stop at the next step boundary
+    signals_deferred()         Ctrl-C / SIGTERM held back while a file is saved, delivered after it
     resolve_precision(name, d) "auto" | "bf16" | "fp32" -> the compute dtype: bf16 where the device
                                multiplies bf16 natively (CUDA; CPUs with AMX / AVX-512 BF16), else fp32
     autocast(d, p), predict    the one precision policy of training and evaluation: autocast to p
@@ -172,3 +173,27 @@ class StopRequests:
         self.signal = signum
         print(f"\n{signal.Signals(signum).name}: saving after the current step (again to abort)",
               file=sys.stderr)
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """Hold SIGINT and SIGTERM back until the block ends, then deliver them in order to the handlers
+    that were installed before. A checkpoint being saved is never cut short by Ctrl-C (a second one
+    included): it is written whole, and then the signal acts. Outside the main thread (where Python
+    cannot install handlers) the block runs as it is."""
+    try:
+        pending = []
+        previous = {s: signal.signal(s, lambda signum, frame: pending.append(signum)) for s in STOP_SIGNALS}
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for signum in pending:
+            signal.raise_signal(signum)

@@ -4,9 +4,11 @@ a grid of these flags) read one definition; every default is defined once, here 
 of the function a flag configures (build_model, load_dataset), printed at start and saved in config.json.
 """
 import argparse
-import json
+import math
+import os
 from pathlib import Path
 
+from checkpoints import has_checkpoint, read_run_config
 from cli import add_runtime_flags, check_runtime_flags, defaults_of, one_line_error_parser
 from data import DATASETS, check_data_options, load_dataset, spatial_dims
 from model import BACKBONES, DOWNSAMPLING, FINAL_NORMS, MODES, build_model, check_image_sides
@@ -106,7 +108,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise FileNotFoundError(f"--resume {run_dir}: expected a run directory with config.json, found none")
     if args.out is not None and Path(args.out).resolve() != run_dir.resolve():
         raise ValueError(f"--resume {run_dir} writes into that run; got a different --out {args.out}")
-    saved = {**vars(parser.parse_args([])), **json.loads((run_dir / "config.json").read_text())["train"]}
+    saved = {**vars(parser.parse_args([])), **read_run_config(run_dir)["train"]}
     resolved = {}
     for name, value in vars(args).items():
         given = value != parser.get_default(name)
@@ -152,14 +154,38 @@ def check_args(args: argparse.Namespace) -> None:
     for name in ("epochs", "synthetic_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(args, name)}")
-    if args.lr <= 0:
-        raise ValueError(f"--lr: expected a positive learning rate, got {args.lr}")
-    out = Path(args.out)
-    if args.resume is None and (out / "last.json").exists():
+    if args.stop_after_epoch is not None and args.stop_after_epoch < 1:
+        raise ValueError(f"--stop-after-epoch: expected an epoch number >= 1, got {args.stop_after_epoch}")
+    for flag, value, low, high, closed in numeric_ranges(args):
+        inside = math.isfinite(value) and (low < value or (closed[0] and value == low)) and \
+            (value < high or (closed[1] and value == high))
+        if not inside:
+            bounds = f"{'[' if closed[0] else '('}{low:g}, {high:g}{']' if closed[1] else ')'}"
+            raise ValueError(f"{flag}: expected a finite number in {bounds}, got {value}")
+    check_out_dir(Path(args.out), resuming=args.resume is not None)
+
+
+def numeric_ranges(args: argparse.Namespace) -> list[tuple[str, float, float, float, tuple[bool, bool]]]:
+    """(flag, value, low, high, (low included, high included)) of every real-valued flag."""
+    return [("--lr", args.lr, 0, math.inf, (False, False)),
+            ("--momentum", args.momentum, 0, 1, (True, False)),
+            ("--weight-decay", args.weight_decay, 0, math.inf, (True, False)),
+            ("--bce-weight", args.bce_weight, 0, 1, (True, True)),
+            ("--dropout", args.dropout, 0, 1, (True, False))]
+
+
+def check_out_dir(out: Path, resuming: bool) -> None:
+    """The run directory: a directory (or creatable as one) that this user can write, holding no other run."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; expected a directory for the run (or a path to create one)")
+    existing = next(parent for parent in (out, *out.parents) if parent.exists())
+    if not existing.is_dir():
+        raise ValueError(f"--out {out}: {existing} is a file, so the directory cannot be created; pick another --out")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"--out {out}: cannot write in {existing} (permission denied); pick a directory "
+                              "you can write")
+    if not resuming and has_checkpoint(out, "last"):
         raise ValueError(f"{out} already holds a run: continue it with --resume {out}, or pick another --out")
-    if args.resume is not None and not (out / "last.json").exists():
-        raise FileNotFoundError(f"{out} has no last.json: the run stopped before its first epoch "
-                                f"ended, so there is nothing to resume; start it again")
 
 
 def default_run_dir(args: argparse.Namespace) -> str:

@@ -44,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
+from checkpoints import checkpoint_info, has_checkpoint, read_run_config
 from cli import USER_ERRORS, one_line_error_parser, user_error
 from files import write_csv
 from metrics import paired_difference
@@ -158,10 +159,9 @@ def plan_runs(args, varying, fixed) -> list[Run]:
 def check_same_settings(parsed: argparse.Namespace, run_dir: Path) -> None:
     """A run already in OUT must have been trained with this sweep's settings, or skipping or resuming
     it would put another experiment's numbers in the table."""
-    config_file = run_dir / "config.json"
-    if not config_file.is_file():
+    if not (run_dir / "config.json").is_file():
         return
-    saved = json.loads(config_file.read_text())["train"]
+    saved = read_run_config(run_dir)["train"]
     for name, value in vars(parsed).items():
         if name in PER_INVOCATION or name in CHANGEABLE_ON_RESUME or name not in saved or saved[name] == value:
             continue
@@ -176,10 +176,10 @@ def check_same_settings(parsed: argparse.Namespace, run_dir: Path) -> None:
 
 def epochs_done(run_dir: Path) -> tuple[int, int] | None:
     """(epochs done, epochs asked) of a run that saved `last`, else None."""
-    if not (run_dir / "last.json").is_file():
+    if not has_checkpoint(run_dir, "last"):
         return None
-    done = json.loads((run_dir / "last.json").read_text())["progress"]["epochs_done"]
-    return done, json.loads((run_dir / "config.json").read_text())["train"]["epochs"]
+    done = checkpoint_info(run_dir, "last")["progress"]["epochs_done"]
+    return done, read_run_config(run_dir)["train"]["epochs"]
 
 
 def runtime_argv(run: Run) -> list[str]:

@@ -31,15 +31,19 @@ Run directory (--out, default runs/<data>_<backbone>_<llm>-L<layer>-<mode>_seed<
     metrics.jsonl      one line per epoch: train loss, images/s, lr, validation metrics
     curves.png         train loss, validation IoU / Dice and lr against the epoch, redrawn after each
                        epoch (at most every 30 s) and after the last
-    last.safetensors   model state_dict ("model.*") and SGD momentum buffers ("optimizer.*")
-    last.json          epoch, step, best IoU, optimizer settings, every rank's RNG states
-    best.safetensors   model state_dict at the best validation IoU, with best.json
-Every file is written to a temporary name and renamed into place, so a kill -9 loses at most the
-epoch in progress. Ctrl-C (or SIGTERM) stops after the current optimizer step, saves `last` mid-epoch
-and exits with 130 (143 for SIGTERM); a second Ctrl-C stops at once. --resume continues from
-`last` exactly: the data order is a function of (seed, epoch), the RNG states are restored, and
-the lr schedule continues from the saved step. A non-finite loss stops the run with exit code 1
-and leaves the last good checkpoint as it was.
+    last.safetensors   model state_dict ("model.*"), the optimizer's state ("optimizer.*"), and in its
+                       metadata epoch, step, best IoU, optimizer settings, every rank's RNG states
+    best.safetensors   model state_dict at the best validation IoU, with its epoch and metrics
+Every file is written to a temporary name, fsync'd and renamed into place, a checkpoint as one file,
+so a kill -9 at any instant loses at most the epoch in progress (README, "What survives what").
+Ctrl-C (or SIGTERM) stops after the current optimizer step, saves `last` mid-epoch and exits with
+130 (143 for SIGTERM); a second Ctrl-C stops at once, except during a save, which it lets finish.
+--resume continues from `last` exactly, with any --workers: the data order is a function of (seed,
+epoch), each sample's augmentation of (seed, epoch, index), the RNG states are restored, and the lr
+schedule continues from the saved step; a run killed before its first `last` starts again from the
+beginning. Every flag is checked, and every image, mask or volume opened once, before the first step.
+A non-finite loss stops the run with exit code 1 and leaves the last good checkpoint as it was; so
+does a full disk, which leaves the previous checkpoint intact.
 
 Under torchrun, each process trains with --batch-size images on its share of the data
 (DistributedSampler, DistributedDataParallel, gloo on CPU and nccl on CUDA): the global batch is
@@ -65,11 +69,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from checkpoints import (keep_metrics_up_to, load_checkpoint, read_run_config, rebuild_model, rng_state,
-                         save_checkpoint, set_rng_state)
+from checkpoints import (has_checkpoint, keep_metrics_up_to, load_checkpoint, read_run_config,
+                         rebuild_model, rng_state, save_checkpoint, set_rng_state)
 from cli import USER_ERROR_EXIT, USER_ERRORS, user_error
-from data import input_channels, load_dataset, spatial_dims
-from files import write_atomically
+from data import check_cases, input_channels, load_dataset, spatial_dims
+from files import WriteError, write_atomically
 from metrics import SEGMENTATION_METRICS, evaluate_cases, mean_and_std
 from model import build_model, count_params, set_frozen_dtype
 from pictures import curves_png
@@ -163,6 +167,7 @@ def setup(argv: list[str] | None, processes: Processes) -> Run:
         net = build_or_rebuild_model(args)
         train_set, val_set = (load_dataset(args.data, args.data_dir, split, args.img_size, args.seed,
                                            **data_options(vars(args))) for split in ("train", "val"))
+        check_cases(train_set, val_set)  # every file opened once now, not found broken an epoch in
     torch.manual_seed(args.seed + processes.rank)
 
     set_frozen_dtype(net, precision).to(device, memory_format=memory_format(device))
@@ -182,8 +187,13 @@ def setup(argv: list[str] | None, processes: Processes) -> Run:
                             pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(args.seed))
     run = Run(args, processes, device, precision, net, model, optimizer, sampler, train_set, val_loader,
               Progress(), run_dir, max_steps=args.epochs * iterations, compile_mode=mode)
-    if args.resume:
+    if args.resume and has_checkpoint(run_dir, "last"):
         resume_from_last(run)
+    elif args.resume:
+        print(f"{run_dir} has no `last` checkpoint yet (stopped before its first epoch ended): starting it "
+              f"again from the beginning, with its saved settings")
+        if processes.main:
+            keep_metrics_up_to(run_dir / "metrics.jsonl", 0)
     elif processes.main:
         write_run_config(run, len(val_set), iterations)
     print_settings(run, len(val_set), iterations)
@@ -259,7 +269,7 @@ def print_settings(run: Run, val_images: int, iterations: int) -> None:
           f"global batch {processes.world_size * args.batch_size} = {processes.world_size} x {args.batch_size}")
     print(f"data: {args.data}, {len(run.train_set)} train / {val_images} val images at {args.img_size}px, "
           f"{iterations} iterations per epoch, run dir {run.run_dir}")
-    if args.resume:
+    if args.resume and run.progress.global_step:
         progress = run.progress
         print(f"resuming after epoch {progress.epochs_done}"
               f"{f' + {progress.batches_done} batches' if progress.batches_done else ''}, step {progress.global_step}")
@@ -293,10 +303,12 @@ def train_one_epoch(run: Run, epoch: int, stop: StopRequests) -> tuple[int | Non
     args, progress, device = run.args, run.progress, run.device
     run.model.train()
     run.sampler.set_epoch(epoch)
+    run.train_set.epoch = epoch  # each sample's augmentation is drawn from (seed, epoch, index)
     indices = list(run.sampler)[progress.batches_done * args.batch_size:]  # skip what was trained
     loader = DataLoader(run.train_set, batch_size=args.batch_size, sampler=indices,
                         num_workers=args.workers, pin_memory=device.type == "cuda",
-                        # worker seeds from (seed, epoch, rank), not from the global RNG
+                        # worker seeds from (seed, epoch, rank), not from the global RNG (the
+                        # augmentation does not depend on them)
                         generator=torch.Generator().manual_seed(
                             (args.seed * 100_003 + epoch) * 1_009 + run.processes.rank))
     bar = tqdm(total=math.ceil(len(run.sampler) / args.batch_size), initial=progress.batches_done,
@@ -319,9 +331,10 @@ def train_one_epoch(run: Run, epoch: int, stop: StopRequests) -> tuple[int | Non
             non_finite, stopping = step_flags_over_ranks(run, loss, stop)
             if non_finite:
                 if run.processes.main:
+                    kept = f"{run.run_dir / 'last'} is the last good checkpoint (epoch {progress.epochs_done})" \
+                        if has_checkpoint(run.run_dir, "last") else "no checkpoint was saved yet"
                     print(f"error: non-finite loss at epoch {epoch}, step {progress.global_step} (lr "
-                          f"{lr:.3g}); stopped without saving: {run.run_dir / 'last'} is the last good "
-                          f"checkpoint (epoch {progress.epochs_done}). Try a lower --lr.", file=sys.stderr)
+                          f"{lr:.3g}); stopped without saving: {kept}. Try a lower --lr.", file=sys.stderr)
                 return 1, 0.0
             run.optimizer.step()
             loss_value = loss.item()
@@ -371,11 +384,14 @@ def log_epoch(run: Run, epoch: int, train_loss: float, images_per_second: float,
             "batch_images": args.batch_size * run.processes.world_size,
             **{f"val_{name}": value for name, value in metrics.items()},
             "best_iou": progress.best_iou, "best_epoch": progress.best_epoch}
-    with open(run.run_dir / "metrics.jsonl", "a") as f:  # before last, see keep_metrics_up_to
-        f.write(json.dumps(line) + "\n")
+    # Rewritten whole (a few kB), never appended: a kill mid-write cannot leave half a line. Before
+    # `last`: a resume drops the lines past it (keep_metrics_up_to).
+    metrics_file = run.run_dir / "metrics.jsonl"
+    logged = metrics_file.read_text() if metrics_file.is_file() else ""
+    write_atomically(metrics_file, lambda tmp: tmp.write_text(logged + json.dumps(line) + "\n"))
     # Drawing takes ~0.5 s: for epochs of seconds, redraw at most every CURVES_EVERY_S, and after the last.
     if epoch == args.epochs or time.monotonic() - run.curves_drawn_at >= CURVES_EVERY_S:
-        epochs = [json.loads(text) for text in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
+        epochs = [json.loads(text) for text in metrics_file.read_text().splitlines()]
         write_atomically(run.run_dir / "curves.png", lambda path: curves_png(epochs, path))
         run.curves_drawn_at = time.monotonic()
     print(f"epoch {epoch}/{args.epochs} | loss {train_loss:.4f} | {images_per_second:.1f} img/s"
@@ -420,12 +436,16 @@ def save_last(run: Run) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit code: 0 done, 1 non-finite loss, 2 bad settings, 128 + signal when stopped by one."""
+    """Exit code: 0 done, 1 non-finite loss or a checkpoint that could not be written, 2 bad settings or
+    input files, 128 + signal when stopped by one."""
     processes = Processes.from_env()
     # Other ranks stay quiet (data.py and llm_layer print too); errors still reach stderr.
     with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(sys.stdout if processes.main else devnull):
         try:
             run = setup(argv, processes)
+        except WriteError as error:
+            print(f"error: {error.strerror}", file=sys.stderr)
+            return 1
         except USER_ERRORS as error:
             # Every process meets the same bad setting: one line per machine is enough.
             return user_error(error) if processes.local_rank == 0 else USER_ERROR_EXIT
@@ -437,6 +457,15 @@ def main(argv: list[str] | None = None) -> int:
                 # rank still finishes its last collective aborted 1 run in 8 ("terminate called ...").
                 dist.barrier()
             return code
+        except WriteError as error:  # the disk, not the run: exit 1, the previous checkpoint kept
+            print(f"error: {error.strerror}", file=sys.stderr)
+            return 1
+        except USER_ERRORS as error:  # an input file that changed or broke during the run
+            return user_error(error)
+        except KeyboardInterrupt:  # a second Ctrl-C; never inside a save (runtime.signals_deferred)
+            print(f"interrupted; the checkpoints in {run.run_dir} are whole: continue with "
+                  f"python train.py --resume {run.run_dir}", file=sys.stderr)
+            return 128 + signal.SIGINT
         finally:
             if processes.distributed:
                 dist.destroy_process_group()

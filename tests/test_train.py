@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
+from checkpoints import checkpoint_info
 from llm_layer import load_layer
 from model import build_model
 
@@ -136,10 +137,10 @@ def test_two_epochs_write_config_metrics_checkpoints_and_keep_the_layer_frozen(t
     rebuilt.load_state_dict({k.removeprefix("model."): v for k, v in last.items() if k.startswith("model.")})
     for key, value in net.state_dict().items():
         assert torch.equal(rebuilt.state_dict()[key], value), key
-    best = json.loads((out / "best.json").read_text())
+    best = checkpoint_info(out, "best")
     assert best["val"]["iou"] == max(line["val_iou"] for line in lines)
     assert {p.name for p in out.iterdir()} == {"config.json", "metrics.jsonl", "curves.png", "last.safetensors",
-                                               "last.json", "best.safetensors", "best.json"}
+                                               "best.safetensors"}
     with Image.open(out / "curves.png") as curves:  # redrawn each epoch from metrics.jsonl
         curves.verify()
         assert curves.format == "PNG"
@@ -175,7 +176,7 @@ def test_ctrl_c_mid_epoch_saves_last_and_resume_is_exact(tiny_llm, tmp_path, thr
     out = tmp_path / "interrupted"
     assert train.main(small_run(tiny_llm, out, "--epochs", "3")) == 130
     assert f"stopped in epoch 2 after {step - 2} batches" in capsys.readouterr().out
-    saved = json.loads((out / "last.json").read_text())["progress"]
+    saved = checkpoint_info(out, "last")["progress"]
     assert (saved["epochs_done"], saved["batches_done"], saved["global_step"]) == (1, step - 2, step)
     assert [line["epoch"] for line in metrics(out)] == [1]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
@@ -197,7 +198,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_llm, tmp_
     out = tmp_path / "nan"
     assert train.main(small_run(tiny_llm, out, "--epochs", "3")) == 1
     assert "error: non-finite loss at epoch 2, step 3 " in capsys.readouterr().err
-    assert json.loads((out / "last.json").read_text())["progress"]["epochs_done"] == 1
+    assert checkpoint_info(out, "last")["progress"]["epochs_done"] == 1
     assert [line["epoch"] for line in metrics(out)] == [1]
     assert torch.isfinite(torch.cat([t.flatten().float() for t in load_file(out / "last.safetensors").values()])).all()
 
@@ -232,7 +233,7 @@ def test_torchrun_two_processes_on_cpu_complete_an_epoch(tiny_llm, tmp_path):
     assert "(gloo)" in result.stdout
     assert [line["epoch"] for line in metrics(out)] == [1]
     assert json.loads((out / "config.json").read_text())["world_size"] == 2
-    assert json.loads((out / "last.json").read_text())["world_size"] == 2
+    assert checkpoint_info(out, "last")["world_size"] == 2
 
 
 # --- bad settings --------------------------------------------------------------------------------
@@ -250,6 +251,15 @@ def test_torchrun_two_processes_on_cpu_complete_an_epoch(tiny_llm, tmp_path):
     (["--fold", "5", "--data", "kvasir"], "--data kvasir: fold 5 out of range: expected 0..4"),
     (["--fold", "0"], "--data synthetic: fold applies to datasets read from files"),
     (["--label", "2"], "--data synthetic: label chooses a structure of an msd task"),
+    (["--lr", "nan"], "--lr: expected a finite number in (0, inf), got nan"),
+    (["--lr", "inf"], "--lr: expected a finite number in (0, inf), got inf"),
+    (["--momentum", "nan"], "--momentum: expected a finite number in [0, 1), got nan"),
+    (["--momentum", "1"], "--momentum: expected a finite number in [0, 1), got 1.0"),
+    (["--weight-decay", "-0.5"], "--weight-decay: expected a finite number in [0, inf), got -0.5"),
+    (["--bce-weight", "-5"], "--bce-weight: expected a finite number in [0, 1], got -5.0"),
+    (["--dropout", "1"], "--dropout: expected a finite number in [0, 1), got 1.0"),
+    (["--stop-after-epoch", "-1"], "--stop-after-epoch: expected an epoch number >= 1, got -1"),
+    (["--stop-after-epoch", "0"], "--stop-after-epoch: expected an epoch number >= 1, got 0"),
 ])
 def test_bad_flags_exit_2_with_one_line_before_any_work(tiny_llm, tmp_path, capsys, flags, message):
     out = tmp_path / "never-created"
@@ -262,6 +272,20 @@ def test_bad_flags_exit_2_with_one_line_before_any_work(tiny_llm, tmp_path, caps
     assert captured.err.count("\n") == 1 and captured.err.startswith("error: ") and message in captured.err
     assert captured.out == ""
     assert not out.exists()
+
+
+@pytest.mark.parametrize("where, message", [
+    ("a-file", "--out {out} is a file; expected a directory for the run"),
+    ("a-file/run", "--out {out}: {tmp}/a-file is a file, so the directory cannot be created"),
+])
+def test_an_out_that_cannot_be_a_directory_is_refused_before_any_work(tiny_llm, tmp_path, capsys, monkeypatch,
+                                                                      where, message):
+    monkeypatch.setattr(train, "build_model", None)  # nothing is built before the check
+    (tmp_path / "a-file").write_text("not a directory")
+    out = tmp_path / where
+    assert train.main(small_run(tiny_llm, out)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message.format(out=out, tmp=tmp_path) in err, err
 
 
 def test_bad_flag_from_the_command_line_has_no_traceback(tiny_llm, tmp_path):
