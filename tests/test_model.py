@@ -7,6 +7,7 @@ DeepSeek-R1-Distill-Qwen-1.5B's real shapes with random bf16 values (no download
 here), and a tiny Llama-shaped layer for the tests that run the network.
 """
 import copy
+import hashlib
 import json
 import re
 from dataclasses import asdict
@@ -149,6 +150,22 @@ def test_macs_within_3_percent_of_the_paper(real_shape_models, name, paper_gmacs
         with torch.device("meta"):
             model = build_model(backbone, llm=None)
     assert macs_at_256(model) == pytest.approx(paper_gmacs, rel=0.03)
+
+
+# sha256 of the lines "name [shape]" of each 2D backbone's state_dict (3 channels in, 2 classes), recorded from
+# model.py as it was before SegmentationNet took the 3D backbones (commit ed1e748): checkpoints saved then
+# must load now. The same weights gave equal logits in both versions (max |diff| 0.0, train and eval).
+STATE_DICT_LAYOUTS = {"unet": "735f0348e88bdbebd5c451759e7074236bcb525dc13aa8e494756952af3edb04",
+                      "cmunext": "b6750dc8239f0d78443ea0f7742801821ffdd38b16565c05e6c8fe85fb20d195",
+                      "nnunet": "2f043270540c1cc6545eb5a68b8f6e651ee9594d06ecef83c08298b93ea288e2"}
+
+
+@pytest.mark.parametrize("backbone", sorted(STATE_DICT_LAYOUTS))
+def test_2d_state_dict_layouts_are_unchanged(backbone):
+    with torch.device("meta"):
+        state = build_model(backbone, llm=None, num_classes=2).state_dict()
+    lines = "".join(f"{name} {list(tensor.shape)}\n" for name, tensor in state.items())
+    assert hashlib.sha256(lines.encode()).hexdigest() == STATE_DICT_LAYOUTS[backbone]
 
 
 # ----------------------------------------------------------------------------- nnU-Net's reference
@@ -319,7 +336,7 @@ def test_lora_and_trainable_state_dicts_keep_what_was_trained(tiny_dir):
     (dict(llm=None, residual=True), "residual=True belongs to the LLM bridge"),
     (dict(llm=None, mapper_lora_rank=2), "mapper_lora_rank=2 belongs to the LLM bridge"),
     (dict(final_norm="learned"), "expected final_norm one of"),
-    (dict(spatial_dims=3), "for volumes use the vit backbone"),
+    (dict(spatial_dims=3), r"backbone .cmunext. is 2D: got spatial_dims=3; for volumes use one of vit"),
 ])
 def test_inconsistent_options_are_refused(tiny_dir, options, message):
     with pytest.raises(ValueError, match=message):
