@@ -11,12 +11,13 @@ that rebuilds it, and parameter and MAC counts.
     the same network again (checkpoints rely on it).
 
 Defaults left None resolve per backbone: in_channels and spatial_dims from the backbone's row (3-channel
-images in 2D for LLM4Seg's 2D data), residual and final_norm from
+images in 2D for LLM4Seg's 2D data, 1-channel CT volumes in 3D for BTCV), residual and final_norm from
 CNN_DEFAULTS (LLM4Seg's) or VIT_DEFAULTS (MedVisionLlama's). A backbone's dimension is fixed: asking a 2D
 backbone for spatial_dims 3, or a 3D one for 2, is refused.
 """
 import copy
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import torch
@@ -25,6 +26,7 @@ import torch.nn as nn
 from llm_layer import MODES as LLM_MODES
 from llm_layer import load_final_norm, load_layer
 from model.backbones_2d import cmunext_parts, nnunet_parts, unet_parts
+from model.backbones_3d import mednext_parts, uxnet3d_parts
 from model.bridge import LLMBridge, add_lora, lora_mapper, unit_final_norm
 from model.u_shape import Parts, SegmentationNet
 from vit import VisionTransformer
@@ -68,6 +70,13 @@ BACKBONES = {
     "unet": Backbone(unet_parts, spatial_dims=2, in_channels=3),
     "cmunext": Backbone(cmunext_parts, spatial_dims=2, in_channels=3),
     "nnunet": Backbone(nnunet_parts, spatial_dims=2, in_channels=3),
+    # MedNeXt's size B with kernel 3 by default (LLM4Seg does not say which); its other sizes and kernel 5.
+    "mednext": Backbone(partial(mednext_parts, size="B", kernel=3), spatial_dims=3, in_channels=1),
+    "mednext-s": Backbone(partial(mednext_parts, size="S", kernel=3), spatial_dims=3, in_channels=1),
+    "mednext-m": Backbone(partial(mednext_parts, size="M", kernel=3), spatial_dims=3, in_channels=1),
+    "mednext-l": Backbone(partial(mednext_parts, size="L", kernel=3), spatial_dims=3, in_channels=1),
+    "mednext-b-k5": Backbone(partial(mednext_parts, size="B", kernel=5), spatial_dims=3, in_channels=1),
+    "uxnet3d": Backbone(uxnet3d_parts, spatial_dims=3, in_channels=1),
 }
 BACKBONE_DIMS = {name: row.spatial_dims for name, row in BACKBONES.items()}
 
@@ -92,15 +101,15 @@ def build_model(backbone: str = "cmunext", llm: str | None = "llama3.2-1b", laye
                 final_norm: str | None = None, revision: str | None = None, spatial_dims: int | None = None,
                 img_size: int = 128, patch_size: int = 8, embed_dim: int = 64, depth: int = 16, heads: int = 4,
                 dropout: float = 0.2) -> nn.Module:
-    """A U-Net, CMUNeXt, nnU-Net (2D) or ViT (2D or 3D); with `llm`, the `layer`-th
+    """A U-Net, CMUNeXt, nnU-Net (2D), MedNeXt, 3D UX-Net (3D) or ViT (2D or 3D); with `llm`, the `layer`-th
     (1-based) decoder layer of that LLM in the bridge, loaded by llm_layer.load_layer in `mode` (frozen /
     trainable / random) at the Hub `revision` (branch, tag or commit; None = main). llm=None or mode="none"
     gives the plain backbone (model.bridge is None): for "vit", the paper's ViT-Baseline.
 
     lora_rank: LoRA on the frozen layer's query and value projections; mapper_lora_rank: LoRA on the
     bridge's two adapters (MedVisionLlama's "LoRA-based dimension mapping layers").
-    None takes the backbone's default (backbone_defaults): in_channels (3 for the 2D CNNs, 1 for the ViT),
-    spatial_dims (the CNN's own dimension; 3 for the ViT), residual (x + ... around the layer)
+    None takes the backbone's default (backbone_defaults): in_channels (3 for the 2D CNNs, 1 for the 3D ones
+    and the ViT), spatial_dims (the CNN's own dimension; 3 for the ViT), residual (x + ... around the layer)
     and final_norm (FINAL_NORMS: "unit" for the ViT, "none" for the CNNs; "pretrained").
     img_size, patch_size, embed_dim, depth, heads, dropout: the ViT's (vit.py), MedVisionLlama's defaults;
     the CNNs take any multiple of 16 and ignore them."""
