@@ -10,7 +10,7 @@
 Encoder k works at 1/2^(k-1) of the input's sides: x_1 = encoder1(input), x_k = encoder_k(down_{k-1}(x_{k-1})).
 A down halves the sides (a 2x2 max-pool, a strided conv, or nn.Identity where the next encoder opens with a
 stride-2 conv). Decoder k brings the level below up to level k and merges x_k, the skip connection:
-    up = decoder_k.up(below)                         (B, C_k, *S_k)
+    up = decoder_k.up(below)                         (B, C_k, *S_k), S_k = S / 2^(k-1)
     skip = decoder_k.skip_block(x_k) if any, else x_k
     decoder_k.fuse(merge(skip, up))                  merge: "concat" cat[skip, up], "concat-up-first" cat[up, skip],
                                                      "add" skip + up
