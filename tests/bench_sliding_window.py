@@ -12,9 +12,10 @@ gaussian weights, overlap 0.5, sw_batch_size 4 unless told. Where the tensors li
   volume on cpu   volume and sums on the CPU, only the windows on the GPU: ours device="cuda",
                   MONAI's sw_device="cuda"                                                      (CUDA only)
 Columns: the median time per call over --repeats (the rows timed in turns, after one warm-up call each),
-ours / MONAI's time, max |ours - MONAI's| on the same row pair, and the call's peak memory above what was
-allocated before it: on CUDA the allocator's peak of GPU memory; on the CPU the process's resident-set
-high-water mark (VmHWM, reset before each call through /proc/self/clear_refs) minus the resident set before.
+ours / MONAI's time, max |ours - MONAI's| on the same row pair, and, in one more call each after the
+timing, the call's peak memory above what was allocated before it: on CUDA the allocator's peak of GPU
+memory; on the CPU the process's resident-set high-water mark (VmHWM, reset before the call through
+/proc/self/clear_refs) minus the resident set before, with glibc made to return freed blocks at once.
 """
 import argparse
 import ctypes
@@ -92,8 +93,6 @@ def main():
     device = torch.device(args.device)
     roi = args.roi or (96 if device.type == "cuda" else 64)
     cpu = torch.device("cpu")
-    if device.type == "cpu":
-        resident_set_follows_tensors()
     net = conv_net().to(device)
     volume = torch.randn(1, 1, *args.size, generator=torch.Generator().manual_seed(1))
     settings = {"on the device": (device, {}, {})}
@@ -109,12 +108,13 @@ def main():
             x, roi, args.sw_batch_size, net, args.overlap, args.mode, **kw)
 
     results = {key: measured(call, device)[2] for key, call in calls.items()}  # warm-up
-    times, peaks = {key: [] for key in calls}, {key: [] for key in calls}
+    times = {key: [] for key in calls}
     for _ in range(args.repeats):
         for key, call in calls.items():
-            seconds, peak, _ = measured(call, device)
-            times[key].append(seconds)
-            peaks[key].append(peak)
+            times[key].append(measured(call, device)[0])
+    if device.type == "cpu":  # after the timing, which the fixed threshold slows (a page fault per fresh page)
+        resident_set_follows_tensors()
+    peaks = {key: measured(call, device)[1] for key, call in calls.items()}
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"{name}, torch {torch.__version__}: volume 1 x 1 x {' x '.join(map(str, args.size))}, roi {roi}, "
@@ -126,7 +126,7 @@ def main():
         t_ours, t_theirs = statistics.median(times[ours]), statistics.median(times[theirs])
         diff = (results[ours].to(cpu) - results[theirs].to(cpu)).abs().max().item()
         print(f"| {where} | {t_ours:.3f} | {t_theirs:.3f} | {t_ours / t_theirs:.2f} | {diff:.1e} "
-              f"| {max(peaks[ours]):.0f} | {max(peaks[theirs]):.0f} |")
+              f"| {peaks[ours]:.0f} | {peaks[theirs]:.0f} |")
 
 
 if __name__ == "__main__":
