@@ -127,7 +127,7 @@ def window_starts(size: int, roi: int, overlap: float) -> list[int]:
     t = int(roi (1 - overlap)) voxels (at least 1) until one reaches the end, the last moved back to end
     at the axis's end. One window when size == roi."""
     step = max(int(roi * (1 - overlap)), 1)
-    last = -(-(size - roi) // step)  # the first window index whose window reaches the end: ceil
+    last = -(-(size - roi) // step)  # the index of the first window reaching the end: ceil((size - roi) / step)
     return [min(i * step, size - roi) for i in range(last + 1)]
 
 
@@ -136,8 +136,8 @@ def window_weight(roi: tuple[int, ...], mode: str, sigma_scale: tuple[float, ...
     of exp(-u^2 / (2 (sigma_scale roi)^2)), u the distance from the window's centre, floored at
     MIN_WEIGHT ("gaussian"). Computed as MONAI computes it, so the two agree to the bit."""
     if mode == "constant":
-        return torch.ones(roi, device=device)
-    weight = torch.ones((), device=device)
+        return torch.ones(roi, dtype=torch.float32, device=device)
+    weight = torch.ones((), dtype=torch.float32, device=device)
     for r, scale in zip(roi, sigma_scale):
         u = torch.arange(r, dtype=torch.float32, device=device) - (r - 1) / 2          # (r,)
         weight = weight.unsqueeze(-1) * torch.exp(u ** 2 / (-2 * (scale * r) ** 2))   # (*roi so far)
@@ -224,7 +224,7 @@ def sliding_window(predict, volume: Tensor, roi_size, overlap=0.5, mode: str = "
         batch = jobs[first:first + sw_batch_size]
         windows = torch.cat([volume[(slice(n, n + 1), slice(None), *reads)] for n, reads, _ in batch]).to(device)
         if any(pad):
-            windows = F.pad(windows, pad)                                    # zeros, as MONAI
+            windows = F.pad(windows, pad)                                            # zeros, as MONAI
         predicted = predict(windows)                                                 # (B, K, *roi)
         check_prediction(predicted, windows, output)
         weighted = (predicted.to(dtype) * weight).to(accumulate_device)              # (B, K, *roi)
