@@ -11,7 +11,11 @@ Parsing a GGUF reads all its metadata (SmolLM2's holds a 49k-token vocabulary: ~
 the layer's config, fingerprint and dequantised tensors are cached the first time, like a Hub layer, under
     $HF_HOME/llm4seg/gguf/<file stem>-<hash of its path, size and mtime>/layer<N>.json, .safetensors
 and later loads (each run and evaluation of a sweep) read those instead. A changed file gets a new key;
-a cache file that does not read (cut short, edited, from an older version) is rebuilt from the GGUF.
+a cache file that does not read (cut short, edited, from an older version) is rebuilt from the GGUF. The
+cache key cannot see a file replaced by one of the same size and time (`cp -p`, `rsync -t`) or bytes
+flipped on the disk, so every cached load also re-reads the layer's own bytes from the GGUF (its byte
+ranges are in the cache entry: a few MB, no metadata parse) and checks them against the fingerprint, and
+checks the cached float32 tensors against their own sha256; either mismatch re-parses the GGUF.
 
 The fingerprint (LayerConfig.fingerprint) is the sha256 of the layer's tensors as the GGUF stores them
 (quantised), so it changes when the file's layer does. A truncated or corrupt GGUF raises files.InputError
@@ -50,11 +54,12 @@ def from_gguf(path: Path, layer: int, need_weights: bool):
     cached = _read_cache(hf_file, tensors_file, path, layer, need_weights)
     if cached is not None:
         return cached
-    hf, config, tensors = _parse(path, layer, need_weights, stat)
+    hf, config, tensors, stored = _parse(path, layer, need_weights, stat)
     cache.mkdir(parents=True, exist_ok=True)
     if tensors is not None:
         write_atomically(tensors_file, lambda temporary: save_file(tensors, temporary))
-    entry = {"config": hf, "fingerprint": config.fingerprint}
+    entry = {"config": hf, "fingerprint": config.fingerprint, "stored": stored,
+             "tensors_sha256": None if tensors is None else tensors_sha256(tensors)}
     write_atomically(hf_file, lambda temporary: temporary.write_text(json.dumps(entry)))
     return config, tensors
 
@@ -83,7 +88,11 @@ def _read_cache(hf_file: Path, tensors_file: Path, path: Path, layer: int, need_
         shapes = {name: tuple(t.shape) for name, t in tensors.items() if t.dtype == torch.float32}
         if shapes != expected_shapes(config):
             raise ValueError(f"expected float32 tensors of shapes {expected_shapes(config)}, got {shapes}")
-    except (KeyError, TypeError, ValueError, SafetensorError) as e:  # InputError is a ValueError
+        if tensors_sha256(tensors) != entry["tensors_sha256"]:
+            raise ValueError(f"{tensors_file}'s tensors differ from the ones written there")
+        if stored_fingerprint(path, entry["stored"])["sha256"] != fingerprint["sha256"]:
+            raise ValueError(f"the layer's bytes in {path} changed since the cache was written")
+    except (KeyError, TypeError, ValueError, OSError, SafetensorError) as e:  # InputError is a ValueError
         print(f"llm_layer: the cache of {path} layer {layer} does not read ({type(e).__name__}: {e}); "
               f"parsing the GGUF again", file=sys.stderr)
         return None
@@ -133,7 +142,7 @@ def _parse(path: Path, layer: int, need_weights: bool, stat):
     }
     config = LayerConfig.from_hf(hf, layer, path=str(path))
     if not need_weights:
-        return hf, config, None
+        return hf, config, None, None
     if arch == "llama" and config.head_dim % 2:
         raise InputError(f"{path}: expected an even head dimension (llama.cpp pairs the rows of q and k), got "
                          f"{config.head_dim}; the file is corrupt, download it again")
@@ -158,14 +167,38 @@ def _parse(path: Path, layer: int, need_weights: bool, stat):
             heads = config.num_attention_heads if block_name == "attn_q" else config.num_key_value_heads
             weight = _undo_llama_cpp_rope_permutation(weight, heads)
         tensors[name] = weight.contiguous()
-        stored.append((name, t.tensor_type.name, gguf_shape, t.data))
+        stored.append({"name": name, "dtype": t.tensor_type.name, "shape": gguf_shape,
+                       "offset": int(t.data_offset), "bytes": int(t.n_bytes)})
     for name in expected:
         if name not in tensors:
             gguf_name = next(k for k, v in GGUF_NAMES.items() if name.startswith(v))
             raise InputError(f"missing tensor {prefix}{gguf_name}.{name.rsplit('.', 1)[1]} in {path}")
-    fingerprint = layer_fingerprint(stored, [{"path": str(path.resolve()), "size": stat.st_size,
-                                              "mtime_ns": stat.st_mtime_ns}])
-    return hf, replace(config, fingerprint=fingerprint), tensors
+    fingerprint = stored_fingerprint(path, stored, stat)
+    return hf, replace(config, fingerprint=fingerprint), tensors, stored
+
+
+def stored_fingerprint(path: Path, stored: list[dict], stat=None) -> dict:
+    """layer_fingerprint of the layer's tensors as the GGUF stores them, read from their byte ranges
+    (`stored`: name, dtype, shape, offset and byte count of each, as _parse found them)."""
+    stat = stat or path.stat()
+    with open(path, "rb") as f:
+        def stored_bytes(entry: dict) -> bytes:
+            f.seek(entry["offset"])
+            data = f.read(entry["bytes"])
+            if len(data) != entry["bytes"]:
+                raise InputError(f"{path} is truncated: tensor {entry['name']} wants {entry['bytes']} bytes at "
+                                 f"{entry['offset']}, the file ends first; download it again")
+            return data
+        layer = [(e["name"], e["dtype"], e["shape"], stored_bytes(e)) for e in stored]
+    return layer_fingerprint(layer, [{"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}])
+
+
+def tensors_sha256(tensors: dict[str, Tensor]) -> str:
+    """sha256 of the dequantised tensors the cache holds, in name order, to catch a cache file edited in place."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest.update(name.encode() + tensors[name].contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _undo_llama_cpp_rope_permutation(weight: Tensor, heads: int) -> Tensor:

@@ -549,6 +549,36 @@ def test_a_gguf_layer_is_fingerprinted_from_its_quantised_bytes(gguf_checkpoint,
             _expect_changed(first.fingerprint, loaded, path)
 
 
+def test_a_gguf_changed_in_place_with_its_size_and_time_kept_is_not_read_from_the_cache(gguf_checkpoint, tmp_path):
+    """`cp -p` of another file, or a byte flipped on the disk, keeps the cache key (path, size, mtime): the
+    cached load re-reads the layer's bytes from the GGUF and sees the change; a cached tensor file edited in
+    place is caught by its own sha256. Both are parsed again, so the fingerprint tells the truth."""
+    import gguf
+
+    path = tmp_path / "copy.gguf"
+    shutil.copy(gguf_checkpoint[0], path)
+    first = load_layer(str(path), 2)
+    offset = next(int(t.data_offset) for t in gguf.GGUFReader(path).tensors if t.name == "blk.1.ffn_up.weight")
+    stat = path.stat()
+    data = bytearray(path.read_bytes())
+    data[offset + 100] ^= 0x01
+    path.write_bytes(data)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    _expect_changed(first.config.fingerprint, load_layer(str(path), 2).config, path)
+
+    data[offset + 100] ^= 0x01  # the original bytes again, same time: the cache is rebuilt for them
+    path.write_bytes(data)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    restored = load_layer(str(path), 2)
+    assert restored.config.fingerprint["sha256"] == first.config.fingerprint["sha256"]
+    cached = next((Path(os.environ["HF_HOME"]) / "llm4seg" / "gguf").glob("copy-*/layer2.safetensors"))
+    tensors = load_file(cached)
+    tensors["mlp.up_proj.weight"] = tensors["mlp.up_proj.weight"] * 50
+    save_file(tensors, cached)
+    again = load_layer(str(path), 2)
+    assert all(torch.equal(a, b) for a, b in zip(first.parameters(), again.parameters()))
+
+
 def test_gguf_is_parsed_once_then_read_from_the_cache(gguf_checkpoint, monkeypatch, tmp_path):
     import shutil
 
