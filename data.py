@@ -1,12 +1,19 @@
 """Segmentation datasets: Kvasir-SEG, BUSI, ISIC 2018 and TN-SCUI read in their owners' raw layouts,
 the authors' folder layout, and a synthetic polyp set that needs no files (the offline default); in 3D,
-any Medical Segmentation Decathlon task and synthetic volumes (volumes.py: their reading and items).
-Where each 2D dataset comes from and how its files pair up is raw_layouts.py's table; the synthetic
-scenes are drawn by synthetic.py; this file turns them into torch Datasets and owns the splits.
+any Medical Segmentation Decathlon task, BTCV (abdomen CT, 14 classes), synthetic blob volumes and synthetic
+multi-organ volumes (the volumes/ package: their layouts, preprocessing and items). Where each 2D dataset
+comes from and how its files pair up is raw_layouts.py's table; the synthetic scenes are drawn by
+synthetic.py; this file turns them into torch Datasets and owns the splits.
 
     load_dataset(name, root, split, img_size=S, seed) -> torch Dataset
     item = {"image": (3, S, S) float32, "mask": (1, S, S) float32 in {0, 1}, "name": case id}
-    3D (msd, synthetic3d): image (C, S, S, S), mask (1, S, S, S), plus "spacing" (3,) in mm
+    3D binary (msd, synthetic3d): image (C, S, S, S), mask (1, S, S, S) float32 in {0, 1}, plus "spacing" (3,) mm
+    3D multi-class (btcv, synthetic-organs, msd with multiclass=True): mask (1, *shape) int64 in 0..K-1;
+        btcv's and synthetic-organs' train split = random roi_size^3 patches (samples_per_volume per volume and
+        epoch, centred on foreground half the time, flipped / turned / shifted: volumes/patches.py), val / test
+        = whole volumes (btcv's of differing shapes, at 1.5 x 1.5 x 2.0 mm: volumes/btcv.py)
+    num_classes(name, root, **options): 1 for the binary datasets (one logit, sigmoid), K for the multi-class
+        ones (softmax); class_names(...) their K names, background first (["background", "foreground"] if binary)
 
 image = (rgb / 255 - mean) / std with ImageNet mean / std, applied once (the authors' loader divides
 by 255 a second time; we don't). mask = 1 where the owner's label is foreground: 8-bit values >= 128
@@ -18,12 +25,15 @@ mask using more than 2 colours) is refused with an InputError naming the file, n
 
 check_cases(dataset), run on each split before the first step, opens every file once and raises one
 files.InputError listing every unusable case: an empty, truncated or corrupt image or mask, a mask of
-another size than its image, a label map; for MSD, every volume read and cached (volumes.py).
+another size than its image, a label map; for MSD and BTCV, every volume read and cached (volumes/), each bad
+file on its own line (BTCV: missing or cut NIfTI, image / label grids that differ, NaN voxels, label values
+outside 0..13).
 
 Train items get the paper's augmentation: a random 90-degree rotation and random horizontal and
 vertical flips (together all 8 symmetries of the square) after resizing to S x S (bilinear image,
 nearest mask; resizing to a square commutes with those symmetries, and resizing first is cheaper).
-Val / test items are only resized. The draw is a function of (seed, epoch, index) alone
+Val / test items are only resized. btcv's and synthetic-organs' train patches draw their centre, flips,
+turn and intensity shift the same way (volumes/patches.py). The draw is a function of (seed, epoch, index) alone
 (augmentation_generator), never of torch's global RNG or a DataLoader worker's, so any number of
 workers, and a run stopped mid-epoch and resumed, see the same items; train.py sets each dataset's
 `epoch` attribute (every dataset load_dataset returns has one) before building that epoch's loader.
@@ -33,6 +43,10 @@ reused, so every run and every model sees the same cases:
     kvasir                     train / val / test  80 / 10 / 10 %   (no list was published)
     msd                        train / val / test  70 / 20 / 10 %   (MedVisionLlama; fold=k instead takes
                                                    fold k of 5 on the 90 % outside test as val)
+    btcv                       train / val  24 / 6 cases, the official split built in (or dataset_0.json's
+                                                   lists, or split_file's); no test split, none was labelled
+    synthetic, synthetic3d,    train / val / test  70 / 20 / 10 % of synthetic_size, by index
+    synthetic-organs
     busi, isic2018, tnscui     train / val         70 / 30 %  as in the paper, plus an optional
     folder                                         held-out test fraction (the paper picks its best
                                                    epoch on the set it reports; a test set is honest)
@@ -49,6 +63,7 @@ import json
 import math
 import os
 from collections import Counter
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -60,11 +75,15 @@ from tqdm import tqdm
 from files import InputError, write_atomically
 from raw_layouts import IMAGE_EXTENSIONS, RAW_DATASETS, Case, download_kvasir, missing_dataset
 from synthetic import draw_polyp_scene
-from volumes import MSDVolumes, draw_blob_volume, msd_cases
+from volumes import (BTCV_CLASSES, ORGAN_CLASSES, BTCVVolumes, MSDVolumes, RandomPatches, SyntheticOrgans,
+                     draw_blob_volume, find_btcv, msd_cases, msd_labels)
 
-# The owners' 2D datasets (raw_layouts.py), the generated polyps, and the 3D ones (volumes.py).
-DATASETS = (*RAW_DATASETS, "synthetic", "msd", "synthetic3d")
-VOLUME_DATASETS = ("msd", "synthetic3d")  # items are (C, S, S, S) volumes
+# The owners' 2D datasets (raw_layouts.py), the generated polyps, and the 3D ones (the volumes/ package).
+DATASETS = (*RAW_DATASETS, "synthetic", "msd", "synthetic3d", "btcv", "synthetic-organs")
+VOLUME_DATASETS = ("msd", "synthetic3d", "btcv", "synthetic-organs")  # items are (C, X, Y, Z) volumes
+GENERATED_DATASETS = ("synthetic", "synthetic3d", "synthetic-organs")  # drawn from (seed, index), fixed splits
+MULTICLASS_DATASETS = ("btcv", "synthetic-organs")  # label maps, always; msd with multiclass=True too
+PATCH_DATASETS = ("btcv", "synthetic-organs")  # trained on random crops, evaluated by sliding windows
 MSD_FRACTIONS = (0.2, 0.1)  # (val, test) of all cases: MedVisionLlama's 70 / 20 / 10
 FOLDS = 5  # fold=k: the non-test cases in 5 parts, part k validates
 SPLITS = ("train", "val", "test")
@@ -81,14 +100,19 @@ def check_dataset_name(name: str) -> None:
         raise ValueError(f"unknown dataset {name!r}: expected one of {', '.join(DATASETS)}")
 
 
-def check_data_options(name: str, fold: int | None, label: int | None) -> None:
-    """Cheap checks of load_dataset's fold and label, for entry scripts to run before heavy work too."""
+def check_data_options(name: str, fold: int | None, label: int | None, multiclass: bool = False) -> None:
+    """Cheap checks of load_dataset's fold, label and multiclass, for entry scripts to run before heavy work too."""
     if fold is not None and not 0 <= fold < FOLDS:
         raise ValueError(f"fold {fold} out of range: expected 0..{FOLDS - 1}")
-    if fold is not None and name in ("synthetic", "synthetic3d"):
+    if fold is not None and name in GENERATED_DATASETS:
         raise ValueError(f"fold applies to datasets read from files; {name} has fixed splits")
     if label is not None and name != "msd":
         raise ValueError(f"label chooses a structure of an msd task, got it for {name}")
+    if multiclass and name != "msd":
+        kind = "is multi-class already" if name in MULTICLASS_DATASETS else "is binary"
+        raise ValueError(f"multiclass applies to msd (every label value its class); {name} {kind}")
+    if multiclass and label is not None:
+        raise ValueError(f"label {label} makes one structure the foreground, multiclass keeps every label: choose one")
 
 
 
@@ -100,33 +124,55 @@ def load_dataset(name: str, root: str | None = None, split: str = "train", img_s
                  seed: int = 41, *, include_normal: bool = False, val_fraction: float | None = None,
                  test_fraction: float | None = None, split_file: str | None = None,
                  use_author_lists: bool = True, synthetic_size: int = 300,
-                 download: bool = True, fold: int | None = None, label: int | None = None) -> Dataset:
+                 download: bool = True, fold: int | None = None, label: int | None = None,
+                 multiclass: bool = False, roi_size: int = 96, samples_per_volume: int = 4) -> Dataset:
     """One split of a dataset; see the module docstring for layouts, labels and splits.
 
     include_normal: BUSI only; add the 133 "normal" cases (empty masks) the paper leaves out.
     val_fraction / test_fraction: of all cases, default 0.1 / 0.1 for kvasir, 0.2 / 0.1 for msd and
         0.3 / 0 otherwise.
-    split_file: JSON split to reuse, or to write when absent (default: a file in root).
+    split_file: JSON split to reuse, or to write when absent (default: a file in root); for btcv, lists to use
+        instead of the official split (the file must exist).
     use_author_lists: read <name>_train.txt / <name>_val.txt when present.
     synthetic_size: total synthetic cases (2D or 3D), split 70 / 20 / 10 %.
     download: fetch Kvasir-SEG when root is absent or empty.
     fold: 0..4, cross-validation on the cases outside the test split (cross_validation_fold).
     label: msd only; the label value that is foreground (default: every label > 0).
+    multiclass: msd only; every label value is its class (int64 label maps; num_classes gives K).
+    roi_size, samples_per_volume: btcv and synthetic-organs, the training split's patches (R^3, this many
+        per volume and epoch; volumes/patches.py); the other splits and datasets ignore them.
+    img_size: the side of the 2D images and of the msd / synthetic3d / synthetic-organs volumes; btcv ignores
+        it (its grid is fixed by the 1.5 x 1.5 x 2.0 mm spacing).
     """
     check_dataset_name(name)
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}: expected one of {', '.join(SPLITS)}")
     if img_size < 1:
         raise ValueError(f"img_size must be positive, got {img_size}")
-    check_data_options(name, fold, label)
+    if roi_size < 1 or samples_per_volume < 1:
+        raise ValueError(f"roi_size and samples_per_volume must be positive, got {roi_size} and {samples_per_volume}")
+    check_data_options(name, fold, label, multiclass)
     if name in ("synthetic", "synthetic3d"):
         dataset = synthetic_split(name, split, synthetic_size, img_size, seed)
         print(f"{name} {split}: {len(dataset)} generated cases (seed {seed}, {img_size} px)")
         return dataset
+    if name == "synthetic-organs":
+        first, length = synthetic_range(split, synthetic_size)
+        volumes = SyntheticOrgans(length, first, img_size, seed)
+        print(f"{name} {split}: {length} generated volumes (seed {seed}, {img_size}^3 voxels, "
+              f"{len(ORGAN_CLASSES)} classes){patches_note(split, roi_size, samples_per_volume, length)}")
+        if split != "train":
+            return volumes
+        patches = RandomPatches(name, volumes, roi_size, samples_per_volume, partial(augmentation_generator, seed))
+        patches.note_shapes([(f"{name}_{first + i:05d}", [img_size] * 3) for i in range(length)])
+        return patches
     if include_normal and name != "busi":
         raise ValueError(f"include_normal applies to busi only, got it for {name}")
 
     root_dir = Path(root) if root is not None else default_root(name)
+    if name == "btcv":
+        return load_btcv(root_dir, split, seed, split_file, fold, val_fraction, test_fraction, roi_size,
+                         samples_per_volume)
     if name == "msd":
         data_dir = root_dir
         cases, channels = msd_cases(root_dir)
@@ -172,19 +218,10 @@ def load_dataset(name: str, root: str | None = None, split: str = "train", img_s
         raise ValueError(f"{len(unknown)} cases named in {source} are not in the data under "
                          f"{root_dir} (first: {', '.join(unknown[:5])}); expected every listed "
                          "case present.")
-    repeated = sorted(n for n, count in listed.items() if count > 1)
-    if repeated:
-        raise ValueError(f"{len(repeated)} cases are in more than one split of {source} (first: "
-                         f"{', '.join(repeated[:5])}); expected disjoint splits. Fix the lists.")
-    if fold is not None:
-        splits = cross_validation_fold(splits, fold, seed)
-        source += f", fold {fold} of {FOLDS}"
-    if not splits[split]:
-        hint = "; a held-out test set needs test_fraction > 0 (e.g. 0.1)" if split == "test" else ""
-        raise ValueError(f"{name} has no {split} cases in {source}{hint}")
-
+    hint = "; a held-out test set needs test_fraction > 0 (e.g. 0.1)" if split == "test" else ""
+    names, source = split_names(name, splits, split, fold, seed, source, hint)
     by_name = {case.name: case for case in cases}
-    chosen = [by_name[n] for n in splits[split]]
+    chosen = [by_name[n] for n in names]
     note = ""
     if name == "busi":
         note = "; normal cases included" if include_normal else \
@@ -193,9 +230,63 @@ def load_dataset(name: str, root: str | None = None, split: str = "train", img_s
         note += f"; {len(cases) - len(listed)} cases found are in no list and unused"
     print(f"{name} {split}: {len(chosen)} cases from {data_dir}, split {source}{note}")
     if name == "msd":
-        cache = root_dir / "llm4seg_cache" / (f"{img_size}px" + ("" if label is None else f"_label{label}"))
-        return MSDVolumes(chosen, img_size, channels, label, cache)
+        variant = "_multiclass" if multiclass else "" if label is None else f"_label{label}"
+        classes = len(msd_labels(root_dir)) if multiclass else None
+        cache = root_dir / "llm4seg_cache" / f"{img_size}px{variant}"
+        return MSDVolumes(chosen, img_size, channels, label, cache, classes)
     return SegmentationFiles(chosen, img_size, seed, augment=split == "train")
+
+
+def split_names(name: str, splits: dict[str, list[str]], split: str, fold: int | None, seed: int, source: str,
+                hint: str = "") -> tuple[list[str], str]:
+    """The case names of `split` (fold `fold` of the non-test cases when given) and the split's source for the
+    log; ValueError when a case is in two splits or the split is empty (`hint` says what to do)."""
+    listed = Counter(n for s in SPLITS for n in splits[s])
+    repeated = sorted(n for n, count in listed.items() if count > 1)
+    if repeated:
+        raise ValueError(f"{len(repeated)} cases are in more than one split of {source} (first: "
+                         f"{', '.join(repeated[:5])}); expected disjoint splits. Fix the lists.")
+    if fold is not None:
+        splits = cross_validation_fold(splits, fold, seed)
+        source += f", fold {fold} of {FOLDS}"
+    if not splits[split]:
+        raise ValueError(f"{name} has no {split} cases in {source}{hint}")
+    return splits[split], source
+
+
+def load_btcv(root_dir: Path, split: str, seed: int, split_file: str | None, fold: int | None,
+              val_fraction: float | None, test_fraction: float | None, roi_size: int,
+              samples_per_volume: int) -> Dataset:
+    """BTCV's split (volumes/btcv.py: layouts, the official split, preprocessing): whole volumes, or patches
+    of them for train. Its cache is `llm4seg_cache/btcv_1.5x1.5x2.0mm/` in the folder holding the layout."""
+    if val_fraction is not None or test_fraction is not None:
+        raise ValueError("btcv has a fixed split (the official one, or dataset_0.json's); for another pass "
+                         "split_file=<JSON of train / val / test case names>, not fractions")
+    folder = find_btcv(root_dir, f"default root: ${DATA_ROOT_ENV}/btcv, or ./data/btcv when unset")
+    splits, source = folder.splits, folder.source
+    if split_file is not None:
+        if not Path(split_file).is_file():
+            raise FileNotFoundError(f"btcv: split_file {split_file} does not exist; expected JSON "
+                                    '{"train": [names], "val": [names], "test": [names]} (without split_file the '
+                                    "official split is used)")
+        splits, source = split_from_json("btcv", [], Path(split_file), False, seed, 0, 0), split_file
+    hint = ("; BTCV has no test split (the challenge's 20 test CTs have no public labels): evaluate on val, or "
+            "pass split_file=<JSON with a test list>") if split == "test" else ""
+    names, source = split_names("btcv", splits, split, fold, seed, source, hint)
+    volumes = BTCVVolumes(folder.cases(names), folder.cache_dir)
+    unused = len(set(folder.files) - {n for s in SPLITS for n in splits[s]})
+    note = f"; {unused} cases found are in no list and unused" if unused else ""
+    print(f"btcv {split}: {len(names)} cases from {folder.data_dir} ({folder.layout} layout), split {source}{note}"
+          f"{patches_note(split, roi_size, samples_per_volume, len(names))}")
+    if split != "train":
+        return volumes
+    return RandomPatches("btcv", volumes, roi_size, samples_per_volume, partial(augmentation_generator, seed))
+
+
+def patches_note(split: str, roi_size: int, samples_per_volume: int, volumes: int) -> str:
+    if split != "train":
+        return "; whole volumes"
+    return f"; random {roi_size}^3 patches, {samples_per_volume} per volume: {volumes * samples_per_volume} items"
 
 
 def spatial_dims(name: str) -> int:
@@ -205,36 +296,65 @@ def spatial_dims(name: str) -> int:
 
 def input_channels(name: str, root: str | None = None) -> int:
     """The channels of a dataset's images, known before loading it (to build the model first): RGB in 2D,
-    1 for synthetic3d, an MSD task's modalities."""
+    1 for synthetic3d, btcv (CT) and synthetic-organs, an MSD task's modalities."""
     check_dataset_name(name)
     if name == "msd":
         return msd_cases(Path(root) if root is not None else default_root(name))[1]
-    return 1 if name == "synthetic3d" else 3
+    return 1 if name in VOLUME_DATASETS else 3
+
+
+def class_names(name: str, root: str | None = None, **options) -> list[str]:
+    """The K class names of a dataset, background first: btcv's 14 organs' classes, synthetic-organs' 6, an msd
+    task's dataset.json "labels" with multiclass=True; ["background", "foreground"] for the binary datasets.
+    options: load_dataset's keywords (fold, label, multiclass are checked; the others are not used)."""
+    check_dataset_name(name)
+    check_data_options(name, options.get("fold"), options.get("label"), options.get("multiclass", False))
+    if name == "btcv":
+        return list(BTCV_CLASSES)
+    if name == "synthetic-organs":
+        return list(ORGAN_CLASSES)
+    if name == "msd" and options.get("multiclass"):
+        return msd_labels(Path(root) if root is not None else default_root(name))
+    return ["background", "foreground"]
+
+
+def num_classes(name: str, root: str | None = None, **options) -> int:
+    """The output channels a model needs: 1 for every binary dataset (one logit, sigmoid), K for the
+    multi-class ones (K logits, softmax): 14 for btcv, 6 for synthetic-organs, len(dataset.json "labels") for
+    msd with multiclass=True (e.g. BrainTumour 4). options as class_names."""
+    names = class_names(name, root, **options)
+    multiclass = name in MULTICLASS_DATASETS or (name == "msd" and options.get("multiclass", False))
+    return len(names) if multiclass else 1
 
 
 def check_cases(*datasets: Dataset) -> None:
     """Open every file of the datasets load_dataset returned, once, before training: raise one InputError
     listing every unusable case of all of them (the module docstring says what is checked), not a crash at
-    the first one in the middle of an epoch. MSD cases are read and cached, the work their first epoch would
-    do (done twice when the task folder is read-only and nothing can be cached); generated cases need no check."""
+    the first one in the middle of an epoch. MSD and BTCV cases are read and cached, the work their first epoch
+    would do (done twice when the data folder is read-only and nothing can be cached), and a split of patches
+    says once which of its volumes are smaller than a patch; generated cases need no check."""
     problems, bad_cases, total = [], 0, 0
     for dataset in datasets:
-        if isinstance(dataset, SyntheticCases):
+        patches = dataset if isinstance(dataset, RandomPatches) else None
+        dataset = dataset.volumes if patches is not None else dataset
+        if isinstance(dataset, (SyntheticCases, SyntheticOrgans)):
             continue
-        volumes = isinstance(dataset, MSDVolumes)
+        volumes, shapes = isinstance(dataset, (MSDVolumes, BTCVVolumes)), []
         total += len(dataset.cases)
         for index, case in enumerate(tqdm(dataset.cases, desc="reading cases" if volumes else "checking files",
                                           unit="case", leave=False, disable=None)):
             if volumes:
                 try:
-                    dataset[index]
+                    shapes.append((case.name, list(dataset[index]["mask"].shape[1:])))
                     found = []
                 except InputError as error:
-                    found = [str(error)]
+                    found = str(error).splitlines()  # BTCV names each bad file of a case on its own line
             else:
                 found = case_problems(case)
             problems += found
             bad_cases += bool(found)
+        if patches is not None:
+            patches.note_shapes(shapes)
     if problems:
         listed = problems[:LISTED_PROBLEMS]
         if len(problems) > len(listed):
@@ -466,14 +586,20 @@ class SyntheticCases(Dataset):
         return make_item(image, mask, f"synthetic_{scene:05d}", augmentation)
 
 
-def synthetic_split(name: str, split: str, total: int, img_size: int, seed: int) -> SyntheticCases:
-    """Consecutive index ranges per split, so the splits are disjoint by construction."""
+def synthetic_range(split: str, total: int) -> tuple[int, int]:
+    """(first index, length) of a split of `total` generated cases: consecutive index ranges per split, so
+    the splits are disjoint by construction."""
     val, test = (ceil_count(fraction, total) for fraction in SYNTHETIC_FRACTIONS)
     ranges = {"train": (0, total - val - test), "val": (total - val - test, val),
               "test": (total - test, test)}
     first, length = ranges[split]
     if length < 1:
         raise ValueError(f"synthetic_size={total} leaves no {split} cases; expected at least 3")
+    return first, length
+
+
+def synthetic_split(name: str, split: str, total: int, img_size: int, seed: int) -> SyntheticCases:
+    first, length = synthetic_range(split, total)
     return SyntheticCases(name, length, first, img_size, seed, augment=split == "train")
 
 

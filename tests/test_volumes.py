@@ -11,14 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from data import check_cases, load_dataset
+from data import check_cases, class_names, load_dataset, num_classes
+from dataset_trees import CACHE_DAMAGE
 from files import InputError
 
 SHAPE = (12, 10, 8)          # (X, Y, Z) as stored
 SPACING = (0.8, 0.8, 2.5)    # mm, anisotropic like a CT
 
 
-def write_msd_task(root, cases: int = 10, modalities: int = 1, seed: int = 0, labels=(1,)):
+def write_msd_task(root, cases: int = 10, modalities: int = 1, seed: int = 0, labels=(1,),
+                   label_names=("background", "spleen")):
     """TaskNN_Name as the decathlon's tarball unpacks: dataset.json, imagesTr/, labelsTr/, imagesTs/, `._` files."""
     rng = np.random.default_rng(seed)
     task = root / "Task09_Spleen"
@@ -44,7 +46,7 @@ def write_msd_task(root, cases: int = 10, modalities: int = 1, seed: int = 0, la
         if modalities > 1 else {"0": "CT"}
     (task / "dataset.json").write_text(json.dumps({
         "name": "Spleen", "tensorImageSize": "3D" if modalities == 1 else "4D", "modality": modality,
-        "labels": {"0": "background", "1": "spleen"}, "numTraining": cases, "numTest": 1,
+        "labels": {str(i): name for i, name in enumerate(label_names)}, "numTraining": cases, "numTest": 1,
         "training": training, "test": ["./imagesTs/spleen_1.nii.gz"]}))
     return task
 
@@ -195,22 +197,9 @@ def test_check_cases_reads_every_case_and_lists_each_bad_one(task):
     assert re.match(rf"  cannot read the image .*{cut.image.name}: .*corrupt or not NIfTI", lines[1])
     assert re.match(rf"  case {other_shape.name}: image .* is \[12, 10, 8, 1\] and label .* is \[12, 10, 7\]", lines[2])
     assert re.match(rf"  case {two_channels.name}: image .* has 2 channels; expected 1", lines[3])
-    assert sorted(p.stem for p in (task / "llm4seg_cache" / "8px").iterdir()) == sorted(c.name for c in dataset.cases[3:])
+    cached = sorted(p.stem for p in (task / "llm4seg_cache" / "8px").iterdir())
+    assert cached == sorted(c.name for c in dataset.cases[3:])
     check_cases(load_dataset("msd", str(task), "val", 8, 41))
-
-
-def flip_last_byte(path):
-    data = bytearray(path.read_bytes())
-    data[-1] ^= 0xFF  # the last tensor's last byte: the header still parses
-    path.write_bytes(bytes(data))
-
-
-CACHE_DAMAGE = {
-    "cut short": lambda path: path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2]),
-    "a flipped bit": flip_last_byte,
-    "not safetensors": lambda path: path.write_bytes(b"\x00" * 64),
-    "empty": lambda path: path.write_bytes(b""),
-}
 
 
 @pytest.mark.parametrize("damage", CACHE_DAMAGE)
@@ -226,3 +215,37 @@ def test_a_cache_file_that_fails_to_read_is_rebuilt(task, capsys, damage):
         item = dataset[0]
         assert all(torch.equal(item[key], fresh[key]) for key in ("image", "mask", "spacing"))
         assert re.fullmatch(printed, capsys.readouterr().out)
+
+
+def test_multiclass_keeps_every_label_value_as_its_class(tmp_path):
+    """BrainTumour-like labels {0, 1, 2, 3} with dataset.json listing 4: the mask is the label map, int64,
+    resized by nearest neighbour; binary without multiclass, as before."""
+    names = ("background", "edema", "non-enhancing tumor", "enhancing tumour")
+    task = write_msd_task(tmp_path, labels=(1, 2, 3), label_names=names)
+    dataset = load_dataset("msd", str(task), "train", 12, 41, multiclass=True)
+    item = dataset[0]
+    label = nibabel.load(dataset.cases[0].masks[0]).get_fdata()
+    resized = torch.nn.functional.interpolate(torch.from_numpy(label).float()[None, None], size=(12, 12, 12),
+                                              mode="nearest")[0].long()
+    assert item["mask"].dtype == torch.int64 and torch.equal(item["mask"], resized)
+    assert set(item["mask"].unique().tolist()) > {0, 3}
+    assert dataset.cache_dir.name == "12px_multiclass" and torch.equal(dataset[0]["mask"], item["mask"])  # cached
+    assert load_dataset("msd", str(task), "train", 12, 41)[0]["mask"].dtype == torch.float32  # binary as before
+    assert num_classes("msd", str(task), multiclass=True) == 4 and num_classes("msd", str(task)) == 1
+    assert class_names("msd", str(task), multiclass=True) == list(names)
+    assert class_names("msd", str(task)) == ["background", "foreground"]
+
+
+def test_multiclass_refuses_values_outside_dataset_json_labels_and_a_chosen_label(tmp_path):
+    task = write_msd_task(tmp_path, labels=(1, 2, 3), label_names=("background", "a", "b"))
+    dataset = load_dataset("msd", str(task), "train", 8, 41, multiclass=True)
+    with pytest.raises(InputError) as raised:
+        check_cases(dataset)
+    assert re.search(r"the label .*labelsTr/spleen_\d+.nii.gz holds the values \{3\} \(\d+ voxels\); expected integers "
+                     r"0..2 \(the classes of dataset.json's labels\)", str(raised.value))
+    with pytest.raises(ValueError, match="label 2 makes one structure the foreground, multiclass keeps every label"):
+        load_dataset("msd", str(task), "train", 8, 41, multiclass=True, label=2)
+    index = json.loads((task / "dataset.json").read_text())
+    (task / "dataset.json").write_text(json.dumps({**index, "labels": {"1": "a"}}))
+    with pytest.raises(InputError, match=r"\"labels\" has the keys \[1\]; expected 0..K-1"):
+        num_classes("msd", str(task), multiclass=True)
