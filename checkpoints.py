@@ -21,6 +21,7 @@ train.py (saving, --resume) and eval.py (load_run) both read runs through this m
 import base64
 import hashlib
 import json
+import os
 import random
 from pathlib import Path
 
@@ -55,7 +56,7 @@ def save_checkpoint(run_dir: Path, name: str, net: torch.nn.Module, info: dict,
         with signals_deferred():
             write_atomically(path, lambda temporary: temporary.write_bytes(data))
     except WriteError as error:
-        raise WriteError(error.errno, f"{error.strerror} writing {path} ({len(data):,} bytes); "
+        raise WriteError(error.errno, f"{os.strerror(error.errno)} writing {path} ({len(data):,} bytes); "
                                       f"{previous_checkpoint(path)}") from error
     # The info of the format before this one: superseded now, and stale (the new file carries its own).
     (run_dir / f"{name}.json").unlink(missing_ok=True)
@@ -81,6 +82,29 @@ def checkpoint_sha256(tensors: dict[str, torch.Tensor], info_text: str) -> str:
         digest.update(f"{key}:{tensor.dtype}:{list(tensor.shape)};".encode())
         digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()
+
+
+def remove_stale_temporaries(run_dir: Path) -> list[Path]:
+    """Delete the hidden temporaries (files.write_atomically's `.<name>.<pid>.tmp`) that a killed process
+    left in a run directory: a kill -9 mid-write leaves one, as large as a checkpoint. Only those whose
+    process is gone; returns them."""
+    removed = []
+    for temporary in Path(run_dir).glob(".*.*.tmp"):
+        pid = temporary.name.rsplit(".", 2)[-2]
+        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
+            temporary.unlink(missing_ok=True)
+            removed.append(temporary)
+    return removed
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def has_checkpoint(run_dir: Path, name: str) -> bool:

@@ -8,6 +8,7 @@ import os
 import random
 import signal
 import stat
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from checkpoints import (checkpoint_info, keep_metrics_up_to, load_checkpoint, read_checkpoint, read_run_config,
-                         rng_state, save_checkpoint, set_rng_state)
+                         remove_stale_temporaries, rng_state, save_checkpoint, set_rng_state)
 from files import InputError, WriteError
 
 
@@ -162,6 +163,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint_and_says_so(tmp_path, monkeyp
         save_checkpoint(tmp_path, "last", net, {"global_step": 8}, optimizer)
     assert error.value.strerror.startswith(f"{os.strerror(code)} writing {tmp_path / 'last.safetensors'}")
     assert error.value.strerror.endswith("the previous checkpoint (epoch 3, step 7) is intact")
+    assert error.value.strerror.count("writing") == 1  # said once
     assert (tmp_path / "last.safetensors").read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["last.safetensors"]
 
@@ -209,3 +211,20 @@ def test_metrics_written_before_a_crash_are_not_repeated(tmp_path):
     path.write_text("".join(json.dumps({"epoch": e}) + "\n" for e in (1, 2, 3)))
     keep_metrics_up_to(path, 2)
     assert [json.loads(line)["epoch"] for line in path.read_text().splitlines()] == [1, 2]
+
+
+def test_temporaries_of_killed_processes_are_removed_and_live_ones_kept(tmp_path):
+    dead = max_dead_pid()
+    stale = tmp_path / f".last.safetensors.{dead}.tmp"
+    live = tmp_path / f".best.safetensors.{os.getppid()}.tmp"  # a live process: it may still be writing
+    for path in (stale, live):
+        path.write_bytes(b"half a checkpoint")
+    assert remove_stale_temporaries(tmp_path) == [stale]
+    assert not stale.exists() and live.exists()
+
+
+def max_dead_pid() -> int:
+    """A pid no process has now: one of a child that has exited."""
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
