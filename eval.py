@@ -38,19 +38,21 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from analysis import ANALYSED, CONCENTRATION_THRESHOLD, BridgeFeatures, activation_map, feature_analysis, upsample_map
 from checkpoints import load_run, read_run_config
 from cli import USER_ERRORS, add_runtime_flags, check_runtime_flags, one_line_error_parser, user_error
-from data import check_cases, load_dataset
+from data import PATCH_DATASETS, check_cases, class_names, load_dataset
 from files import write_csv
-from metrics import NSD_TOLERANCE, SEGMENTATION_METRICS, SURFACE_METRICS, THRESHOLD, evaluate_cases, mean_and_std
+from metrics import (NSD_TOLERANCE, OVERLAP_METRICS, SEGMENTATION_METRICS, SURFACE_METRICS, THRESHOLD, evaluate_cases,
+                     mean_and_std)
 from metrics import segmentation_metrics, surface_metrics  # noqa: F401  public names eval.py has always offered
 from model import count_gmacs, count_params, set_frozen_dtype
 from pictures import heatmap_png, panel_png, to_rgb, volume_panel_png
-from prediction import predict_folder
+from prediction import case_probabilities, predict_folder
 from runtime import Processes, memory_format, predict, resolve_device, resolve_precision
 from settings import data_options
 
@@ -59,6 +61,7 @@ LABELS = {"iou": ("IoU", 100, "%"), "dice": ("Dice", 100, "%"), "f1": ("F1", 100
           "sensitivity": ("SE", 100, "%"), "precision": ("PC", 100, "%"), "specificity": ("SP", 100, "%"),
           "accuracy": ("ACC", 100, "%"), "hd95": ("HD95", 1, "px"), "nsd": ("NSD", 100, "%")}
 REPORTED = SEGMENTATION_METRICS + SURFACE_METRICS
+CLASS_REPORTED = OVERLAP_METRICS + SURFACE_METRICS  # multi-class: per organ, and their mean per case
 
 
 def evaluate_run(args) -> int:
@@ -69,22 +72,28 @@ def evaluate_run(args) -> int:
     settings = config["train"]
     device = resolve_device(args.device, Processes())
     precision = resolve_precision(args.precision, device)
-    dataset = load_dataset(settings["data"], args.data_dir or settings["data_dir"], args.split,
-                           settings["img_size"], settings["seed"], **data_options(settings))
+    data_dir = args.data_dir or settings["data_dir"]
+    dataset = load_dataset(settings["data"], data_dir, args.split, settings["img_size"], settings["seed"],
+                           **data_options(settings))
     check_cases(dataset)
-    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,
+    patches = settings["data"] in PATCH_DATASETS  # whole volumes of differing shapes, by sliding windows
+    loader = DataLoader(dataset, batch_size=1 if patches else args.batch_size, num_workers=args.workers,
                         pin_memory=device.type == "cuda")
+    names = class_names(settings["data"], data_dir, multiclass=settings.get("multiclass", False)) \
+        if config["model"]["num_classes"] > 1 else None
 
     net, _, info = load_run(run_dir, args.checkpoint)
     computation = computation_report(net, config)
-    set_frozen_dtype(net, precision).to(device, memory_format=memory_format(device))
+    set_frozen_dtype(net, precision).to(device, memory_format=memory_format(device, net.config.spatial_dims))
 
     out_dir = run_dir / f"eval-{args.split}"
     out_dir.mkdir(exist_ok=True)
     analysis = None
     with BridgeFeatures(net.bridge) if args.analyze else contextlib.nullcontext() as features:
         extra = (lambda logits, masks: feature_analysis(features, masks)) if args.analyze else None
-        rows, dataset_level = evaluate_cases(net, loader, device, precision, extra=extra)
+        infer = case_probabilities(net, device, precision, settings.get("roi_size") if patches else None)
+        rows, dataset_level = evaluate_cases(net, loader, device, precision, extra=extra, infer=infer,
+                                             class_names=names)
         if args.analyze:
             maps = write_activation_maps(net, features, dataset, args.maps, device, precision,
                                          clean_folder(out_dir / "activations"))
@@ -92,14 +101,15 @@ def evaluate_run(args) -> int:
             (out_dir / "analysis.json").write_text(json.dumps(analysis, indent=1))
     samples = []
     if args.samples:
-        samples = write_samples(net, dataset, rows, args.samples, device, precision, clean_folder(out_dir / "samples"))
+        samples = write_samples(infer, dataset, rows, args.samples, clean_folder(out_dir / "samples"))
 
     epoch = info["epoch"] if "epoch" in info else info["progress"]["epochs_done"]  # best / last
     report = {
         "run_dir": str(run_dir), "split": args.split, "images": len(rows),
         "checkpoint": {"name": args.checkpoint, "epoch": epoch, "global_step": info["global_step"]},
-        "metrics": {key: mean_and_std(rows, key) for key in REPORTED},
+        "metrics": {key: mean_and_std(rows, key) for key in (REPORTED if names is None else CLASS_REPORTED)},
         **dataset_level,
+        **(per_class_report(rows, names) if names is not None else {}),
         "computation": computation,
         "conventions": {"threshold": THRESHOLD, "nsd_tolerance": NSD_TOLERANCE, "distance_unit": distance_unit(config),
                         "std": "population (ddof 0) over images", "empty_cases": "see metrics.py's docstring"},
@@ -123,7 +133,7 @@ def predict_images(args) -> int:
     device = resolve_device(args.device, Processes())
     precision = resolve_precision(args.precision, device)
     net, _, _ = load_run(run_dir, args.checkpoint)
-    set_frozen_dtype(net, precision).to(device, memory_format=memory_format(device))
+    set_frozen_dtype(net, precision).to(device, memory_format=memory_format(device, net.config.spatial_dims))
     out_dir = Path(args.out or run_dir / f"predict-{Path(args.images).resolve().name}")
     written, skipped = predict_folder(net, config["train"]["img_size"], args.images, out_dir, device, precision,
                                       probabilities=args.probabilities)
@@ -167,6 +177,16 @@ def distance_unit(config: dict) -> str:
     return "mm" if run_spatial_dims(config) == 3 else "px"
 
 
+def per_class_report(rows: list[dict], names: list[str]) -> dict:
+    """Multi-class: {"per_class": {organ: {"dice", "iou", "hd95", "nsd"}}, each the mean over the cases whose
+    truth holds the organ, and "dice": their mean over the foreground classes, the number of Table 2}."""
+    per_class = {name: {key: mean_and_std(rows, f"{key}/{name}")["mean"] for key in CLASS_REPORTED}
+                 for name in names[1:]}
+    dice = [scores["dice"] for scores in per_class.values() if scores["dice"] == scores["dice"]]  # not NaN
+    return {"per_class": per_class, "dice": float(np.mean(dice)) if dice else float("nan"),
+            "classes": names}
+
+
 def analysis_report(rows: list[dict], maps: list[Path], out_dir: Path) -> dict:
     return {
         "features": {"before": "the LLM bridge's input: the encoder's bottleneck (B, C, h, w)",
@@ -208,21 +228,22 @@ def clean_folder(folder: Path) -> Path:
 
 
 @torch.no_grad()
-def write_samples(net, dataset, rows: list[dict], count: int, device: torch.device, precision: torch.dtype,
-                  folder: Path) -> list[Path]:
+def write_samples(infer, dataset, rows: list[dict], count: int, folder: Path) -> list[Path]:
     """Panel PNGs of the ranked cases (of a volume: its middle axial, coronal and sagittal slices); each is
-    predicted again alone (BatchNorm in eval mode makes that the same prediction), so no prediction of the
-    whole split is kept in memory."""
+    predicted again alone by `infer` (BatchNorm in eval mode makes that the same prediction), so no
+    prediction of the whole split is kept in memory. Multi-class: the argmax's label map in class colours."""
     paths = []
     for label, index in ranked_cases(rows, count):
         item = dataset[index]
         assert item["name"] == rows[index]["case"], "the loader must keep the dataset's order"
-        probability = torch.sigmoid(predict(net, item["image"][None], device, precision))[0, 0]  # (*S)
+        probabilities = infer(item["image"][None])[0].cpu()                        # (K, *S)
+        multiclass = len(probabilities) > 1
+        prediction = probabilities.argmax(0) if multiclass else probabilities[0]   # (*S)
         paths.append(folder / f"{label}_{file_stem(item['name'])}.png")
-        if probability.dim() == 3:
-            volume_panel_png(item["image"], item["mask"][0], probability, paths[-1])
+        if prediction.dim() == 3:
+            volume_panel_png(item["image"], item["mask"][0], prediction, paths[-1], multiclass=multiclass)
         else:
-            panel_png(to_rgb(item["image"]), item["mask"][0], probability, paths[-1])
+            panel_png(to_rgb(item["image"]), item["mask"][0], prediction, paths[-1])
     return paths
 
 
@@ -247,15 +268,18 @@ def print_report(report: dict, analysis: dict | None) -> None:
     checkpoint, computation = report["checkpoint"], report["computation"]
     print(f"{report['run_dir']}: {report['split']} split, {report['images']} images, checkpoint "
           f"{checkpoint['name']} (epoch {checkpoint['epoch']}, step {checkpoint['global_step']})")
+    if "per_class" in report:
+        print_classes(report)
     print(f"  {'metric':<10}{'mean':>8} ± std")
-    for key in REPORTED:
+    for key in report["metrics"]:
         label, scale, unit = LABELS[key]
         unit = report["conventions"]["distance_unit"] if key == "hd95" else unit
         value = report["metrics"][key]
         print(f"  {label:<5}{unit:>4} {value['mean'] * scale:8.2f} ± {value['std'] * scale:.2f}")
-    print(f"  pooled over pixels: IoU {report['pooled_iou'] * 100:.2f} %, Dice {report['pooled_dice'] * 100:.2f} %")
-    print(f"  trivial predictors: IoU {report['all_foreground_iou'] * 100:.2f} % all foreground, "
-          f"{report['all_background_iou'] * 100:.2f} % all background")
+    if "pooled_iou" in report:
+        print(f"  pooled over pixels: IoU {report['pooled_iou'] * 100:.2f} %, Dice {report['pooled_dice'] * 100:.2f} %")
+        print(f"  trivial predictors: IoU {report['all_foreground_iou'] * 100:.2f} % all foreground, "
+              f"{report['all_background_iou'] * 100:.2f} % all background")
     print(f"  {computation['trainable_params']:,} trainable + {computation['frozen_params']:,} frozen parameters, "
           f"{computation['gmacs']:.2f} G MACs at {'x'.join(map(str, computation['input_shape']))}")
     if analysis:
@@ -264,6 +288,16 @@ def print_report(report: dict, analysis: dict | None) -> None:
             print(f"  {name:<20}{analysis['before'][name]['mean']:8.3f}{analysis['after'][name]['mean']:8.3f}")
 
 
+
+
+def print_classes(report: dict) -> None:
+    """The per-organ table (Dice and IoU in %, HD95 in the run's distance unit, NSD in %) and their mean."""
+    unit = report["conventions"]["distance_unit"]
+    print(f"  {'class':<28}{'Dice %':>8}{'IoU %':>8}{'HD95 ' + unit:>10}{'NSD %':>8}")
+    for name, scores in report["per_class"].items():
+        print(f"  {name:<28}{scores['dice'] * 100:8.2f}{scores['iou'] * 100:8.2f}{scores['hd95']:10.2f}"
+              f"{scores['nsd'] * 100:8.2f}")
+    print(f"  {'mean over the foreground':<28}{report['dice'] * 100:8.2f}")
 
 
 def make_parser():

@@ -30,6 +30,12 @@ Empty cases: both empty -> HD95 0, NSD 1; exactly one empty -> HD95 = image diag
 (larger than any distance two pixels can have, so a missed or invented lesion scores worse than any
 real prediction), NSD 0.
 
+Multi-class (BTCV's 13 organs and background), per case and foreground class k with P = (argmax == k),
+G = (label == k): Dice = 2|P∩G| / (|P| + |G|), IoU = |P∩G| / |P∪G|, HD95 and NSD of P and G as above;
+a class absent from the case's truth is NaN and skipped by every mean (MONAI's DiceMetric with
+include_background=False and ignore_empty=True, which the 3D works of the paper's Table 2 report). A
+case's "dice" is the mean over its scored classes; a class's, the mean over the cases that have it.
+
 All functions take (B, 1, H, W) logits (or probabilities) and masks, or (B, 1, D, H, W) volumes, and return
 one value per image (surface_metrics takes the voxel spacing, so 3D distances are in millimetres);
 `evaluate_cases` runs a model over a loader and returns one row per case. Over images: `mean_and_std`,
@@ -52,6 +58,7 @@ NSD_TOLERANCE = 2.0  # in the distances' unit: pixels in 2D, millimetres on volu
 # surface_metrics the last two.
 SEGMENTATION_METRICS = ("iou", "dice", "f1", "sensitivity", "precision", "specificity", "accuracy")
 SURFACE_METRICS = ("hd95", "nsd")
+OVERLAP_METRICS = ("dice", "iou")  # what class_metrics gives per class, before the surface metrics
 
 # -----------------------------------------------------------------------------
 # masks and pixel counts
@@ -189,41 +196,102 @@ def surface_metrics(output: Tensor, target: Tensor, from_logits: bool = True,
 
 
 # -----------------------------------------------------------------------------
+# multi-class: per foreground class, as MONAI's DiceMetric(include_background=False) scores BTCV
+
+def class_metrics(pred: Tensor, true: Tensor, num_classes: int, *, surface: bool = True,
+                  spacing=None) -> dict[str, Tensor]:
+    """pred, true (B, *S) integer label maps in 0..K-1 -> {"dice", "iou"} (+ "hd95", "nsd" when `surface`),
+    each (B, K - 1) float32 for the foreground classes 1..K-1, with P = (pred == k), G = (true == k):
+        Dice = 2 |P∩G| / (|P| + |G|),   IoU = |P∩G| / |P∪G|,   HD95 and NSD as surface_metrics of P and G.
+    A class absent from a case's truth is NaN in every metric (MONAI's ignore_empty: nothing to find, so
+    nothing to score; the means over cases and classes skip it). No smoothing, as MONAI's DiceMetric."""
+    if pred.shape != true.shape:
+        raise ValueError(f"expected predicted and true label maps of the same shape, got {tuple(pred.shape)} and "
+                         f"{tuple(true.shape)}")
+    columns = {name: [] for name in (*OVERLAP_METRICS, *(SURFACE_METRICS if surface else ()))}
+    for k in range(1, num_classes):
+        predicted, truth = pred == k, true == k                                  # (B, *S) bool
+        both = (predicted & truth).flatten(1).sum(1).float()                     # (B,)
+        sizes = predicted.flatten(1).sum(1).float() + truth.flatten(1).sum(1).float()
+        absent = truth.flatten(1).sum(1) == 0
+        scores = {"dice": 2 * both / sizes, "iou": both / (sizes - both)}
+        if surface:
+            scores.update(surface_metrics(predicted[:, None].float(), truth[:, None].float(), from_logits=False,
+                                          spacing=spacing))
+        for name, values in scores.items():
+            columns[name].append(values.masked_fill(absent, float("nan")))
+    return {name: torch.stack(values, dim=1) for name, values in columns.items()}  # (B, K - 1) each
+
+
+# -----------------------------------------------------------------------------
 # a model over a loader
+
+def whole_image_probabilities(net: torch.nn.Module, device: torch.device, precision: torch.dtype):
+    """images (B, C, *S) -> probabilities (B, K, *S) float32 on `device`: sigmoid for one output channel
+    (binary), softmax over K > 1 classes. The default `infer` of evaluate_cases."""
+    def infer(images: Tensor) -> Tensor:
+        logits = predict(net, images, device, precision)
+        return torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
+    return infer
+
 
 @torch.no_grad()
 def evaluate_cases(net: torch.nn.Module, loader, device: torch.device, precision: torch.dtype, *,
-                   surface: bool = True, extra=None) -> tuple[list[dict], dict[str, float]]:
+                   surface: bool = True, extra=None, infer=None,
+                   class_names: list[str] | None = None) -> tuple[list[dict], dict[str, float]]:
     """Every case of `loader`, in order, through `net` in eval mode (BatchNorm's running statistics make
     each image's output independent of its batch, so this is the paper's batch-1 protocol) ->
       rows: one per case, {"case", "iou", ..., "accuracy"} plus "hd95", "nsd" when `surface`, plus
-            what `extra(logits, masks)` returns (per-image (B,) tensors by name) when given;
+            what `extra(probabilities, masks)` returns (per-image (B,) tensors by name) when given;
       dataset-level: pooled {"pooled_iou", "pooled_dice"} and the mean IoU of the two trivial
             predictors, "all_foreground_iou" and "all_background_iou", to judge a score by.
-    The model's train / eval mode is restored afterwards."""
+    infer(images) -> probabilities (B, K, *S) on `device`: whole_image_probabilities by default;
+    prediction.sliding_window's averages for volumes larger than the training patches.
+    Multi-class (class_names: the K names, background first; masks are (B, 1, *S) label maps): the
+    prediction is the argmax; each row holds "dice", "iou" (+ "hd95", "nsd") averaged over the foreground
+    classes present in the case's truth (class_metrics) and each class's as "dice/<name>", ...; no
+    dataset-level numbers. The model's train / eval mode is restored afterwards."""
     was_training = net.training
     net.eval()
+    infer = infer or whole_image_probabilities(net, device, precision)
     rows, pooled, trivial = [], PooledOverlap(), {"all_foreground_iou": [], "all_background_iou": []}
     for batch in tqdm(loader, desc="evaluating", leave=False, disable=None):
         masks = batch["mask"].to(device)
-        logits = predict(net, batch["image"], device, precision)
-        per_image = segmentation_metrics(logits, masks)
-        if surface:  # volumes carry their voxel size: distances in mm
-            per_image.update(surface_metrics(logits, masks, spacing=batch.get("spacing")))
+        probabilities = infer(batch["image"])
+        if class_names is not None:
+            per_image = foreground_means(class_metrics(probabilities.argmax(1), masks[:, 0], len(class_names),
+                                                       surface=surface, spacing=batch.get("spacing")), class_names)
+        else:
+            per_image = segmentation_metrics(probabilities, masks, from_logits=False)
+            if surface:  # volumes carry their voxel size: distances in mm
+                per_image.update(surface_metrics(probabilities, masks, from_logits=False, spacing=batch.get("spacing")))
+            pooled.update(probabilities, masks, from_logits=False)
+            for key, constant in (("all_foreground_iou", torch.ones_like), ("all_background_iou", torch.zeros_like)):
+                trivial[key] += segmentation_metrics(constant(masks), masks, from_logits=False)["iou"].tolist()
         if extra is not None:
-            per_image.update(extra(logits, masks))
-        pooled.update(logits, masks)
-        for key, constant in (("all_foreground_iou", torch.ones_like), ("all_background_iou", torch.zeros_like)):
-            trivial[key] += segmentation_metrics(constant(masks), masks, from_logits=False)["iou"].tolist()
+            per_image.update(extra(probabilities, masks))
         rows += [{"case": name, **{key: values[i].item() for key, values in per_image.items()}}
                  for i, name in enumerate(batch["name"])]
     net.train(was_training)
+    if class_names is not None:
+        return rows, {}
     return rows, {**pooled.compute(), **{key: float(np.mean(values)) for key, values in trivial.items()}}
 
 
+def foreground_means(per_class: dict[str, Tensor], class_names: list[str]) -> dict[str, Tensor]:
+    """{metric: (B, K - 1)} -> {metric: (B,) mean over the classes scored, "metric/<class name>": (B,)}."""
+    means = {name: values.nanmean(dim=1) for name, values in per_class.items()}
+    return means | {f"{name}/{class_name}": values[:, k] for name, values in per_class.items()
+                    for k, class_name in enumerate(class_names[1:])}
+
+
 def mean_and_std(rows: list[dict], key: str) -> dict[str, float]:
-    """Over images; population std (ddof 0), so a single image gives 0, not NaN."""
+    """Over images; population std (ddof 0), so a single image gives 0, not NaN. NaN values (a class absent
+    from a case's truth) are skipped; with nothing left, both are NaN."""
     values = np.array([row[key] for row in rows], dtype=np.float64)
+    values = values[~np.isnan(values)]
+    if not len(values):
+        return {"mean": float("nan"), "std": float("nan")}
     return {"mean": float(values.mean()), "std": float(values.std())}
 
 

@@ -5,7 +5,10 @@
     panel_png(image, gt_mask, pred_mask, path)     side by side: the overlay | truth | prediction | errors
                                                    (white: both, red: predicted only, blue: missed)
     volume_panel_png(volume, gt, pred, path)       three panel rows: the middle axial, coronal and sagittal
-                                                   slices of a volume (C, X, Y, Z)
+                                                   slices of a volume (C, X, Y, Z); with multiclass=True the
+                                                   masks are label maps: overlay of the predicted classes |
+                                                   truth | prediction in CLASS_COLOURS | errors (white: right
+                                                   organ, red: wrong or invented, blue: missed)
     heatmap_png(image, activation, path)           a jet heat map of activation (H, W) in [0, 1] blended
                                                    over the image: the paper's Fig. 2(a)
     curves_png(epochs, path)                       train loss, validation IoU / Dice and lr against the
@@ -28,6 +31,13 @@ GT_COLOUR = (0, 255, 0)
 PRED_COLOUR = (255, 0, 0)
 MISSED_COLOUR = (0, 96, 255)
 MIN_SIDE = 256
+# Label k > 0 of a multi-class map is drawn in CLASS_COLOURS[(k - 1) % 20] (matplotlib's tab20 order, so BTCV's
+# 13 organs are 13 distinct colours); background stays the image.
+CLASS_COLOURS = np.array([(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+                          (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
+                          (174, 199, 232), (255, 187, 120), (152, 223, 138), (255, 152, 150), (197, 176, 213),
+                          (196, 156, 148), (247, 182, 210), (199, 199, 199), (219, 219, 141), (158, 218, 229)],
+                         dtype=np.uint8)
 
 
 def to_rgb(image: Tensor) -> np.ndarray:
@@ -134,10 +144,35 @@ def _panel_row(image, gt_mask, pred_mask, gap: int) -> np.ndarray:
     return np.concatenate([part for panel in panels for part in (panel, spacer)][:-1], axis=1)  # (H, 4W + 3 gap, 3)
 
 
-def volume_panel_png(volume: Tensor, gt_mask, pred_mask, path, gap: int = 4) -> None:
+def label_colours(labels: np.ndarray) -> np.ndarray:
+    """labels (H, W) integers -> (H, W, 3) uint8: black background, CLASS_COLOURS for the classes."""
+    colours = np.concatenate([np.zeros((1, 3), np.uint8), CLASS_COLOURS])
+    return colours[np.where(labels > 0, (labels - 1) % len(CLASS_COLOURS) + 1, 0)]
+
+
+def _label_panel_row(image, gt_labels, pred_labels, gap: int) -> np.ndarray:
+    """overlay (the predicted classes blended over the image) | truth | prediction | errors, for label maps."""
+    image = _rgb_image(image)
+    gt, pred = (_numpy(labels).astype(np.int64) for labels in (gt_labels, pred_labels))
+    _check_same_size(image, gt, "truth")
+    _check_same_size(image, pred, "prediction")
+    size = enlarged_size(*image.shape[:2])
+    gt, pred, image = _enlarge_map(gt, size), _enlarge_map(pred, size), _enlarge_image(image, size)
+    overlay = np.where(pred[..., None] > 0, image // 2 + label_colours(pred) // 2, image).astype(np.uint8)
+    errors = np.zeros((*size, 3), dtype=np.uint8)
+    errors[(gt > 0) & (pred == gt)] = 255
+    errors[(pred > 0) & (pred != gt)] = PRED_COLOUR
+    errors[(gt > 0) & (pred == 0)] = MISSED_COLOUR
+    panels = [overlay, label_colours(gt), label_colours(pred), errors]
+    spacer = np.full((size[0], gap, 3), 128, dtype=np.uint8)
+    return np.concatenate([part for panel in panels for part in (panel, spacer)][:-1], axis=1)  # (H, 4W + 3 gap, 3)
+
+
+def volume_panel_png(volume: Tensor, gt_mask, pred_mask, path, gap: int = 4, multiclass: bool = False) -> None:
     """Write the middle axial, coronal and sagittal slices of a volume, one panel_png row each (top to
     bottom), to `path`. volume (C, X, Y, Z), z-scored: its first channel, shown from its 1st to 99th
-    percentile; masks (X, Y, Z). Slices are turned 90 degrees so the second axis of each runs upward."""
+    percentile; masks (X, Y, Z), or label maps with multiclass. Slices are turned 90 degrees so the second
+    axis of each runs upward."""
     gray = volume[0].float().cpu()
     low, high = torch.quantile(gray.flatten()[::max(1, gray.numel() // 100_000)], torch.tensor([0.01, 0.99]))
     gray = ((gray - low) / (high - low).clamp_min(1e-6) * 255).clamp(0, 255).round().to(torch.uint8).numpy()
@@ -146,7 +181,8 @@ def volume_panel_png(volume: Tensor, gt_mask, pred_mask, path, gap: int = 4) -> 
     for axis in (2, 1, 0):  # axial, coronal, sagittal: across the third, second and first axis
         middle = gray.shape[axis] // 2
         cut = [np.rot90(np.take(array, middle, axis=axis)) for array in (gray, gt, pred)]
-        rows.append(_panel_row(np.ascontiguousarray(cut[0]), *cut[1:], gap))
+        row = _label_panel_row if multiclass else _panel_row
+        rows.append(row(np.ascontiguousarray(cut[0]), *cut[1:], gap))
     width = max(row.shape[1] for row in rows)
     spacer = np.full((gap, width, 3), 128, dtype=np.uint8)
     rows = [np.pad(row, ((0, 0), (0, width - row.shape[1]), (0, 0)), constant_values=128) for row in rows]
@@ -170,12 +206,15 @@ def curves_png(epochs: list[dict], path) -> None:
     top.plot(x, [line["train_loss"] for line in epochs], color="tab:blue", label="train loss", marker=".")
     top.set_ylabel("train loss")
     scores = top.twinx()
+    validated = [line for line in epochs if "val_iou" in line]  # every --val-every epochs
     for key, colour in (("val_iou", "tab:green"), ("val_dice", "tab:orange")):
-        scores.plot(x, [line[key] for line in epochs], color=colour, label=key.replace("_", " "), marker=".")
+        scores.plot([line["epoch"] for line in validated], [line[key] for line in validated], color=colour,
+                    label=key.replace("_", " "), marker=".")
     scores.set_ylabel("validation")
     scores.set_ylim(0, 1)
     top.legend(handles=top.get_lines() + scores.get_lines(), loc="center right")
-    top.set_title(f"best val IoU {max(line['val_iou'] for line in epochs):.4f}")
+    if validated:
+        top.set_title(f"best val IoU {max(line['val_iou'] for line in validated):.4f}")
     bottom.plot(x, [line["lr"] for line in epochs], color="tab:gray", marker=".")
     bottom.set_ylabel("lr")
     bottom.set_xlabel("epoch")

@@ -49,7 +49,7 @@ from PIL import Image
 from torch import Tensor
 
 from data import normalize, read_rgb, resized_rgb
-from metrics import THRESHOLD
+from metrics import THRESHOLD, whole_image_probabilities
 from pictures import overlay_png
 from runtime import predict
 
@@ -233,3 +233,15 @@ def sliding_window(predict, volume: Tensor, roi_size, overlap=0.5, mode: str = "
         for (n, reads, crops), window in zip(batch, weighted):
             output[(n, slice(None), *reads)] += window[(slice(None), *crops)]
     return output.div_(weight_sum)
+
+
+def case_probabilities(net: torch.nn.Module, device: torch.device, precision: torch.dtype,
+                       roi_size: int | None = None):
+    """The evaluation's infer (metrics.evaluate_cases): images (B, C, *S) -> probabilities (B, K, *S) on
+    `device`, sigmoid for one output channel and softmax over K > 1. With roi_size, volumes larger than
+    the training patches go through sliding windows of roi_size per axis, overlap 0.5, the windows'
+    probabilities averaged with constant weights (the paper's 3D protocol averages softmax, then argmax)."""
+    whole = whole_image_probabilities(net, device, precision)
+    if roi_size is None:
+        return whole
+    return lambda images: sliding_window(whole, images.to(device), roi_size, overlap=0.5, mode="constant")

@@ -7,6 +7,8 @@ Library modules never pick a device; the entry scripts (train.py, eval.py) call 
     rank_zero_first(p)         rank 0 downloads and writes shared files first, the others wait
     StopRequests()             Ctrl-C / SIGTERM ask a training loop to stop at the next step boundary
     signals_deferred()         Ctrl-C / SIGTERM held back while a file is saved, delivered after it
+    ignore_stop_signals(_)     a DataLoader worker's worker_init_fn: Ctrl-C reaches the whole process group,
+                               and only the main process decides (it stops the workers itself)
     resolve_precision(name, d) "auto" | "bf16" | "fp32" -> the compute dtype: bf16 where the device
                                multiplies bf16 natively (CUDA; CPUs with AMX / AVX-512 BF16), else fp32
     autocast(d, p), predict    the one precision policy of training and evaluation: autocast to p
@@ -129,12 +131,13 @@ def compile_mode(requested: bool | None, device: torch.device, processes: Proces
     return "reduce-overhead" if device.type == "cuda" and not processes.distributed else "default"
 
 
-def memory_format(device: torch.device) -> torch.memory_format:
+def memory_format(device: torch.device, spatial_dims: int = 2) -> torch.memory_format:
     """The layout of images and conv weights. One SGD step of CMUNeXt + a Llama-1B-shaped frozen layer,
     B8 256 px, float32, 2 threads: 20.7 s -> 18.8 s channels_last on an AVX2 EPYC, 9.7 s -> 5.9 s on an
     AMX Xeon; on an H100 it was not faster (31 ms vs 29.7 ms). (The bridge's flatten to tokens is then
-    a view, too.)"""
-    return torch.channels_last if device.type == "cpu" else torch.contiguous_format
+    a view, too.) 3D networks keep the default layout (channels_last is defined for 4-D tensors only;
+    channels_last_3d is unmeasured here)."""
+    return torch.channels_last if device.type == "cpu" and spatial_dims == 2 else torch.contiguous_format
 
 
 def to_device(images: Tensor, device: torch.device) -> Tensor:
@@ -197,3 +200,10 @@ def signals_deferred():
             signal.signal(s, handler)
         for signum in pending:
             signal.raise_signal(signum)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """worker_init_fn: the worker ignores SIGINT / SIGTERM, which the main process's StopRequests handles
+    (a worker inheriting that handler would print its message once more per worker)."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)

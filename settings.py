@@ -10,8 +10,8 @@ from pathlib import Path
 
 from checkpoints import has_checkpoint, read_run_config
 from cli import add_runtime_flags, check_runtime_flags, defaults_of, one_line_error_parser
-from data import DATASETS, check_data_options, load_dataset, spatial_dims
-from model import BACKBONES, DOWNSAMPLING, FINAL_NORMS, MODES, build_model, check_image_sides
+from data import DATASETS, PATCH_DATASETS, check_data_options, load_dataset, spatial_dims
+from model import BACKBONE_DIMS, BACKBONES, DOWNSAMPLING, FINAL_NORMS, MODES, build_model, check_image_sides
 from vit import check_patch_grid
 
 # --resume takes every setting from the run's config.json except these, which belong to one invocation,
@@ -30,7 +30,13 @@ RECIPES = {
     # schedule or weight decay named, loralib's LoRA rank 8 on the two mappers
     "medvisionllama": dict(optimizer="adam", lr=2e-3, weight_decay=0.0, batch_size=4, epochs=200, bce_weight=1.0,
                            schedule="constant", mapper_lora_rank=8),
+    # LLM4Seg's 3D column (BTCV), as 3D UX-Net trains under UNETR's protocol: AdamW 1e-4, weight decay 1e-5,
+    # 4 crops of 96^3 a step, 40,000 iterations = 1,667 epochs of BTCV's 24 volumes x 4 crops, validated every
+    # 500 iterations (every 21 epochs); Dice + CE over softmax (bce_weight 1 gives the binary analogue)
+    "llm4seg3d": dict(optimizer="adamw", lr=1e-4, weight_decay=1e-5, batch_size=4, epochs=1667, bce_weight=1.0,
+                      schedule="constant", mapper_lora_rank=0, val_every=21),
 }
+OPTIMIZERS = ("sgd", "adam", "adamw")
 IMG_SIZE_2D, IMG_SIZE_3D = DATA_DEFAULTS["img_size"], MODEL_DEFAULTS["img_size"]  # 256 px; 128^3 (MedVisionLlama)
 
 
@@ -45,8 +51,15 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--fold", type=int, default=None, help="0..4: cross-validation fold on the non-test cases")
     p.add_argument("--label", type=int, default=None,
                    help="msd: the label value that is foreground; None means every label > 0")
+    p.add_argument("--multiclass", action="store_true",
+                   help="msd: every label of dataset.json is its own class (softmax, Dice + CE) instead of one "
+                        "foreground; btcv and synthetic-organs are always multi-class")
+    p.add_argument("--roi-size", type=int, default=DATA_DEFAULTS["roi_size"],
+                   help="btcv, synthetic-organs: the side of the training crops and of the sliding windows that "
+                        "evaluate whole volumes (a multiple of 16)")
     p.add_argument("--backbone", default=MODEL_DEFAULTS["backbone"], choices=sorted([*BACKBONES, "vit"]),
-                   help="a CNN (2D), or vit: MedVisionLlama's ViT (2D or 3D)")
+                   help="a CNN: unet, cmunext, nnunet (2D); mednext (MedNeXt-B, kernel 3), mednext-s / -m / -l / "
+                        "-b-k5, uxnet3d (3D); or vit: MedVisionLlama's ViT (2D or 3D)")
     p.add_argument("--llm", default=MODEL_DEFAULTS["llm"],
                    help="alias, Hub repo id or local directory; 'none' for the plain backbone")
     p.add_argument("--layer", type=int, default=MODEL_DEFAULTS["layer"],
@@ -71,7 +84,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", default="llm4seg", choices=sorted(RECIPES),
                    help="sets optimizer, lr, weight decay, batch size, epochs, loss and schedule as that paper; "
                         "flags given explicitly win")
-    p.add_argument("--optimizer", default=None, choices=("sgd", "adam"), help="None means the recipe's")
+    p.add_argument("--optimizer", default=None, choices=OPTIMIZERS, help="None means the recipe's")
     p.add_argument("--epochs", type=int, default=None, help="passes over the training set; None means the recipe's")
     p.add_argument("--lr", type=float, default=None, help="base learning rate; None means the recipe's")
     p.add_argument("--schedule", default=None, choices=("poly", "constant"),
@@ -83,6 +96,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--img-size", type=int, default=None,
                    help=f"sides; None means {IMG_SIZE_2D} (2D) or {IMG_SIZE_3D} (3D). CNNs need a multiple of "
                         f"{DOWNSAMPLING}, vit a multiple of --patch-size")
+    p.add_argument("--val-every", type=int, default=None, metavar="N",
+                   help="validate (and keep the best checkpoint) every N epochs and after the last; None means "
+                        "the recipe's (1; 21 for llm4seg3d)")
     p.add_argument("--seed", type=int, default=DATA_DEFAULTS["seed"],
                    help="weights, data split, data order and augmentation")
     add_runtime_flags(p)
@@ -127,7 +143,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the flags left None: the recipe's values, and the image size of the data's dimension."""
     plain = args.llm == "none" or args.mode == "none"
-    for name, value in RECIPES[args.recipe].items():
+    for name, value in {"val_every": 1, **RECIPES[args.recipe]}.items():
         if getattr(args, name, None) is None:
             setattr(args, name, 0 if name == "mapper_lora_rank" and plain else value)
     if args.img_size is None:
@@ -138,20 +154,24 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
 def check_args(args: argparse.Namespace) -> None:
     """The cheap checks, before anything is loaded."""
     try:
-        check_data_options(args.data, args.fold, args.label)
+        check_data_options(args.data, args.fold, args.label, args.multiclass)
     except ValueError as error:
         raise ValueError(f"--data {args.data}: {error}") from None
-    if spatial_dims(args.data) == 3 and args.backbone != "vit":
-        raise ValueError(f"--data {args.data} holds 3D volumes; the {args.backbone} backbone is 2D: use --backbone vit")
+    dims = spatial_dims(args.data)
+    if args.backbone != "vit" and BACKBONE_DIMS[args.backbone] != dims:
+        fitting = ", ".join(name for name in ("vit", *BACKBONES) if name == "vit" or BACKBONE_DIMS[name] == dims)
+        raise ValueError(f"--data {args.data} holds {dims}D {'volumes' if dims == 3 else 'images'}; the "
+                         f"{args.backbone} backbone is {BACKBONE_DIMS[args.backbone]}D: use --backbone {fitting}")
+    sides = ("--roi-size", args.roi_size) if args.data in PATCH_DATASETS else ("--img-size", args.img_size)
     try:
         if args.backbone == "vit":
-            check_patch_grid((args.img_size,) * spatial_dims(args.data), args.patch_size)
+            check_patch_grid((sides[1],) * dims, args.patch_size)
         else:
-            check_image_sides(args.img_size, args.img_size)
+            check_image_sides(*(sides[1],) * dims)
     except ValueError as error:
-        raise ValueError(f"--img-size: {error}") from None
+        raise ValueError(f"{sides[0]}: {error}") from None
     check_runtime_flags(args)
-    for name in ("epochs", "synthetic_size"):
+    for name in ("epochs", "synthetic_size", "val_every", "roi_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(args, name)}")
     if args.stop_after_epoch is not None and args.stop_after_epoch < 1:
@@ -181,9 +201,21 @@ def check_out_dir(out: Path, resuming: bool) -> None:
     existing = next(parent for parent in (out, *out.parents) if parent.exists())
     if not existing.is_dir():
         raise ValueError(f"--out {out}: {existing} is a file, so the directory cannot be created; pick another --out")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise PermissionError(f"--out {out}: cannot write in {existing} (permission denied); pick a directory "
-                              "you can write")
+    # Tried, not judged from permission bits: root passes os.access everywhere, /proc and read-only mounts
+    # refuse anyway. What the probe creates is removed; train.py creates the directory when it writes.
+    missing = [parent for parent in (out, *out.parents) if not parent.exists()]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".llm4seg-probe.{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as error:
+        raise PermissionError(f"--out {out}: cannot write there ({error.strerror or error}); pick a directory "
+                              "you can write") from None
+    finally:
+        for created in missing:  # deepest first
+            if created.is_dir():
+                created.rmdir()
     if not resuming and has_checkpoint(out, "last"):
         raise ValueError(f"{out} already holds a run: continue it with --resume {out}, or pick another --out")
 
@@ -201,4 +233,5 @@ def default_run_dir(args: argparse.Namespace) -> str:
 def data_options(settings: dict) -> dict:
     """The load_dataset keywords of a run's settings beyond (name, root, split, size, seed); .get: runs saved
     before a flag existed."""
-    return {"synthetic_size": settings["synthetic_size"], "fold": settings.get("fold"), "label": settings.get("label")}
+    return {"synthetic_size": settings["synthetic_size"], "fold": settings.get("fold"), "label": settings.get("label"),
+            "multiclass": settings.get("multiclass", False), "roi_size": settings.get("roi_size", DATA_DEFAULTS["roi_size"])}

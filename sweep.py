@@ -296,8 +296,14 @@ def paired_ious(runs: list[Run], baseline_runs: list[Run]) -> list[float]:
 
 
 def run_mean(run: Run, metric: str) -> float:
-    """A run's score: its mean over images."""
-    return float(np.mean([image[metric] for image in run.per_image]))
+    """A run's score: its mean over images (multi-class: over the images whose truth holds the class)."""
+    return float(np.nanmean([image[metric] for image in run.per_image]))
+
+
+def class_columns(runs: list[Run]) -> list[str]:
+    """The per-class Dice columns of multi-class runs' per_image.csv ("dice/spleen", ...), else none."""
+    done = [run for run in runs if run.status == "done" and run.per_image]
+    return [key for key in done[0].per_image[0] if key.startswith("dice/")] if done else []
 
 
 def summarise(args, varying, runs: list[Run], baseline: tuple) -> list[dict]:
@@ -312,7 +318,7 @@ def summarise(args, varying, runs: list[Run], baseline: tuple) -> list[dict]:
         row = {"setting": setting_label(varying, setting),
                **{flag.lstrip("-"): value for (flag, _), value in zip(varying, setting)},
                "seeds": len(mine), "failed": " ".join(failed)}
-        for metric in REPORTED:
+        for metric in (*REPORTED, *class_columns(runs)):
             per_seed = [run_mean(run, metric) for run in mine]
             row[f"{metric}_mean"] = float(np.mean(per_seed)) if per_seed else float("nan")
             row[f"{metric}_std"] = float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else float("nan")
@@ -353,6 +359,12 @@ def write_tables(rows: list[dict], out: Path, baseline_label: str, split: str, d
         failed = f" (failed: {row['failed']})" if row["failed"] else ""
         lines.append(f"| {row['setting']}{failed} | {row['seeds']} | {pm(row, 'iou', 100)} | {pm(row, 'dice', 100)} | "
                      f"{pm(row, 'hd95', 1)} | {pm(row, 'nsd', 100)} | {' | '.join(size)} | {diff} | {p} |")
+    organs = [key.removesuffix("_mean") for key in rows[0] if key.startswith("dice/") and key.endswith("_mean")]
+    if organs:  # multi-class: Table 2's number is the mean Dice over the organs; here each organ's
+        lines += ["", "Dice % per class, mean ± std over seeds:", "",
+                  "| setting | " + " | ".join(key.removeprefix("dice/") for key in organs) + " |",
+                  "|---|" + "---|" * len(organs)]
+        lines += [f"| {row['setting']} | " + " | ".join(pm(row, key, 100) for key in organs) + " |" for row in rows]
     text = "\n".join(lines) + "\n"
     (out / "table.md").write_text(text)
     return text

@@ -69,16 +69,17 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from checkpoints import (has_checkpoint, keep_metrics_up_to, load_checkpoint, read_run_config,
-                         rebuild_model, rng_state, save_checkpoint, set_rng_state)
+from checkpoints import (has_checkpoint, keep_metrics_up_to, load_checkpoint, read_run_config, rebuild_model,
+                         remove_stale_temporaries, rng_state, save_checkpoint, set_rng_state)
 from cli import USER_ERROR_EXIT, USER_ERRORS, user_error
-from data import check_cases, input_channels, load_dataset, spatial_dims
+from data import PATCH_DATASETS, check_cases, class_names, input_channels, load_dataset, num_classes, spatial_dims
 from files import WriteError, write_atomically
-from metrics import SEGMENTATION_METRICS, evaluate_cases, mean_and_std
+from metrics import OVERLAP_METRICS, SEGMENTATION_METRICS, evaluate_cases, mean_and_std
 from model import build_model, count_params, set_frozen_dtype
 from pictures import curves_png
-from runtime import (Processes, StopRequests, autocast, compile_mode, memory_format, rank_zero_first,
-                     resolve_device, resolve_precision, to_device)
+from prediction import case_probabilities
+from runtime import (Processes, StopRequests, autocast, compile_mode, ignore_stop_signals, memory_format,
+                     rank_zero_first, resolve_device, resolve_precision, to_device)
 from settings import check_args, data_options, default_run_dir, parse_args
 
 POLY_POWER = 0.9
@@ -97,6 +98,28 @@ def learning_rate(args: argparse.Namespace, step: int, max_steps: int) -> float:
     return args.lr * (1 - step / max_steps) ** POLY_POWER
 
 
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, bce_weight: float) -> torch.Tensor:
+    """One output channel: bce_dice_loss (sigmoid, binary); K > 1 channels: dice_ce_loss (softmax, a label map)."""
+    if logits.shape[1] == 1:
+        return bce_dice_loss(logits, target.float(), bce_weight)
+    return dice_ce_loss(logits, target)
+
+
+def dice_ce_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """logits (B, K, *spatial), labels (B, 1, *spatial) in 0..K-1 -> scalar CE + (1 - soft Dice), MONAI's
+    DiceCELoss(to_onehot_y=True, softmax=True) (UNETR's and 3D UX-Net's BTCV loss):
+        CE = mean over voxels of -log softmax(z)_y
+        Dice_bk = (2 sum(p_k g_k) + 1e-5) / (sum p_k + sum g_k + 1e-5)  per case b and class k, background
+        included; loss = CE + 1 - mean_bk Dice_bk."""
+    labels = labels[:, 0].long()                                                   # (B, *spatial)
+    cross_entropy = F.cross_entropy(logits, labels)
+    probability = torch.softmax(logits, dim=1).flatten(2)                          # (B, K, N)
+    truth = F.one_hot(labels.flatten(1), logits.shape[1]).transpose(1, 2).to(probability.dtype)  # (B, K, N)
+    dice = (2 * (probability * truth).sum(2) + DICE_SMOOTH) / (
+        probability.sum(2) + truth.sum(2) + DICE_SMOOTH)                           # (B, K)
+    return cross_entropy + 1 - dice.mean()
+
+
 def bce_dice_loss(logits: torch.Tensor, target: torch.Tensor, bce_weight: float = 0.5) -> torch.Tensor:
     """logits, target (B, 1, *spatial) -> scalar bce_weight * BCE + (1 - soft Dice averaged over the batch)."""
     bce = F.binary_cross_entropy_with_logits(logits, target)
@@ -106,10 +129,17 @@ def bce_dice_loss(logits: torch.Tensor, target: torch.Tensor, bce_weight: float 
     return bce_weight * bce + (1 - dice.mean())
 
 
-def validate(net: torch.nn.Module, loader: DataLoader, device: torch.device, precision: torch.dtype) -> dict[str, float]:
-    """The paper's per-image metrics averaged over every validation image."""
-    rows, _ = evaluate_cases(net, loader, device, precision, surface=False)
-    return {name: mean_and_std(rows, name)["mean"] for name in SEGMENTATION_METRICS}
+def validate(run: "Run") -> dict[str, float]:
+    """The paper's per-image metrics averaged over every validation image; multi-class: mean IoU and Dice over
+    the organs (metrics.class_metrics), whole volumes through sliding windows of the training crops' size."""
+    rows, _ = evaluate_cases(run.net, run.val_loader, run.device, run.precision, surface=False,
+                             infer=case_probabilities(run.net, run.device, run.precision, run.roi_size),
+                             class_names=run.class_names)
+    return {name: mean_and_std(rows, name)["mean"] for name in validation_metrics(run)}
+
+
+def validation_metrics(run: "Run") -> tuple[str, ...]:
+    return SEGMENTATION_METRICS if run.class_names is None else OVERLAP_METRICS
 
 
 # ----------------------------------------------------------------------------------------------
@@ -142,6 +172,8 @@ class Run:
     progress: Progress
     run_dir: Path
     max_steps: int
+    class_names: list[str] | None = None     # multi-class runs: the K classes, background first
+    roi_size: int | None = None              # validation by sliding windows of this side (patch datasets)
     compile_mode: str | None = None          # torch.compile's mode of `model`, None when eager
     compile_seconds: float | None = None     # the first compiled step, compilation included
     curves_drawn_at: float = -math.inf       # time.monotonic() of the last curves.png
@@ -170,7 +202,7 @@ def setup(argv: list[str] | None, processes: Processes) -> Run:
         check_cases(train_set, val_set)  # every file opened once now, not found broken an epoch in
     torch.manual_seed(args.seed + processes.rank)
 
-    set_frozen_dtype(net, precision).to(device, memory_format=memory_format(device))
+    set_frozen_dtype(net, precision).to(device, memory_format=memory_format(device, net.config.spatial_dims))
     optimizer = make_optimizer(args, [p for p in net.parameters() if p.requires_grad])
     model = net
     if processes.distributed:
@@ -183,10 +215,17 @@ def setup(argv: list[str] | None, processes: Processes) -> Run:
     sampler = DistributedSampler(train_set, num_replicas=processes.world_size, rank=processes.rank,
                                  shuffle=True, seed=args.seed)
     iterations = math.ceil(len(sampler) / args.batch_size)
-    val_loader = DataLoader(val_set, batch_size=args.batch_size, num_workers=args.workers,
+    patches = args.data in PATCH_DATASETS  # trained on crops; validated on whole volumes of differing shapes
+    val_loader = DataLoader(val_set, batch_size=1 if patches else args.batch_size, num_workers=args.workers,
                             pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(args.seed))
+    names = class_names(args.data, args.data_dir, multiclass=args.multiclass)  # background first
     run = Run(args, processes, device, precision, net, model, optimizer, sampler, train_set, val_loader,
-              Progress(), run_dir, max_steps=args.epochs * iterations, compile_mode=mode)
+              Progress(), run_dir, max_steps=args.epochs * iterations, compile_mode=mode,
+              class_names=names if net.config.num_classes > 1 else None,
+              roi_size=args.roi_size if patches else None)
+    if processes.main and run_dir.is_dir():
+        for temporary in remove_stale_temporaries(run_dir):
+            print(f"removed {temporary.name}, a file a killed process was writing")
     if args.resume and has_checkpoint(run_dir, "last"):
         resume_from_last(run)
     elif args.resume:
@@ -208,7 +247,9 @@ def build_or_rebuild_model(args: argparse.Namespace) -> torch.nn.Module:
     local = Path(args.llm).expanduser()
     llm = None if args.llm == "none" else str(local.resolve()) if local.exists() else args.llm
     in_channels = input_channels(args.data, args.data_dir)
-    return build_model(args.backbone, llm, args.layer, args.mode, in_channels=in_channels, lora_rank=args.lora_rank,
+    classes = num_classes(args.data, args.data_dir, multiclass=args.multiclass)
+    return build_model(args.backbone, llm, args.layer, args.mode, in_channels=in_channels, num_classes=classes,
+                       lora_rank=args.lora_rank,
                        mapper_lora_rank=args.mapper_lora_rank, residual=args.residual, final_norm=args.final_norm,
                        spatial_dims=spatial_dims(args.data), img_size=args.img_size,
                        patch_size=args.patch_size, embed_dim=args.embed_dim, depth=args.depth, heads=args.heads,
@@ -216,9 +257,12 @@ def build_or_rebuild_model(args: argparse.Namespace) -> torch.nn.Module:
 
 
 def make_optimizer(args: argparse.Namespace, trainable: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    """SGD with momentum (LLM4Seg) or Adam (MedVisionLlama) over the trainable tensors only."""
+    """SGD with momentum (LLM4Seg), Adam (MedVisionLlama) or AdamW (LLM4Seg in 3D, as 3D UX-Net) over the
+    trainable tensors only."""
     if args.optimizer == "adam":
         return torch.optim.Adam(trainable, lr=args.lr, weight_decay=args.weight_decay)
+    if args.optimizer == "adamw":
+        return torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
     return torch.optim.SGD(trainable, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
 
 
@@ -306,7 +350,7 @@ def train_one_epoch(run: Run, epoch: int, stop: StopRequests) -> tuple[int | Non
     run.train_set.epoch = epoch  # each sample's augmentation is drawn from (seed, epoch, index)
     indices = list(run.sampler)[progress.batches_done * args.batch_size:]  # skip what was trained
     loader = DataLoader(run.train_set, batch_size=args.batch_size, sampler=indices,
-                        num_workers=args.workers, pin_memory=device.type == "cuda",
+                        num_workers=args.workers, pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals,
                         # worker seeds from (seed, epoch, rank), not from the global RNG (the
                         # augmentation does not depend on them)
                         generator=torch.Generator().manual_seed(
@@ -325,7 +369,7 @@ def train_one_epoch(run: Run, epoch: int, stop: StopRequests) -> tuple[int | Non
                 torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are not read again
             with autocast(device, run.precision):
                 logits = run.model(to_device(batch["image"], device))
-            loss = bce_dice_loss(logits.float(), batch["mask"].to(device, non_blocking=True), args.bce_weight)
+            loss = segmentation_loss(logits.float(), batch["mask"].to(device, non_blocking=True), args.bce_weight)
             run.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             non_finite, stopping = step_flags_over_ranks(run, loss, stop)
@@ -361,13 +405,15 @@ def train_one_epoch(run: Run, epoch: int, stop: StopRequests) -> tuple[int | Non
 
 
 def end_of_epoch(run: Run, epoch: int, images_per_second: float) -> None:
-    """Validate, keep the best checkpoint, log the epoch's line (rank 0), save `last` (every rank's RNG)."""
+    """Validate (every --val-every epochs and after the last), keep the best checkpoint, log the epoch's
+    line (rank 0), save `last` (every rank's RNG)."""
     progress = run.progress
     epoch_loss = mean_loss_over_ranks(run)
     progress.epochs_done, progress.batches_done, progress.epoch_loss_sum = epoch, 0, 0.0
     if run.processes.main:
-        metrics = validate(run.net, run.val_loader, run.device, run.precision)
-        if metrics["iou"] > progress.best_iou:
+        validating = epoch % run.args.val_every == 0 or epoch == run.args.epochs
+        metrics = validate(run) if validating else {}
+        if validating and metrics["iou"] > progress.best_iou:
             progress.best_iou, progress.best_epoch = metrics["iou"], epoch
             save_checkpoint(run.run_dir, "best", run.net,
                             {"epoch": epoch, "global_step": progress.global_step, "val": metrics})
@@ -382,7 +428,7 @@ def log_epoch(run: Run, epoch: int, train_loss: float, images_per_second: float,
             "lr": learning_rate(args, progress.global_step - 1, run.max_steps),  # of the epoch's last step
             "train_loss": train_loss, "images_per_second": images_per_second,
             "batch_images": args.batch_size * run.processes.world_size,
-            **{f"val_{name}": value for name, value in metrics.items()},
+            **{f"val_{name}": value for name, value in metrics.items()},  # none between validations
             "best_iou": progress.best_iou, "best_epoch": progress.best_epoch}
     # Rewritten whole (a few kB), never appended: a kill mid-write cannot leave half a line. Before
     # `last`: a resume drops the lines past it (keep_metrics_up_to).
@@ -394,9 +440,10 @@ def log_epoch(run: Run, epoch: int, train_loss: float, images_per_second: float,
         epochs = [json.loads(text) for text in metrics_file.read_text().splitlines()]
         write_atomically(run.run_dir / "curves.png", lambda path: curves_png(epochs, path))
         run.curves_drawn_at = time.monotonic()
+    validated = " | val " + " ".join(f"{name} {value:.4f}" for name, value in metrics.items()) if metrics else ""
     print(f"epoch {epoch}/{args.epochs} | loss {train_loss:.4f} | {images_per_second:.1f} img/s"
-          f" | lr {line['lr']:.2e} | val " + " ".join(f"{name} {metrics[name]:.4f}" for name in SEGMENTATION_METRICS)
-          + f" | best iou {progress.best_iou:.4f} (epoch {progress.best_epoch})", flush=True)
+          f" | lr {line['lr']:.2e}{validated} | best iou {progress.best_iou:.4f} (epoch {progress.best_epoch})",
+          flush=True)
 
 
 def step_flags_over_ranks(run: Run, loss: torch.Tensor, stop: StopRequests) -> tuple[float, float]:
@@ -443,6 +490,9 @@ def main(argv: list[str] | None = None) -> int:
     with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(sys.stdout if processes.main else devnull):
         try:
             run = setup(argv, processes)
+        except KeyboardInterrupt:  # nothing trained yet, so nothing to save
+            print("interrupted before training started; run the same command again to start", file=sys.stderr)
+            return 128 + signal.SIGINT
         except WriteError as error:
             print(f"error: {error.strerror}", file=sys.stderr)
             return 1

@@ -209,3 +209,46 @@ def test_spacing_scales_distances_and_is_checked():
     per_case = metrics.surface_metrics(pred, true, from_logits=False,
                                        spacing=torch.tensor([[1.0, 1.0, 1.0], [2.0, 2.0, 2.0]]))["hd95"]
     torch.testing.assert_close(per_case, torch.stack([voxels[0], doubled[1]]))  # one spacing per case
+
+
+def test_class_metrics_equal_monais_dice_and_iou_per_organ():
+    """Random label maps of 5 classes in which class 4 never occurs in the truth: per case and foreground
+    class, Dice and IoU equal MONAI's DiceMetric / MeanIoU (include_background=False, ignore_empty=True),
+    NaN where MONAI gives NaN; HD95 and NSD equal surface_metrics of the two binary masks."""
+    from monai.metrics import DiceMetric, MeanIoU
+
+    torch.manual_seed(0)
+    classes = 5
+    pred = torch.randint(0, classes, (3, 12, 10, 9))
+    true = torch.randint(0, classes - 1, (3, 12, 10, 9))
+    ours = metrics.class_metrics(pred, true, classes, spacing=(1.5, 1.5, 2.0))
+
+    def one_hot(labels):
+        return torch.nn.functional.one_hot(labels, classes).permute(0, 4, 1, 2, 3).float()
+    for name, reference in (("dice", DiceMetric), ("iou", MeanIoU)):
+        expected = reference(include_background=False, reduction="none", ignore_empty=True)(one_hot(pred), one_hot(true))
+        assert torch.equal(ours[name].isnan(), expected.isnan()) and ours[name][:, 3].isnan().all()
+        torch.testing.assert_close(ours[name].nan_to_num(), expected.nan_to_num(), rtol=0, atol=1e-6)
+    spleen = metrics.surface_metrics((pred == 1)[:, None].float(), (true == 1)[:, None].float(), from_logits=False,
+                                     spacing=(1.5, 1.5, 2.0))
+    assert torch.equal(ours["hd95"][:, 0], spleen["hd95"]) and torch.equal(ours["nsd"][:, 0], spleen["nsd"])
+
+
+def test_evaluate_cases_averages_the_organs_a_case_has():
+    """A 'model' that returns fixed one-hot logits: each row's dice is the mean over the classes in its truth."""
+    truth = torch.tensor([[0, 1, 1, 2], [0, 2, 2, 2]]).view(2, 1, 1, 1, 4)           # (B, 1, D, H, W) labels
+    guess = torch.tensor([[0, 1, 2, 2], [0, 2, 2, 1]]).view(2, 1, 1, 4)
+
+    class Fixed(torch.nn.Module):
+        def forward(self, images):
+            return torch.nn.functional.one_hot(guess, 3).permute(0, 4, 1, 2, 3).float()[: len(images)] * 10
+
+    loader = [{"image": torch.zeros(2, 1, 1, 1, 4), "mask": truth, "name": ["a", "b"],
+               "spacing": torch.ones(2, 3, dtype=torch.float64)}]
+    rows, dataset_level = metrics.evaluate_cases(Fixed(), loader, torch.device("cpu"), torch.float32,
+                                                 class_names=["background", "liver", "spleen"])
+    assert dataset_level == {}
+    # case a: liver 2*1/(1+2) = 2/3, spleen 2*1/(2+1) = 2/3; case b: liver absent (NaN), spleen 2*2/(2+3) = 4/5
+    assert rows[0]["dice"] == pytest.approx(2 / 3) and rows[1]["dice"] == pytest.approx(4 / 5)
+    assert math.isnan(rows[1]["dice/liver"]) and rows[1]["dice/spleen"] == pytest.approx(4 / 5)
+    assert metrics.mean_and_std(rows, "dice/liver") == {"mean": pytest.approx(2 / 3), "std": 0.0}

@@ -336,7 +336,7 @@ def test_lora_and_trainable_state_dicts_keep_what_was_trained(tiny_dir):
     (dict(llm=None, residual=True), "residual=True belongs to the LLM bridge"),
     (dict(llm=None, mapper_lora_rank=2), "mapper_lora_rank=2 belongs to the LLM bridge"),
     (dict(final_norm="learned"), "expected final_norm one of"),
-    (dict(spatial_dims=3), r"backbone .cmunext. is 2D: got spatial_dims=3; for volumes use one of .*uxnet3d, vit"),
+    (dict(spatial_dims=3), r"backbone .cmunext. is 2D: got spatial_dims=3; for volumes use one of .*uxnet3d, mednext-tiny, vit"),
 ])
 def test_inconsistent_options_are_refused(tiny_dir, options, message):
     with pytest.raises(ValueError, match=message):

@@ -24,7 +24,7 @@ from test_model import LLAMA_3_2_1B, TINY_LLAMA, write_one_layer_checkpoint
 AUTHORS_PARAMS = {"uxnet3d": 53_006_510, "mednext-s": 5_551_311, "mednext": 10_526_703, "mednext-m": 17_549_359,
                   "mednext-l": 61_779_663, "mednext-b-k5": 10_956_335}
 OUR_PARAMS = {name: count - (1 if name.startswith("mednext") else 0) for name, count in AUTHORS_PARAMS.items()}
-THREE_D = [name for name, row in BACKBONES.items() if row.spatial_dims == 3]
+THREE_D = ["mednext", "mednext-s", "mednext-m", "mednext-l", "mednext-b-k5", "uxnet3d"]  # the paper's and MedNeXt's sizes
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +48,10 @@ def meta_model(backbone: str, llm=None, layer: int = 15, **options):
 
 # ----------------------------------------------------------------------------- counts
 
-def test_the_3d_rows_are_the_papers_two_backbones_and_mednexts_sizes():
-    assert THREE_D == ["mednext", "mednext-s", "mednext-m", "mednext-l", "mednext-b-k5", "uxnet3d"]
+def test_the_3d_rows_are_the_papers_two_backbones_mednexts_sizes_and_the_demos():
+    assert [name for name, row in BACKBONES.items() if row.spatial_dims == 3] == [*THREE_D, "mednext-tiny"]
+    # mednext-tiny, make demo-btcv's: MedNeXt-S at width 8, a sixteenth of its parameters
+    assert count_params(meta_model("mednext-tiny")) == (374_462, 0)  # at 14 classes
 
 
 @pytest.mark.parametrize("backbone", THREE_D)
@@ -214,7 +216,7 @@ def test_sides_not_multiple_of_16_and_2d_batches_are_refused():
     ("mednext", 2, "backbone 'mednext' is 3D: got spatial_dims=2; for images use one of unet, cmunext, nnunet, vit"),
     ("uxnet3d", 2, "backbone 'uxnet3d' is 3D: got spatial_dims=2; for images use one of unet, cmunext, nnunet, vit"),
     ("nnunet", 3, "backbone 'nnunet' is 2D: got spatial_dims=3; for volumes use one of mednext, mednext-s, "
-                  "mednext-m, mednext-l, mednext-b-k5, uxnet3d, vit"),
+                  "mednext-m, mednext-l, mednext-b-k5, uxnet3d, mednext-tiny, vit"),
 ])
 def test_a_backbone_of_the_other_dimension_is_refused(backbone, spatial_dims, message):
     with pytest.raises(ValueError, match=re.escape(message)):

@@ -288,6 +288,22 @@ def test_an_out_that_cannot_be_a_directory_is_refused_before_any_work(tiny_llm, 
     assert err.count("\n") == 1 and message.format(out=out, tmp=tmp_path) in err, err
 
 
+def test_an_out_the_system_refuses_is_named_before_any_work(tiny_llm, monkeypatch, capsys):
+    """/proc refuses new directories even to root, whom os.access lets through: the check tries it."""
+    monkeypatch.setattr(train, "build_model", None)  # nothing is built before the check
+    assert train.main(small_run(tiny_llm, Path("/proc/llm4seg-run"))) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --out /proc/llm4seg-run: cannot write there") and err.count("\n") == 1
+
+
+def test_ctrl_c_while_setting_up_is_one_line_and_exit_130(tiny_llm, tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "build_model", interrupted)
+    assert train.main(small_run(tiny_llm, tmp_path / "run")) == 130
+    assert capsys.readouterr().err == "interrupted before training started; run the same command again to start\n"
+
+
 def test_bad_flag_from_the_command_line_has_no_traceback(tiny_llm, tmp_path):
     result = run_subprocess(small_run(tiny_llm, tmp_path / "run", "--layer", "9"))
     assert result.returncode == 2
@@ -403,3 +419,96 @@ def test_the_vit_trains_on_2d_images_too(tiny_llm, tmp_path):
     model = json.loads((out / "config.json").read_text())["model"]
     assert (model["spatial_dims"], model["in_channels"], model["img_size"], model["residual"]) == (2, 3, 32, True)
     assert math.isfinite(metrics(out)[0]["val_iou"])
+
+
+def test_dice_ce_loss_equals_monais_dice_ce_loss_and_its_gradient():
+    """MONAI's DiceCELoss(to_onehot_y=True, softmax=True), the loss of UNETR and 3D UX-Net on BTCV (test-only
+    reference), on random logits of 4 classes over a (2, 4, 6, 5, 7) batch: values and gradients agree to
+    float32 rounding."""
+    from monai.losses import DiceCELoss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 6, 5, 7, requires_grad=True)
+    labels = torch.randint(0, 4, (2, 1, 6, 5, 7))
+    ours = train.dice_ce_loss(logits, labels)
+    (ours_grad,) = torch.autograd.grad(ours, logits)
+    expected = DiceCELoss(to_onehot_y=True, softmax=True)(logits, labels)
+    (expected_grad,) = torch.autograd.grad(expected, logits)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ours_grad, expected_grad, rtol=0, atol=1e-7)
+    assert train.segmentation_loss(logits, labels, 0.5) == ours  # K > 1 channels: the multi-class loss
+
+
+# --- LLM4Seg in 3D: a MedNeXt on multi-class synthetic organs -------------------------------------
+# 32^3 volumes cut into 32^3 crops (4 a volume; sliding windows of 32 validate whole volumes), the tiny
+# MedNeXt row, the tiny Llama layer on its 2^3 bottleneck tokens; 3 train volumes (12 crops) / 2 val.
+
+
+def organs_run(tiny_llm: Path, out: Path, *extra: str) -> list[str]:
+    return ["--data", "synthetic-organs", "--synthetic-size", "6", "--img-size", "32", "--roi-size", "32",
+            "--backbone", "mednext-tiny", "--llm", str(tiny_llm), "--layer", "2", "--recipe", "llm4seg3d",
+            "--val-every", "1", "--batch-size", "4", "--workers", "0", "--device", "cpu", "--precision", "fp32",
+            "--out", str(out), *extra]
+
+
+@pytest.fixture(scope="session")
+def two_organ_epochs(tiny_llm, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "organs"
+    reference_run(organs_run(tiny_llm, out, "--epochs", "2"))
+    return out
+
+
+def test_llm4seg3d_trains_a_multiclass_mednext_with_adamw_and_dice_ce(two_organ_epochs):
+    config = json.loads((two_organ_epochs / "config.json").read_text())
+    assert (config["model"]["backbone"], config["model"]["num_classes"], config["model"]["spatial_dims"]) == \
+        ("mednext-tiny", 6, 3)
+    assert (config["train"]["optimizer"], config["train"]["lr"], config["train"]["weight_decay"]) == ("adamw", 1e-4, 1e-5)
+    lines = metrics(two_organ_epochs)
+    assert [line["global_step"] for line in lines] == [3, 6]  # 12 crops in batches of 4
+    assert all(0 <= line["val_dice"] <= 1 and set(line) >= {"val_dice", "val_iou"} for line in lines)
+    assert any(key.endswith(".exp_avg_sq") for key in load_file(two_organ_epochs / "last.safetensors"))
+
+
+def test_a_multiclass_run_stopped_and_resumed_equals_the_uninterrupted_one(tiny_llm, tmp_path, two_organ_epochs):
+    """The crops and their flips, turns and shifts are drawn from (seed, epoch, index): the resumed run
+    cuts the same patches."""
+    out = tmp_path / "stopped"
+    assert train.main(organs_run(tiny_llm, out, "--epochs", "2", "--stop-after-epoch", "1")) == 0
+    assert train.main(["--resume", str(out)]) == 0
+    assert_same_metrics(out, two_organ_epochs)
+    assert_same_tensors(out / "last.safetensors", two_organ_epochs / "last.safetensors")
+
+
+def test_a_multiclass_run_is_evaluated_per_organ(two_organ_epochs, capsys):
+    import eval as ev
+
+    assert ev.main([str(two_organ_epochs), "--workers", "0", "--device", "cpu", "--samples", "2"]) == 0
+    report = json.loads((two_organ_epochs / "eval-val" / "metrics.json").read_text())
+    organs = report["classes"][1:]
+    assert report["classes"][0] == "background" and len(organs) == 5
+    assert set(report["per_class"]) == set(organs)
+    assert all(set(scores) == {"dice", "iou", "hd95", "nsd"} for scores in report["per_class"].values())
+    scored = [scores["dice"] for scores in report["per_class"].values() if not math.isnan(scores["dice"])]
+    assert report["dice"] == pytest.approx(sum(scored) / len(scored))  # the mean over the organs: Table 2's number
+    header = (two_organ_epochs / "eval-val" / "per_image.csv").read_text().splitlines()[0].split(",")
+    assert {f"dice/{organ}" for organ in organs} <= set(header)
+    assert len(list((two_organ_epochs / "eval-val" / "samples").glob("*.png"))) == 2
+    printed = capsys.readouterr().out
+    assert all(organ in printed for organ in organs) and "mean over the foreground" in printed
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--backbone", "cmunext"], "--data synthetic-organs holds 3D volumes; the cmunext backbone is 2D: use --backbone vit"),
+    (["--roi-size", "40"], "--roi-size: got 40x40x40"),
+    (["--multiclass"], "--data synthetic-organs: multiclass applies to msd (every label value its class); "
+                       "synthetic-organs is multi-class already"),
+])
+def test_bad_3d_flags_exit_2_with_one_line(tiny_llm, tmp_path, capsys, flags, message):
+    assert train.main(organs_run(tiny_llm, tmp_path / "never", "--epochs", "1", *flags)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+
+
+def test_a_3d_backbone_on_2d_images_is_refused(tiny_llm, tmp_path, capsys):
+    assert train.main(small_run(tiny_llm, tmp_path / "never", "--backbone", "uxnet3d")) == 2
+    assert "--data synthetic holds 2D images; the uxnet3d backbone is 3D: use --backbone vit, unet" in capsys.readouterr().err
