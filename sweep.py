@@ -223,8 +223,9 @@ def execute(run: Run, split: str, device: str | None) -> None:
     evaluated = run.run_dir / f"eval-{split}" / "per_image.csv"
     if not evaluated.is_file() or evaluated.stat().st_mtime < (run.run_dir / "best.safetensors").stat().st_mtime:
         config = json.loads((run.run_dir / "config.json").read_text())
-        # The analysis reads a CNN's bottleneck maps: runs with an LLM layer in a CNN.
-        analyze = ["--analyze"] if config["model"]["mode"] != "none" and config["model"]["backbone"] != "vit" else []
+        # The analysis reads a 2D CNN's bottleneck maps: runs with an LLM layer in a 2D CNN.
+        analyze = ["--analyze"] if config["model"]["mode"] != "none" and config["model"]["backbone"] != "vit" \
+            and config["model"].get("spatial_dims", 2) == 2 else []
         command = [sys.executable, str(HERE / "eval.py"), str(run.run_dir), "--split", split, "--samples", "4",
                    *analyze, *runtime_argv(run), *device_argv]
         code = run_child(command)

@@ -512,3 +512,10 @@ def test_bad_3d_flags_exit_2_with_one_line(tiny_llm, tmp_path, capsys, flags, me
 def test_a_3d_backbone_on_2d_images_is_refused(tiny_llm, tmp_path, capsys):
     assert train.main(small_run(tiny_llm, tmp_path / "never", "--backbone", "uxnet3d")) == 2
     assert "--data synthetic holds 2D images; the uxnet3d backbone is 3D: use --backbone vit, unet" in capsys.readouterr().err
+
+
+def test_the_2d_bottleneck_analysis_is_refused_for_a_3d_run_in_one_line(two_organ_epochs, capsys):
+    import eval as ev
+
+    assert ev.main([str(two_organ_epochs), "--analyze", "--workers", "0", "--device", "cpu"]) == 2
+    assert "--analyze draws a 2D CNN's bottleneck maps" in capsys.readouterr().err
