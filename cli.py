@@ -28,8 +28,12 @@ class OneLineErrorParser(argparse.ArgumentParser):
         self.exit(USER_ERROR_EXIT, f"error: {message} (see --help)\n")
 
 
-def one_line_error_parser(description: str) -> argparse.ArgumentParser:
-    return OneLineErrorParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults after each flag's help; the description and epilog (examples, tables) as written."""
+
+
+def one_line_error_parser(description: str, epilog: str | None = None) -> argparse.ArgumentParser:
+    return OneLineErrorParser(description=description, epilog=epilog, formatter_class=HelpFormatter)
 
 
 def defaults_of(function) -> dict:
@@ -42,12 +46,17 @@ def add_runtime_flags(parser: argparse.ArgumentParser, batch_size: int = 8) -> N
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--batch-size", type=int, default=batch_size,
                         help="images per forward pass, per process (metrics stay per image)")
-    parser.add_argument("--workers", type=int, default=4, help="DataLoader worker processes")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="DataLoader worker processes; None means min(4, the CPU cores this process may use)")
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
                         help="compute dtype: auto = bf16 where the device has native bf16, else fp32")
 
 
 def check_runtime_flags(args: argparse.Namespace) -> None:
+    """The runtime flags' checks; --workers left None becomes min(4, the usable cores) here (more workers than
+    cores only slow the step down, and torch warns about them every epoch)."""
+    if args.workers is None:
+        args.workers = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size: expected a positive integer, got {args.batch_size}")
     if args.workers < 0:

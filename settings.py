@@ -10,7 +10,7 @@ from pathlib import Path
 
 from checkpoints import has_checkpoint, read_run_config
 from cli import add_runtime_flags, check_runtime_flags, defaults_of, one_line_error_parser
-from data import DATASETS, PATCH_DATASETS, check_data_options, load_dataset, spatial_dims
+from data import DATASETS, PATCH_DATASETS, RAW_DATASETS, check_data_options, load_dataset, spatial_dims
 from model import BACKBONE_DIMS, BACKBONES, DOWNSAMPLING, FINAL_NORMS, MODES, build_model, check_image_sides
 from vit import check_patch_grid
 
@@ -41,14 +41,47 @@ IMG_SIZE_2D, IMG_SIZE_3D = DATA_DEFAULTS["img_size"], MODEL_DEFAULTS["img_size"]
 
 
 
+TRAIN_DESCRIPTION = """Train a segmentation network with one frozen, pre-trained LLM decoder layer inside: LLM4Seg
+(a 2D CNN, or in 3D a MedNeXt or 3D UX-Net, with the layer at the bottleneck) or MedVisionLlama (a ViT
+with it after the patch embedding). Writes a run directory (--out): config.json, metrics.jsonl,
+curves.png, last / best checkpoints; evaluate it with eval.py.
+
+  python train.py --data kvasir --llm llama3.2-1b --layer 15          # the paper's CMUNeXt + LLaMA row
+  python train.py --data kvasir --llm none                            # the plain CMUNeXt baseline
+  python train.py --data kvasir --mode random                         # ablation "+Transformer"
+  python train.py --data folder --data-dir my_data --test-fraction 0.1
+  python train.py --data synthetic --llm smollm2-135m-instruct --layer 28 --img-size 64 --epochs 5   # offline
+  python train.py --data btcv --data-dir data/btcv --backbone uxnet3d --recipe llm4seg3d
+  python train.py --data msd --data-dir data/Task09_Spleen --backbone vit --llm llama3.1-8b --layer 32 \\
+      --recipe medvisionllama
+  python train.py --resume RUN_DIR                                    # continue exactly where it stopped"""
+
+
+def train_epilog() -> str:
+    from llm_layer import ALIASES
+
+    aliases = "\n".join(f"  {alias:<24}{repo}" for alias, repo in ALIASES.items())
+    return (f"--llm accepts an alias, a Hub repo id (meta-llama/Llama-3.2-1B: only the layer's bytes are\n"
+            f"downloaded; gated repos need their licence accepted and `hf auth login` or HF_TOKEN), a local\n"
+            f"model directory (config.json + *.safetensors, single or sharded), a .gguf file, or none.\n"
+            f"Aliases:\n{aliases}\n"
+            f"Data roots default to $LLM4SEG_DATA/<data> (or ./data/<data>); Kvasir-SEG downloads itself\n"
+            f"(from $LLM4SEG_KVASIR_URL when set). Exit codes: 0 done, 1 non-finite loss or disk full,\n"
+            f"2 bad settings or input files (one line; LLM4SEG_DEBUG=1 shows the traceback), 130 / 143 stopped\n"
+            f"by Ctrl-C / SIGTERM (resumable).")
+
+
 def make_parser() -> argparse.ArgumentParser:
-    p = one_line_error_parser("Train LLM4Seg (see the module docstring for examples).")
+    p = one_line_error_parser(TRAIN_DESCRIPTION, train_epilog())
     p.add_argument("--data", default="kvasir", choices=DATASETS, help="dataset name")
     p.add_argument("--data-dir", default=None,
                    help="dataset root; None means $LLM4SEG_DATA/<data>, or ./data/<data>")
     p.add_argument("--synthetic-size", type=int, default=DATA_DEFAULTS["synthetic_size"],
                    help="cases of --data synthetic or synthetic3d")
     p.add_argument("--fold", type=int, default=None, help="0..4: cross-validation fold on the non-test cases")
+    p.add_argument("--test-fraction", type=float, default=None,
+                   help="of all cases, held out as the test split (eval.py --split test) for the datasets read "
+                        "from files; None means the dataset's: 0.1 for kvasir and msd, 0 for the others")
     p.add_argument("--label", type=int, default=None,
                    help="msd: the label value that is foreground; None means every label > 0")
     p.add_argument("--multiclass", action="store_true",
@@ -61,7 +94,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="a CNN: unet, cmunext, nnunet (2D); mednext (MedNeXt-B, kernel 3), mednext-s / -m / -l / "
                         "-b-k5, uxnet3d (3D); or vit: MedVisionLlama's ViT (2D or 3D)")
     p.add_argument("--llm", default=MODEL_DEFAULTS["llm"],
-                   help="alias, Hub repo id or local directory; 'none' for the plain backbone")
+                   help="alias (listed below), Hub repo id, local model directory or .gguf file; 'none' for the "
+                        "plain backbone")
     p.add_argument("--layer", type=int, default=MODEL_DEFAULTS["layer"],
                    help="the paper's 1-based layer number")
     p.add_argument("--mode", default=MODEL_DEFAULTS["mode"], choices=MODES,
@@ -182,6 +216,12 @@ def check_args(args: argparse.Namespace) -> None:
         if not inside:
             bounds = f"{'[' if closed[0] else '('}{low:g}, {high:g}{']' if closed[1] else ')'}"
             raise ValueError(f"{flag}: expected a finite number in {bounds}, got {value}")
+    if args.test_fraction is not None:
+        if args.data not in (*RAW_DATASETS, "msd"):
+            raise ValueError(f"--test-fraction applies to datasets read from files with a seeded split; {args.data} "
+                             "has fixed splits")
+        if not (math.isfinite(args.test_fraction) and 0 <= args.test_fraction < 1):
+            raise ValueError(f"--test-fraction: expected a finite number in [0, 1), got {args.test_fraction}")
     check_out_dir(Path(args.out), resuming=args.resume is not None)
 
 
@@ -234,4 +274,5 @@ def data_options(settings: dict) -> dict:
     """The load_dataset keywords of a run's settings beyond (name, root, split, size, seed); .get: runs saved
     before a flag existed."""
     return {"synthetic_size": settings["synthetic_size"], "fold": settings.get("fold"), "label": settings.get("label"),
-            "multiclass": settings.get("multiclass", False), "roi_size": settings.get("roi_size", DATA_DEFAULTS["roi_size"])}
+            "multiclass": settings.get("multiclass", False), "roi_size": settings.get("roi_size", DATA_DEFAULTS["roi_size"]),
+            "test_fraction": settings.get("test_fraction")}

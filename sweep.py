@@ -6,7 +6,9 @@
 
 Any train.py flag given several values spans the grid (the product of every such flag; integer
 ranges as A-B; --layers is read as --layer); a flag given one value, and train.py's switches (--residual, --no-compile), go to
-every run. --seeds replaces --seed. Each setting x seed is an ordinary train.py run, in
+every run. --seeds replaces --seed. Settings without an LLM layer (--mode none or --llm none) ignore
+--layer, --llm and the LoRA flags, so those that differ only there are one setting, trained once.
+Each setting x seed is an ordinary train.py run, in
 OUT/runs/<the varying flags and values>_seed<seed>: a finished run is skipped, a stopped one resumed
 (train.py --resume), so a killed sweep picks up where it stopped; each run is then evaluated once
 on --split by eval.py (4 sample panels, and --analyze when it has an LLM layer). With several GPUs, one run per GPU
@@ -38,6 +40,7 @@ import re
 import shutil
 import subprocess
 import sys
+import textwrap
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,7 +80,12 @@ class Run:
 
 def parse_sweep(argv: list[str]) -> tuple[argparse.Namespace, list[tuple[str, list[str]]], list[str]]:
     """-> (the sweep's own flags, the varying train.py flags [(flag, values)], the fixed train.py argv)."""
-    p = one_line_error_parser("Sweep train.py over a grid of settings and seeds (see the module docstring).")
+    train_flags = sorted(option for action in make_parser()._actions for option in action.option_strings
+                         if option.startswith("--") and option not in ("--help", "--out", "--resume", "--seed"))
+    p = one_line_error_parser(__doc__.split("\nWhat it writes into OUT:")[0],
+                              "train.py flags, each of which may be given several values to span the grid "
+                              "(python train.py --help says what they do):\n  "
+                              + textwrap.fill(" ".join(train_flags), 100, subsequent_indent="  ", break_on_hyphens=False))
     p.allow_abbrev = False  # else --seed would silently mean --seeds
     p.add_argument("--out", required=True, help="the sweep's directory: runs/, table.md, table.csv, plots")
     p.add_argument("--seeds", type=int, nargs="+", default=[41], help="one run per seed of every setting")
@@ -142,9 +150,18 @@ def run_name(varying: list[tuple[str, list[str]]], setting: tuple, seed: int) ->
 
 
 def plan_runs(args, varying, fixed) -> list[Run]:
-    """Every setting x seed, each checked by train.py's own parser and checks before anything runs."""
-    runs = []
+    """Every setting x seed, each checked by train.py's own parser and checks before anything runs. Settings
+    that differ only in flags the plain backbone ignores (--mode none or --llm none: no layer, so no --layer,
+    --llm, LoRA, ...) are one setting, trained once: the first of them."""
+    runs, plain_settings = [], {}
     for setting in itertools.product(*(values for _, values in varying)):
+        plain = same_without_llm(args, varying, setting, fixed)
+        if plain is not None:
+            if plain in plain_settings:
+                print(f"sweep: {setting_label(varying, setting)} is the plain backbone of "
+                      f"{setting_label(varying, plain_settings[plain])}: trained once")
+                continue
+            plain_settings[plain] = setting
         for seed in args.seeds:
             train_argv = [part for (flag, _), value in zip(varying, setting) for part in (flag, value)]
             train_argv += fixed + ["--seed", str(seed)]
@@ -154,6 +171,19 @@ def plan_runs(args, varying, fixed) -> list[Run]:
             check_same_settings(parsed, run_dir)
             runs.append(Run(setting, seed, train_argv, run_dir))
     return runs
+
+
+LLM_ONLY_FLAGS = ("--llm", "--layer", "--lora-rank", "--mapper-lora-rank", "--residual", "--final-norm")
+
+
+def same_without_llm(args, varying, setting: tuple, fixed: list[str]) -> tuple | None:
+    """For a setting without an LLM layer (--mode none or --llm none): its values of the flags that still
+    matter, which identify it; None for a setting with a layer."""
+    train_argv = [part for (flag, _), value in zip(varying, setting) for part in (flag, value)] + fixed
+    parsed = make_parser().parse_args(train_argv + ["--out", str(args.out)])
+    if parsed.mode != "none" and parsed.llm != "none":
+        return None
+    return tuple(value for (flag, _), value in zip(varying, setting) if flag not in LLM_ONLY_FLAGS)
 
 
 def check_same_settings(parsed: argparse.Namespace, run_dir: Path) -> None:

@@ -114,10 +114,14 @@ def _hub_download(repo: str, filename: str, revision: str | None) -> str:
         raise ValueError(f"{repo} not found on the Hub ({constants.ENDPOINT}); check the name, "
                          f"or log in if it is private") from e
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:
+        offline = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else \
+            "set HF_HUB_OFFLINE=1 to skip the retries when offline"
         raise ConnectionError(
             f"cannot reach the Hugging Face Hub ({constants.ENDPOINT}) and {filename} of {repo} is "
-            f"not cached under {constants.HF_HOME}: connect once to cache the layer, or pass a "
-            f"local directory holding config.json and *.safetensors") from e
+            f"not cached under {constants.HF_HOME} ({offline}): connect once to cache the layer (a gated repo "
+            f"such as meta-llama's also needs its licence accepted on https://huggingface.co/{repo} and "
+            f"`hf auth login` or HF_TOKEN), or pass a local directory holding config.json and *.safetensors, "
+            f"or a .gguf file") from e
 
 
 def _fetch_layer(repo: str, commit: str, config: LayerConfig, destination: Path) -> None:

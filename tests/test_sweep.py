@@ -144,7 +144,10 @@ def test_dry_run_lists_the_grid_with_layer_ranges(tmp_path, tiny_llm, capsys):
     argv[argv.index("--layer"):argv.index("--layer") + 2] = ["--layers", "1-2"]
     assert sweep.main(argv + ["--dry-run"]) == 0
     printed = capsys.readouterr().out
-    assert "8 runs (4 settings x 2 seeds)" in printed and "layer-2_mode-frozen_seed42" in printed
+    # mode none x layers 1, 2 is one plain backbone: trained once, not once per layer it ignores
+    assert "layer 2, mode none is the plain backbone of layer 1, mode none: trained once" in printed
+    assert "6 runs (3 settings x 2 seeds)" in printed and "layer-2_mode-frozen_seed42" in printed
+    assert "layer-2_mode-none" not in printed
 
 
 # --- the statistics -------------------------------------------------------------------------------
