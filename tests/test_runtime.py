@@ -99,3 +99,14 @@ def test_this_cpu_is_asked_whether_it_has_native_bf16():
     assert runtime.native_bf16(torch.device("cpu")) in (True, False)
     with pytest.raises(ValueError, match="--precision: expected one of auto, bf16, fp32, got 'fp16'"):
         resolve_precision("fp16", torch.device("cpu"))
+
+
+def test_workers_default_to_the_usable_cores_up_to_4():
+    import argparse
+    import os
+
+    from cli import check_runtime_flags
+
+    args = argparse.Namespace(workers=None, batch_size=1)
+    check_runtime_flags(args)
+    assert args.workers == min(4, len(os.sched_getaffinity(0)))

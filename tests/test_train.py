@@ -260,6 +260,8 @@ def test_torchrun_two_processes_on_cpu_complete_an_epoch(tiny_llm, tmp_path):
     (["--dropout", "1"], "--dropout: expected a finite number in [0, 1), got 1.0"),
     (["--stop-after-epoch", "-1"], "--stop-after-epoch: expected an epoch number >= 1, got -1"),
     (["--stop-after-epoch", "0"], "--stop-after-epoch: expected an epoch number >= 1, got 0"),
+    (["--test-fraction", "0.1"], "--test-fraction applies to datasets read from files with a seeded split; "
+                                 "synthetic has fixed splits"),
 ])
 def test_bad_flags_exit_2_with_one_line_before_any_work(tiny_llm, tmp_path, capsys, flags, message):
     out = tmp_path / "never-created"
@@ -519,3 +521,22 @@ def test_the_2d_bottleneck_analysis_is_refused_for_a_3d_run_in_one_line(two_orga
 
     assert ev.main([str(two_organ_epochs), "--analyze", "--workers", "0", "--device", "cpu"]) == 2
     assert "--analyze draws a 2D CNN's bottleneck maps" in capsys.readouterr().err
+
+
+def test_test_fraction_holds_out_a_test_split_of_ones_own_data(tmp_path, capsys):
+    """--data folder has no test split by default; --test-fraction 0.2 makes one that eval.py --split test reads."""
+    import numpy as np
+
+    import eval as ev
+    from dataset_trees import box_mask, write_case
+
+    root, rng = tmp_path / "data", np.random.default_rng(0)
+    for i in range(10):
+        write_case(root / "images" / f"case{i}.png", [root / "masks" / f"case{i}.png"], [box_mask(32, 32, rng)])
+    out = tmp_path / "run"
+    assert train.main(["--data", "folder", "--data-dir", str(root), "--test-fraction", "0.2", "--img-size", "32",
+                       "--backbone", "vit", "--patch-size", "8", "--embed-dim", "16", "--depth", "1", "--mode", "none",
+                       "--epochs", "1", "--batch-size", "4", "--workers", "0", "--device", "cpu", "--out", str(out)]) == 0
+    assert "folder train: 5 cases" in capsys.readouterr().out  # 10 - ceil(0.3 * 10) val - ceil(0.2 * 10) test
+    assert ev.main([str(out), "--split", "test", "--workers", "0", "--device", "cpu"]) == 0
+    assert json.loads((out / "eval-test" / "metrics.json").read_text())["images"] == 2
