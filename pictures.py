@@ -3,9 +3,11 @@
     overlay_png(image, gt_mask, pred_mask, path)   the image with the true contour (green) and the
                                                    predicted one (red); contours as metrics.mask_boundary
     panel_png(image, gt_mask, pred_mask, path)     side by side: the overlay | truth | prediction | errors
-                                                   (white: both, red: predicted only, blue: missed)
-    volume_panel_png(volume, gt, pred, path)       three panel rows: the middle axial, coronal and sagittal
-                                                   slices of a volume (C, X, Y, Z); with multiclass=True the
+                                                   (white: both, red: predicted only, blue: missed), under a
+                                                   header: the column names, a legend, an optional caption
+    volume_panel_png(volume, gt, pred, path)       three panel rows: axial, coronal and sagittal slices of a
+                                                   volume (C, X, Y, Z) through the centre of its errors (or of
+                                                   the truth); with multiclass=True the
                                                    masks are label maps: overlay of the predicted classes |
                                                    truth | prediction in CLASS_COLOURS | errors (white: right
                                                    organ, red: wrong or invented, blue: missed)
@@ -124,10 +126,12 @@ def overlay_png(image, gt_mask, pred_mask, path) -> None:
     Image.fromarray(_contours(_enlarge_image(image, size), _enlarge_map(gt, size), _enlarge_map(pred, size))).save(path)
 
 
-def panel_png(image, gt_mask, pred_mask, path, gap: int = 4) -> None:
-    """Write overlay | truth | prediction | errors side by side to `path`, each panel enlarged alike.
+def panel_png(image, gt_mask, pred_mask, path, gap: int = 4, caption: str | None = None) -> None:
+    """Write overlay | truth | prediction | errors side by side to `path`, each panel enlarged alike, under a
+    header naming the columns, the error colours and `caption` (e.g. the case and its IoU / Dice).
     Errors: white where both say foreground, red predicted only (false positive), blue missed (false negative)."""
-    Image.fromarray(_panel_row(image, gt_mask, pred_mask, gap)).save(path)
+    row = _panel_row(image, gt_mask, pred_mask, gap)
+    Image.fromarray(with_header(row, (row.shape[1] - 3 * gap) // 4, gap, caption, multiclass=False)).save(path)
 
 
 def _panel_row(image, gt_mask, pred_mask, gap: int) -> np.ndarray:
@@ -168,25 +172,63 @@ def _label_panel_row(image, gt_labels, pred_labels, gap: int) -> np.ndarray:
     return np.concatenate([part for panel in panels for part in (panel, spacer)][:-1], axis=1)  # (H, 4W + 3 gap, 3)
 
 
-def volume_panel_png(volume: Tensor, gt_mask, pred_mask, path, gap: int = 4, multiclass: bool = False) -> None:
-    """Write the middle axial, coronal and sagittal slices of a volume, one panel_png row each (top to
-    bottom), to `path`. volume (C, X, Y, Z), z-scored: its first channel, shown from its 1st to 99th
-    percentile; masks (X, Y, Z), or label maps with multiclass. Slices are turned 90 degrees so the second
-    axis of each runs upward."""
+def volume_panel_png(volume: Tensor, gt_mask, pred_mask, path, gap: int = 4, multiclass: bool = False,
+                     caption: str | None = None) -> None:
+    """Write an axial, a coronal and a sagittal slice of a volume, one panel_png row each (top to bottom),
+    to `path`, under a header naming the columns, the colours and `caption` (e.g. the case and its scores).
+    The slices cross where the prediction is most wrong (the centre of the errors), else the centre of the
+    truth, else the middle: a worst case shows its error. volume (C, X, Y, Z), z-scored: its first channel,
+    shown from its 1st to 99th percentile; masks (X, Y, Z), or label maps with multiclass. Slices are turned
+    90 degrees so the second axis of each runs upward."""
     gray = volume[0].float().cpu()
     low, high = torch.quantile(gray.flatten()[::max(1, gray.numel() // 100_000)], torch.tensor([0.01, 0.99]))
     gray = ((gray - low) / (high - low).clamp_min(1e-6) * 255).clamp(0, 255).round().to(torch.uint8).numpy()
     gt, pred = _numpy(gt_mask), _numpy(pred_mask)
+    centre = slice_centre(gt, pred, multiclass)
     rows = []
     for axis in (2, 1, 0):  # axial, coronal, sagittal: across the third, second and first axis
-        middle = gray.shape[axis] // 2
-        cut = [np.rot90(np.take(array, middle, axis=axis)) for array in (gray, gt, pred)]
+        cut = [np.rot90(np.take(array, centre[axis], axis=axis)) for array in (gray, gt, pred)]
         row = _label_panel_row if multiclass else _panel_row
         rows.append(row(np.ascontiguousarray(cut[0]), *cut[1:], gap))
     width = max(row.shape[1] for row in rows)
     spacer = np.full((gap, width, 3), 128, dtype=np.uint8)
     rows = [np.pad(row, ((0, 0), (0, width - row.shape[1]), (0, 0)), constant_values=128) for row in rows]
-    Image.fromarray(np.concatenate([part for row in rows for part in (row, spacer)][:-1], axis=0)).save(path)
+    panel = np.concatenate([part for row in rows for part in (row, spacer)][:-1], axis=0)
+    Image.fromarray(with_header(panel, (rows[0].shape[1] - 3 * gap) // 4, gap, caption, multiclass)).save(path)
+
+
+def slice_centre(gt: np.ndarray, pred: np.ndarray, multiclass: bool) -> tuple[int, ...]:
+    """(x, y, z): the rounded centre of the wrongly predicted voxels, else of the true foreground, else the
+    middle of the volume."""
+    truth, predicted = (gt, pred) if multiclass else (gt > THRESHOLD, pred > THRESHOLD)
+    for where in (truth != predicted, truth > 0):
+        if where.any():
+            return tuple(int(round(axis.mean())) for axis in np.nonzero(where))
+    return tuple(side // 2 for side in gt.shape)
+
+
+HEADER_ROW = 14  # pixels per line of text in a panel's header (PIL's default bitmap font is 11 px high)
+
+
+def with_header(panel: np.ndarray, column: int, gap: int, caption: str | None, multiclass: bool) -> np.ndarray:
+    """panel (H, W, 3) under three lines of text: the column names, the error colours' legend, the caption."""
+    from PIL import ImageDraw
+
+    lines = 3 if caption else 2
+    header = Image.new("RGB", (panel.shape[1], lines * HEADER_ROW + 4), (32, 32, 32))
+    draw = ImageDraw.Draw(header)
+    for index, name in enumerate(("overlay", "truth", "prediction", "errors")):
+        draw.text((index * (column + gap) + 2, 2), name, fill=(255, 255, 255))
+    legend = [("right", (255, 255, 255)), ("wrong class or invented" if multiclass else "false positive", PRED_COLOUR),
+              ("missed", MISSED_COLOUR)]
+    x = 2
+    for label, colour in legend:
+        draw.rectangle((x, HEADER_ROW + 4, x + 8, HEADER_ROW + 12), fill=tuple(int(c) for c in colour))
+        draw.text((x + 12, HEADER_ROW + 2), label, fill=(255, 255, 255))
+        x += 12 + int(draw.textlength(label)) + 12
+    if caption:
+        draw.text((2, 2 * HEADER_ROW + 2), caption, fill=(255, 255, 255))
+    return np.concatenate([np.asarray(header), panel], axis=0)
 
 
 def pyplot():

@@ -23,10 +23,11 @@ What it writes into OUT:
                            are (seed, image) pairs, each the setting's IoU minus the baseline's on the
                            same image of the same seed's split; CI by paired bootstrap over those
                            units, p by a sign-flip permutation test
-    iou_by_setting.png     the per-seed IoU of every setting (box plot; one dot per seed)
+    iou_by_setting.png     the per-seed IoU of every setting (one dot per seed, a line at their mean) and a
+                           forest plot of the paired ΔIoU against the baseline with its 95 % interval
     iou_by_layer.png       when --layer varies: mean IoU ± std over seeds against the layer (Fig. 3)
     spectra.png            when runs have an LLM layer: effective rank and LSVR of the bottleneck
-                           features after the layer, over images and seeds (Fig. 2c)
+                           features before and after the layer, over images and seeds (Fig. 2c)
 Exit code 0 when every run finished, 1 when some failed (named in the table), 2 for a bad setting
 (found before any run starts), 130 on Ctrl-C (the current run saves and is resumed next time).
 """
@@ -405,7 +406,7 @@ def write_tables(rows: list[dict], out: Path, baseline_label: str, split: str, d
 # Plots
 
 
-def plot(varying, runs: list[Run], out: Path) -> list[Path]:
+def plot(varying, runs: list[Run], rows: list[dict], out: Path) -> list[Path]:
     plt = pyplot()
 
     done = [run for run in runs if run.status == "done"]
@@ -413,12 +414,25 @@ def plot(varying, runs: list[Run], out: Path) -> list[Path]:
     labels = [setting_label(varying, s) for s in settings]
     per_seed = [[run_mean(run, "iou") for run in done if run.setting == s] for s in settings]
     written = []
-    figure, axes = plt.subplots(figsize=(max(5, 1.2 * len(settings)), 4))
-    axes.boxplot(per_seed, showmeans=True)
+    # Left: each seed's IoU and their mean; right: the table's message, the paired ΔIoU against the baseline
+    # with its 95 % interval (a forest plot), which two dots per setting cannot show.
+    figure, (points, forest) = plt.subplots(1, 2, figsize=(max(8, 2 * len(settings)), 4), sharey=False)
     for x, values in enumerate(per_seed, 1):
-        axes.plot([x] * len(values), values, "o", color="tab:blue", alpha=0.6)
-    axes.set_xticks(range(1, len(labels) + 1), labels, rotation=30, ha="right")
-    axes.set_ylabel("IoU (run mean over images)")
+        points.plot([x] * len(values), values, "o", color="tab:blue", alpha=0.6)
+        if values:
+            points.plot([x - 0.25, x + 0.25], [np.mean(values)] * 2, color="black")
+    points.set_xticks(range(1, len(labels) + 1), labels, rotation=30, ha="right")
+    points.set_ylabel("IoU, each seed's run mean over images")
+    points.set_title("per seed (line: mean)")
+    compared = [(label, row) for label, row in zip(labels, rows) if "iou_diff" in row]
+    for y, (label, row) in enumerate(compared):
+        low, high = row["iou_diff_ci_low"] * 100, row["iou_diff_ci_high"] * 100
+        forest.plot([low, high], [y, y], color="tab:blue")
+        forest.plot(row["iou_diff"] * 100, y, "o", color="tab:blue")
+    forest.axvline(0, color="gray", linestyle="--")
+    forest.set_yticks(range(len(compared)), [f"{label} (p {row['p_value']:.2g})" for label, row in compared])
+    forest.set_xlabel("ΔIoU % vs the baseline, 95 % CI (paired)")
+    forest.set_title("is the gain real?")
     figure.tight_layout()
     written.append(out / "iou_by_setting.png")
     figure.savefig(written[-1], dpi=100)
@@ -447,13 +461,19 @@ def plot(varying, runs: list[Run], out: Path) -> list[Path]:
 
     analysed = [s for s in settings if any("effective_rank_after" in run.per_image[0] for run in done if run.setting == s)]
     if analysed:
-        figure, axes = plt.subplots(1, 2, figsize=(max(7, 1.5 * len(analysed)), 4))
-        for axis, name in zip(axes, ("effective_rank", "lsvr")):
-            data = [[r[f"{name}_after"] for run in done if run.setting == s for r in run.per_image] for s in analysed]
-            axis.boxplot(data)
-            axis.set_xticks(range(1, len(analysed) + 1), [setting_label(varying, s) for s in analysed],
-                            rotation=30, ha="right")
-            axis.set_title(f"{name.replace('_', ' ')} after the LLM layer")
+        figure, axes = plt.subplots(1, 2, figsize=(max(7, 2 * len(analysed)), 4))
+        for axis, (name, title) in zip(axes, (("effective_rank", "effective rank"), ("lsvr", "LSVR"))):
+            positions = np.arange(len(analysed)) * 3.0
+            for offset, when, colour in ((-0.5, "before", "tab:gray"), (0.5, "after", "tab:blue")):
+                data = [[r[f"{name}_{when}"] for run in done if run.setting == s for r in run.per_image] for s in analysed]
+                boxes = axis.boxplot(data, positions=positions + offset, widths=0.8, patch_artist=True)
+                for box in boxes["boxes"]:
+                    box.set_facecolor(colour)
+                axis.plot([], [], "s", color=colour, label=f"{when} the LLM layer")
+            axis.set_xticks(positions, [setting_label(varying, s) for s in analysed], rotation=30, ha="right")
+            axis.set_ylabel(f"{title} of the bottleneck features (per image)")
+            axis.set_title(title)
+            axis.legend()
         figure.tight_layout()
         written.append(out / "spectra.png")
         figure.savefig(written[-1], dpi=100)
@@ -483,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = summarise(args, varying, runs, baseline)
     units = {run.distance_unit for run in runs if run.status == "done"}
     print(write_tables(rows, out, setting_label(varying, baseline), args.split, units.pop() if len(units) == 1 else "px"))
-    for path in plot(varying, runs, out):
+    for path in plot(varying, runs, rows, out):
         print(f"wrote {path}")
     print(f"wrote {out / 'table.md'} and {out / 'table.csv'}")
     return 0 if all(run.status == "done" for run in runs) else 1

@@ -48,16 +48,36 @@ def test_panel_shows_overlay_truth_prediction_and_errors_side_by_side(tmp_path):
     gt, pred = np.zeros((256, 300)), np.zeros((256, 300))
     gt[10:50, 10:50] = 1
     pred[30:70, 30:70] = 1
-    pictures.panel_png(image, gt, pred, tmp_path / "panel.png", gap=4)
+    pictures.panel_png(image, gt, pred, tmp_path / "panel.png", gap=4, caption="case7  IoU 14.29 %")
+    top = 3 * pictures.HEADER_ROW + 4  # the header: column names, the colours' legend, the caption
     with Image.open(tmp_path / "panel.png") as picture:
-        assert picture.size == (4 * 300 + 3 * 4, 256)
+        assert picture.size == (4 * 300 + 3 * 4, top + 256)
         errors_x = 3 * (300 + 4)  # where the fourth panel starts
-        assert picture.getpixel((304 + 20, 20)) == (255, 255, 255)            # truth panel: foreground
-        assert picture.getpixel((2 * 304 + 20, 20)) == (0, 0, 0)              # prediction panel: background
-        assert picture.getpixel((errors_x + 40, 40)) == (255, 255, 255)      # both
-        assert picture.getpixel((errors_x + 60, 60)) == pictures.PRED_COLOUR  # predicted only
-        assert picture.getpixel((errors_x + 15, 15)) == pictures.MISSED_COLOUR
-        assert picture.getpixel((errors_x + 200, 200)) == (0, 0, 0)
+        assert picture.getpixel((304 + 20, top + 20)) == (255, 255, 255)            # truth panel: foreground
+        assert picture.getpixel((2 * 304 + 20, top + 20)) == (0, 0, 0)              # prediction panel: background
+        assert picture.getpixel((errors_x + 40, top + 40)) == (255, 255, 255)      # both
+        assert picture.getpixel((errors_x + 60, top + 60)) == pictures.PRED_COLOUR  # predicted only
+        assert picture.getpixel((errors_x + 15, top + 15)) == pictures.MISSED_COLOUR
+        assert picture.getpixel((errors_x + 200, top + 200)) == (0, 0, 0)
+        header = np.asarray(picture)[:top]
+        assert (header == pictures.PRED_COLOUR).all(axis=-1).any()  # the legend's red swatch
+        assert (header == 255).all(axis=-1).sum() > 50             # and its text
+
+
+def test_volume_slices_cross_the_error_not_the_middle(tmp_path):
+    """A wrong voxel block far from the middle: the axial slice is cut through it, so the worst case shows
+    what went wrong."""
+    truth, predicted = np.zeros((20, 20, 20)), np.zeros((20, 20, 20))
+    truth[2:5, 14:17, 3:6] = 1   # missed, around (3, 15, 4)
+    assert pictures.slice_centre(truth, predicted, multiclass=False) == (3, 15, 4)
+    predicted[2:5, 14:17, 3:6] = 1
+    assert pictures.slice_centre(truth, predicted, multiclass=False) == (3, 15, 4)  # no error: the truth
+    assert pictures.slice_centre(np.zeros((8, 6, 4)), np.zeros((8, 6, 4)), multiclass=True) == (4, 3, 2)
+    pictures.volume_panel_png(torch.randn(1, 20, 20, 20), truth, np.zeros((20, 20, 20)), tmp_path / "v.png",
+                              caption="case 3")
+    with Image.open(tmp_path / "v.png") as picture:
+        # the axial row (top): truth panel shows the missed block, drawn at the z of its centre
+        assert (np.asarray(picture)[3 * pictures.HEADER_ROW + 4:] == pictures.MISSED_COLOUR).all(axis=-1).any()
 
 
 def test_curves_png_plots_metrics_jsonl_lines(tmp_path):
