@@ -13,6 +13,8 @@
                                                    organ, red: wrong or invented, blue: missed)
     heatmap_png(image, activation, path)           a jet heat map of activation (H, W) in [0, 1] blended
                                                    over the image: the paper's Fig. 2(a)
+    heatmap_pair_png(image, before, after, path)   the maps before | after the LLM layer side by side, with a
+                                                   colour bar and an optional note
     curves_png(epochs, path)                       train loss, validation IoU / Dice and lr against the
                                                    epoch, from metrics.jsonl's lines (matplotlib, Agg)
     to_rgb(image)                                  a data.py item's normalised (3, H, W) image -> (H, W, 3) uint8
@@ -107,6 +109,39 @@ def heatmap_png(image, activation, path, opacity: float = 0.5) -> None:
     size = enlarged_size(*image.shape[:2])
     blended = (1 - opacity) * _enlarge_image(image, size) + opacity * jet_colours(_enlarge_map(activation, size))
     Image.fromarray(blended.round().astype(np.uint8)).save(path)
+
+
+def heatmap_pair_png(image, before, after, path, note: str | None = None, opacity: float = 0.5,
+                     gap: int = 4) -> None:
+    """Write the activation maps before | after the LLM layer (each (H, W) in [0, 1], blended over `image`
+    (H, W, 3) uint8 as heatmap_png) side by side with a jet colour bar (0 at the bottom, 1 at the top) and a
+    header naming them, plus `note` (e.g. that the bottleneck is too coarse to show anything) to `path`."""
+    from PIL import ImageDraw
+
+    image = _rgb_image(image)
+    size = enlarged_size(*image.shape[:2])
+    panels = []
+    for activation in (before, after):
+        activation = _numpy(activation)
+        _check_same_size(image, activation, "activation map (upsample_map it first)")
+        blended = (1 - opacity) * _enlarge_image(image, size) + opacity * jet_colours(_enlarge_map(activation, size))
+        panels.append(blended.round().astype(np.uint8))
+    bar = np.repeat(jet_colours(np.linspace(1, 0, size[0]))[:, None], 16, axis=1)          # (H, 16, 3)
+    spacer = np.full((size[0], gap, 3), 128, dtype=np.uint8)
+    labels = np.full((size[0], 24, 3), 32, dtype=np.uint8)
+    row = np.concatenate([panels[0], spacer, panels[1], spacer, bar, labels], axis=1)
+    lines = 2 if note else 1
+    picture = Image.new("RGB", (row.shape[1], row.shape[0] + lines * HEADER_ROW + 4), (32, 32, 32))
+    picture.paste(Image.fromarray(row), (0, lines * HEADER_ROW + 4))
+    draw = ImageDraw.Draw(picture)
+    draw.text((2, 2), "before the LLM layer", fill=(255, 255, 255))
+    draw.text((size[1] + gap + 2, 2), "after the LLM layer", fill=(255, 255, 255))
+    if note:
+        draw.text((2, HEADER_ROW + 2), note, fill=(255, 200, 0))
+    right = row.shape[1] - 22
+    draw.text((right, lines * HEADER_ROW + 4), "1", fill=(255, 255, 255))
+    draw.text((right, picture.height - HEADER_ROW), "0", fill=(255, 255, 255))
+    picture.save(path)
 
 
 def _contours(image: np.ndarray, gt: np.ndarray, pred: np.ndarray) -> np.ndarray:

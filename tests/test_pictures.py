@@ -87,3 +87,17 @@ def test_curves_png_plots_metrics_jsonl_lines(tmp_path):
     with Image.open(tmp_path / "curves.png") as picture:
         picture.verify()
         assert picture.format == "PNG" and picture.size == (700, 500)
+
+
+def test_activation_maps_before_and_after_share_one_picture_with_a_colour_bar(tmp_path):
+    image = np.full((32, 32, 3), 40, dtype=np.uint8)
+    before, after = torch.zeros(32, 32), torch.ones(32, 32)
+    pictures.heatmap_pair_png(image, before, after, tmp_path / "pair.png", note="bottleneck 2 x 2 tokens", opacity=1.0)
+    with Image.open(tmp_path / "pair.png") as picture:
+        top = 2 * pictures.HEADER_ROW + 4   # the header: the two names, the note
+        side = 256                           # 32 px enlarged 8 times
+        assert picture.size == (2 * side + 2 * 4 + 16 + 24, top + side)
+        assert picture.getpixel((10, top + 10)) == (0, 0, 128)           # before: 0 -> dark blue
+        assert picture.getpixel((side + 4 + 10, top + 10)) == (128, 0, 0)  # after: 1 -> dark red
+        bar_x = 2 * side + 2 * 4 + 8
+        assert picture.getpixel((bar_x, top)) == (128, 0, 0) and picture.getpixel((bar_x, top + side - 1)) == (0, 0, 128)
