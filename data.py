@@ -29,14 +29,36 @@ another size than its image, a label map; for MSD and BTCV, every volume read an
 file on its own line (BTCV: missing or cut NIfTI, image / label grids that differ, NaN voxels, label values
 outside 0..13).
 
+2D cases read from files are decoded once: check_cases decodes every case of its datasets at img_size into
+one cache file per dataset root and size, `<root>/llm4seg_cache/<name>_<S>px.safetensors`, which the datasets
+then read memory-mapped (DataLoader workers share its pages; an item is a copy of one 256 KB row at 256 px):
+    "pixels"    (N, 4, S, S) uint8, one row per case: RGB resized bilinear in channels 0..2, the mask's 0 / 1
+                resized nearest in channel 3 (decode_case; a JPEG of both sides >= 4 S is decoded at a reduced
+                scale, within a few grey levels: decode_image)
+    metadata    "names" (the rows' case ids, JSON), "source" (each row's files' size:mtime, volumes.nifti's
+                file_stamp), "img_size", "format", "crc32" (volumes.nifti's tensors_crc32 of the pixels, then of
+                the other values)
+One file rather than one per split (splits depend on seed, fold and fractions: every split of every run shares
+the decoded cases; a run adds the ones the file lacks) or per case (one map and one checksum, not thousands).
+A file cut short, corrupt (its checksum), of another img_size or format is rebuilt with one printed line, never
+used; a case whose files' stamp changed is decoded again, the other rows copied; a file is written beside the
+old one and renamed over it (files.write_atomically), so two runs building it at once each leave a whole file,
+and a process keeps reading the file it opened. A root that cannot be written caches under $LLM4SEG_CACHE
+(default ~/.cache/llm4seg), in images/, named after the root's path too; where neither can be written, each
+item is decoded from its files every epoch, which is said once. A case's cached row was decoded from files of
+the same stamp without a problem, so check_cases does not open them again. An item read from the cache equals
+the one decoded from its files (the same decode_case, the same augmentation), bit for bit.
+
 Train items get the paper's augmentation: a random 90-degree rotation and random horizontal and
 vertical flips (together all 8 symmetries of the square) after resizing to S x S (bilinear image,
 nearest mask; resizing to a square commutes with those symmetries, and resizing first is cheaper).
 Val / test items are only resized. btcv's and synthetic-organs' train patches draw their centre, flips,
 turn and intensity shift the same way (volumes/patches.py). The draw is a function of (seed, epoch, index) alone
 (augmentation_generator), never of torch's global RNG or a DataLoader worker's, so any number of
-workers, and a run stopped mid-epoch and resumed, see the same items; train.py sets each dataset's
-`epoch` attribute (every dataset load_dataset returns has one) before building that epoch's loader.
+workers, and a run stopped mid-epoch and resumed, see the same items. Every dataset load_dataset returns has an
+`epoch` attribute; train.py's loader, whose workers live across epochs, reads (index, epoch) keys instead
+(EpochOrder, EpochItems), and takes 2D items from files as uint8 (raw_item), normalised on the device
+(normalize_batch) with the same float32 operations as an item's.
 
 Splits are lists of case ids, written once as a small JSON file in `root` (or at `split_file`) and
 reused, so every run and every model sees the same cases:
@@ -59,9 +81,12 @@ Kvasir-SEG downloads itself when its folder is absent (raw_layouts.download_kvas
 an account with their owners, so a missing one raises an error saying where to get it and which
 layout is expected.
 """
+import functools
+import hashlib
 import json
 import math
 import os
+import time
 from collections import Counter
 from functools import partial
 from pathlib import Path
@@ -69,14 +94,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm import tqdm
 
-from files import InputError, write_atomically
+from files import InputError, WriteError, write_atomically
 from raw_layouts import IMAGE_EXTENSIONS, RAW_DATASETS, Case, download_kvasir, missing_dataset
 from synthetic import draw_polyp_scene
 from volumes import (BTCV_CLASSES, ORGAN_CLASSES, BTCVVolumes, MSDVolumes, RandomPatches, SyntheticOrgans,
                      draw_blob_volume, find_btcv, msd_cases, msd_labels)
+from volumes.nifti import CHECKSUM, STAMP, file_stamp, tensors_crc32
 
 # The owners' 2D datasets (raw_layouts.py), the generated polyps, and the 3D ones (the volumes/ package).
 DATASETS = (*RAW_DATASETS, "synthetic", "msd", "synthetic3d", "btcv", "synthetic-organs")
@@ -92,6 +118,15 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 DATA_ROOT_ENV = "LLM4SEG_DATA"  # parent folder of every dataset's default root, ./data when unset
 SYNTHETIC_FRACTIONS = (0.2, 0.1)  # (val, test); train is the rest
 LISTED_PROBLEMS = 20  # check_cases names this many bad files, then counts the rest
+CACHE_FOLDER = "llm4seg_cache"  # in a dataset's root, beside its split files (the MSD cache is there too)
+CACHE_ENV = "LLM4SEG_CACHE"  # where 2D caches go when the dataset's root cannot be written (~/.cache/llm4seg unset)
+CACHE_FORMAT = "llm4seg 2D cases 1"  # what decode_case stores; changing it rebuilds every cache
+PIXELS = "pixels"  # the cache file's one tensor, (N, 4, S, S) uint8
+MAX_HEADER_BYTES = 1 << 30
+DRAFT_FACTOR = 4  # JPEGs with both sides >= 4 S are decoded at a reduced scale (decode_image)
+BUILD_PROCESSES = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+PARALLEL_BUILD = 64  # fewer cases to decode are decoded in this process (starting workers costs ~0.1 s each)
+STALE_TEMPORARY_S = 3600  # a cache temporary untouched this long was left by a killed build
 
 
 def check_dataset_name(name: str) -> None:
@@ -234,7 +269,8 @@ def load_dataset(name: str, root: str | None = None, split: str = "train", img_s
         classes = len(msd_labels(root_dir)) if multiclass else None
         cache = root_dir / "llm4seg_cache" / f"{img_size}px{variant}"
         return MSDVolumes(chosen, img_size, channels, label, cache, classes)
-    return SegmentationFiles(chosen, img_size, seed, augment=split == "train")
+    return SegmentationFiles(chosen, img_size, seed, augment=split == "train",
+                             cache_paths=cache_paths(name, root_dir, img_size))
 
 
 def split_names(name: str, splits: dict[str, list[str]], split: str, fold: int | None, seed: int, source: str,
@@ -332,8 +368,11 @@ def check_cases(*datasets: Dataset) -> None:
     listing every unusable case of all of them (the module docstring says what is checked), not a crash at
     the first one in the middle of an epoch. MSD and BTCV cases are read and cached, the work their first epoch
     would do (done twice when the data folder is read-only and nothing can be cached), and a split of patches
-    says once which of its volumes are smaller than a patch; generated cases need no check."""
+    says once which of its volumes are smaller than a patch; generated cases need no check. 2D cases are
+    decoded into their cache, which the datasets then read (a case whose cached row is as its files are was
+    decoded before and is not opened again); without a cache they are checked file by file (case_problems)."""
     problems, bad_cases, total = [], 0, 0
+    checked = cache_cases([dataset for dataset in datasets if isinstance(dataset, SegmentationFiles)])
     for dataset in datasets:
         patches = dataset if isinstance(dataset, RandomPatches) else None
         dataset = dataset.volumes if patches is not None else dataset
@@ -350,7 +389,7 @@ def check_cases(*datasets: Dataset) -> None:
                 except InputError as error:
                     found = str(error).splitlines()  # BTCV names each bad file of a case on its own line
             else:
-                found = case_problems(case)
+                found = checked[case] if case in checked else case_problems(case)
             problems += found
             bad_cases += bool(found)
         if patches is not None:
@@ -410,17 +449,57 @@ def to_numeric_gray(image: Image.Image) -> np.ndarray | None:
     """(H, W) values on an 8-bit scale for 1-channel integer modes, None for colour modes."""
     if image.mode not in ("L", "I", "I;16", "I;16B", "I;16L"):
         return None
-    values = np.asarray(image).astype(np.int64)
+    values = np.asarray(image)
+    if values.dtype == np.uint8:
+        return values  # "L" as it is: widening ISIC's 4000 x 3000 masks to int64 took 20 ms each
+    values = values.astype(np.int64)
     # 16-bit files keep 0..65535; bring them to 0..255 so one threshold fits all.
     return values // 257 if values.max(initial=0) > 255 else values
 
 
 def read_rgb(path: Path) -> Image.Image:
-    image = open_image(path)
+    return as_rgb(open_image(path))
+
+
+def as_rgb(image: Image.Image) -> Image.Image:
+    """Any decoded image as RGB: gray ones (16-bit scaled to 8 bits) repeated, RGBA / palette / CMYK converted."""
     gray = to_numeric_gray(image)
     if gray is not None:
         return Image.fromarray(gray.astype(np.uint8)).convert("RGB")
     return image.convert("RGB")
+
+
+def decode_image(path: Path, img_size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """(S, S, 3) uint8 RGB resized bilinear (resized_rgb's pixels), and the file's full size (W, H).
+
+    A JPEG whose sides are both >= DRAFT_FACTOR * S is decoded at a reduced DCT scale (PIL's draft: 1/2, 1/4
+    or 1/8, the smallest keeping both sides >= 2 S, so the bilinear resize still averages >= 2 pixels per
+    output pixel): an ISIC-sized 4000 x 3000 JPEG decodes at 1000 x 750 in 26 ms instead of 151 ms, within
+    max 2 / mean 0.21 grey levels of the full decode at 256 px, where bilinear and bicubic resizing of the
+    same full decode differ by max 9 / mean 1.49 (tests/bench_loader.py measures it). A Kvasir-sized
+    622 x 530 JPEG is below 4 x 256 and decoded in full (a 1/2-scale draft there differed by max 8 /
+    mean 0.70, more than the resize filters do). Every other image is decoded in full, as read_rgb does."""
+    try:
+        image = Image.open(path)
+        size = image.size
+        if image.format == "JPEG" and min(size) >= DRAFT_FACTOR * img_size:
+            image.draft("RGB", (2 * img_size, 2 * img_size))
+        image.load()
+    except (OSError, SyntaxError, ValueError) as err:
+        raise unreadable_image(path, err) from err
+    return np.asarray(as_rgb(image).resize((img_size, img_size), Image.Resampling.BILINEAR)), size
+
+
+def decode_case(case: Case, img_size: int) -> np.ndarray:
+    """One case as the cache stores it: (4, S, S) uint8, RGB in channels 0..2 (decode_image) and the mask's
+    0 / 1 in channel 3 (the union of its masks, resized nearest so it stays binary). InputError naming the
+    first unusable file (case_problems names them all)."""
+    rgb, size = decode_image(case.image, img_size)                                   # (S, S, 3)
+    mask = Image.fromarray(read_mask(case, size).astype(np.uint8) * 255)
+    mask = np.asarray(mask.resize((img_size, img_size), Image.Resampling.NEAREST))  # (S, S)
+    pixels = np.empty((4, img_size, img_size), np.uint8)
+    pixels[:3], pixels[3] = rgb.transpose(2, 0, 1), mask >= 128                     # (3, S, S) <- (S, S, 3)
+    return pixels
 
 
 def label_map_error(kind: str, values: np.ndarray) -> ValueError:
@@ -497,13 +576,19 @@ def augmentation_generator(seed: int, epoch: int, index: int) -> torch.Generator
 def random_symmetry(image: torch.Tensor, mask: torch.Tensor,
                     generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """The same random rotation by k * 90 degrees and flips for image (3, S, S) and mask (1, S, S)."""
-    turns = int(torch.randint(4, (), generator=generator))
-    flip_horizontal, flip_vertical = (torch.rand(2, generator=generator) < 0.5).tolist()
-    dims = [d for d, flip in ((2, flip_horizontal), (1, flip_vertical)) if flip]
+    turns, dims = draw_symmetry(generator)
     image, mask = image.rot90(turns, (1, 2)), mask.rot90(turns, (1, 2))
     if dims:
         image, mask = image.flip(dims), mask.flip(dims)
     return image.contiguous(), mask.contiguous()
+
+
+def draw_symmetry(generator: torch.Generator) -> tuple[int, list[int]]:
+    """A random symmetry of the square as (quarter turns from axis 1 towards axis 2, axes to flip after), of a
+    (C, S, S) array."""
+    turns = int(torch.randint(4, (), generator=generator))
+    flip_horizontal, flip_vertical = (torch.rand(2, generator=generator) < 0.5).tolist()
+    return turns, [d for d, flip in ((2, flip_horizontal), (1, flip_vertical)) if flip]
 
 
 def resized_rgb(rgb: Image.Image, img_size: int) -> torch.Tensor:
@@ -532,25 +617,318 @@ def denormalize(image: torch.Tensor) -> torch.Tensor:
     return image * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
 
 
+def normalize_batch(images: torch.Tensor) -> torch.Tensor:
+    """A batch on its device: uint8 RGB (B, 3, H, W) of raw items (EpochItems) -> normalize(images / 255), the
+    float32 operations of an item's, done there; float batches (normalised items, volumes) as they are."""
+    if images.dtype != torch.uint8:
+        return images
+    mean, std = imagenet_statistics(images.device)
+    return (images.float() / 255 - mean) / std
+
+
+@functools.cache
+def imagenet_statistics(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet's mean and std as (1, 3, 1, 1) tensors on `device`, copied there once (a copy from the host per
+    step would wait for the GPU's queue)."""
+    return (torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1).to(device),
+            torch.tensor(IMAGENET_STD).view(1, 3, 1, 1).to(device))
+
+
+# ---------------------------------------------------------------------------------------------
+# The decoded-once cache of 2D cases (the module docstring says what it holds and when it is rebuilt)
+
+
+class CachedCases:
+    """An open cache file: `pixels` (N, 4, S, S) uint8 memory-mapped, the row of each case name and its stamp,
+    and the file's CRC-32. The map is copy-on-write, so torch.from_numpy takes it without a warning and nothing
+    ever reaches the file. Pickled (to a DataLoader worker that spawn or forkserver starts; fork shares the map as
+    it is), it maps the file again only while the file keeps that checksum: one another build replaced is not
+    used, and that process reads its cases from their files."""
+
+    def __init__(self, path: Path, pixels: np.ndarray, names: list[str], stamps: list[str], crc: str, start: int):
+        self.path, self.pixels, self.names, self.stamps, self.crc = path, pixels, names, stamps, crc
+        self.start = start
+        self.rows = {name: row for row, name in enumerate(names)}
+
+    def row_of(self, name: str, stamp: str | None) -> int | None:
+        """The row of case `name` when it was decoded from files of this stamp (file_stamp), else None."""
+        row = self.rows.get(name)
+        return row if row is not None and stamp is not None and self.stamps[row] == stamp else None
+
+    def row(self, row: int) -> np.ndarray | None:
+        """One row of the map, (4, S, S) uint8 (a view: copy it before use); None when this process could not
+        map the file again."""
+        return None if self.pixels is None else self.pixels[row]
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "pixels": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        try:
+            header, start = read_cache_header(self.path)
+            if header["__metadata__"][CHECKSUM] == self.crc and start == self.start:
+                self.pixels = map_pixels(self.path, start, tuple(header[PIXELS]["shape"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+
+
+def cache_paths(name: str, root_dir: Path, img_size: int) -> tuple[Path, Path]:
+    """Where the cache of a 2D dataset at img_size may be: in its root, else (a read-only dataset folder) under
+    $LLM4SEG_CACHE or ~/.cache/llm4seg, named after the root's absolute path too."""
+    fallback = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "llm4seg") / "images"
+    key = hashlib.sha1(str(root_dir.resolve()).encode()).hexdigest()[:12]
+    return (root_dir / CACHE_FOLDER / f"{name}_{img_size}px.safetensors",
+            fallback / f"{name}_{img_size}px_{key}.safetensors")
+
+
+def case_stamp(case: Case) -> str | None:
+    """The sizes and modification times of a case's files (volumes.nifti.file_stamp); None when one is missing."""
+    try:
+        return file_stamp(case.image, *case.masks)
+    except OSError:
+        return None
+
+
+def read_cache_header(path: Path) -> tuple[dict, int]:
+    """A safetensors file's header (JSON) and where its data begin."""
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        length = int.from_bytes(prefix, "little")
+        if len(prefix) < 8 or not 2 <= length <= MAX_HEADER_BYTES:
+            raise ValueError(f"its first 8 bytes give no header length ({prefix.hex() or 'the file is empty'})")
+        text = f.read(length)
+    if len(text) < length:
+        raise ValueError(f"it ends inside its {length}-byte header")
+    return json.loads(text), 8 + length
+
+
+def map_pixels(path: Path, start: int, shape: tuple[int, ...]) -> np.ndarray:
+    if math.prod(shape) == 0:
+        return np.zeros(shape, np.uint8)  # mmap cannot map 0 bytes
+    return np.memmap(path, np.uint8, "c", offset=start, shape=shape)
+
+
+def pixels_crc32(pixels: np.ndarray, metadata: dict[str, str]) -> str:
+    """volumes.nifti's checksum (tensors_crc32) of the pixels and every metadata value but the checksum."""
+    return tensors_crc32({PIXELS: torch.from_numpy(pixels)}, {k: v for k, v in metadata.items() if k != CHECKSUM})
+
+
+def open_cache(path: Path, img_size: int) -> CachedCases | None:
+    """The cache file at path, checked against its checksum; None when it is absent, or unusable, which is
+    printed in one line (cut short, corrupt, another img_size or format): it is then rebuilt."""
+    if not path.is_file():
+        return None
+    try:
+        header, start = read_cache_header(path)
+        metadata = header["__metadata__"]
+        if metadata.get("format") != CACHE_FORMAT:
+            raise ValueError(f"its format is {metadata.get('format')!r}, expected {CACHE_FORMAT!r}")
+        if metadata.get("img_size") != str(img_size):
+            raise ValueError(f"it holds {metadata.get('img_size')} px images, expected {img_size} px")
+        names, stamps = json.loads(metadata["names"]), json.loads(metadata[STAMP])
+        shape, entry = (len(names), 4, img_size, img_size), header[PIXELS]
+        if entry != {"dtype": "U8", "shape": list(shape), "data_offsets": [0, math.prod(shape)]} or \
+                len(stamps) != len(names):
+            raise ValueError(f"its tensor is {entry}, expected {len(names)} rows of uint8 (4, {img_size}, {img_size})")
+        if path.stat().st_size != start + math.prod(shape):
+            raise ValueError(f"it is {path.stat().st_size} bytes, expected {start + math.prod(shape)}")
+        pixels = map_pixels(path, start, shape)
+        if (crc := pixels_crc32(pixels, metadata)) != metadata[CHECKSUM]:
+            raise ValueError(f"its CRC-32 is {crc}, expected {metadata[CHECKSUM]}")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:  # derived data: rebuild, never stop
+        print(f"data: the cache {path} is unusable ({error}); rebuilding it")
+        return None
+    return CachedCases(path, pixels, names, stamps, metadata[CHECKSUM], start)
+
+
+def cache_cases(datasets: list["SegmentationFiles"]) -> dict[Case, list[str]]:
+    """Bring the cache of each dataset up to date and attach the dataset to it; datasets sharing a cache (a
+    run's train and val) are one build. Returns the problems (case_problems' lines) of every case the caches
+    vouch for: [] for a row written from the case's current files, found here for each case decoded here."""
+    groups: dict[tuple, list[SegmentationFiles]] = {}
+    for dataset in datasets:
+        if dataset.cache_paths:
+            groups.setdefault((dataset.cache_paths, dataset.img_size), []).append(dataset)
+    checked = {}
+    for (paths, img_size), members in groups.items():
+        cases = list(dict.fromkeys(case for dataset in members for case in dataset.cases))
+        stamps = {case: case_stamp(case) for case in cases}
+        cache, decoded = update_cache(paths, cases, img_size, stamps)
+        for dataset in members:
+            dataset.attach(cache, stamps)
+        vouched = [case for case in cases if cache is not None and cache.row_of(case.name, stamps[case]) is not None]
+        checked |= {case: [] for case in vouched} | decoded
+    return checked
+
+
+def update_cache(paths: tuple[Path, ...], cases: list[Case], img_size: int,
+                 stamps: dict[Case, str | None]) -> tuple[CachedCases | None, dict[Case, list[str]]]:
+    """The first usable cache file of `paths` when it holds every case as its files now are; otherwise a new one
+    holding the old file's rows (but the cases decoded again) and every case decoded here but the unusable
+    ones, written at the first of `paths` that can be written. Returns it (the old one, or None, when none can
+    be written) and the problems of each case decoded here."""
+    old = None
+    for path in paths:
+        if (old := open_cache(path, img_size)) is not None:
+            break
+    todo = [case for case in cases if old is None or old.row_of(case.name, stamps[case]) is None]
+    if not todo:
+        return old, {}
+    changed = [case.name for case in todo if old is not None and case.name in old.rows]
+    if changed:
+        print(f"data: {len(changed)} cases changed since {old.path} was written (first: {changed[0]}); "
+              "decoding them again")
+    again = {case.name for case in todo}
+    kept = [] if old is None else [row for row, name in enumerate(old.names) if name not in again]
+    decoded: dict[Case, list[str]] = {}
+    written = write_cache(paths, img_size, old, kept, todo, stamps, decoded)
+    return (open_cache(written, img_size) if written is not None else None) or old, decoded
+
+
+def write_cache(paths: tuple[Path, ...], img_size: int, old: CachedCases | None, kept: list[int], todo: list[Case],
+                stamps: dict[Case, str | None], decoded: dict[Case, list[str]]) -> Path | None:
+    """Write the cache at the first of `paths` that can be written (files.write_atomically: two runs building
+    it at once each rename a whole file into place, the last one stays); the path, or None (printed) when
+    none can. `decoded` receives each case's problems as it is decoded."""
+    reasons, start = [], time.perf_counter()
+    for path in paths:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(path.parent)
+            write_atomically(path, partial(fill_cache, img_size=img_size, old=old, kept=kept, todo=todo,
+                                           stamps=stamps, decoded=decoded))
+        except WriteError as error:  # a full disk: the cases decoded so far are checked, check_cases reads the rest
+            print(f"data: not caching the decoded images ({error}); each is decoded from its files every epoch")
+            return None
+        except OSError as error:  # a read-only folder, a file where the folder would go
+            reasons.append(f"{path.parent}: {error.strerror or error}")
+            continue
+        if reasons:
+            print(f"data: cannot write the cache in {reasons[0]}; caching in {path.parent}")
+        added = len(todo) - sum(bool(problems) for problems in decoded.values())
+        print(f"data: decoded {added} cases in {time.perf_counter() - start:.1f} s into the cache {path} "
+              f"({len(kept) + added} cases at {img_size} px, {path.stat().st_size / 1e6:.0f} MB)")
+        return path
+    print(f"data: cannot write a cache ({'; '.join(reasons)}); each image is decoded from its files every epoch")
+    return None
+
+
+def fill_cache(temporary: Path, img_size: int, old: CachedCases | None, kept: list[int], todo: list[Case],
+               stamps: dict[Case, str | None], decoded: dict[Case, list[str]]) -> None:
+    """The cache file's bytes: the header's room (the longest it can be, every case decoded), the old file's
+    `kept` rows copied, the rows of the cases of `todo` that decode, then the header written into its room."""
+    names, rows_stamps = [old.names[row] for row in kept], [old.stamps[row] for row in kept]
+    room = len(cache_header(img_size, names + [case.name for case in todo],
+                            rows_stamps + [stamps[case] or "" for case in todo], "0" * 8))
+    with open(temporary, "wb") as f:
+        f.write(b" " * room)
+        for row in kept:
+            f.write(old.pixels[row])
+        for case, (pixels, problems) in zip(todo, decoded_cases(todo, img_size)):
+            decoded[case] = problems
+            if pixels is not None:
+                f.write(pixels.numpy())
+                names.append(case.name)
+                rows_stamps.append(stamps[case])
+    metadata = cache_metadata(img_size, names, rows_stamps, "")
+    crc = pixels_crc32(map_pixels(temporary, room, (len(names), 4, img_size, img_size)), metadata)
+    with open(temporary, "r+b") as f:
+        f.write(cache_header(img_size, names, rows_stamps, crc, room))
+
+
+def cache_metadata(img_size: int, names: list[str], stamps: list[str], crc: str) -> dict[str, str]:
+    return {"format": CACHE_FORMAT, "img_size": str(img_size), "names": json.dumps(names), STAMP: json.dumps(stamps),
+            CHECKSUM: crc}
+
+
+def cache_header(img_size: int, names: list[str], stamps: list[str], crc: str, length: int | None = None) -> bytes:
+    """The safetensors header of a cache file: its length (8 bytes, little-endian), then the JSON padded with
+    spaces to `length` bytes in all (default: a multiple of 8, as safetensors aligns its own)."""
+    shape = [len(names), 4, img_size, img_size]
+    text = json.dumps({PIXELS: {"dtype": "U8", "shape": shape, "data_offsets": [0, math.prod(shape)]},
+                       "__metadata__": cache_metadata(img_size, names, stamps, crc)}).encode()
+    length = length or (8 + len(text) + 7) // 8 * 8
+    assert 8 + len(text) <= length, "the header outgrew the room written for it"
+    return (length - 8).to_bytes(8, "little") + text.ljust(length - 8)
+
+
+def decoded_cases(cases: list[Case], img_size: int):
+    """(pixels (4, S, S) uint8 tensor or None, problems) of each case, in order, with a progress bar; in
+    BUILD_PROCESSES worker processes when there are at least PARALLEL_BUILD cases."""
+    processes = BUILD_PROCESSES if len(cases) >= PARALLEL_BUILD else 0
+    loader = DataLoader(CaseDecoder(cases, img_size), batch_size=None, num_workers=processes)
+    return tqdm(loader, total=len(cases), desc=f"caching {img_size} px images", unit="case", leave=False,
+                disable=None)
+
+
+class CaseDecoder(Dataset):
+    """Item i: (decode_case of case i, []), or (None, its problems) when a file of it is unusable."""
+
+    def __init__(self, cases: list[Case], img_size: int):
+        self.cases, self.img_size = cases, img_size
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray | None, list[str]]:
+        try:
+            return decode_case(self.cases[index], self.img_size), []
+        except InputError:
+            return None, case_problems(self.cases[index])
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Delete the temporaries (files.write_atomically's `.<name>.<pid>.tmp`, as large as a cache) that a killed
+    build left: those untouched for STALE_TEMPORARY_S. Not by process id: a live build writes its temporary every
+    few milliseconds, and on a file system that several machines share, a process id names nothing."""
+    for temporary in folder.glob(".*.tmp"):
+        try:
+            if time.time() - temporary.stat().st_mtime > STALE_TEMPORARY_S:
+                temporary.unlink()
+        except OSError:
+            pass  # gone already (another run removed it), or not ours to remove
+
+
 class SegmentationFiles(Dataset):
     """Cases read from disk, resized to img_size x img_size. When `augment`, item i of epoch `epoch` (set by
-    train.py) gets the symmetry drawn from (seed, epoch, i)."""
+    train.py) gets the symmetry drawn from (seed, epoch, i). check_cases attaches the dataset to its cache (the
+    first of `cache_paths` that is usable or can be written): items are then read from the memory-mapped file;
+    before that, and for a case the cache lacks, from the case's files. Either way an item is the same."""
 
-    def __init__(self, cases: list[Case], img_size: int, seed: int, augment: bool):
+    def __init__(self, cases: list[Case], img_size: int, seed: int, augment: bool, cache_paths: tuple[Path, ...] = ()):
         self.cases, self.img_size, self.seed, self.augment = cases, img_size, seed, augment
+        self.cache_paths = cache_paths
         self.epoch = 0
+        self.cache: CachedCases | None = None
+        self.rows: list[int | None] = [None] * len(cases)  # each case's row in the cache
+
+    def attach(self, cache: CachedCases | None, stamps: dict[Case, str | None]) -> None:
+        """Read the cases from `cache` where it holds them as decoded from files of these stamps."""
+        self.cache = cache
+        self.rows = [None if cache is None else cache.row_of(case.name, stamps[case]) for case in self.cases]
 
     def __len__(self) -> int:
         return len(self.cases)
 
     def __getitem__(self, index: int) -> dict:
-        case, size = self.cases[index], (self.img_size, self.img_size)
-        rgb = read_rgb(case.image)
-        mask = Image.fromarray(read_mask(case, rgb.size).astype(np.uint8) * 255)
-        mask = np.asarray(mask.resize(size, Image.Resampling.NEAREST))             # (S, S): nearest keeps it binary
-        mask = torch.from_numpy(mask >= 128).float().unsqueeze(0)                  # (1, S, S)
-        augmentation = augmentation_generator(self.seed, self.epoch, index) if self.augment else None
-        return make_item(resized_rgb(rgb, self.img_size), mask, case.name, augmentation)
+        item = self.raw_item(index)
+        return {"image": normalize(item["image"].float() / 255), "mask": item["mask"].float(), "name": item["name"]}
+
+    def raw_item(self, index: int) -> dict:
+        """Item `index` before normalisation: image (3, S, S) uint8 RGB, mask (1, S, S) uint8 0 / 1, augmented as
+        __getitem__'s are. train.py's loader reads these (EpochItems) and normalises on the device
+        (normalize_batch): a quarter of the bytes through the worker queues, no float work in the workers."""
+        case, row = self.cases[index], self.rows[index]
+        pixels = self.cache.row(row) if row is not None else None
+        if pixels is None:
+            pixels = decode_case(case, self.img_size)                            # (4, S, S)
+        if self.augment:
+            # random_symmetry's draw, applied as numpy views: the copy out of the map below is the only one.
+            turns, dims = draw_symmetry(augmentation_generator(self.seed, self.epoch, index))
+            pixels = np.flip(np.rot90(pixels, turns, axes=(1, 2)), dims)
+        pixels = torch.from_numpy(np.array(pixels, order="C"))                   # (4, S, S), a copy
+        return {"image": pixels[:3], "mask": pixels[3:], "name": case.name}      # (3, S, S), (1, S, S)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -601,6 +979,50 @@ def synthetic_range(split: str, total: int) -> tuple[int, int]:
 def synthetic_split(name: str, split: str, total: int, img_size: int, seed: int) -> SyntheticCases:
     first, length = synthetic_range(split, total)
     return SyntheticCases(name, length, first, img_size, seed, augment=split == "train")
+
+
+# ---------------------------------------------------------------------------------------------
+# train.py's training loader: workers that live across epochs
+
+
+class EpochOrder(Sampler):
+    """The training order as (index, epoch) keys: `order`'s indices (a DistributedSampler) for the epoch that
+    start(epoch, skip) set, less the first `skip` (trained before a resume). A DataLoader worker that lives
+    across epochs (persistent_workers) keeps the copy of the dataset it started with, so an epoch set on the
+    main process's dataset would never reach it; each key carries its epoch instead, to EpochItems."""
+
+    def __init__(self, order: DistributedSampler):
+        self.order, self.epoch, self.skip = order, 0, 0
+
+    def start(self, epoch: int, skip: int = 0) -> None:
+        self.order.set_epoch(epoch)
+        self.epoch, self.skip = epoch, skip
+
+    def __iter__(self):
+        epoch = self.epoch  # bound now: the DataLoader draws keys ahead, while the epoch runs
+        return iter([(index, epoch) for index in list(self.order)[self.skip:]])
+
+    def __len__(self) -> int:
+        return max(len(self.order) - self.skip, 0)
+
+
+class EpochItems(Dataset):
+    """A dataset read by (index, epoch) keys (EpochOrder): its `epoch` set in this process's copy, then item
+    `index`. raw: a 2D dataset read from files gives raw_item's uint8 images for normalize_batch on the device;
+    the others (generated, volumes) give their items as they are."""
+
+    def __init__(self, dataset: Dataset, raw: bool = True):
+        self.dataset, self.raw = dataset, raw  # raw=False: every item as dataset[index] gives it
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        index, epoch = key
+        self.dataset.epoch = epoch
+        if self.raw and isinstance(self.dataset, SegmentationFiles):
+            return self.dataset.raw_item(index)
+        return self.dataset[index]
 
 
 def default_root(name: str) -> Path:

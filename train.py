@@ -78,7 +78,8 @@ from tqdm import tqdm
 from checkpoints import (has_checkpoint, keep_metrics_up_to, load_checkpoint, read_run_config, rebuild_model,
                          remove_stale_temporaries, rng_state, save_checkpoint, set_rng_state)
 from cli import USER_ERROR_EXIT, USER_ERRORS, user_error
-from data import PATCH_DATASETS, check_cases, class_names, input_channels, load_dataset, num_classes, spatial_dims
+from data import (PATCH_DATASETS, EpochItems, EpochOrder, check_cases, class_names, input_channels, load_dataset,
+                  normalize_batch, num_classes, spatial_dims)
 from files import WriteError, write_atomically
 from metrics import OVERLAP_METRICS, SEGMENTATION_METRICS, evaluate_cases, mean_and_std
 from model import build_model, count_params, set_frozen_dtype
@@ -175,6 +176,7 @@ class Run:
     sampler: DistributedSampler
     train_set: torch.utils.data.Dataset
     val_loader: DataLoader
+    train_loader: DataLoader      # train_set by (index, epoch) keys (EpochOrder); workers live across epochs
     progress: Progress
     run_dir: Path
     max_steps: int
@@ -223,9 +225,18 @@ def setup(argv: list[str] | None, processes: Processes) -> Run:
     iterations = math.ceil(len(sampler) / args.batch_size)
     patches = args.data in PATCH_DATASETS  # trained on crops; validated on whole volumes of differing shapes
     val_loader = DataLoader(val_set, batch_size=1 if patches else args.batch_size, num_workers=args.workers,
+                            persistent_workers=args.workers > 0, worker_init_fn=ignore_stop_signals,
                             pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(args.seed))
+    # Workers live across epochs, so each index carries its epoch (EpochOrder) and the augmentation, drawn from
+    # (seed, epoch, index), stays what it was; 2D items come as uint8, normalised on the device (normalize_batch).
+    train_loader = DataLoader(EpochItems(train_set), batch_size=args.batch_size, sampler=EpochOrder(sampler),
+                              num_workers=args.workers, persistent_workers=args.workers > 0,
+                              pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals,
+                              # worker seeds from (seed, rank), not from the global RNG (the augmentation does
+                              # not depend on them)
+                              generator=torch.Generator().manual_seed(args.seed * 1_009 + processes.rank))
     names = class_names(args.data, args.data_dir, multiclass=args.multiclass)  # background first
-    run = Run(args, processes, device, precision, net, model, optimizer, sampler, train_set, val_loader,
+    run = Run(args, processes, device, precision, net, model, optimizer, sampler, train_set, val_loader, train_loader,
               Progress(), run_dir, max_steps=args.epochs * iterations, compile_mode=mode,
               class_names=names if net.config.num_classes > 1 else None,
               roi_size=args.roi_size if patches else None)
@@ -352,29 +363,23 @@ def train_one_epoch(run: Run, epoch: int, stop: StopRequests) -> tuple[int | Non
     """The epoch's remaining optimizer steps -> (an exit code if the run must end now, images / s)."""
     args, progress, device = run.args, run.progress, run.device
     run.model.train()
-    run.sampler.set_epoch(epoch)
-    run.train_set.epoch = epoch  # each sample's augmentation is drawn from (seed, epoch, index)
-    indices = list(run.sampler)[progress.batches_done * args.batch_size:]  # skip what was trained
-    loader = DataLoader(run.train_set, batch_size=args.batch_size, sampler=indices,
-                        num_workers=args.workers, pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals,
-                        # worker seeds from (seed, epoch, rank), not from the global RNG (the
-                        # augmentation does not depend on them)
-                        generator=torch.Generator().manual_seed(
-                            (args.seed * 100_003 + epoch) * 1_009 + run.processes.rank))
+    # The epoch's order from (seed, epoch), without what was trained before a resume; each index carries the
+    # epoch its augmentation is drawn from.
+    run.train_loader.sampler.start(epoch, skip=progress.batches_done * args.batch_size)
     bar = tqdm(total=math.ceil(len(run.sampler) / args.batch_size), initial=progress.batches_done,
                desc=f"epoch {epoch}/{args.epochs}", disable=None if run.processes.main else True,
                leave=False, dynamic_ncols=True)
     start, images = time.perf_counter(), 0
     with contextlib.closing(bar):
-        for batch in loader:
+        for batch in run.train_loader:
             step_start = time.perf_counter()
             lr = learning_rate(args, progress.global_step, run.max_steps)
             for group in run.optimizer.param_groups:
                 group["lr"] = lr
             if run.compile_mode == "reduce-overhead":
                 torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are not read again
-            with autocast(device, run.precision):
-                logits = run.model(to_device(batch["image"], device))
+            with autocast(device, run.precision):  # 2D items come as uint8: normalised on the device
+                logits = run.model(normalize_batch(to_device(batch["image"], device)))
             loss = segmentation_loss(logits.float(), batch["mask"].to(device, non_blocking=True), args.bce_weight)
             run.optimizer.zero_grad(set_to_none=True)
             loss.backward()
