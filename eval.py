@@ -7,6 +7,7 @@ feature analysis, pictures.
     python eval.py RUN_DIR --analyze                                                 # + Fig. 2 / Sec. 4.2 analysis
     python eval.py RUN_DIR --data-dir /elsewhere/kvasir --device cpu --batch-size 4 --workers 0
     python eval.py RUN_DIR --images new_scans/ --out masks/                         # segment new images
+    python eval.py BTCV_RUN_DIR --images new_cts/ --out labels/                     # NIfTI label maps of new CTs
     python eval.py runs/msd_vit_llama3.1-8b-L32-frozen-mapperlora8_seed41 --split test --samples 4   # MedVisionLlama
 
 The command rebuilds the model from RUN_DIR/config.json (a frozen LLM layer is read again from
@@ -25,10 +26,13 @@ and evaluates the split the run's data settings define, writing into RUN_DIR/eva
 Volumes are scored with their voxel spacing: HD95 and the NSD tolerance in millimetres (metrics.py).
     analysis.json   --analyze: concentration IoU, effective rank and LSVR before / after the layer
     activations/    --analyze: <case>_before.png, <case>_after.png heat maps of the first --maps cases
-With --images DIR it segments new images instead (prediction.py): one mask PNG per readable image of
-DIR, named by its stem, at the image's own size, plus overlays/ (and with --probabilities the
-probability maps), into --out (default RUN_DIR/predict-<DIR's name>). Unreadable files are listed
-and skipped, and the exit code is then 1.
+With --images DIR it segments new images instead (prediction.py), into --out (default
+RUN_DIR/predict-<DIR's name>): a 2D run writes one mask PNG per readable image of DIR, named by its stem, at
+the image's own size, plus overlays/ (and with --probabilities the probability maps); a 3D run writes one
+NIfTI label map <stem>.nii.gz per *.nii / *.nii.gz volume of DIR, on that volume's own grid (its shape and
+header; 0 background, k class k), preprocessed as the run's data was (btcv, synthetic-organs: as BTCV's CTs,
+sliding windows of --roi-size; msd, synthetic3d: z-scored, resized to the run's size and back), plus
+label_legend.json (value -> class name). Unreadable files are listed and skipped, and the exit code is then 1.
 The formulas and their empty-case conventions are in metrics.py (per image, pooled, HD95, NSD) and
 analysis.py (activation maps, concentration IoU, effective rank, LSVR); the drawing in pictures.py.
 """
@@ -46,13 +50,13 @@ from analysis import ANALYSED, CONCENTRATION_THRESHOLD, BridgeFeatures, activati
 from checkpoints import load_run, read_run_config
 from cli import USER_ERRORS, add_runtime_flags, check_runtime_flags, one_line_error_parser, user_error
 from data import PATCH_DATASETS, check_cases, class_names, load_dataset
-from files import write_csv
+from files import InputError, write_csv
 from metrics import (NSD_TOLERANCE, OVERLAP_METRICS, SEGMENTATION_METRICS, SURFACE_METRICS, THRESHOLD, evaluate_cases,
                      mean_and_std)
 from metrics import segmentation_metrics, surface_metrics  # noqa: F401  public names eval.py has always offered
 from model import count_gmacs, count_params, set_frozen_dtype
 from pictures import heatmap_png, panel_png, to_rgb, volume_panel_png
-from prediction import case_probabilities, predict_folder
+from prediction import LEGEND_NAME, case_probabilities, check_volume_data, predict_folder, predict_volume_folder
 from runtime import Processes, memory_format, predict, resolve_device, resolve_precision
 from settings import data_options
 
@@ -123,24 +127,48 @@ def evaluate_run(args) -> int:
 
 
 def predict_images(args) -> int:
-    """--images: segment every image of a folder with the run's checkpoint; 1 if any file was skipped."""
+    """--images: segment every image (a 2D run) or NIfTI volume (a 3D run) of a folder with the run's
+    checkpoint; 1 if any file was skipped."""
     run_dir = Path(args.run_dir)
     config = read_run_config(run_dir)
     check_runtime_flags(args)
-    if run_spatial_dims(config) != 2:
-        raise ValueError(f"--images segments 2D images; {run_dir} was trained on volumes ({config['train']['data']}): "
-                         "evaluate it with --split instead")
+    settings = config["train"]
+    volumes = run_spatial_dims(config) == 3
+    if volumes:
+        if args.probabilities:
+            raise ValueError(f"--probabilities writes PNG probability maps of 2D images; {run_dir} segments volumes "
+                             "into NIfTI label maps only: drop --probabilities")
+        check_volume_data(settings["data"])
     device = resolve_device(args.device, Processes())
     precision = resolve_precision(args.precision, device)
     net, _, _ = load_run(run_dir, args.checkpoint)
     set_frozen_dtype(net, precision).to(device, memory_format=memory_format(device, net.config.spatial_dims))
     out_dir = Path(args.out or run_dir / f"predict-{Path(args.images).resolve().name}")
-    written, skipped = predict_folder(net, config["train"]["img_size"], args.images, out_dir, device, precision,
-                                      probabilities=args.probabilities)
-    print(f"wrote {len(written)} masks (and overlays/) to {out_dir}")
+    if volumes:
+        names = legend_names(settings, args.data_dir or settings["data_dir"], config["model"]["num_classes"])
+        written, skipped = predict_volume_folder(net, settings["data"], settings["img_size"], settings.get("roi_size"),
+                                                 args.images, out_dir, device, precision, names)
+        print(f"wrote {len(written)} label maps (NIfTI, each on its input's grid) and {LEGEND_NAME} to {out_dir}")
+    else:
+        written, skipped = predict_folder(net, settings["img_size"], args.images, out_dir, device, precision,
+                                          probabilities=args.probabilities)
+        print(f"wrote {len(written)} masks (and overlays/) to {out_dir}")
     for path, reason in skipped:
         print(f"skipped {path}: {reason}")
     return 1 if skipped else 0
+
+
+def legend_names(settings: dict, data_dir: str | None, num_classes: int) -> list[str]:
+    """The names of a 3D run's label values, background first: data.class_names; an msd --multiclass run
+    whose dataset.json is not where it was (predicting on another machine) numbers its classes instead."""
+    if num_classes == 1:
+        return ["background", "foreground"]
+    try:
+        return class_names(settings["data"], data_dir, multiclass=settings.get("multiclass", False))
+    except (FileNotFoundError, InputError) as error:
+        print(f"the class names are unknown ({error}); {LEGEND_NAME} numbers them (--data-dir names the task "
+              "folder that holds its dataset.json)")
+        return ["background", *(f"class {k}" for k in range(1, num_classes))]
 
 
 def check_args(args, config: dict, run_dir: Path) -> None:
@@ -313,7 +341,8 @@ def make_parser():
                    help="activation maps, concentration IoU, effective rank and LSVR before and after the LLM layer")
     p.add_argument("--maps", type=int, default=4, metavar="N", help="with --analyze: heat maps of the first N cases")
     p.add_argument("--images", default=None, metavar="DIR",
-                   help="segment the images of DIR instead of evaluating a split (masks at each image's size)")
+                   help="segment the images of DIR instead of evaluating a split (masks at each image's size; "
+                        "for a 3D run, NIfTI label maps of its *.nii / *.nii.gz volumes on their own grids)")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="with --images: where the masks go; None means RUN_DIR/predict-<DIR's name>")
     p.add_argument("--probabilities", action="store_true",

@@ -1,5 +1,6 @@
-"""Tests of eval.py: the command line end to end on tiny runs trained by train.py, and its choice
-of cases to draw."""
+"""Tests of eval.py: the command line end to end on tiny runs trained by train.py, its choice of cases to
+draw, and --images on new images and new volumes (prediction.py's way from a NIfTI file to a 3D network and
+back onto the file's grid)."""
 import contextlib
 import csv
 import json
@@ -7,15 +8,23 @@ import math
 import shutil
 from pathlib import Path
 
+from types import SimpleNamespace
+
+import nibabel
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 import eval as ev
+import prediction
 import train
 from checkpoints import load_run
 from data import load_dataset, normalize
+from files import InputError
+from prediction import case_probabilities
+from volumes import to_original_grid
+from volumes.btcv import read_btcv_image
 
 # Singular values of float32 rank-deficient maps leave ~1e-7 residues that add ~1e-5 of entropy.
 SPECTRUM_TOL = 1e-4
@@ -106,8 +115,9 @@ def test_samples_are_the_worst_and_best_cases_as_enlarged_panels(evaluated):
     expected = [f"best-01_{rows[-1]['case']}.png", f"worst-01_{rows[0]['case']}.png"]
     assert sorted(path.name for path in (evaluated / "samples").iterdir()) == expected
     for name in expected:
-        with Image.open(evaluated / "samples" / name) as picture:  # 4 panels of 64 px enlarged to 256, 4 px apart
-            assert picture.size == (4 * 256 + 3 * 4, 256) and picture.mode == "RGB"
+        # 4 panels of 64 px enlarged to 256, 4 px apart, under pictures.with_header's header
+        with Image.open(evaluated / "samples" / name) as picture:
+            assert picture.width == 4 * 256 + 3 * 4 and picture.height > 256 and picture.mode == "RGB"
 
 
 def test_analyze_writes_finite_numbers_before_and_after_and_heat_maps(evaluated):
@@ -274,5 +284,157 @@ def test_an_msd_run_trains_and_evaluates_its_test_split_in_millimetres(tmp_path,
     assert 0 <= report["metrics"]["hd95"]["mean"] <= diagonal + 1e-4
     panel = Image.open(next((run / "eval-test" / "samples").glob("*.png")))
     assert panel.height > 3 * 256  # the axial, coronal and sagittal rows, each enlarged to >= 256 px
-    assert run_eval(run, "--images", str(tmp_path)) == 2
+    assert run_eval(run, "--images", str(tmp_path)) == 2  # the task's volumes are in its sub-folders
     assert run_eval(run, "--analyze") == 2
+    # New volumes: the binary run labels each as 0 / 1 on its own 12 x 10 x 8 grid; the `._` files the tarball
+    # ships beside them are not volumes (exit 0: none skipped).
+    out = tmp_path / "labels"
+    assert run_eval(run, "--images", str(task / "imagesTr"), "--out", str(out)) == 0
+    assert json.loads((out / "label_legend.json").read_text()) == {"0": "background", "1": "foreground"}
+    assert len(list(out.glob("*.nii.gz"))) == 10
+    for labels in out.glob("*.nii.gz"):
+        stored, written = nibabel.load(task / "imagesTr" / labels.name), nibabel.load(labels)
+        assert written.shape == stored.shape[:3] and np.array_equal(written.affine, stored.affine)
+        assert set(np.unique(np.asarray(written.dataobj))) <= {0, 1}
+
+
+# --- segmenting new volumes: a 3D run's --images -------------------------------------------------
+# A synthetic-organs run of the 3D network that trains fastest here, the ViT at 16^3 (patch 4, width 16, one
+# block; mednext-tiny needs 32^3 and ten times as long): the way from a file to the network and back is the
+# same for every network. The CTs are dataset_trees' BTCV volumes at an odd size, LPS at 0.8 x 0.9 x 2.5 mm.
+
+CT_SHAPE = (25, 29, 9)  # (X, Y, Z) as stored
+# The target spacing exactly, LPS (x, y flipped), and with x, y swapped and z flipped: resampling is the
+# identity, so a label map comes back onto the stored grid voxel for voxel.
+EXACT_AFFINES = {"lps": np.array([[-1.5, 0, 0, 10.0], [0, -1.5, 0, 20.0], [0, 0, 2.0, 5.0], [0, 0, 0, 1]]),
+                 "swapped": np.array([[0, -1.5, 0, 10.0], [1.5, 0, 0, 20.0], [0, 0, -2.0, 5.0], [0, 0, 0, 1]])}
+
+
+@pytest.fixture(scope="module")
+def organs_run(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("organs") / "run"
+    with one_thread():
+        assert train.main(["--data", "synthetic-organs", "--synthetic-size", "3", "--img-size", "16",
+                           "--roi-size", "16", "--backbone", "vit", "--patch-size", "4", "--embed-dim", "16",
+                           "--depth", "1", "--heads", "2", "--mode", "none", "--recipe", "llm4seg3d", "--epochs", "1",
+                           "--workers", "0", "--device", "cpu", "--precision", "fp32", "--out", str(run)]) == 0
+    return run
+
+
+def save_ct(path: Path, hu: np.ndarray, affine: np.ndarray) -> None:
+    """A CT as scanners store one: int16 HU + 1024 with the header's intercept -1024, qform and sform "scanner"."""
+    image = nibabel.Nifti1Image((hu + 1024).astype(np.int16), affine)
+    image.header.set_slope_inter(1.0, -1024.0)
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    nibabel.save(image, path)
+
+
+def test_volumes_are_labelled_on_their_own_grid_and_unreadable_files_listed(organs_run, tmp_path, capsys):
+    from dataset_trees import LPS_AFFINE, SWAPPED_AFFINE, btcv_volumes
+
+    hu, _ = btcv_volumes(np.random.default_rng(0), CT_SHAPE)
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    save_ct(scans / "lps.nii.gz", hu, LPS_AFFINE)
+    one_channel = hu[..., None].astype(np.float32)  # (X, Y, Z, 1), as some converters write a CT
+    nibabel.save(nibabel.Nifti1Image(one_channel, SWAPPED_AFFINE), scans / "swapped.nii")
+    shutil.copy(scans / "swapped.nii", scans / "swapped.nii.gz")  # not gzipped, and its stem is taken
+    (scans / "broken.nii.gz").write_bytes(b"\x1f\x8b not really")
+    save_ct(scans / "air.nii.gz", np.full(CT_SHAPE, -1000), LPS_AFFINE)  # no body: nothing above -175 HU
+    nibabel.save(nibabel.Nifti1Image(np.where(hu > 100, np.nan, hu).astype(np.float32), LPS_AFFINE), scans / "nan.nii")
+    nibabel.save(nibabel.Nifti1Image(np.zeros((5, 6), np.float32), np.eye(4)), scans / "flat.nii")
+    (scans / "._lps.nii.gz").write_bytes(b"\x00\x05\x16\x07 Mac OS X resource fork")
+    (scans / "notes.txt").write_text("not a volume, not a candidate")
+    out = tmp_path / "labels"
+    assert run_eval(organs_run, "--images", str(scans), "--out", str(out)) == 1
+    printed = capsys.readouterr().out
+    skipped = {line.split(":")[0].removeprefix("skipped ") for line in printed.splitlines()
+               if line.startswith("skipped")}
+    assert skipped == {str(scans / name) for name in ("air.nii.gz", "broken.nii.gz", "flat.nii", "nan.nii",
+                                                      "swapped.nii.gz")}
+    assert "also named swapped" in printed and "._lps" not in printed and "notes.txt" not in printed
+    assert {path.name for path in out.iterdir()} == {"lps.nii.gz", "swapped.nii.gz", "label_legend.json"}
+    legend = json.loads((out / "label_legend.json").read_text())
+    assert legend == {"0": "background", "1": "liver", "2": "spleen", "3": "kidney", "4": "aorta", "5": "stomach"}
+    for stem, source in (("lps", "lps.nii.gz"), ("swapped", "swapped.nii")):
+        stored, written = nibabel.load(scans / source), nibabel.load(out / f"{stem}.nii.gz")
+        labels = np.asarray(written.dataobj)
+        assert written.shape == CT_SHAPE and np.array_equal(written.affine, stored.affine)
+        assert [int(written.header[key]) for key in ("qform_code", "sform_code")] == \
+            [int(stored.header[key]) for key in ("qform_code", "sform_code")]
+        assert written.get_data_dtype() == np.uint8 and labels.min() >= 0 and labels.max() <= 5
+        assert written.header.get_intent()[0] == "label" and written.header.get_slope_inter() == (None, None)
+        assert not labels[:, [0, -1], :].any()  # rows of air outside the body crop: background
+    # The file holds what the library composes: BTCV's preprocessing, sliding windows of 16, argmax, the way back.
+    net, _, _ = load_run(organs_run)
+    image, grid = read_btcv_image(scans / "lps.nii.gz")
+    probabilities = case_probabilities(net, torch.device("cpu"), torch.float32, 16)(image[None])[0]
+    expected = to_original_grid(probabilities.argmax(0), grid)
+    np.testing.assert_array_equal(np.asarray(nibabel.load(out / "lps.nii.gz").dataobj), expected)
+
+
+class Threshold(torch.nn.Module):
+    """A network whose answer is known: class 1 where its input is above 0.5, class 0 elsewhere (logits
+    (B, 1, *S) -> (B, 2, *S)); its config says one input channel, as a run's model's does."""
+
+    config = SimpleNamespace(in_channels=1)
+
+    def forward(self, x):
+        return torch.cat([torch.zeros_like(x), 50 * (x - 0.5)], dim=1)
+
+
+@pytest.mark.parametrize("orientation", EXACT_AFFINES)
+def test_a_ct_labelled_at_the_target_spacing_comes_back_voxel_for_voxel(tmp_path, orientation):
+    """At 1.5 x 1.5 x 2.0 mm resampling is the identity, so preprocessing, sliding windows (16^3 over a smaller
+    crop: padded) and the way back compose to the identity: Threshold labels the stored voxels above 0.5 on
+    the [0, 1] scale, HU > -175 + 0.5 * 425 = 37.5 (HU are integers: no voxel sits on it), and the voxels
+    outside the body crop, all below -175 HU, are background."""
+    from dataset_trees import btcv_volumes
+
+    hu, _ = btcv_volumes(np.random.default_rng(1), CT_SHAPE)
+    save_ct(tmp_path / "ct.nii.gz", hu, EXACT_AFFINES[orientation])
+    labels = prediction.segment_volume(Threshold(), tmp_path / "ct.nii.gz", "btcv", 0, 16, torch.device("cpu"),
+                                       torch.float32)
+    assert labels.dtype == np.uint8
+    np.testing.assert_array_equal(labels, hu > 37.5)
+
+
+def test_a_resized_volume_keeps_a_boundary_through_the_round_trip(tmp_path):
+    """msd / synthetic3d runs: the volume is resized to S^3 and the labels back with voxel centres aligned. A
+    half space, x < 5 of 10 voxels, resized to 16 and labelled by Threshold after z-scoring (the halves at +-1),
+    comes back exact: stored x = 4 lands on S-voxel floor(4.5 * 1.6) = 7, which samples x = 7.5 / 1.6 - 0.5 =
+    4.19 (z-score 0.62 > 0.5), x = 5 on 8, which samples 4.81 (-0.62)."""
+    volume = np.zeros((10, 7, 5), np.float32)
+    volume[:5] = 1
+    nibabel.save(nibabel.Nifti1Image(volume, np.diag([0.8, 0.8, 2.5, 1])), tmp_path / "half.nii.gz")
+    labels = prediction.segment_volume(Threshold(), tmp_path / "half.nii.gz", "synthetic3d", 16, None,
+                                       torch.device("cpu"), torch.float32)
+    np.testing.assert_array_equal(labels, volume > 0)
+
+
+def test_a_volume_for_an_msd_run_is_read_as_msd_reads_its_images(tmp_path):
+    from test_volumes import write_msd_task
+    from volumes import MSDVolumes, msd_cases
+
+    task = write_msd_task(tmp_path, cases=1, modalities=2)
+    (case,), channels = msd_cases(task)
+    expected = MSDVolumes([case], 8, channels, None).read_case(case)["image"]
+    image, shape = prediction.resized_volume(case.image, 8, channels)
+    assert torch.equal(image, expected) and shape == (12, 10, 8)
+    with pytest.raises(InputError, match=r"is \[12, 10, 8, 2\]; expected .* \(X, Y, Z, 3\)"):
+        prediction.resized_volume(case.image, 8, 3)
+
+
+def test_probabilities_of_volumes_are_refused_in_one_line(organs_run, tmp_path, capsys):
+    assert run_eval(organs_run, "--images", str(tmp_path), "--probabilities") == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: --probabilities") and "\n" not in error
+
+
+def test_the_legend_names_the_classes_or_numbers_them_when_the_task_is_gone(tmp_path, capsys):
+    assert ev.legend_names({"data": "btcv"}, None, 14)[:2] == ["background", "spleen"]
+    assert ev.legend_names({"data": "msd"}, str(tmp_path), 1) == ["background", "foreground"]
+    assert ev.legend_names({"data": "msd", "multiclass": True}, str(tmp_path / "gone"), 3) == \
+        ["background", "class 1", "class 2"]
+    assert "label_legend.json numbers them" in capsys.readouterr().out

@@ -38,7 +38,8 @@ metadata, JSON) and returned by BTCVVolumes.original_grid(index):
 to_original_grid(labels, grid) maps a label map on the preprocessed grid back onto the stored one: into the
 resampled grid at the crop box (background outside it), nearest-neighbour resampling back to the canonical
 grid (voxel i samples x_i = i s / t, the inverse of step 2), the inverse orientation; save it with
-grid["affine"].
+grid["affine"]. read_btcv_image(path) preprocesses any CT file alone (no label, any name) by the same steps
+and returns its grid: what eval.py --images does to a new scan (prediction.py).
 
 Bad input is a files.InputError naming each bad file, one line each (data.check_cases collects them for
 every case before training): a missing, empty or cut NIfTI; an image and label of different shapes or
@@ -243,6 +244,47 @@ def canonical(array: np.ndarray, affine: np.ndarray):
     return orientations.apply_orientation(array, ornt), ornt, affine @ orientations.inv_ornt_aff(ornt, array.shape)
 
 
+def ct_volume(image: np.ndarray, path: Path) -> np.ndarray:
+    """A CT as stored, (X, Y, Z), or (X, Y, Z, 1) as some converters write one channel -> (X, Y, Z); InputError
+    naming the file for any other shape."""
+    if image.ndim == 4 and image.shape[3] == 1:
+        image = image[..., 0]  # a single-channel image stored as 4D
+    if image.ndim != 3:
+        raise InputError(f"the image {path} is {list(image.shape)}; expected a 3D CT volume")
+    return image
+
+
+def not_finite(image: np.ndarray, path: Path, remedy: str) -> list[str]:
+    """The problem of NaN or infinite voxels in a CT, as a list of at most one line ending with `remedy`."""
+    count = int(np.count_nonzero(~np.isfinite(image)))
+    return [f"the image {path} has {count} NaN or infinite voxels; expected finite HU values. {remedy}"] \
+        if count else []
+
+
+def preprocess(image: np.ndarray, nifti, path: Path, labels: np.ndarray | None = None):
+    """Steps 1-4 of the module docstring on a CT (X0, Y0, Z0) in HU stored as `nifti` says (its header and
+    affine), and on its label map (X0, Y0, Z0) alike when given -> (image (X, Y, Z) float32 in [0, 1], labels
+    (X, Y, Z) or None, the original grid); InputError when no voxel is above the HU window's low end."""
+    image, ornt, affine = canonical(image, nifti.affine)
+    spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    image = resample(torch.from_numpy(np.ascontiguousarray(image)), spacing, TARGET_SPACING, linear=True)
+    if labels is not None:
+        labels, _, _ = canonical(labels, nifti.affine)
+        labels = resample(torch.from_numpy(np.ascontiguousarray(labels)), spacing, TARGET_SPACING, linear=False)
+    low, high = HU_WINDOW
+    image = ((image - low) / (high - low)).clamp(0, 1)
+    body = image > 0
+    if not body.any():
+        raise InputError(f"the image {path} has no voxel above {low:g} HU; expected an abdominal CT in HU")
+    crop = [[int(kept.nonzero()[0]), int(kept.nonzero()[-1]) + 1]
+            for kept in (body.any(dim=(1, 2)), body.any(dim=(0, 2)), body.any(dim=(0, 1)))]
+    box = tuple(slice(start, stop) for start, stop in crop)
+    grid = {"shape": list(nifti.shape[:3]), "affine": nifti.affine.tolist(), "orientation": ornt.tolist(),
+            "canonical_shape": list(apply_shape(nifti.shape[:3], ornt)), "canonical_spacing": spacing.tolist(),
+            "spacing": list(TARGET_SPACING), "resampled_shape": list(image.shape), "crop": crop}
+    return image[box], None if labels is None else labels[box], grid
+
+
 def read_btcv_case(case: Case) -> tuple[dict, dict]:
     """(item, grid) of one case (the module docstring's steps); InputError listing every problem found."""
     image_path, label_path = case.image, case.masks[0]
@@ -255,10 +297,7 @@ def read_btcv_case(case: Case) -> tuple[dict, dict]:
     if problems:
         raise InputError("\n".join(problems))
     (image, image_nifti), (labels, label_nifti) = arrays["image"], arrays["label"]
-    if image.ndim == 4 and image.shape[3] == 1:
-        image = image[..., 0]  # a single-channel image stored as 4D
-    if image.ndim != 3:
-        raise InputError(f"the image {image_path} is {list(image.shape)}; expected a 3D CT volume")
+    image = ct_volume(image, image_path)
     if labels.shape != image.shape:
         problems.append(f"case {case.name}: the image {image_path} is {list(image.shape)} but the label {label_path} "
                         f"is {list(labels.shape)}; expected the same grid. Replace the pair from RawData.zip.")
@@ -267,10 +306,7 @@ def read_btcv_case(case: Case) -> tuple[dict, dict]:
         problems.append(f"case {case.name}: the affines of the image {image_path} and the label {label_path} differ "
                         f"by up to {difference:.3g} mm; expected the same grid (within {AFFINE_TOLERANCE_MM} mm). "
                         "Replace the pair from RawData.zip.")
-    not_finite = int(np.count_nonzero(~np.isfinite(image)))
-    if not_finite:
-        problems.append(f"the image {image_path} has {not_finite} NaN or infinite voxels; expected finite HU "
-                        "values. Replace it from RawData.zip.")
+    problems += not_finite(image, image_path, "Replace it from RawData.zip.")
     try:
         labels = checked_labels(labels, label_path, len(BTCV_CLASSES), "BTCV's 14 classes", np.uint8)
     except InputError as error:
@@ -278,25 +314,25 @@ def read_btcv_case(case: Case) -> tuple[dict, dict]:
     if problems:
         raise InputError("\n".join(problems))
 
-    image, ornt, affine = canonical(image, image_nifti.affine)
-    labels, _, _ = canonical(labels, image_nifti.affine)
-    spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
-    image = resample(torch.from_numpy(np.ascontiguousarray(image)), spacing, TARGET_SPACING, linear=True)
-    labels = resample(torch.from_numpy(np.ascontiguousarray(labels)), spacing, TARGET_SPACING, linear=False)
-    low, high = HU_WINDOW
-    image = ((image - low) / (high - low)).clamp(0, 1)
-    body = image > 0
-    if not body.any():
-        raise InputError(f"the image {image_path} has no voxel above {low:g} HU; expected an abdominal CT in HU")
-    crop = [[int(kept.nonzero()[0]), int(kept.nonzero()[-1]) + 1]
-            for kept in (body.any(dim=(1, 2)), body.any(dim=(0, 2)), body.any(dim=(0, 1)))]
-    box = tuple(slice(start, stop) for start, stop in crop)
-    grid = {"shape": list(image_nifti.shape[:3]), "affine": image_nifti.affine.tolist(), "orientation": ornt.tolist(),
-            "canonical_shape": list(apply_shape(image_nifti.shape[:3], ornt)), "canonical_spacing": spacing.tolist(),
-            "spacing": list(TARGET_SPACING), "resampled_shape": list(image.shape), "crop": crop}
-    item = {"image": image[box][None].contiguous(), "mask": labels[box][None].long().contiguous(), "name": case.name,
+    image, labels, grid = preprocess(image, image_nifti, image_path, labels)
+    item = {"image": image[None].contiguous(), "mask": labels[None].long().contiguous(), "name": case.name,
             "spacing": torch.tensor(TARGET_SPACING, dtype=torch.float64)}
     return item, grid
+
+
+def read_btcv_image(path: Path) -> tuple[torch.Tensor, dict]:
+    """Any CT NIfTI file in HU (no label, any name) preprocessed as a BTCV case's image (the module docstring's
+    steps 1-4) -> (image (1, X, Y, Z) float32 in [0, 1], its original grid, for to_original_grid); InputError
+    naming the file when it cannot be read, is not 3D (or 4D with one channel), has NaN or infinite voxels, or
+    has no voxel above -175 HU."""
+    path = Path(path)
+    image, nifti = read_nifti_file(path, "image", np.float32)
+    image = ct_volume(image, path)
+    problems = not_finite(image, path, "Fix or remove the file.")
+    if problems:
+        raise InputError(problems[0])
+    image, _, grid = preprocess(image, nifti, path)
+    return image[None].contiguous(), grid
 
 
 def apply_shape(shape, ornt) -> list[int]:
