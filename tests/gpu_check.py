@@ -21,6 +21,13 @@ Llama-3.2-1B's shapes (random bf16 values: the real model is gated, and speed de
      its second epoch against the step rate of 4.
   6. MedVisionLlama: the ViT with that layer on synthetic volumes (64^3, patch 8), --recipe medvisionllama,
      2 epochs, then eval.py on the test split (HD95 in mm, slice panels): both exit 0.
+  7. LLM4Seg in 3D (tests/bench_3d_step.py): one llm4seg3d training step (B2 x 96^3, 14 classes, bf16 autocast,
+     Dice + CE, AdamW) of MedNeXt-B, MedNeXt-S and 3D UX-Net, alone and with that layer, and MedNeXt-S's
+     sliding-window prediction of 1 x 1 x 160 x 160 x 96 against MONAI's. No speed goal: the rows report each
+     step's time and the layer's share of it, and ours / MONAI's time; the goal is that every step runs and
+     the two sliding windows agree loosely (max |diff| of the averaged logits <= 0.1: the same bf16 predictor
+     twice, whose transposed convs may sum in another order on CUDA; tests/test_prediction.py holds them to
+     1e-6 in float32).
 
 It writes a markdown table (date, GPU, versions, each measured ratio beside its goal) and exits 1 if a
 goal is missed, 0 if all are met.
@@ -46,6 +53,7 @@ from model import CMUNEXT_DIMS, build_model  # noqa: E402
 
 sys.path.insert(0, str(REPO / "tests"))
 from bench_layer import bench_layer_cuda  # noqa: E402
+from bench_3d_step import WINDOW_BACKBONE, bench_3d  # noqa: E402
 from bench_step import TINY, AuthorsBridge, layer_checkpoint, training_step  # noqa: E402
 
 def run(command: list[str], **kwargs) -> subprocess.CompletedProcess:
@@ -126,6 +134,24 @@ def main() -> int:
                  trained.returncode == 0 and evaluated.returncode == 0))
     if trained.returncode or evaluated.returncode:
         print((trained.stderr + evaluated.stderr)[-3000:], file=sys.stderr)
+
+    # LLM4Seg in 3D: the steps must run; their times and the layer's share are reported, not judged.
+    size3d, batch3d = (32, 1) if args.smoke else (96, 2)
+    try:
+        three_d = bench_3d(device, size3d, batch3d, 1 if args.smoke else 5, llm_dir, layer)
+    except Exception as error:  # a row saying what failed, and the other rows still written
+        rows.append((f"LLM4Seg 3D training steps B{batch3d} {size3d}^3 and sliding window",
+                     f"failed: {type(error).__name__}: {str(error)[:200]}", "runs", False))
+    else:
+        for backbone, step in three_d["steps"].items():
+            rows.append((f"3D training step {backbone}, B{batch3d} {size3d}^3, alone / + layer {layer}: the layer's "
+                         "share of the step", f"{step['alone_ms']:.1f} / {step['with_ms']:.1f} ms, "
+                         f"{step['share'] * 100:.0f} %", "runs (reported)", True))
+        window = three_d["window"]
+        rows.append((f"sliding window {WINDOW_BACKBONE}, 1 x 1 x {' x '.join(map(str, three_d['volume']))}, roi "
+                     f"{three_d['roi']}: ours / MONAI's time ({window['ours_s']:.3f} / {window['monai_s']:.3f} s), "
+                     "max abs diff", f"{window['ratio']:.2f}x, {window['max_diff']:.1e}", "diff <= 0.1",
+                     window["max_diff"] <= 0.1))
 
     versions = (f"torch {torch.__version__}, triton {__import__('triton').__version__}, "
                 f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'no GPU (smoke run)'}")
