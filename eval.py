@@ -24,8 +24,17 @@ and evaluates the split the run's data settings define, writing into RUN_DIR/eva
                     prediction | errors (red: false positive, blue: missed), enlarged to >= 256 px;
                     of a volume, one such row for each of its middle axial, coronal and sagittal slices
 Volumes are scored with their voxel spacing: HD95 and the NSD tolerance in millimetres (metrics.py).
+Multi-class runs (btcv, synthetic-organs, msd --multiclass): whole volumes of a patch-trained run go
+through sliding windows of its --roi-size (prediction.case_probabilities), the argmax is scored per organ
+(metrics.class_metrics: Dice, IoU, HD95, NSD; an organ absent from a case's truth is skipped), and
+metrics.json adds "per_class" {organ: {"dice", "iou", "hd95", "nsd"}}, "dice" = their mean over the
+organs (Table 2's number) and "classes"; per_image.csv adds "dice/<organ>", ... columns; the printed
+table lists every organ; samples/ colour each class.
     analysis.json   --analyze: concentration IoU, effective rank and LSVR before / after the layer
-    activations/    --analyze: <case>_before.png, <case>_after.png heat maps of the first --maps cases
+    activations/    --analyze: <case>.png, the heat maps before | after the layer of the first --maps cases,
+                    with a colour bar (and a note when the bottleneck is too coarse to show anything)
+RUN_DIR/eval-<split>-last/ holds the same for --checkpoint last; pictures an earlier evaluation left in
+the folder are removed when this one draws none.
 With --images DIR it segments new images instead (prediction.py), into --out (default
 RUN_DIR/predict-<DIR's name>): a 2D run writes one mask PNG per readable image of DIR, named by its stem, at
 the image's own size, plus overlays/ (and with --probabilities the probability maps); a 3D run writes one
@@ -55,7 +64,7 @@ from metrics import (NSD_TOLERANCE, OVERLAP_METRICS, SEGMENTATION_METRICS, SURFA
                      mean_and_std)
 from metrics import segmentation_metrics, surface_metrics  # noqa: F401  public names eval.py has always offered
 from model import count_gmacs, count_params, set_frozen_dtype
-from pictures import heatmap_png, panel_png, to_rgb, volume_panel_png
+from pictures import heatmap_pair_png, panel_png, to_rgb, volume_panel_png
 from prediction import LEGEND_NAME, case_probabilities, check_volume_data, predict_folder, predict_volume_folder
 from runtime import Processes, memory_format, predict, resolve_device, resolve_precision
 from settings import data_options
@@ -65,6 +74,7 @@ LABELS = {"iou": ("IoU", 100, "%"), "dice": ("Dice", 100, "%"), "f1": ("F1", 100
           "sensitivity": ("SE", 100, "%"), "precision": ("PC", 100, "%"), "specificity": ("SP", 100, "%"),
           "accuracy": ("ACC", 100, "%"), "hd95": ("HD95", 1, "px"), "nsd": ("NSD", 100, "%")}
 REPORTED = SEGMENTATION_METRICS + SURFACE_METRICS
+MIN_MAP_TOKENS = 8  # an activation map coarser than 8 x 8 tokens shows no structure worth looking at
 CLASS_REPORTED = OVERLAP_METRICS + SURFACE_METRICS  # multi-class: per organ, and their mean per case
 
 
@@ -90,8 +100,13 @@ def evaluate_run(args) -> int:
     computation = computation_report(net, config)
     set_frozen_dtype(net, precision).to(device, memory_format=memory_format(device, net.config.spatial_dims))
 
-    out_dir = run_dir / f"eval-{args.split}"
+    # One folder per (split, checkpoint): `best` keeps the name sweep.py reads; pictures of an earlier
+    # evaluation there are cleared, so nothing beside metrics.json belongs to another run of eval.py.
+    out_dir = run_dir / (f"eval-{args.split}" + ("" if args.checkpoint == "best" else f"-{args.checkpoint}"))
     out_dir.mkdir(exist_ok=True)
+    for folder, asked in (("samples", args.samples), ("activations", args.analyze)):
+        if not asked:
+            clean_folder(out_dir / folder).rmdir()
     analysis = None
     with BridgeFeatures(net.bridge) if args.analyze else contextlib.nullcontext() as features:
         extra = (lambda logits, masks: feature_analysis(features, masks)) if args.analyze else None
@@ -179,6 +194,9 @@ def check_args(args, config: dict, run_dir: Path) -> None:
     if args.analyze and config["model"]["backbone"] == "vit":
         raise ValueError("--analyze reads a CNN's bottleneck feature maps (the paper's Sec. 4.2); the vit backbone "
                          "has none: drop --analyze for this run")
+    if args.analyze and run_spatial_dims(config) == 3 and config["model"]["backbone"] != "vit":
+        raise ValueError(f"--analyze draws a 2D CNN's bottleneck maps (the paper's Fig. 2); {run_dir} is a 3D "
+                         f"{config['model']['backbone']}: drop --analyze for this run")
     if args.analyze and config["model"]["mode"] == "none":
         raise ValueError(f"--analyze compares the features before and after the LLM layer, but {run_dir} is a "
                          f"plain {config['model']['backbone']} (trained with --llm none): expected a run with "
@@ -268,26 +286,34 @@ def write_samples(infer, dataset, rows: list[dict], count: int, folder: Path) ->
         multiclass = len(probabilities) > 1
         prediction = probabilities.argmax(0) if multiclass else probabilities[0]   # (*S)
         paths.append(folder / f"{label}_{file_stem(item['name'])}.png")
+        caption = f"{label} {item['name']}: IoU {rows[index]['iou'] * 100:.2f} %, Dice {rows[index]['dice'] * 100:.2f} %"
         if prediction.dim() == 3:
-            volume_panel_png(item["image"], item["mask"][0], prediction, paths[-1], multiclass=multiclass)
+            volume_panel_png(item["image"], item["mask"][0], prediction, paths[-1], multiclass=multiclass,
+                             caption=caption)
         else:
-            panel_png(to_rgb(item["image"]), item["mask"][0], prediction, paths[-1])
+            panel_png(to_rgb(item["image"]), item["mask"][0], prediction, paths[-1], caption=caption)
     return paths
 
 
 @torch.no_grad()
 def write_activation_maps(net, features: BridgeFeatures, dataset, count: int, device: torch.device,
                           precision: torch.dtype, folder: Path) -> list[Path]:
-    """Fig. 2(a): heat maps of the activation before and after the LLM layer, first `count` cases."""
-    paths = []
+    """Fig. 2(a): heat maps of the activation before | after the LLM layer, one picture for each of the first
+    `count` cases. A bottleneck of fewer than MIN_MAP_TOKENS tokens a side, upsampled to the image, is a
+    smooth gradient that shows nothing: the picture and the log say so."""
+    paths, note = [], None
     for index in range(min(count, len(dataset))):
         item = dataset[index]
         predict(net, item["image"][None], device, precision)  # fills `features`
         image = to_rgb(item["image"])
-        for when, tensor in (("before", features.before), ("after", features.after)):
-            activation = upsample_map(activation_map(tensor), image.shape[:2])[0]  # (S, S)
-            paths.append(folder / f"{file_stem(item['name'])}_{when}.png")
-            heatmap_png(image, activation, paths[-1])
+        tokens = tuple(features.before.shape[-2:])
+        if note is None and min(tokens) < MIN_MAP_TOKENS:
+            note = f"bottleneck {tokens[0]} x {tokens[1]} tokens: too coarse to show where the layer looks"
+            print(f"activation maps: the {note}; a larger --img-size gives a finer map")
+        before, after = (upsample_map(activation_map(tensor), image.shape[:2])[0]            # (S, S) each
+                         for tensor in (features.before, features.after))
+        paths.append(folder / f"{file_stem(item['name'])}.png")
+        heatmap_pair_png(image, before, after, paths[-1], note=note)
     return paths
 
 

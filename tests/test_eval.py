@@ -132,11 +132,11 @@ def test_analyze_writes_finite_numbers_before_and_after_and_heat_maps(evaluated)
         assert -SPECTRUM_TOL <= values["lsvr"]["mean"] <= math.log(4) + SPECTRUM_TOL
         assert all(math.isfinite(v) for value in values.values() for v in value.values())
     maps = sorted((evaluated / "activations").iterdir())
-    assert len(maps) == 2 * VAL_CASES and [str(p.relative_to(evaluated)) for p in maps] == sorted(
+    assert len(maps) == VAL_CASES and [str(p.relative_to(evaluated)) for p in maps] == sorted(
         analysis["activation_maps"])
-    for path in maps:
+    for path in maps:  # before | after, 64 px enlarged 4 times, a colour bar, the header and the too-coarse note
         with Image.open(path) as picture:
-            assert picture.size == (256, 256)  # 64 px enlarged 4 times
+            assert picture.size == (2 * 256 + 2 * 4 + 16 + 24, 256 + 2 * 14 + 4)
 
 
 def test_gmacs_of_backbone_and_bridge_by_hand(tiny_runs, evaluated):
@@ -172,10 +172,11 @@ def test_an_nnunet_run_trains_evaluates_and_counts_like_model_py(tmp_path):
 
 
 def test_test_split_and_last_checkpoint_print_one_screen(tiny_runs, capsys):
+    """--checkpoint last writes eval-<split>-last/, beside (not over) the best checkpoint's eval-<split>/."""
     assert run_eval(tiny_runs["llm"], "--split", "test", "--checkpoint", "last") == 0
-    report = json.loads((tiny_runs["llm"] / "eval-test" / "metrics.json").read_text())
+    report = json.loads((tiny_runs["llm"] / "eval-test-last" / "metrics.json").read_text())
     assert report["images"] == TEST_CASES and report["checkpoint"]["name"] == "last"
-    assert len(read_csv(tiny_runs["llm"] / "eval-test" / "per_image.csv")) == TEST_CASES
+    assert len(read_csv(tiny_runs["llm"] / "eval-test-last" / "per_image.csv")) == TEST_CASES
     printed = capsys.readouterr().out.splitlines()
     assert any(line.strip().startswith("IoU") for line in printed)
     assert any("G MACs at 1x3x64x64" in line for line in printed)
@@ -438,3 +439,13 @@ def test_the_legend_names_the_classes_or_numbers_them_when_the_task_is_gone(tmp_
     assert ev.legend_names({"data": "msd", "multiclass": True}, str(tmp_path / "gone"), 3) == \
         ["background", "class 1", "class 2"]
     assert "label_legend.json numbers them" in capsys.readouterr().out
+
+
+def test_pictures_of_an_earlier_evaluation_do_not_stay_beside_a_new_one(tiny_runs, capsys):
+    """Samples drawn by one evaluation are removed when the next one (of the same split and checkpoint)
+    draws none: every file in eval-<split>/ belongs to the last evaluation."""
+    folder = tiny_runs["plain"] / "eval-test"
+    assert run_eval(tiny_runs["plain"], "--split", "test", "--samples", "2") == 0
+    assert len(list((folder / "samples").iterdir())) == min(2, TEST_CASES)
+    assert run_eval(tiny_runs["plain"], "--split", "test") == 0
+    assert not (folder / "samples").exists()
