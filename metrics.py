@@ -256,8 +256,8 @@ def evaluate_cases(net: torch.nn.Module, loader, device: torch.device, precision
     infer = infer or whole_image_probabilities(net, device, precision)
     rows, pooled, trivial = [], PooledOverlap(), {"all_foreground_iou": [], "all_background_iou": []}
     for batch in tqdm(loader, desc="evaluating", leave=False, disable=None):
-        masks = batch["mask"].to(device)
         probabilities = infer(batch["image"])
+        masks = batch["mask"].to(probabilities.device)  # sliding windows sum on the CPU
         if class_names is not None:
             per_image = foreground_means(class_metrics(probabilities.argmax(1), masks[:, 0], len(class_names),
                                                        surface=surface, spacing=batch.get("spacing")), class_names)
