@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import random
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -282,6 +283,30 @@ def rebuild_model(config: dict) -> torch.nn.Module:
         if config["model"]["mode"] == "frozen":  # a trained layer's weights are in the checkpoint itself
             check_fingerprint(trained.get("fingerprint"), loaded)
     return net
+
+
+def load_weights_of_run(net: torch.nn.Module, run_dir, checkpoint: str = "best") -> dict:
+    """Load the trained weights of another run's checkpoint into `net`, a model built anew (train.py
+    --init-from): it must be the same model, its frozen layer the same weights, or the adapters and the
+    CNN would have learnt around another layer. Returns the checkpoint's info."""
+    run_dir = Path(run_dir)
+    source = read_run_config(run_dir)
+    ours, theirs = asdict(net.config), source["model"]
+    differing = [name for name in ours if name != "revision" and ours[name] != theirs.get(name)]
+    if differing:
+        name = differing[0]
+        raise InputError(f"--init-from {run_dir}: its model has {name} {theirs.get(name)!r}, this run's "
+                         f"{ours[name]!r}; expected the same model (give the flags that run was trained with)")
+    if net.bridge is not None:
+        trained, loaded = source["llm_layer"] or {}, net.bridge.layer.config
+        if loaded.commit != trained.get("commit"):
+            raise InputError(f"--init-from {run_dir}: it trained with {theirs['llm']} at commit {trained.get('commit')}, "
+                             f"this run loaded commit {loaded.commit}; expected the same layer weights")
+        if ours["mode"] == "frozen":
+            check_fingerprint(trained.get("fingerprint"), loaded)
+    tensors, info = read_checkpoint(run_dir / f"{checkpoint}.safetensors")
+    net.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")})
+    return info
 
 
 def load_run(run_dir, checkpoint: str = "best") -> tuple[torch.nn.Module, dict, dict]:

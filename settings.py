@@ -15,7 +15,7 @@ from model import BACKBONE_DIMS, BACKBONES, DOWNSAMPLING, FINAL_NORMS, MODES, bu
 from vit import check_patch_grid
 
 # --resume takes every setting from the run's config.json except these, which belong to one invocation,
-PER_INVOCATION = ("resume", "out", "stop_after_epoch")
+PER_INVOCATION = ("resume", "out", "stop_after_epoch", "init_from")
 # and these, which may be changed (a different --workers changes the augmentations when > 0).
 CHANGEABLE_ON_RESUME = ("device", "workers", "compile")
 # The flags that configure build_model and load_dataset take their defaults from those signatures.
@@ -141,6 +141,9 @@ def make_parser() -> argparse.ArgumentParser:
                    help="torch.compile the training step (CUDA graphs in one process); None means on CUDA only")
     p.add_argument("--out", default=None, help="run directory; None means runs/<name from the settings>")
     p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR")
+    p.add_argument("--init-from", default=None, metavar="RUN_DIR",
+                   help="start a new run from the weights of RUN_DIR's best checkpoint (fine-tuning, or training "
+                        "longer with a new schedule); the model must be the same, the optimizer starts afresh")
     p.add_argument("--stop-after-epoch", type=int, default=None, metavar="N",
                    help="save and exit 0 after epoch N, resumable later (e.g. to fit a time slot)")
     return p
@@ -222,6 +225,13 @@ def check_args(args: argparse.Namespace) -> None:
                              "has fixed splits")
         if not (math.isfinite(args.test_fraction) and 0 <= args.test_fraction < 1):
             raise ValueError(f"--test-fraction: expected a finite number in [0, 1), got {args.test_fraction}")
+    if args.init_from is not None:
+        if args.resume is not None:
+            raise ValueError("--init-from starts a new run from another run's weights; --resume continues a run: "
+                             "give one of them")
+        if not has_checkpoint(Path(args.init_from), "best"):
+            raise FileNotFoundError(f"--init-from {args.init_from}: expected a run directory with a best checkpoint "
+                                    "(best.safetensors), found none")
     check_out_dir(Path(args.out), resuming=args.resume is not None)
 
 

@@ -75,8 +75,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from checkpoints import (has_checkpoint, keep_metrics_up_to, load_checkpoint, read_run_config, rebuild_model,
-                         remove_stale_temporaries, rng_state, save_checkpoint, set_rng_state)
+from checkpoints import (has_checkpoint, keep_metrics_up_to, load_checkpoint, load_weights_of_run, read_run_config,
+                         rebuild_model, remove_stale_temporaries, rng_state, save_checkpoint, set_rng_state)
 from cli import USER_ERROR_EXIT, USER_ERRORS, user_error
 from data import (PATCH_DATASETS, EpochItems, EpochOrder, check_cases, class_names, input_channels, load_dataset,
                   normalize_batch, num_classes, spatial_dims)
@@ -265,12 +265,16 @@ def build_or_rebuild_model(args: argparse.Namespace) -> torch.nn.Module:
     llm = None if args.llm == "none" else str(local.resolve()) if local.exists() else args.llm
     in_channels = input_channels(args.data, args.data_dir)
     classes = num_classes(args.data, args.data_dir, multiclass=args.multiclass)
-    return build_model(args.backbone, llm, args.layer, args.mode, in_channels=in_channels, num_classes=classes,
-                       lora_rank=args.lora_rank,
-                       mapper_lora_rank=args.mapper_lora_rank, residual=args.residual, final_norm=args.final_norm,
-                       spatial_dims=spatial_dims(args.data), img_size=args.img_size,
-                       patch_size=args.patch_size, embed_dim=args.embed_dim, depth=args.depth, heads=args.heads,
-                       dropout=args.dropout)
+    net = build_model(args.backbone, llm, args.layer, args.mode, in_channels=in_channels, num_classes=classes,
+                      lora_rank=args.lora_rank,
+                      mapper_lora_rank=args.mapper_lora_rank, residual=args.residual, final_norm=args.final_norm,
+                      spatial_dims=spatial_dims(args.data), img_size=args.img_size,
+                      patch_size=args.patch_size, embed_dim=args.embed_dim, depth=args.depth, heads=args.heads,
+                      dropout=args.dropout)
+    if args.init_from:
+        info = load_weights_of_run(net, args.init_from)
+        print(f"weights from {args.init_from} (best checkpoint: epoch {info.get('epoch')}, step {info['global_step']})")
+    return net
 
 
 def make_optimizer(args: argparse.Namespace, trainable: list[torch.nn.Parameter]) -> torch.optim.Optimizer:

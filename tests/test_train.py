@@ -540,3 +540,20 @@ def test_test_fraction_holds_out_a_test_split_of_ones_own_data(tmp_path, capsys)
     assert "folder train: 5 cases" in capsys.readouterr().out  # 10 - ceil(0.3 * 10) val - ceil(0.2 * 10) test
     assert ev.main([str(out), "--split", "test", "--workers", "0", "--device", "cpu"]) == 0
     assert json.loads((out / "eval-test" / "metrics.json").read_text())["images"] == 2
+
+
+def test_init_from_starts_a_new_run_from_another_runs_best_weights(tiny_llm, tmp_path, three_epochs, capsys):
+    from checkpoints import read_checkpoint
+    from settings import parse_args
+
+    args = parse_args(small_run(tiny_llm, tmp_path / "finetune", "--init-from", str(three_epochs)))
+    net = train.build_or_rebuild_model(args)
+    best, _ = read_checkpoint(three_epochs / "best.safetensors")
+    state = net.state_dict()
+    assert all(torch.equal(state[key.removeprefix("model.")], value) for key, value in best.items())
+    assert "weights from" in capsys.readouterr().out
+
+    assert train.main(small_run(tiny_llm, tmp_path / "other", "--init-from", str(three_epochs), "--backbone", "unet")) == 2
+    assert "its model has backbone 'cmunext', this run's 'unet'; expected the same model" in capsys.readouterr().err
+    assert train.main(small_run(tiny_llm, tmp_path / "nothing", "--init-from", str(tmp_path / "nowhere"))) == 2
+    assert "expected a run directory with a best checkpoint" in capsys.readouterr().err
