@@ -7,6 +7,7 @@ synthetic.py; this file turns them into torch Datasets and owns the splits.
 
     load_dataset(name, root, split, img_size=S, seed) -> torch Dataset
     item = {"image": (3, S, S) float32, "mask": (1, S, S) float32 in {0, 1}, "name": case id}
+    2D multi-class (folder with multiclass=True): mask (1, S, S) int64 in 0..K-1, each mask file's value its class
     3D binary (msd, synthetic3d): image (C, S, S, S), mask (1, S, S, S) float32 in {0, 1}, plus "spacing" (3,) mm
     3D multi-class (btcv, synthetic-organs, msd with multiclass=True): mask (1, *shape) int64 in 0..K-1;
         btcv's and synthetic-organs' train split = random roi_size^3 patches (samples_per_volume per volume and
@@ -20,30 +21,48 @@ by 255 a second time; we don't). mask = 1 where the owner's label is foreground:
 (Kvasir's masks are JPEGs with compression noise, so never test == 255), a map holding only 0 and 1
 as it is, colour masks on their brightest channel, RGBA composited over black, palette masks through
 their colours, 16-bit masks scaled to 8 bits first. BUSI's several masks of one case are united.
-Every 2D dataset here is binary, so a label map (largest value 2..127, such as {0, 1, 2}, or a palette
-mask using more than 2 colours) is refused with an InputError naming the file, never thresholded.
+Kvasir, BUSI, ISIC 2018, TN-SCUI and the synthetic polyps are binary by definition, and so is `folder` by
+default, so a label map (largest value 2..127, such as {0, 1, 2}, or a palette mask using more than 2 colours)
+is refused with an InputError naming the file, never thresholded.
+
+`folder` with multiclass=True (train.py --data folder --multiclass) reads each mask as a label map instead:
+its values are the classes, 0 background, 1..K-1 the structures (read_label_map). Accepted: gray PNGs (mode L,
+or 16-bit / 1-bit ones holding values <= 255; other lossless formats too) and palette PNGs, whose pixel values
+are palette indices (the index is the class, whatever its colour); refused with an InputError naming the file: colour masks (RGB, RGBA,
+gray + alpha: a colour is no class number; convert colour-coded masks to indices first), JPEG masks (their
+compression invents values between the labels), values above 255. Resized nearest, so no label is blended with
+its neighbour's. K = 1 + the largest value in any mask of the dataset (all its cases, whatever the split), at
+least 2 (folder_classes; the answer is kept in llm4seg_cache/folder_labels.json with the masks' stamps, so a
+run reads the masks once, until one changes). Masks holding only 0 and 255 are binary masks, refused with
+multiclass, and so is 255 beside other labels (Pascal VOC's "void" borders; no pixel is ignored here). Class names are "background", "class 1", ..., "class K-1", unless the root (or the folder holding
+images/ + masks/) holds one of classes.json or labels.json naming them by value:
+    {"0": "background", "1": "polyp", "2": "instrument"}
+every value 0..K-1 once (K >= 2), a non-empty name each; K is then the file's, and a mask holding a value the
+file does not name is an InputError.
 
 check_cases(dataset), run on each split before the first step, opens every file once and raises one
 files.InputError listing every unusable case: an empty, truncated or corrupt image or mask, a mask of
-another size than its image, a label map; for MSD and BTCV, every volume read and cached (volumes/), each bad
-file on its own line (BTCV: missing or cut NIfTI, image / label grids that differ, NaN voxels, label values
-outside 0..13).
+another size than its image, a label map where masks are binary (a colour or JPEG mask where they are label
+maps); for MSD and BTCV, every volume read and cached (volumes/), each bad file on its own line (BTCV: missing
+or cut NIfTI, image / label grids that differ, NaN voxels, label values outside 0..13).
 
 2D cases read from files are decoded once: check_cases decodes every case of its datasets at img_size into
-one cache file per dataset root and size, `<root>/llm4seg_cache/<name>_<S>px.safetensors`, which the datasets
-then read memory-mapped (DataLoader workers share its pages; an item is a copy of one 256 KB row at 256 px):
-    "pixels"    (N, 4, S, S) uint8, one row per case: RGB resized bilinear in channels 0..2, the mask's 0 / 1
-                resized nearest in channel 3 (decode_case; a JPEG of both sides >= 4 S is decoded at a reduced
-                scale, within a few grey levels: decode_image)
+one cache file per dataset root, size and kind of mask, `<root>/llm4seg_cache/<name>_<S>px.safetensors` (binary
+masks) or `<name>_<S>px_labels.safetensors` (label maps, multiclass=True), which the datasets then read
+memory-mapped (DataLoader workers share its pages; an item is a copy of one 256 KB row at 256 px):
+    "pixels"    (N, 4, S, S) uint8, one row per case: RGB resized bilinear in channels 0..2, the mask resized
+                nearest in channel 3, 0 / 1 or the label value (decode_case; a JPEG of both sides >= 4 S is
+                decoded at a reduced scale, within a few grey levels: decode_image)
     metadata    "names" (the rows' case ids, JSON), "source" (each row's files' size:mtime, volumes.nifti's
-                file_stamp), "img_size", "format", "crc32" (volumes.nifti's tensors_crc32 of the pixels, then of
-                the other values)
+                file_stamp), "img_size", "format", "mask" ("binary" or "labels"; a file without it, written
+                before label maps existed, is binary), "crc32" (volumes.nifti's tensors_crc32 of the pixels,
+                then of the other values)
 One file rather than one per split (splits depend on seed, fold and fractions: every split of every run shares
 the decoded cases; a run adds the ones the file lacks) or per case (one map and one checksum, not thousands).
-A file cut short, corrupt (its checksum), of another img_size or format is rebuilt with one printed line, never
-used; a case whose files' stamp changed is decoded again, the other rows copied; a file is written beside the
-old one and renamed over it (files.write_atomically), so two runs building it at once each leave a whole file,
-and a process keeps reading the file it opened. A root that cannot be written caches under $LLM4SEG_CACHE
+A file cut short, corrupt (its checksum), of another img_size, format or kind of mask is rebuilt with one printed
+line, never used; a case whose files' stamp changed is decoded again, the other rows copied; a file is written
+beside the old one and renamed over it (files.write_atomically), so two runs building it at once each leave a
+whole file, and a process keeps reading the file it opened. A root that cannot be written caches under $LLM4SEG_CACHE
 (default ~/.cache/llm4seg), in images/, named after the root's path too; where neither can be written, each
 item is decoded from its files every epoch, which is said once. A case's cached row was decoded from files of
 the same stamp without a problem, so check_cases does not open them again. An item read from the cache equals
@@ -108,7 +127,8 @@ from volumes.nifti import CHECKSUM, STAMP, file_stamp, tensors_crc32
 DATASETS = (*RAW_DATASETS, "synthetic", "msd", "synthetic3d", "btcv", "synthetic-organs")
 VOLUME_DATASETS = ("msd", "synthetic3d", "btcv", "synthetic-organs")  # items are (C, X, Y, Z) volumes
 GENERATED_DATASETS = ("synthetic", "synthetic3d", "synthetic-organs")  # drawn from (seed, index), fixed splits
-MULTICLASS_DATASETS = ("btcv", "synthetic-organs")  # label maps, always; msd with multiclass=True too
+MULTICLASS_DATASETS = ("btcv", "synthetic-organs")  # label maps, always
+LABEL_MAP_DATASETS = ("msd", "folder")  # label maps with multiclass=True, binary without
 PATCH_DATASETS = ("btcv", "synthetic-organs")  # trained on random crops, evaluated by sliding windows
 MSD_FRACTIONS = (0.2, 0.1)  # (val, test) of all cases: MedVisionLlama's 70 / 20 / 10
 FOLDS = 5  # fold=k: the non-test cases in 5 parts, part k validates
@@ -127,6 +147,9 @@ DRAFT_FACTOR = 4  # JPEGs with both sides >= 4 S are decoded at a reduced scale 
 BUILD_PROCESSES = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 PARALLEL_BUILD = 64  # fewer cases to decode are decoded in this process (starting workers costs ~0.1 s each)
 STALE_TEMPORARY_S = 3600  # a cache temporary untouched this long was left by a killed build
+CLASS_FILES = ("classes.json", "labels.json")  # a multi-class folder's class names, by label value
+LABELS_MEMO = "folder_labels.json"  # in CACHE_FOLDER: the label values of a multi-class folder's masks
+MAX_LABEL = 255  # a label map's values are stored in the cache's uint8 mask channel
 
 
 def check_dataset_name(name: str) -> None:
@@ -143,9 +166,12 @@ def check_data_options(name: str, fold: int | None, label: int | None, multiclas
         raise ValueError(f"fold applies to datasets read from files; {name} has fixed splits")
     if label is not None and name != "msd":
         raise ValueError(f"label chooses a structure of an msd task, got it for {name}")
-    if multiclass and name != "msd":
-        kind = "is multi-class already" if name in MULTICLASS_DATASETS else "is binary"
-        raise ValueError(f"multiclass applies to msd (every label value its class); {name} {kind}")
+    if multiclass and name in MULTICLASS_DATASETS:
+        raise ValueError(f"multiclass applies to msd (every label value its class); {name} is multi-class already")
+    if multiclass and name not in LABEL_MAP_DATASETS:
+        other = ", or read label-map masks as the folder dataset" if name in RAW_DATASETS else ""
+        raise ValueError(f"multiclass applies to msd and folder (every label value its class); {name} is binary by "
+                         f"definition (one foreground, one sigmoid): drop multiclass{other}")
     if multiclass and label is not None:
         raise ValueError(f"label {label} makes one structure the foreground, multiclass keeps every label: choose one")
 
@@ -173,7 +199,7 @@ def load_dataset(name: str, root: str | None = None, split: str = "train", img_s
     download: fetch Kvasir-SEG when root is absent or empty.
     fold: 0..4, cross-validation on the cases outside the test split (cross_validation_fold).
     label: msd only; the label value that is foreground (default: every label > 0).
-    multiclass: msd only; every label value is its class (int64 label maps; num_classes gives K).
+    multiclass: msd and folder; every label value is its class (int64 label maps; num_classes gives K).
     roi_size, samples_per_volume: btcv and synthetic-organs, the training split's patches (R^3, this many
         per volume and epoch; volumes/patches.py); the other splits and datasets ignore them.
     img_size: the side of the 2D images and of the msd / synthetic3d / synthetic-organs volumes; btcv ignores
@@ -263,6 +289,8 @@ def load_dataset(name: str, root: str | None = None, split: str = "train", img_s
             "; benign + malignant only, as the paper (include_normal=True adds the normal cases)"
     if len(listed) < len(cases):
         note += f"; {len(cases) - len(listed)} cases found are in no list and unused"
+    if name == "folder" and multiclass:
+        note += "; masks read as label maps (multiclass)"
     print(f"{name} {split}: {len(chosen)} cases from {data_dir}, split {source}{note}")
     if name == "msd":
         variant = "_multiclass" if multiclass else "" if label is None else f"_label{label}"
@@ -270,7 +298,7 @@ def load_dataset(name: str, root: str | None = None, split: str = "train", img_s
         cache = root_dir / "llm4seg_cache" / f"{img_size}px{variant}"
         return MSDVolumes(chosen, img_size, channels, label, cache, classes)
     return SegmentationFiles(chosen, img_size, seed, augment=split == "train",
-                             cache_paths=cache_paths(name, root_dir, img_size))
+                             cache_paths=cache_paths(name, root_dir, img_size, multiclass), multiclass=multiclass)
 
 
 def split_names(name: str, splits: dict[str, list[str]], split: str, fold: int | None, seed: int, source: str,
@@ -341,7 +369,8 @@ def input_channels(name: str, root: str | None = None) -> int:
 
 def class_names(name: str, root: str | None = None, **options) -> list[str]:
     """The K class names of a dataset, background first: btcv's 14 organs' classes, synthetic-organs' 6, an msd
-    task's dataset.json "labels" with multiclass=True; ["background", "foreground"] for the binary datasets.
+    task's dataset.json "labels" with multiclass=True, a folder's with multiclass=True (folder_classes);
+    ["background", "foreground"] for the binary datasets.
     options: load_dataset's keywords (fold, label, multiclass are checked; the others are not used)."""
     check_dataset_name(name)
     check_data_options(name, options.get("fold"), options.get("label"), options.get("multiclass", False))
@@ -349,18 +378,112 @@ def class_names(name: str, root: str | None = None, **options) -> list[str]:
         return list(BTCV_CLASSES)
     if name == "synthetic-organs":
         return list(ORGAN_CLASSES)
+    root_dir = Path(root) if root is not None else default_root(name)
     if name == "msd" and options.get("multiclass"):
-        return msd_labels(Path(root) if root is not None else default_root(name))
+        return msd_labels(root_dir)
+    if name == "folder" and options.get("multiclass"):
+        return folder_classes(root_dir)
     return ["background", "foreground"]
 
 
 def num_classes(name: str, root: str | None = None, **options) -> int:
     """The output channels a model needs: 1 for every binary dataset (one logit, sigmoid), K for the
     multi-class ones (K logits, softmax): 14 for btcv, 6 for synthetic-organs, len(dataset.json "labels") for
-    msd with multiclass=True (e.g. BrainTumour 4). options as class_names."""
+    msd with multiclass=True (e.g. BrainTumour 4), 1 + the largest mask value (or classes.json's count) for folder
+    with multiclass=True. options as class_names."""
     names = class_names(name, root, **options)
-    multiclass = name in MULTICLASS_DATASETS or (name == "msd" and options.get("multiclass", False))
+    multiclass = name in MULTICLASS_DATASETS or (name in LABEL_MAP_DATASETS and options.get("multiclass", False))
     return len(names) if multiclass else 1
+
+
+def folder_classes(root_dir: Path) -> list[str]:
+    """The K class names of a multi-class folder, background first: its classes.json's (or labels.json's), else
+    "background", "class 1", ..., "class K-1" with K = 1 + the largest value in any of its masks (at least 2).
+    InputError when the masks hold only 0 and 255 (binary masks), or a value the class file does not name."""
+    raw = RAW_DATASETS["folder"]
+    data_dir = raw.locate(root_dir)
+    if data_dir is None:
+        raise missing_dataset("folder", root_dir, f"default root: ${DATA_ROOT_ENV}/folder, or ./data/folder when unset")
+    values, where = label_values(raw.cases(root_dir, data_dir, False), root_dir)
+    if 255 in values and set(values) <= {0, 255}:
+        raise InputError(f"the masks under {data_dir} hold only 0 and 255: binary masks, not label maps (whose "
+                         "values are the classes 0..K-1). Drop multiclass, or save each mask's classes as 0, 1, 2, ...")
+    if 255 in values:
+        raise InputError(f"mask {where} holds 255 beside the labels {values[:-1]}: as a class it would make 256 of "
+                         "them; if it marks pixels to ignore (as Pascal VOC's borders), expected those pixels "
+                         "labelled 0 or as their class")
+    named, class_file = named_classes([root_dir, data_dir])
+    largest = max(values, default=0)
+    if named is None:
+        return ["background", *(f"class {k}" for k in range(1, max(2, largest + 1)))]
+    if largest >= len(named):
+        raise InputError(f"mask {where} holds the label {largest}, but {class_file} names the classes "
+                         f"0..{len(named) - 1}; expected a name for every label value: add it, or fix the mask")
+    return named
+
+
+def named_classes(folders: list[Path]) -> tuple[list[str] | None, Path | None]:
+    """The class names of the one classes.json or labels.json in `folders` ({"0": "background", "1": "polyp", ...}:
+    every value 0..K-1 once, K >= 2, a non-empty name each), in value order, and the file; (None, None) when
+    there is none. InputError when there are several or the file is not such a table."""
+    found = sorted({(folder / name).resolve() for folder in folders for name in CLASS_FILES
+                    if (folder / name).is_file()})
+    if len(found) > 1:
+        raise InputError(f"found {' and '.join(map(str, found))}; expected one file naming the classes: remove the "
+                         "others")
+    if not found:
+        return None, None
+    path = found[0]
+    expected = ('expected {"0": "background", "1": "<class 1>", ...}, every label value 0..K-1 once (K >= 2) with '
+                'a name')
+    try:
+        table = json.loads(path.read_text())
+        named = {int(key): value for key, value in table.items()}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError, ValueError, TypeError) as err:
+        raise InputError(f"{path} is unreadable as a class table ({err}); {expected}") from err
+    if sorted(named) != list(range(len(named))) or len(named) < 2:
+        raise InputError(f"{path} names the label values {sorted(named)}; {expected}")
+    if not all(isinstance(value, str) and value.strip() for value in named.values()):
+        raise InputError(f"{path} has a name that is empty or not a string; {expected}")
+    return [named[k] for k in range(len(named))], path
+
+
+def label_values(cases: list[Case], root_dir: Path) -> tuple[list[int], Path | None]:
+    """The values found in the cases' label-map masks, sorted, and a mask holding the largest; masks that cannot
+    be read as label maps are left out (check_cases names them). Kept in <root>/llm4seg_cache/folder_labels.json
+    with the masks' stamps (file_stamp), so the masks are read again only when one changed (or the file cannot be
+    written: then every call reads them)."""
+    masks = sorted(path for case in cases for path in case.masks)
+    try:
+        stamps = file_stamp(*masks)
+    except OSError:
+        stamps = None
+    memo = root_dir / CACHE_FOLDER / LABELS_MEMO
+    key = hashlib.sha1(json.dumps([list(map(str, masks)), stamps]).encode()).hexdigest()
+    try:
+        stored = json.loads(memo.read_text())
+        if stored["key"] == key and stamps is not None:
+            return [int(v) for v in stored["values"]], Path(stored["largest_in"]) if stored["largest_in"] else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+        pass  # absent, unreadable or outdated: read the masks
+    found, where = np.zeros(MAX_LABEL + 1, bool), None
+    for path in tqdm(masks, desc="reading label values", unit="mask", leave=False, disable=None):
+        try:
+            labels = mask_to_labels(open_image(path))
+        except (InputError, ValueError):
+            continue
+        if (largest := int(labels.max(initial=0))) > 0 and (where is None or not found[largest:].any()):
+            where = path
+        found[np.unique(labels)] = True
+    values = np.flatnonzero(found).tolist()
+    if stamps is not None:
+        try:
+            memo.parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(memo, lambda tmp: tmp.write_text(json.dumps(
+                {"key": key, "values": values, "largest_in": str(where) if where else None})))
+        except OSError:
+            pass  # a read-only root: the masks are read again next time
+    return values, where
 
 
 def check_cases(*datasets: Dataset) -> None:
@@ -389,7 +512,7 @@ def check_cases(*datasets: Dataset) -> None:
                 except InputError as error:
                     found = str(error).splitlines()  # BTCV names each bad file of a case on its own line
             else:
-                found = checked[case] if case in checked else case_problems(case)
+                found = checked[case] if case in checked else case_problems(case, dataset.multiclass)
             problems += found
             bad_cases += bool(found)
         if patches is not None:
@@ -490,15 +613,16 @@ def decode_image(path: Path, img_size: int) -> tuple[np.ndarray, tuple[int, int]
     return np.asarray(as_rgb(image).resize((img_size, img_size), Image.Resampling.BILINEAR)), size
 
 
-def decode_case(case: Case, img_size: int) -> np.ndarray:
-    """One case as the cache stores it: (4, S, S) uint8, RGB in channels 0..2 (decode_image) and the mask's
-    0 / 1 in channel 3 (the union of its masks, resized nearest so it stays binary). InputError naming the
-    first unusable file (case_problems names them all)."""
+def decode_case(case: Case, img_size: int, multiclass: bool = False) -> np.ndarray:
+    """One case as the cache stores it: (4, S, S) uint8, RGB in channels 0..2 (decode_image) and in channel 3
+    the mask's 0 / 1 (the union of its masks) or, with multiclass, its label values (read_label_map), resized
+    nearest so no value is blended with its neighbour's. InputError naming the first unusable file
+    (case_problems names them all)."""
     rgb, size = decode_image(case.image, img_size)                                   # (S, S, 3)
-    mask = Image.fromarray(read_mask(case, size).astype(np.uint8) * 255)
-    mask = np.asarray(mask.resize((img_size, img_size), Image.Resampling.NEAREST))  # (S, S)
+    mask = read_labels(case, size) if multiclass else read_mask(case, size).astype(np.uint8)  # (H, W)
+    mask = np.asarray(Image.fromarray(mask).resize((img_size, img_size), Image.Resampling.NEAREST))  # (S, S)
     pixels = np.empty((4, img_size, img_size), np.uint8)
-    pixels[:3], pixels[3] = rgb.transpose(2, 0, 1), mask >= 128                     # (3, S, S) <- (S, S, 3)
+    pixels[:3], pixels[3] = rgb.transpose(2, 0, 1), mask                            # (3, S, S) <- (S, S, 3)
     return pixels
 
 
@@ -532,14 +656,48 @@ def mask_to_binary(mask: Image.Image) -> np.ndarray:
 def read_binary_mask(path: Path, image: Path, image_size: tuple[int, int] | None) -> np.ndarray:
     """One mask file -> (H, W) bool; InputError naming it when it is unreadable, of another size than its
     image (image_size (W, H); None: the image is unreadable, sizes are not compared) or a label map."""
-    mask = open_image(path)
-    if image_size is not None and mask.size != image_size:
-        raise InputError(f"image {image} is {image_size[0]}x{image_size[1]} but its mask {path} is "
-                         f"{mask.size[0]}x{mask.size[1]}; expected the same size. Fix or remove this pair.")
+    mask = open_mask(path, image, image_size)
     try:
         return mask_to_binary(mask)
     except ValueError as err:
         raise InputError(f"mask {path} {err}. Make it binary or remove the case.") from err
+
+
+def open_mask(path: Path, image: Path, image_size: tuple[int, int] | None) -> Image.Image:
+    """The decoded mask file; InputError naming it when it is unreadable or of another size than its image."""
+    mask = open_image(path)
+    if image_size is not None and mask.size != image_size:
+        raise InputError(f"image {image} is {image_size[0]}x{image_size[1]} but its mask {path} is "
+                         f"{mask.size[0]}x{mask.size[1]}; expected the same size. Fix or remove this pair.")
+    return mask
+
+
+def mask_to_labels(mask: Image.Image) -> np.ndarray:
+    """A label-map mask image -> (H, W) uint8, its values the classes; ValueError for what holds no class
+    numbers (a colour or alpha image, a JPEG, float or negative values) or values above MAX_LABEL."""
+    if mask.format == "JPEG":
+        raise ValueError("is a JPEG, whose compression invents values between the labels: expected a lossless PNG "
+                         "whose values are the classes 0..K-1")
+    if mask.mode in ("1", "L", "P"):  # P: the palette index is the class, whatever its colour
+        return np.asarray(mask, dtype=np.uint8)
+    if mask.mode not in ("I", "I;16", "I;16B", "I;16L"):
+        raise ValueError(f"has the mode {mask.mode}: with multiclass a mask is a label map whose values are the "
+                         "classes; expected a gray (L) or palette (P) PNG of the values 0..K-1, not colours (convert "
+                         "a colour-coded mask to class numbers first)")
+    values = np.asarray(mask)
+    if values.min(initial=0) < 0 or values.max(initial=0) > MAX_LABEL:
+        raise ValueError(f"holds values {values.min()}..{values.max()}: expected labels 0..{MAX_LABEL}")
+    return values.astype(np.uint8)
+
+
+def read_label_map(path: Path, image: Path, image_size: tuple[int, int] | None) -> np.ndarray:
+    """One label-map mask file -> (H, W) uint8 labels (mask_to_labels); InputError naming it when it is
+    unreadable, of another size than its image (image_size as read_binary_mask's) or holds no class numbers."""
+    mask = open_mask(path, image, image_size)
+    try:
+        return mask_to_labels(mask)
+    except ValueError as err:
+        raise InputError(f"mask {path} {err}. Save it as a label map or remove the case.") from err
 
 
 def read_mask(case: Case, image_size: tuple[int, int]) -> np.ndarray:
@@ -550,7 +708,13 @@ def read_mask(case: Case, image_size: tuple[int, int]) -> np.ndarray:
     return union
 
 
-def case_problems(case: Case) -> list[str]:
+def read_labels(case: Case, image_size: tuple[int, int]) -> np.ndarray:
+    """The case's label map, (H, W) uint8, at the image's size (W, H)."""
+    assert len(case.masks) == 1, "multiclass datasets (folder) pair one mask with each image"
+    return read_label_map(case.masks[0], case.image, image_size)
+
+
+def case_problems(case: Case, multiclass: bool = False) -> list[str]:
     """What makes a case unusable, one line per bad file; [] when __getitem__ can read it."""
     problems, size = [], None
     try:
@@ -559,7 +723,7 @@ def case_problems(case: Case) -> list[str]:
         problems.append(str(error))
     for path in case.masks:
         try:
-            read_binary_mask(path, case.image, size)
+            (read_label_map if multiclass else read_binary_mask)(path, case.image, size)
         except InputError as error:
             problems.append(str(error))
     return problems
@@ -673,13 +837,19 @@ class CachedCases:
             pass
 
 
-def cache_paths(name: str, root_dir: Path, img_size: int) -> tuple[Path, Path]:
+def cache_paths(name: str, root_dir: Path, img_size: int, multiclass: bool = False) -> tuple[Path, Path]:
     """Where the cache of a 2D dataset at img_size may be: in its root, else (a read-only dataset folder) under
-    $LLM4SEG_CACHE or ~/.cache/llm4seg, named after the root's absolute path too."""
+    $LLM4SEG_CACHE or ~/.cache/llm4seg, named after the root's absolute path too; label maps (multiclass) in
+    files of their own, so a root's binary and multi-class caches never replace each other."""
     fallback = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "llm4seg") / "images"
     key = hashlib.sha1(str(root_dir.resolve()).encode()).hexdigest()[:12]
-    return (root_dir / CACHE_FOLDER / f"{name}_{img_size}px.safetensors",
-            fallback / f"{name}_{img_size}px_{key}.safetensors")
+    stem = f"{name}_{img_size}px{'_labels' if multiclass else ''}"
+    return root_dir / CACHE_FOLDER / f"{stem}.safetensors", fallback / f"{stem}_{key}.safetensors"
+
+
+def mask_kind(multiclass: bool) -> str:
+    """The cache metadata's "mask": what channel 3 holds."""
+    return "labels" if multiclass else "binary"
 
 
 def case_stamp(case: Case) -> str | None:
@@ -714,9 +884,9 @@ def pixels_crc32(pixels: np.ndarray, metadata: dict[str, str]) -> str:
     return tensors_crc32({PIXELS: torch.from_numpy(pixels)}, {k: v for k, v in metadata.items() if k != CHECKSUM})
 
 
-def open_cache(path: Path, img_size: int) -> CachedCases | None:
+def open_cache(path: Path, img_size: int, multiclass: bool = False) -> CachedCases | None:
     """The cache file at path, checked against its checksum; None when it is absent, or unusable, which is
-    printed in one line (cut short, corrupt, another img_size or format): it is then rebuilt."""
+    printed in one line (cut short, corrupt, another img_size, format or kind of mask): it is then rebuilt."""
     if not path.is_file():
         return None
     try:
@@ -726,6 +896,9 @@ def open_cache(path: Path, img_size: int) -> CachedCases | None:
             raise ValueError(f"its format is {metadata.get('format')!r}, expected {CACHE_FORMAT!r}")
         if metadata.get("img_size") != str(img_size):
             raise ValueError(f"it holds {metadata.get('img_size')} px images, expected {img_size} px")
+        # A file written before label maps existed has no "mask" and holds binary masks.
+        if (kind := metadata.get("mask", mask_kind(False))) != mask_kind(multiclass):
+            raise ValueError(f"its masks are {kind}, expected {mask_kind(multiclass)}")
         names, stamps = json.loads(metadata["names"]), json.loads(metadata[STAMP])
         shape, entry = (len(names), 4, img_size, img_size), header[PIXELS]
         if entry != {"dtype": "U8", "shape": list(shape), "data_offsets": [0, math.prod(shape)]} or \
@@ -749,12 +922,12 @@ def cache_cases(datasets: list["SegmentationFiles"]) -> dict[Case, list[str]]:
     groups: dict[tuple, list[SegmentationFiles]] = {}
     for dataset in datasets:
         if dataset.cache_paths:
-            groups.setdefault((dataset.cache_paths, dataset.img_size), []).append(dataset)
+            groups.setdefault((dataset.cache_paths, dataset.img_size, dataset.multiclass), []).append(dataset)
     checked = {}
-    for (paths, img_size), members in groups.items():
+    for (paths, img_size, multiclass), members in groups.items():
         cases = list(dict.fromkeys(case for dataset in members for case in dataset.cases))
         stamps = {case: case_stamp(case) for case in cases}
-        cache, decoded = update_cache(paths, cases, img_size, stamps)
+        cache, decoded = update_cache(paths, cases, img_size, stamps, multiclass)
         for dataset in members:
             dataset.attach(cache, stamps)
         vouched = [case for case in cases if cache is not None and cache.row_of(case.name, stamps[case]) is not None]
@@ -762,15 +935,15 @@ def cache_cases(datasets: list["SegmentationFiles"]) -> dict[Case, list[str]]:
     return checked
 
 
-def update_cache(paths: tuple[Path, ...], cases: list[Case], img_size: int,
-                 stamps: dict[Case, str | None]) -> tuple[CachedCases | None, dict[Case, list[str]]]:
+def update_cache(paths: tuple[Path, ...], cases: list[Case], img_size: int, stamps: dict[Case, str | None],
+                 multiclass: bool = False) -> tuple[CachedCases | None, dict[Case, list[str]]]:
     """The first usable cache file of `paths` when it holds every case as its files now are; otherwise a new one
     holding the old file's rows (but the cases decoded again) and every case decoded here but the unusable
     ones, written at the first of `paths` that can be written. Returns it (the old one, or None, when none can
-    be written) and the problems of each case decoded here."""
+    be written) and the problems of each case decoded here. multiclass: the masks are label maps."""
     old = None
     for path in paths:
-        if (old := open_cache(path, img_size)) is not None:
+        if (old := open_cache(path, img_size, multiclass)) is not None:
             break
     todo = [case for case in cases if old is None or old.row_of(case.name, stamps[case]) is None]
     if not todo:
@@ -782,12 +955,13 @@ def update_cache(paths: tuple[Path, ...], cases: list[Case], img_size: int,
     again = {case.name for case in todo}
     kept = [] if old is None else [row for row, name in enumerate(old.names) if name not in again]
     decoded: dict[Case, list[str]] = {}
-    written = write_cache(paths, img_size, old, kept, todo, stamps, decoded)
-    return (open_cache(written, img_size) if written is not None else None) or old, decoded
+    written = write_cache(paths, img_size, old, kept, todo, stamps, decoded, multiclass)
+    return (open_cache(written, img_size, multiclass) if written is not None else None) or old, decoded
 
 
 def write_cache(paths: tuple[Path, ...], img_size: int, old: CachedCases | None, kept: list[int], todo: list[Case],
-                stamps: dict[Case, str | None], decoded: dict[Case, list[str]]) -> Path | None:
+                stamps: dict[Case, str | None], decoded: dict[Case, list[str]],
+                multiclass: bool = False) -> Path | None:
     """Write the cache at the first of `paths` that can be written (files.write_atomically: two runs building
     it at once each rename a whole file into place, the last one stays); the path, or None (printed) when
     none can. `decoded` receives each case's problems as it is decoded."""
@@ -797,7 +971,7 @@ def write_cache(paths: tuple[Path, ...], img_size: int, old: CachedCases | None,
             path.parent.mkdir(parents=True, exist_ok=True)
             remove_stale_temporaries(path.parent)
             write_atomically(path, partial(fill_cache, img_size=img_size, old=old, kept=kept, todo=todo,
-                                           stamps=stamps, decoded=decoded))
+                                           stamps=stamps, decoded=decoded, multiclass=multiclass))
         except WriteError as error:  # a full disk: the cases decoded so far are checked, check_cases reads the rest
             print(f"data: not caching the decoded images ({error}); each is decoded from its files every epoch")
             return None
@@ -815,49 +989,51 @@ def write_cache(paths: tuple[Path, ...], img_size: int, old: CachedCases | None,
 
 
 def fill_cache(temporary: Path, img_size: int, old: CachedCases | None, kept: list[int], todo: list[Case],
-               stamps: dict[Case, str | None], decoded: dict[Case, list[str]]) -> None:
+               stamps: dict[Case, str | None], decoded: dict[Case, list[str]], multiclass: bool = False) -> None:
     """The cache file's bytes: the header's room (the longest it can be, every case decoded), the old file's
     `kept` rows copied, the rows of the cases of `todo` that decode, then the header written into its room."""
     names, rows_stamps = [old.names[row] for row in kept], [old.stamps[row] for row in kept]
     room = len(cache_header(img_size, names + [case.name for case in todo],
-                            rows_stamps + [stamps[case] or "" for case in todo], "0" * 8))
+                            rows_stamps + [stamps[case] or "" for case in todo], "0" * 8, multiclass=multiclass))
     with open(temporary, "wb") as f:
         f.write(b" " * room)
         for row in kept:
             f.write(old.pixels[row])
-        for case, (pixels, problems) in zip(todo, decoded_cases(todo, img_size)):
+        for case, (pixels, problems) in zip(todo, decoded_cases(todo, img_size, multiclass)):
             decoded[case] = problems
             if pixels is not None:
                 f.write(pixels.numpy())
                 names.append(case.name)
                 rows_stamps.append(stamps[case])
-    metadata = cache_metadata(img_size, names, rows_stamps, "")
+    metadata = cache_metadata(img_size, names, rows_stamps, "", multiclass)
     crc = pixels_crc32(map_pixels(temporary, room, (len(names), 4, img_size, img_size)), metadata)
     with open(temporary, "r+b") as f:
-        f.write(cache_header(img_size, names, rows_stamps, crc, room))
+        f.write(cache_header(img_size, names, rows_stamps, crc, room, multiclass))
 
 
-def cache_metadata(img_size: int, names: list[str], stamps: list[str], crc: str) -> dict[str, str]:
-    return {"format": CACHE_FORMAT, "img_size": str(img_size), "names": json.dumps(names), STAMP: json.dumps(stamps),
-            CHECKSUM: crc}
+def cache_metadata(img_size: int, names: list[str], stamps: list[str], crc: str,
+                   multiclass: bool = False) -> dict[str, str]:
+    return {"format": CACHE_FORMAT, "img_size": str(img_size), "mask": mask_kind(multiclass),
+            "names": json.dumps(names), STAMP: json.dumps(stamps), CHECKSUM: crc}
 
 
-def cache_header(img_size: int, names: list[str], stamps: list[str], crc: str, length: int | None = None) -> bytes:
+def cache_header(img_size: int, names: list[str], stamps: list[str], crc: str, length: int | None = None,
+                 multiclass: bool = False) -> bytes:
     """The safetensors header of a cache file: its length (8 bytes, little-endian), then the JSON padded with
     spaces to `length` bytes in all (default: a multiple of 8, as safetensors aligns its own)."""
     shape = [len(names), 4, img_size, img_size]
     text = json.dumps({PIXELS: {"dtype": "U8", "shape": shape, "data_offsets": [0, math.prod(shape)]},
-                       "__metadata__": cache_metadata(img_size, names, stamps, crc)}).encode()
+                       "__metadata__": cache_metadata(img_size, names, stamps, crc, multiclass)}).encode()
     length = length or (8 + len(text) + 7) // 8 * 8
     assert 8 + len(text) <= length, "the header outgrew the room written for it"
     return (length - 8).to_bytes(8, "little") + text.ljust(length - 8)
 
 
-def decoded_cases(cases: list[Case], img_size: int):
+def decoded_cases(cases: list[Case], img_size: int, multiclass: bool = False):
     """(pixels (4, S, S) uint8 tensor or None, problems) of each case, in order, with a progress bar; in
     BUILD_PROCESSES worker processes when there are at least PARALLEL_BUILD cases."""
     processes = BUILD_PROCESSES if len(cases) >= PARALLEL_BUILD else 0
-    loader = DataLoader(CaseDecoder(cases, img_size), batch_size=None, num_workers=processes)
+    loader = DataLoader(CaseDecoder(cases, img_size, multiclass), batch_size=None, num_workers=processes)
     return tqdm(loader, total=len(cases), desc=f"caching {img_size} px images", unit="case", leave=False,
                 disable=None)
 
@@ -865,17 +1041,17 @@ def decoded_cases(cases: list[Case], img_size: int):
 class CaseDecoder(Dataset):
     """Item i: (decode_case of case i, []), or (None, its problems) when a file of it is unusable."""
 
-    def __init__(self, cases: list[Case], img_size: int):
-        self.cases, self.img_size = cases, img_size
+    def __init__(self, cases: list[Case], img_size: int, multiclass: bool = False):
+        self.cases, self.img_size, self.multiclass = cases, img_size, multiclass
 
     def __len__(self) -> int:
         return len(self.cases)
 
     def __getitem__(self, index: int) -> tuple[np.ndarray | None, list[str]]:
         try:
-            return decode_case(self.cases[index], self.img_size), []
+            return decode_case(self.cases[index], self.img_size, self.multiclass), []
         except InputError:
-            return None, case_problems(self.cases[index])
+            return None, case_problems(self.cases[index], self.multiclass)
 
 
 def remove_stale_temporaries(folder: Path) -> None:
@@ -894,11 +1070,13 @@ class SegmentationFiles(Dataset):
     """Cases read from disk, resized to img_size x img_size. When `augment`, item i of epoch `epoch` (set by
     train.py) gets the symmetry drawn from (seed, epoch, i). check_cases attaches the dataset to its cache (the
     first of `cache_paths` that is usable or can be written): items are then read from the memory-mapped file;
-    before that, and for a case the cache lacks, from the case's files. Either way an item is the same."""
+    before that, and for a case the cache lacks, from the case's files. Either way an item is the same.
+    multiclass: the masks are label maps, items' masks int64 labels; else binary, float32 0 / 1."""
 
-    def __init__(self, cases: list[Case], img_size: int, seed: int, augment: bool, cache_paths: tuple[Path, ...] = ()):
+    def __init__(self, cases: list[Case], img_size: int, seed: int, augment: bool, cache_paths: tuple[Path, ...] = (),
+                 multiclass: bool = False):
         self.cases, self.img_size, self.seed, self.augment = cases, img_size, seed, augment
-        self.cache_paths = cache_paths
+        self.cache_paths, self.multiclass = cache_paths, multiclass
         self.epoch = 0
         self.cache: CachedCases | None = None
         self.rows: list[int | None] = [None] * len(cases)  # each case's row in the cache
@@ -913,16 +1091,18 @@ class SegmentationFiles(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         item = self.raw_item(index)
-        return {"image": normalize(item["image"].float() / 255), "mask": item["mask"].float(), "name": item["name"]}
+        mask = item["mask"].long() if self.multiclass else item["mask"].float()
+        return {"image": normalize(item["image"].float() / 255), "mask": mask, "name": item["name"]}
 
     def raw_item(self, index: int) -> dict:
-        """Item `index` before normalisation: image (3, S, S) uint8 RGB, mask (1, S, S) uint8 0 / 1, augmented as
-        __getitem__'s are. train.py's loader reads these (EpochItems) and normalises on the device
-        (normalize_batch): a quarter of the bytes through the worker queues, no float work in the workers."""
+        """Item `index` before normalisation: image (3, S, S) uint8 RGB, mask (1, S, S) uint8 0 / 1 (multiclass:
+        the labels), augmented as __getitem__'s are. train.py's loader reads these (EpochItems) and normalises on
+        the device (normalize_batch): a quarter of the bytes through the worker queues, no float work in the
+        workers; its losses take the uint8 masks as they are (segmentation_loss)."""
         case, row = self.cases[index], self.rows[index]
         pixels = self.cache.row(row) if row is not None else None
         if pixels is None:
-            pixels = decode_case(case, self.img_size)                            # (4, S, S)
+            pixels = decode_case(case, self.img_size, self.multiclass)           # (4, S, S)
         if self.augment:
             # random_symmetry's draw, applied as numpy views: the copy out of the map below is the only one.
             turns, dims = draw_symmetry(augmentation_generator(self.seed, self.epoch, index))

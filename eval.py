@@ -64,7 +64,7 @@ from metrics import (NSD_TOLERANCE, OVERLAP_METRICS, SEGMENTATION_METRICS, SURFA
                      mean_and_std)
 from metrics import segmentation_metrics, surface_metrics  # noqa: F401  public names eval.py has always offered
 from model import count_gmacs, count_params, set_frozen_dtype
-from pictures import heatmap_pair_png, panel_png, to_rgb, volume_panel_png
+from pictures import heatmap_pair_png, label_panel_png, panel_png, to_rgb, volume_panel_png
 from prediction import LEGEND_NAME, case_probabilities, check_volume_data, predict_folder, predict_volume_folder
 from runtime import Processes, memory_format, predict, resolve_device, resolve_precision
 from settings import data_options
@@ -290,6 +290,8 @@ def write_samples(infer, dataset, rows: list[dict], count: int, folder: Path) ->
         if prediction.dim() == 3:
             volume_panel_png(item["image"], item["mask"][0], prediction, paths[-1], multiclass=multiclass,
                              caption=caption)
+        elif multiclass:
+            label_panel_png(to_rgb(item["image"]), item["mask"][0], prediction, paths[-1], caption=caption)
         else:
             panel_png(to_rgb(item["image"]), item["mask"][0], prediction, paths[-1], caption=caption)
     return paths

@@ -5,6 +5,9 @@
     panel_png(image, gt_mask, pred_mask, path)     side by side: the overlay | truth | prediction | errors
                                                    (white: both, red: predicted only, blue: missed), under a
                                                    header: the column names, a legend, an optional caption
+    label_panel_png(image, gt, pred, path)         panel_png for label maps (H, W) of integers 0..K-1: overlay of
+                                                   the predicted classes | truth | prediction in CLASS_COLOURS |
+                                                   errors (white: right class, red: wrong or invented, blue: missed)
     volume_panel_png(volume, gt, pred, path)       three panel rows: axial, coronal and sagittal slices of a
                                                    volume (C, X, Y, Z) through the centre of its errors (or of
                                                    the truth); with multiclass=True the
@@ -167,6 +170,14 @@ def panel_png(image, gt_mask, pred_mask, path, gap: int = 4, caption: str | None
     Errors: white where both say foreground, red predicted only (false positive), blue missed (false negative)."""
     row = _panel_row(image, gt_mask, pred_mask, gap)
     Image.fromarray(with_header(row, (row.shape[1] - 3 * gap) // 4, gap, caption, multiclass=False)).save(path)
+
+
+def label_panel_png(image, gt_labels, pred_labels, path, gap: int = 4, caption: str | None = None) -> None:
+    """Write panel_png's four columns for label maps to `path`: `image` (H, W, 3) uint8, gt_labels and pred_labels
+    (H, W) integers 0..K-1 (a multi-class 2D case: its truth and the argmax), each class in its CLASS_COLOURS,
+    under the header of volume_panel_png(multiclass=True)."""
+    row = _label_panel_row(image, gt_labels, pred_labels, gap)
+    Image.fromarray(with_header(row, (row.shape[1] - 3 * gap) // 4, gap, caption, multiclass=True)).save(path)
 
 
 def _panel_row(image, gt_mask, pred_mask, gap: int) -> np.ndarray:

@@ -86,7 +86,10 @@ def make_parser() -> argparse.ArgumentParser:
                    help="msd: the label value that is foreground; None means every label > 0")
     p.add_argument("--multiclass", action="store_true",
                    help="msd: every label of dataset.json is its own class (softmax, Dice + CE) instead of one "
-                        "foreground; btcv and synthetic-organs are always multi-class")
+                        "foreground; folder: each mask is a label map (gray or palette PNG) whose values 0..K-1 are "
+                        "the classes, K = 1 + the largest, named by a classes.json in --data-dir if there is one "
+                        "(data.py's docstring); btcv and synthetic-organs are always multi-class, the other 2D "
+                        "datasets binary")
     p.add_argument("--roi-size", type=int, default=DATA_DEFAULTS["roi_size"],
                    help="btcv, synthetic-organs: the side of the training crops and of the sliding windows that "
                         "evaluate whole volumes (a multiple of 16)")

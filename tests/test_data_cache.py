@@ -4,6 +4,7 @@ uint8 items normalised by normalize_batch): a cached item equals the item decode
 damaged, outdated or foreign cache file is rebuilt with one line and never used; a changed source file is
 decoded again; a read-only root caches elsewhere or nowhere; two builders at once leave one whole file; a run
 stopped and resumed with persistent workers equals an uninterrupted one. Trees of 8 cases at 16 px."""
+import json
 import multiprocessing
 import os
 import pickle
@@ -116,6 +117,24 @@ def test_a_second_run_reads_the_cache_and_decodes_nothing(cached, monkeypatch, c
     assert torch.equal(val_set.raw_item(1)["mask"], pixels[7, 3:])
 
 
+def test_a_cache_written_before_label_maps_existed_is_read_as_binary(cached, capsys):
+    """Its metadata has no "mask": it holds binary masks, and is used as it is, not rebuilt."""
+    root, split_file, path = cached
+    header, start = data.read_cache_header(path)
+    metadata = {key: value for key, value in header["__metadata__"].items() if key != "mask"}
+    pixels = data.map_pixels(path, start, tuple(header["pixels"]["shape"]))
+    metadata["crc32"] = data.pixels_crc32(pixels, metadata)
+    text = json.dumps({"pixels": header["pixels"], "__metadata__": metadata}).encode().ljust(start - 8)
+    with open(path, "r+b") as f:
+        f.seek(8)  # after the header's length, which stays: so do the data
+        f.write(text)
+    assert data.open_cache(path, SIZE) is not None and data.open_cache(path, SIZE, multiclass=True) is None
+    capsys.readouterr()
+    train_set, val_set = splits(root, split_file)
+    data.check_cases(train_set, val_set)
+    assert cache_lines(capsys.readouterr().out) == [] and train_set.rows == list(range(6))
+
+
 def test_only_large_jpegs_are_drafted_and_within_a_few_grey_levels(tmp_path):
     """JPEGs with both sides >= 4 S decode at a reduced scale (here 1/2); smaller ones in full, as before.
     tests/bench_loader.py measures ISIC's and Kvasir's sizes at 256 px."""
@@ -160,7 +179,8 @@ def test_a_changed_source_file_is_decoded_again_and_a_cut_one_named(cached, monk
     image = root / "images" / "case1.png"
     textured_rgb(42, 32, np.random.default_rng(9)).save(image)  # case1 is 42 x 32, its mask too
     decoded, real_decode = [], data.decode_case
-    monkeypatch.setattr(data, "decode_case", lambda case, size: decoded.append(case.name) or real_decode(case, size))
+    monkeypatch.setattr(data, "decode_case", lambda case, *options: decoded.append(case.name) or
+                        real_decode(case, *options))
     train_set, val_set = splits(root, split_file)
     data.check_cases(train_set, val_set)
     lines = cache_lines(capsys.readouterr().out)
@@ -203,7 +223,7 @@ def test_a_read_only_root_caches_elsewhere_or_nowhere(tree, tmp_path, monkeypatc
 def build_slowly(root: Path, split_file: str) -> None:
     """A forked child: check_cases with each decode 20 ms slower, so two of them overlap."""
     real_decode = data.decode_case
-    data.decode_case = lambda case, size: time.sleep(0.02) or real_decode(case, size)
+    data.decode_case = lambda case, *options: time.sleep(0.02) or real_decode(case, *options)
     data.check_cases(*splits(root, split_file))
 
 
