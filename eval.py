@@ -24,7 +24,7 @@ and evaluates the split the run's data settings define, writing into RUN_DIR/eva
                     prediction | errors (red: false positive, blue: missed), enlarged to >= 256 px;
                     of a volume, one such row for each of its middle axial, coronal and sagittal slices
 Volumes are scored with their voxel spacing: HD95 and the NSD tolerance in millimetres (metrics.py).
-Multi-class runs (btcv, synthetic-organs, msd --multiclass): whole volumes of a patch-trained run go
+Multi-class runs (btcv, synthetic-organs, msd --multiclass, folder --multiclass): whole volumes of a patch-trained run go
 through sliding windows of its --roi-size (prediction.case_probabilities), the argmax is scored per organ
 (metrics.class_metrics: Dice, IoU, HD95, NSD; an organ absent from a case's truth is skipped), and
 metrics.json adds "per_class" {organ: {"dice", "iou", "hd95", "nsd"}}, "dice" = their mean over the
@@ -47,6 +47,7 @@ analysis.py (activation maps, concentration IoU, effective rank, LSVR); the draw
 """
 import contextlib
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -165,17 +166,22 @@ def predict_images(args) -> int:
                                                  args.images, out_dir, device, precision, names)
         print(f"wrote {len(written)} label maps (NIfTI, each on its input's grid) and {LEGEND_NAME} to {out_dir}")
     else:
+        names = legend_names(settings, args.data_dir or settings["data_dir"], config["model"]["num_classes"]) \
+            if config["model"]["num_classes"] > 1 else None
+        if names is not None and args.probabilities:
+            raise ValueError(f"--probabilities draws a binary run's foreground probability; {run_dir} is multi-class "
+                             f"and its masks hold each pixel's class: drop --probabilities")
         written, skipped = predict_folder(net, settings["img_size"], args.images, out_dir, device, precision,
-                                          probabilities=args.probabilities)
-        print(f"wrote {len(written)} masks (and overlays/) to {out_dir}")
+                                          probabilities=args.probabilities, class_names=names)
+        print(f"wrote {len(written)} {'label maps' if names else 'masks'} (and overlays/) to {out_dir}")
     for path, reason in skipped:
         print(f"skipped {path}: {reason}")
     return 1 if skipped else 0
 
 
 def legend_names(settings: dict, data_dir: str | None, num_classes: int) -> list[str]:
-    """The names of a 3D run's label values, background first: data.class_names; an msd --multiclass run
-    whose dataset.json is not where it was (predicting on another machine) numbers its classes instead."""
+    """The names of a run's label values, background first: data.class_names; a run whose data is not where it
+    was (an msd task's dataset.json, a folder's masks: predicting on another machine) numbers its classes."""
     if num_classes == 1:
         return ["background", "foreground"]
     try:
@@ -257,7 +263,9 @@ def file_stem(case: str) -> str:
 def ranked_cases(rows: list[dict], count: int) -> list[tuple[str, int]]:
     """The ceil(count / 2) lowest and floor(count / 2) highest IoU cases, none twice, as (label, row index):
     worst-01 is the lowest IoU, best-01 the highest. Ties go by case name, so the choice is reproducible."""
-    order = sorted(range(len(rows)), key=lambda i: (rows[i]["iou"], rows[i]["case"]))
+    # A multi-class case whose truth holds no class scores NaN (nothing to find): it is neither worst nor best.
+    order = sorted((i for i in range(len(rows)) if not math.isnan(rows[i]["iou"])),
+                   key=lambda i: (rows[i]["iou"], rows[i]["case"]))
     count = min(count, len(rows))
     worst = order[:(count + 1) // 2]
     best = order[len(worst):][::-1][:count // 2]

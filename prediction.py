@@ -80,7 +80,7 @@ from torch import Tensor
 from data import normalize, read_rgb, resized_rgb
 from files import InputError, write_atomically
 from metrics import THRESHOLD, whole_image_probabilities
-from pictures import overlay_png
+from pictures import label_colours, overlay_png
 from runtime import predict
 from volumes.btcv import read_btcv_image, to_original_grid
 from volumes.nifti import read_nifti, resize_volume
@@ -110,18 +110,23 @@ def image_files(images_dir: Path) -> list[Path]:
 @torch.no_grad()
 def predict_image(net: torch.nn.Module, rgb: Image.Image, img_size: int, device: torch.device,
                   precision: torch.dtype) -> np.ndarray:
-    """An RGB PIL image (W, H) -> the foreground probability (H, W) float32 at the image's own size."""
+    """An RGB PIL image (W, H) -> the foreground probability (H, W) float32 at the image's own size; of a
+    multi-class network, the class probabilities (K, H, W) (softmax), each resized the same way."""
     image = normalize(resized_rgb(rgb, img_size))                                             # (3, S, S)
-    probability = torch.sigmoid(predict(net, image[None], device, precision).float())        # (1, 1, S, S)
+    logits = predict(net, image[None], device, precision).float()                            # (1, K, S, S)
+    probability = torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
     width, height = rgb.size
     probability = F.interpolate(probability.cpu(), size=(height, width), mode="bilinear", align_corners=False)
-    return probability[0, 0].numpy()                                                          # (H, W)
+    return probability[0, 0].numpy() if logits.shape[1] == 1 else probability[0].numpy()   # (H, W) or (K, H, W)
 
 
 def predict_folder(net: torch.nn.Module, img_size: int, images_dir: Path, out_dir: Path, device: torch.device,
-                   precision: torch.dtype, *, probabilities: bool = False) -> tuple[list[Path], list[tuple[Path, str]]]:
+                   precision: torch.dtype, *, probabilities: bool = False,
+                   class_names: list[str] | None = None) -> tuple[list[Path], list[tuple[Path, str]]]:
     """Masks (and overlays, and optionally probabilities) of every image in `images_dir`, written
-    into `out_dir` -> (the masks written, [(unreadable file, why)])."""
+    into `out_dir` -> (the masks written, [(unreadable file, why)]). A multi-class run (class_names: its K
+    names, background first) writes label maps instead: <stem>.png holds each pixel's class (the argmax),
+    overlays/ colour them, and label_legend.json names them."""
     from tqdm import tqdm
 
     files = image_files(images_dir)
@@ -138,13 +143,28 @@ def predict_folder(net: torch.nn.Module, img_size: int, images_dir: Path, out_di
             skipped.append((path, str(error)))
             continue
         probability = predict_image(net, rgb, img_size, device, precision)
-        mask = probability > THRESHOLD
         written.append(out_dir / f"{path.stem}.png")
+        if class_names is not None:
+            labels = probability.argmax(0).astype(np.uint8)                                    # (H, W)
+            Image.fromarray(labels).save(written[-1])
+            image = np.asarray(rgb)
+            coloured = np.where(labels[..., None] > 0, image // 2 + label_colours(labels) // 2, image)
+            Image.fromarray(coloured.astype(np.uint8)).save(out_dir / "overlays" / f"{path.stem}.png")
+            continue
+        mask = probability > THRESHOLD
         Image.fromarray(mask.astype(np.uint8) * 255).save(written[-1])
         if probabilities:
             Image.fromarray((probability * 255).round().astype(np.uint8)).save(out_dir / f"{path.stem}_probability.png")
         overlay_png(np.asarray(rgb), np.zeros_like(mask), mask, out_dir / "overlays" / f"{path.stem}.png")
+    if class_names is not None:
+        write_legend(out_dir, class_names)
     return written, skipped
+
+
+def write_legend(out_dir: Path, class_names: list[str]) -> None:
+    """out_dir/label_legend.json: {label value: class name}, beside label maps (PNG or NIfTI)."""
+    legend = json.dumps({str(k): name for k, name in enumerate(class_names)}, indent=1)
+    write_atomically(out_dir / LEGEND_NAME, lambda temporary: Path(temporary).write_text(legend + "\n"))
 
 
 # -----------------------------------------------------------------------------
@@ -247,8 +267,7 @@ def predict_volume_folder(net: torch.nn.Module, data: str, img_size: int, roi_si
     files = volume_files(images_dir)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    legend = json.dumps({str(k): name for k, name in enumerate(class_names)}, indent=1)
-    write_atomically(out_dir / LEGEND_NAME, lambda temporary: Path(temporary).write_text(legend + "\n"))
+    write_legend(out_dir, class_names)
     written, skipped = [], []
     for path in tqdm(files, desc="segmenting", unit="volume", leave=False, disable=None):
         target = out_dir / f"{nifti_stem(path)}.nii.gz"

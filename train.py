@@ -18,9 +18,9 @@ The default recipe (--recipe llm4seg) is LLM4Seg's (its CMUNeXt code base), ever
 --recipe medvisionllama swaps in Adam 2e-3 at a constant lr, batch 4, 200 epochs, BCE + Dice (w = 1)
 and LoRA rank 8 on the mappers; --recipe llm4seg3d AdamW 1e-4 (weight decay 1e-5), 4 crops of 96^3 a step,
 1,667 epochs validated every 21 (40,000 iterations and every 500 on BTCV) (settings.RECIPES). A dataset of
-K > 2 classes (btcv, synthetic-organs, msd --multiclass) trains K logits with dice_ce_loss (CE + 1 - soft
-Dice over softmax, MONAI's DiceCELoss) and validates whole volumes by sliding windows of --roi-size, by
-the mean IoU / Dice over the organs. Flags given explicitly win over any recipe:
+several classes (btcv, synthetic-organs, msd --multiclass, folder --multiclass) trains K logits with
+dice_ce_loss (CE + 1 - soft Dice over softmax, MONAI's DiceCELoss) and validates by the mean IoU / Dice over
+the classes (volumes of a patch-trained run by sliding windows of --roi-size). Flags given explicitly win over any recipe:
     loss   = w * BCEWithLogits(z, g) + (1 - mean_b Dice_b),  w = 0.5
              Dice_b = (2 sum(sigmoid(z_b) g_b) + 1e-5) / (sum sigmoid(z_b) + sum g_b + 1e-5)
     SGD(lr 0.01, momentum 0.9, weight decay 1e-4) over the trainable tensors only,

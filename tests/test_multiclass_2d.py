@@ -268,6 +268,17 @@ def test_a_multiclass_folder_trains_validates_per_class_and_is_evaluated(tmp_pat
         assert colours == {(0, 0, 0), *(tuple(int(c) for c in pictures.CLASS_COLOURS[k]) for k in (0, 1))}
         printed = capsys.readouterr().out
         assert "polyp" in printed and "instrument" in printed and "mean over the foreground" in printed
+
+        # New images: label maps (each pixel's class), coloured overlays and the legend
+        new, masks = tmp_path / "new", tmp_path / "masks"
+        new.mkdir()
+        Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 50, 3), np.uint8)).save(new / "a.png")
+        assert ev.main([str(out), "--images", str(new), "--out", str(masks), "--workers", "0", "--device", "cpu"]) == 0
+        labels = np.asarray(Image.open(masks / "a.png"))
+        assert labels.shape == (40, 50) and labels.dtype == np.uint8 and labels.max() < 3
+        assert json.loads((masks / "label_legend.json").read_text()) == {str(k): name for k, name in enumerate(CLASSES)}
+        assert (masks / "overlays" / "a.png").is_file()
+        assert ev.main([str(out), "--images", str(new), "--probabilities", "--workers", "0", "--device", "cpu"]) == 2
     finally:
         torch.set_num_threads(threads)
 
