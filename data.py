@@ -999,7 +999,7 @@ def fill_cache(temporary: Path, img_size: int, old: CachedCases | None, kept: li
         f.write(b" " * room)
         for row in kept:
             f.write(old.pixels[row])
-        for case, (pixels, problems) in zip(todo, decoded_cases(todo, img_size, multiclass)):
+        for case, (pixels, problems) in zip(todo, decoded_cases(todo, img_size, multiclass), strict=True):
             decoded[case] = problems
             if pixels is not None:
                 f.write(pixels.numpy())

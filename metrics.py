@@ -179,7 +179,7 @@ def surface_metrics(output: Tensor, target: Tensor, from_logits: bool = True,
     pred_edges = mask_boundary(pred, spatial_dims).cpu().numpy()  # (B, *spatial)
     true_edges = mask_boundary(true, spatial_dims).cpu().numpy()
     hd95, nsd = [], []
-    for pred_edge, true_edge, spacing in zip(pred_edges, true_edges, spacings):
+    for pred_edge, true_edge, spacing in zip(pred_edges, true_edges, spacings, strict=True):
         if not pred_edge.any() or not true_edge.any():
             diagonal = float(np.linalg.norm(np.array(pred.shape[1:]) * spacing))
             both_empty = pred_edge.any() == true_edge.any()

@@ -312,7 +312,7 @@ def window_weight(roi: tuple[int, ...], mode: str, sigma_scale: tuple[float, ...
     if mode == "constant":
         return torch.ones(roi, dtype=torch.float32, device=device)
     weight = torch.ones((), dtype=torch.float32, device=device)
-    for r, scale in zip(roi, sigma_scale):
+    for r, scale in zip(roi, sigma_scale, strict=True):
         u = torch.arange(r, dtype=torch.float32, device=device) - (r - 1) / 2          # (r,)
         weight = weight.unsqueeze(-1) * torch.exp(u ** 2 / (-2 * (scale * r) ** 2))   # (*roi so far)
     return weight.clamp(min=MIN_WEIGHT)
@@ -375,14 +375,14 @@ def sliding_window(predict, volume: Tensor, roi_size, overlap=0.5, mode: str = "
 
     # Per axis, each window's (voxels of the volume it reads, part of its output that lands there).
     # An axis shorter than the window has one window: the whole axis, padded, its output cropped back.
-    pads = [max(r - s, 0) for s, r in zip(size, roi)]
+    pads = [max(r - s, 0) for s, r in zip(size, roi, strict=True)]
     axes = []
-    for s, r, o, p in zip(size, roi, overlaps, pads):
+    for s, r, o, p in zip(size, roi, overlaps, pads, strict=True):
         if p:
             axes.append([(slice(0, s), slice(p // 2, p // 2 + s))])
         else:
             axes.append([(slice(a, a + r), slice(None)) for a in window_starts(s, r, o)])
-    places = [tuple(zip(*place)) for place in itertools.product(*axes)]  # [(reads, crops)], first axis slowest
+    places = [tuple(zip(*place, strict=True)) for place in itertools.product(*axes)]  # [(reads, crops)], first axis slowest
     pad = [side for p in reversed(pads) for side in (p // 2, p - p // 2)]  # F.pad's order: the last axis first
     jobs = [(n, reads, crops) for n in range(volume.shape[0]) for reads, crops in places]
 
@@ -404,7 +404,7 @@ def sliding_window(predict, volume: Tensor, roi_size, overlap=0.5, mode: str = "
         weighted = (predicted.to(dtype) * weight).to(accumulate_device)              # (B, K, *roi)
         if output is None:
             output = torch.zeros((volume.shape[0], predicted.shape[1], *size), dtype=dtype, device=accumulate_device)
-        for (n, reads, crops), window in zip(batch, weighted):
+        for (n, reads, crops), window in zip(batch, weighted, strict=True):
             output[(n, slice(None), *reads)] += window[(slice(None), *crops)]
     return output.div_(weight_sum)
 

@@ -146,7 +146,7 @@ def expand_ranges(flag: str, values: list[str]) -> list[str]:
 def run_name(varying: list[tuple[str, list[str]]], setting: tuple, seed: int) -> str:
     """The varying flags and values, e.g. mode-frozen_layer-15_seed41 (local paths by their last part)."""
     parts = [f"{flag.lstrip('-')}-{Path(value).name if os.sep in value else value}"
-             for (flag, _), value in zip(varying, setting)]
+             for (flag, _), value in zip(varying, setting, strict=True)]
     return re.sub(r"[^\w.-]+", "_", "_".join(parts + [f"seed{seed}"]))
 
 
@@ -164,7 +164,7 @@ def plan_runs(args, varying, fixed) -> list[Run]:
                 continue
             plain_settings[plain] = setting
         for seed in args.seeds:
-            train_argv = [part for (flag, _), value in zip(varying, setting) for part in (flag, value)]
+            train_argv = [part for (flag, _), value in zip(varying, setting, strict=True) for part in (flag, value)]
             train_argv += fixed + ["--seed", str(seed)]
             run_dir = Path(args.out) / "runs" / run_name(varying, setting, seed)
             parsed = resolve_defaults(make_parser().parse_args(train_argv + ["--out", str(run_dir)]))
@@ -180,11 +180,11 @@ LLM_ONLY_FLAGS = ("--llm", "--layer", "--lora-rank", "--mapper-lora-rank", "--re
 def same_without_llm(args, varying, setting: tuple, fixed: list[str]) -> tuple | None:
     """For a setting without an LLM layer (--mode none or --llm none): its values of the flags that still
     matter, which identify it; None for a setting with a layer."""
-    train_argv = [part for (flag, _), value in zip(varying, setting) for part in (flag, value)] + fixed
+    train_argv = [part for (flag, _), value in zip(varying, setting, strict=True) for part in (flag, value)] + fixed
     parsed = make_parser().parse_args(train_argv + ["--out", str(args.out)])
     if parsed.mode != "none" and parsed.llm != "none":
         return None
-    return tuple(value for (flag, _), value in zip(varying, setting) if flag not in LLM_ONLY_FLAGS)
+    return tuple(value for (flag, _), value in zip(varying, setting, strict=True) if flag not in LLM_ONLY_FLAGS)
 
 
 def check_same_settings(parsed: argparse.Namespace, run_dir: Path) -> None:
@@ -300,7 +300,7 @@ def execute_all(runs: list[Run], split: str, explicit_device: bool) -> None:
 
 
 def setting_label(varying, setting: tuple) -> str:
-    return ", ".join(f"{flag.lstrip('-')} {value}" for (flag, _), value in zip(varying, setting)) or "all runs"
+    return ", ".join(f"{flag.lstrip('-')} {value}" for (flag, _), value in zip(varying, setting, strict=True)) or "all runs"
 
 
 def find_baseline(args, varying, settings: list[tuple]) -> tuple:
@@ -348,7 +348,7 @@ def summarise(args, varying, runs: list[Run], baseline: tuple) -> list[dict]:
         mine = [run for run in done if run.setting == setting]
         failed = [run.run_dir.name for run in runs if run.setting == setting and run.status != "done"]
         row = {"setting": setting_label(varying, setting),
-               **{flag.lstrip("-"): value for (flag, _), value in zip(varying, setting)},
+               **{flag.lstrip("-"): value for (flag, _), value in zip(varying, setting, strict=True)},
                "seeds": len(mine), "failed": " ".join(failed)}
         for metric in (*REPORTED, *class_columns(runs)):
             per_seed = [run_mean(run, metric) for run in mine]
@@ -424,8 +424,8 @@ def plot(varying, runs: list[Run], rows: list[dict], out: Path) -> list[Path]:
     points.set_xticks(range(1, len(labels) + 1), labels, rotation=30, ha="right")
     points.set_ylabel("IoU, each seed's run mean over images")
     points.set_title("per seed (line: mean)")
-    compared = [(label, row) for label, row in zip(labels, rows) if "iou_diff" in row]
-    for y, (label, row) in enumerate(compared):
+    compared = [(label, row) for label, row in zip(labels, rows, strict=True) if "iou_diff" in row]
+    for y, (_, row) in enumerate(compared):
         low, high = row["iou_diff_ci_low"] * 100, row["iou_diff_ci_high"] * 100
         forest.plot([low, high], [y, y], color="tab:blue")
         forest.plot(row["iou_diff"] * 100, y, "o", color="tab:blue")
@@ -444,7 +444,7 @@ def plot(varying, runs: list[Run], rows: list[dict], out: Path) -> list[Path]:
         figure, axes = plt.subplots(figsize=(6, 4))
         others = list(dict.fromkeys(s[:at] + s[at + 1:] for s in settings))
         for other in others:
-            points = [(int(s[at]), values) for s, values in zip(settings, per_seed) if s[:at] + s[at + 1:] == other and values]
+            points = [(int(s[at]), values) for s, values in zip(settings, per_seed, strict=True) if s[:at] + s[at + 1:] == other and values]
             layers = [layer for layer, _ in points]
             means = np.array([np.mean(values) for _, values in points])
             stds = np.array([np.std(values, ddof=1) if len(values) > 1 else 0.0 for _, values in points])
@@ -462,7 +462,7 @@ def plot(varying, runs: list[Run], rows: list[dict], out: Path) -> list[Path]:
     analysed = [s for s in settings if any("effective_rank_after" in run.per_image[0] for run in done if run.setting == s)]
     if analysed:
         figure, axes = plt.subplots(1, 2, figsize=(max(7, 2 * len(analysed)), 4))
-        for axis, (name, title) in zip(axes, (("effective_rank", "effective rank"), ("lsvr", "LSVR"))):
+        for axis, (name, title) in zip(axes, (("effective_rank", "effective rank"), ("lsvr", "LSVR")), strict=True):
             positions = np.arange(len(analysed)) * 3.0
             for offset, when, colour in ((-0.5, "before", "tab:gray"), (0.5, "after", "tab:blue")):
                 data = [[r[f"{name}_{when}"] for run in done if run.setting == s for r in run.per_image] for s in analysed]

@@ -150,7 +150,7 @@ def read_layer_files(files: list[Path], config: LayerConfig, where) -> tuple[dic
     entries = {}
     for file in files:
         with open(file, "rb") as f:
-            header_len, header = parse_header(lambda start, end: _read_exactly(f, start, end, file), file)
+            header_len, header = parse_header(lambda start, end, f=f, file=file: _read_exactly(f, start, end, file), file)
         entries.update(layer_entries(header, header_len, config, file, file))
     check_entries(entries, config, where)
     tensors, read_from = {}, []

@@ -60,9 +60,9 @@ def unet_stage(c_in: int, c_out: int) -> nn.Sequential:
 def unet_parts(in_channels: int, num_classes: int) -> Parts:
     """Encoders 1..5, max-pools between them, decoders 4..1 sized from the encoder widths."""
     widths = UNET_CHANNELS
-    encoders = [unet_stage(c_in, c_out) for c_in, c_out in zip((in_channels, *widths[:-1]), widths)]
+    encoders = [unet_stage(c_in, c_out) for c_in, c_out in zip((in_channels, *widths[:-1]), widths, strict=True)]
     decoders = [DecoderStage(upsample_conv(c_deep, c, "nearest"), unet_stage(2 * c, c))
-                for c, c_deep in reversed(list(zip(widths[:-1], widths[1:])))]
+                for c, c_deep in reversed(list(zip(widths[:-1], widths[1:], strict=True)))]
     return Parts(encoders, max_pools(), decoders, head(widths[0], num_classes), widths[-1])
 
 
@@ -110,10 +110,10 @@ def cmunext_parts(in_channels: int, num_classes: int) -> Parts:
     widths = CMUNEXT_DIMS
     stage_inputs = (widths[0], *widths[:-1])
     encoders = [cmunext_stage(c_in, c_out, depth, kernel)
-                for c_in, c_out, depth, kernel in zip(stage_inputs, widths, CMUNEXT_DEPTHS, CMUNEXT_KERNELS)]
+                for c_in, c_out, depth, kernel in zip(stage_inputs, widths, CMUNEXT_DEPTHS, CMUNEXT_KERNELS, strict=True)]
     encoders[0] = nn.Sequential(conv_bn_relu(in_channels, widths[0]), encoders[0])  # the stem
     decoders = [DecoderStage(upsample_conv(c_deep, c, "bilinear"), cmunext_fusion(c))
-                for c, c_deep in reversed(list(zip(widths[:-1], widths[1:])))]
+                for c, c_deep in reversed(list(zip(widths[:-1], widths[1:], strict=True)))]
     return Parts(encoders, max_pools(), decoders, head(widths[0], num_classes), widths[-1])
 
 
@@ -137,8 +137,8 @@ def nnunet_parts(in_channels: int, num_classes: int) -> Parts:
     Four halvings: sides must be multiples of 16, as for the others, not 32 (96 x 160 is tested)."""
     widths = NNUNET_CHANNELS
     encoders = [nnunet_stage(c_in, c_out, stride)
-                for c_in, c_out, stride in zip((in_channels, *widths[:-1]), widths, NNUNET_STRIDES)]
+                for c_in, c_out, stride in zip((in_channels, *widths[:-1]), widths, NNUNET_STRIDES, strict=True)]
     decoders = [DecoderStage(nn.ConvTranspose2d(c_deep, c, 2, stride=2), nnunet_stage(2 * c, c),
                              merge="concat-up-first")
-                for c, c_deep in reversed(list(zip(widths[:-1], widths[1:])))]
+                for c, c_deep in reversed(list(zip(widths[:-1], widths[1:], strict=True)))]
     return Parts(encoders, [nn.Identity() for _ in range(4)], decoders, head(widths[0], num_classes), widths[-1])

@@ -181,13 +181,13 @@ def uxnet3d_parts(in_channels: int, num_classes: int, *, widths: tuple[int, ...]
     downs = [nn.Sequential(nn.Conv3d(in_channels, path[0], UXNET_KERNEL, stride=2, padding=UXNET_KERNEL // 2),
                            ChannelLayerNorm(path[0], eps=1e-6))]
     downs += [nn.Sequential(ChannelLayerNorm(c_in, eps=1e-6), nn.Conv3d(c_in, c_out, 2, stride=2))
-              for c_in, c_out in zip(path[:-1], path[1:])]
+              for c_in, c_out in zip(path[:-1], path[1:], strict=True)]
     stages = [nn.Sequential(*(UXBlock(c) for _ in range(UXNET_DEPTH))) for c in path]
     encoders = [nn.Identity(), *stages[:3],
                 nn.Sequential(stages[3], ChannelLayerNorm(path[3], eps=1e-6), ResidualConvBlock(path[3], widths[4]))]
     skip_blocks = [ResidualConvBlock(in_channels, widths[0])]
     skip_blocks += [nn.Sequential(ChannelLayerNorm(c_in, eps=1e-6), ResidualConvBlock(c_in, c))
-                    for c_in, c in zip(path[:3], widths[1:4])]
+                    for c_in, c in zip(path[:3], widths[1:4], strict=True)]
     decoders = [DecoderStage(nn.ConvTranspose3d(widths[level], widths[level - 1], 2, stride=2, bias=False),
                              ResidualConvBlock(2 * widths[level - 1], widths[level - 1]),
                              merge="concat-up-first", skip_block=skip_blocks[level - 1])

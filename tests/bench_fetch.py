@@ -59,7 +59,7 @@ def write_checkpoint(directory: Path) -> Path:
     generator = torch.Generator().manual_seed(0)
     with open(path.with_suffix(".partial"), "wb") as f:
         f.write(len(header_bytes).to_bytes(8, "little") + header_bytes)
-        for name, shape in shapes.items():
+        for shape in shapes.values():
             f.write(torch.randn(shape, generator=generator).to(torch.bfloat16).view(torch.int16).numpy().tobytes())
     os.replace(path.with_suffix(".partial"), path)
     return path

@@ -142,7 +142,7 @@ def worker_memory(dataset: data.SegmentationFiles, workers: int, epochs: int) ->
             pass
     seconds = time.perf_counter() - start
     after = [memory_kib(pid) for pid in pids]
-    return [{key: a[key] - b[key] for key in a} for a, b in zip(after, before)], seconds
+    return [{key: a[key] - b[key] for key in a} for a, b in zip(after, before, strict=True)], seconds
 
 
 def draft_errors(paths: list[Path], size: int) -> dict[str, tuple[int, float]]:
@@ -157,7 +157,7 @@ def draft_errors(paths: list[Path], size: int) -> dict[str, tuple[int, float]]:
         drafted = data.as_rgb(drafted).resize((size, size), Image.Resampling.BILINEAR)
         for key, pixels in zip(spread, (data.decode_image(path, size)[0], drafted,
                                         full.resize((size, size), Image.Resampling.BICUBIC),
-                                        full.resize((size, size), Image.Resampling.BOX))):
+                                        full.resize((size, size), Image.Resampling.BOX)), strict=True):
             spread[key].append(np.abs(np.asarray(pixels, dtype=np.int16) - reference))
     return {key: (int(max(d.max() for d in ds)), float(np.mean([d.mean() for d in ds]))) for key, ds in spread.items()}
 
@@ -197,7 +197,8 @@ def main() -> None:
     for name, tree in trees.items():
         dataset = data.load_dataset("folder", str(tree), "train", img_size=args.size, seed=0, val_fraction=0.01)
         dataset.epoch = 1
-        rows = {"files, full decode": lambda i: old_item(dataset, i), "files, decode_case": dataset.__getitem__}
+        rows = {"files, full decode": lambda i, dataset=dataset: old_item(dataset, i),
+                "files, decode_case": dataset.__getitem__}
         rates = {key: items_per_second(read, len(dataset), args.seconds) for key, read in rows.items()}
         start = time.perf_counter()
         data.check_cases(dataset)

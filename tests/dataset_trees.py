@@ -31,7 +31,7 @@ def write_case(image_path: Path, mask_paths: list[Path], masks: list[np.ndarray]
     image[..., 0] = np.where(union, 230, 20)
     image_path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(image).save(image_path)
-    for path, mask in zip(mask_paths, masks):
+    for path, mask in zip(mask_paths, masks, strict=True):
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(mask.astype(np.uint8) * 255).save(path, **(
             {"quality": 75} if path.suffix == ".jpg" else {}))

@@ -131,7 +131,7 @@ def table() -> list[dict]:
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("unset TRITON_INTERPRET: the interpreter cannot compile kernels")
     planned, jobs = [], {}
-    for name, kernel, label, constexprs, options, dtypes, aligned_T in launches():
+    for name, _kernel, label, constexprs, options, dtypes, aligned_T in launches():
         for dtype in dtypes:
             for arch in ARCHS:
                 job = (name, constexprs, options, dtype, arch, aligned_T)
@@ -139,7 +139,7 @@ def table() -> list[dict]:
                 jobs.setdefault(key, job)  # shapes sharing a launch share a cubin
                 planned.append((key, {"kernel": name, "shape": label, "dtype": dtype, "arch": arch}))
     with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
-        compiled = dict(zip(jobs, pool.map(_compile_one, jobs.values())))
+        compiled = dict(zip(jobs, pool.map(_compile_one, jobs.values()), strict=True))
     return [{**row, **compiled[key], "shared_limit": SHARED_LIMIT[row["arch"]]} for key, row in planned]
 
 

@@ -268,7 +268,7 @@ def test_a_damaged_gguf_cache_is_rebuilt(tiny_gguf, tmp_path, damage):
         gguf.GGUFReader = original_reader
     assert len(parsed) == 1, "a damaged cache is rebuilt from the GGUF"
     assert again.config == first.config and again.config.fingerprint is not None
-    assert all(torch.equal(a, b) for a, b in zip(first.parameters(), again.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(first.parameters(), again.parameters(), strict=True))
     assert load_layer(str(path), 2).config == first.config  # the rebuilt cache reads
 
 
@@ -283,7 +283,7 @@ def test_damaged_hub_caches_are_fetched_again(tiny_llm, hub, tmp_path):
     norm_file.write_bytes(b"\xff" * 16)
     hub.log.clear()
     again = load_layer(repo, LAYER)
-    assert all(torch.equal(a, b) for a, b in zip(first.parameters(), again.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(first.parameters(), again.parameters(), strict=True))
     assert torch.equal(llm_layer.load_final_norm(repo), norm)
     assert hub.sent(repo, "model.safetensors"), "the layer and the norm were fetched again"
     hub.log.clear()
@@ -359,5 +359,5 @@ def test_fuzzed_gguf_files_load_or_raise_input_error(tiny_gguf, tmp_path):
     for i, mutated in enumerate(mutations(data, random.Random(1), 120, structure_end)):
         path = tmp_path / f"mutation{i}.gguf"
         path.write_bytes(mutated)
-        outcomes.append(loads_or_input_error(lambda: load_layer(str(path), LAYER), original, path))
+        outcomes.append(loads_or_input_error(lambda path=path: load_layer(str(path), LAYER), original, path))
     assert {"error", "same", "changed"} <= set(outcomes), outcomes

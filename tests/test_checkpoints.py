@@ -40,7 +40,7 @@ def test_weights_momentum_and_info_round_trip(tmp_path):
         assert torch.equal(value, other.state_dict()[key]), key
     momentum = [optimizer.state[p]["momentum_buffer"] for p in net.parameters()]
     assert all(torch.equal(a, other_optimizer.state[p]["momentum_buffer"])
-               for a, p in zip(momentum, other.parameters()))
+               for a, p in zip(momentum, other.parameters(), strict=True))
 
 
 def test_a_checkpoint_is_one_file_readable_by_the_world_like_every_run_file(tmp_path):

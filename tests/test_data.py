@@ -155,10 +155,10 @@ def test_augmentation_is_a_function_of_seed_epoch_and_index(eight_train_cases):
     first = masks_of(eight_train_cases, 2)
     torch.manual_seed(1)
     torch.rand(5)
-    assert all(torch.equal(a, b) for a, b in zip(first, masks_of(eight_train_cases, 2)))
-    assert not all(torch.equal(a, b) for a, b in zip(first, masks_of(eight_train_cases, 3)))
+    assert all(torch.equal(a, b) for a, b in zip(first, masks_of(eight_train_cases, 2), strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(first, masks_of(eight_train_cases, 3), strict=True))
     eight_train_cases.seed = 6
-    assert not all(torch.equal(a, b) for a, b in zip(first, masks_of(eight_train_cases, 2)))
+    assert not all(torch.equal(a, b) for a, b in zip(first, masks_of(eight_train_cases, 2), strict=True))
 
 
 def test_dataloader_workers_give_the_items_of_one_process(eight_train_cases):

@@ -84,8 +84,8 @@ def test_each_unusable_file_is_found_and_named(tmp_path, breakage):
 
 def test_every_unusable_file_is_listed_in_one_message(tmp_path):
     split = folder_tree(tmp_path, CASES)
-    broken = dict(zip(CASES, ["empty PNG image", "PNG mask cut short", "corrupt JPEG image", "mask of another size",
-                              "label-map mask"]))
+    broken = dict(zip(CASES[:5], ["empty PNG image", "PNG mask cut short", "corrupt JPEG image", "mask of another size",
+                              "label-map mask"], strict=True))
     for name, breakage in broken.items():
         BREAKAGES[breakage][0](tmp_path, name)
     # case5 has two bad files (the image is empty and the mask a label map): both are named.
@@ -99,7 +99,7 @@ def test_every_unusable_file_is_listed_in_one_message(tmp_path):
     expected = [BREAKAGES[breakage][1].format(name=name) for name, breakage in broken.items()] + [
         BREAKAGES["empty PNG image"][1].format(name="case5"), BREAKAGES["label-map mask"][1].format(name="case5")]
     assert len(lines) == 1 + len(expected) + 1
-    for line, reason in zip(lines[1:-1], expected):
+    for line, reason in zip(lines[1:-1], expected, strict=True):
         assert re.match("  " + reason, line), (line, reason)
     assert lines[-1].startswith("expected every case readable: replace these files")
     assert not any(name in str(raised.value) for name in ("case6", "case7"))

@@ -281,7 +281,7 @@ def test_an_msd_run_trains_and_evaluates_its_test_split_in_millimetres(tmp_path,
     assert report["images"] == 1 and report["computation"]["input_shape"] == [1, 2, 8, 8, 8]
     assert report["conventions"]["distance_unit"] == "mm"
     # A miss scores the volume's diagonal in mm: the 8^3 grid spans the stored 12 x 10 x 8 voxels of SPACING.
-    diagonal = math.dist((0, 0, 0), [n * s for n, s in zip((12, 10, 8), SPACING)])
+    diagonal = math.dist((0, 0, 0), [n * s for n, s in zip((12, 10, 8), SPACING, strict=True)])
     assert 0 <= report["metrics"]["hd95"]["mean"] <= diagonal + 1e-4
     panel = Image.open(next((run / "eval-test" / "samples").glob("*.png")))
     assert panel.height > 3 * 256  # the axial, coronal and sagittal rows, each enlarged to >= 256 px

@@ -108,7 +108,7 @@ def test_swiglu_matches_reference(triton_path, dtype, T, I):
     out, grads = forward_backward(kernels.swiglu, [gate, up])
     ref, grads_ref = forward_backward(swiglu_reference, [gate, up])
     assert ran_triton(out)
-    for actual, expected in zip([out, *grads], [ref, *grads_ref]):
+    for actual, expected in zip([out, *grads], [ref, *grads_ref], strict=True):
         assert_close(actual, expected, TOLERANCE[dtype])
 
 
@@ -156,7 +156,7 @@ def test_attention_float32_matches_reference(triton_path, B, Hq, Hkv, T, d, head
     out, grads = forward_backward(kernels.attention, inputs)
     ref, grads_ref = forward_backward(attention_reference, inputs)
     assert ran_triton(out)
-    for actual, expected in zip([out, *grads], [ref, *grads_ref]):
+    for actual, expected in zip([out, *grads], [ref, *grads_ref], strict=True):
         assert_close(actual, expected, TOLERANCE[torch.float32])
 
 
@@ -171,7 +171,7 @@ def test_attention_low_precision_matches_float32_reference(triton_path, dtype, B
     ref, grads_ref = forward_backward(attention_reference, [t.detach().float().requires_grad_() for t in inputs])
     assert ran_triton(out) and out.dtype == dtype
     assert_close(out, ref, ATTENTION_TOLERANCE[dtype]["output"])
-    for actual, expected in zip(grads, grads_ref):
+    for actual, expected in zip(grads, grads_ref, strict=True):
         assert actual.dtype == dtype
         assert_close(actual, expected, ATTENTION_TOLERANCE[dtype]["grad"])
 
@@ -191,7 +191,7 @@ def test_attention_with_scale_and_softcap_matches_reference(triton_path, dtype, 
     assert (ref.cpu() - uncapped).abs().max() > 0.05  # the cap changes the result
     tolerance = {"output": TOLERANCE[dtype], "grad": TOLERANCE[dtype]} if dtype == torch.float32 else ATTENTION_TOLERANCE[dtype]
     assert_close(out, ref, tolerance["output"])
-    for actual, expected in zip(grads, grads_ref):
+    for actual, expected in zip(grads, grads_ref, strict=True):
         assert_close(actual, expected, tolerance["grad"])
 
 

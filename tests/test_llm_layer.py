@@ -153,7 +153,7 @@ def test_fetches_only_the_layer_and_then_works_offline(checkpoints, hub, repo, t
     hub.log.clear()
     again = load_layer(repo, number)
     assert hub.sent(repo) == [], "a cached layer must load without any request"
-    assert all(torch.equal(a, b) for a, b in zip(layer.parameters(), again.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(layer.parameters(), again.parameters(), strict=True))
     assert "llm4seg" in str(next(Path(os.environ["HF_HOME"], "llm4seg").rglob("model.layers.10.safetensors")))
 
     # A new process with the Hub unreachable and HF_HUB_OFFLINE=1 loads the same weights.
@@ -232,7 +232,7 @@ def test_local_directories_single_file_and_sharded(checkpoints):
         from_disk = load_layer(str(directory), 5)
         from_hub = load_layer(repo, 5)
         assert from_disk.config.path == str(directory) and from_disk.config.repo is None
-        assert all(torch.equal(a, b) for a, b in zip(from_disk.parameters(), from_hub.parameters()))
+        assert all(torch.equal(a, b) for a, b in zip(from_disk.parameters(), from_hub.parameters(), strict=True))
         # A folder's layer is pinned by its fingerprint, a Hub layer by its commit.
         assert from_disk.config.fingerprint["sha256"] and from_hub.config.fingerprint is None
     shards = {f["path"] for f in load_layer(str(checkpoints[QWEN2_REPO]), 5).config.fingerprint["files"]}
@@ -301,13 +301,13 @@ def test_frozen_mode(checkpoints):
     assert layer.state_dict() == {}
     before = [p.clone() for p in layer.parameters()]
     layer.load_state_dict({}, strict=True)
-    assert all(torch.equal(a, b) for a, b in zip(before, layer.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(before, layer.parameters(), strict=True))
 
 
 def test_trainable_mode_trains_the_pretrained_weights(checkpoints):
     frozen, trainable = load_layer(LLAMA_REPO, 2), load_layer(LLAMA_REPO, 2, mode="trainable")
     assert all(p.requires_grad for p in trainable.parameters())
-    assert all(torch.equal(a, b) for a, b in zip(frozen.parameters(), trainable.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(frozen.parameters(), trainable.parameters(), strict=True))
     assert set(trainable.state_dict()) == {n for n, _ in trainable.named_parameters()}
     trainable(torch.randn(1, 4, 64)).sum().backward()
     assert all(p.grad is not None for p in trainable.parameters())
@@ -576,7 +576,7 @@ def test_a_gguf_changed_in_place_with_its_size_and_time_kept_is_not_read_from_th
     tensors["mlp.up_proj.weight"] = tensors["mlp.up_proj.weight"] * 50
     save_file(tensors, cached)
     again = load_layer(str(path), 2)
-    assert all(torch.equal(a, b) for a, b in zip(first.parameters(), again.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(first.parameters(), again.parameters(), strict=True))
 
 
 def test_gguf_is_parsed_once_then_read_from_the_cache(gguf_checkpoint, monkeypatch, tmp_path):
@@ -590,7 +590,7 @@ def test_gguf_is_parsed_once_then_read_from_the_cache(gguf_checkpoint, monkeypat
     monkeypatch.setattr(gguf, "GGUFReader", lambda *args: pytest.fail("parsed again"))
     again = load_layer(str(path), 2)
     assert again.config == first.config
-    assert all(torch.equal(a, b) for a, b in zip(first.parameters(), again.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(first.parameters(), again.parameters(), strict=True))
     assert load_layer(str(path), 2, mode="random").config.hidden_size == 64
     path.touch()  # a changed file (new mtime) is parsed again
     with pytest.raises(pytest.fail.Exception, match="parsed again"):

@@ -173,7 +173,7 @@ def blobs(shape: tuple[int, ...], seed: int) -> torch.Tensor:
         for _ in range(3):
             corner = [int(torch.randint(0, side - 6, (), generator=generator)) for side in shape]
             size = [int(torch.randint(3, 7, (), generator=generator)) for _ in shape]
-            masks[(case, 0, *[slice(c, c + s) for c, s in zip(corner, size)])] = 1
+            masks[(case, 0, *[slice(c, c + s) for c, s in zip(corner, size, strict=True)])] = 1
     return masks
 
 

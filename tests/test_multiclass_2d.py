@@ -129,7 +129,7 @@ def test_items_are_int64_label_maps_that_follow_the_image(tree):
     """Val items as drawn; train items one of the 8 symmetries of the drawn map, the same as their image's."""
     root, drawn, split_file = tree
     train_set, val_set = splits(root, split_file)
-    for index, item in enumerate(val_set):
+    for item in val_set:
         assert item["mask"].dtype == torch.int64 and item["mask"].shape == (1, SIZE, SIZE)
         assert torch.equal(item["mask"][0], torch.from_numpy(drawn[item["name"]]).long())
     moved = 0
@@ -156,7 +156,7 @@ def test_the_cache_keeps_the_labels_in_a_file_of_its_own(tree, capsys):
     assert data.cache_paths("folder", root, SIZE, multiclass=True)[0] == labels_cache
     assert data.cache_paths("folder", root, SIZE)[0].name == f"folder_{SIZE}px.safetensors"
     assert train_set.rows == list(range(8)) and val_set.rows == [8, 9]
-    for dataset, items in zip((train_set, val_set), before):
+    for dataset, items in zip((train_set, val_set), before, strict=True):
         for index, item in enumerate(items):
             cached = dataset[index]
             assert torch.equal(cached["image"], item["image"]) and torch.equal(cached["mask"], item["mask"])

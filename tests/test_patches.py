@@ -29,7 +29,7 @@ def test_centres_are_on_foreground_half_the_time_and_uniform_within_each_set():
     centres = [draw_centre(labels, generator) for generator in generators(2000)]
     on_foreground = [bool(labels[tuple(c)] > 0) for c in centres]
     assert abs(np.mean(on_foreground) - 0.5) < 0.045
-    hits = np.bincount([c[1] for c, fg in zip(centres, on_foreground) if fg], minlength=9)[4:9]
+    hits = np.bincount([c[1] for c, fg in zip(centres, on_foreground, strict=True) if fg], minlength=9)[4:9]
     assert hits.min() > 0.6 * hits.mean()  # y of the foreground box: each of its 5 rows hit
 
 
@@ -90,7 +90,7 @@ def test_patches_are_a_function_of_seed_epoch_and_index_alone(tmp_path):
     first = [train[i] for i in range(len(train))]
     torch.manual_seed(1)
     again = data.load_dataset("btcv", str(tmp_path), "train", roi_size=12, samples_per_volume=3)
-    for a, b in zip(first, (again[i] for i in range(len(again)))):
+    for a, b in zip(first, (again[i] for i in range(len(again))), strict=True):
         assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
     assert [item["name"] for item in first] == ["img0001"] * 3 + ["img0002"] * 3
     assert all(item["image"].shape == (1, 12, 12, 12) and item["mask"].dtype == torch.int64 for item in first)

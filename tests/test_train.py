@@ -116,7 +116,7 @@ def test_two_epochs_write_config_metrics_checkpoints_and_keep_the_layer_frozen(t
 
     net = built["net"]
     pristine = load_layer(str(tiny_llm), 2)
-    for (name, trained), (_, original) in zip(net.bridge.layer.named_parameters(), pristine.named_parameters()):
+    for (name, trained), (_, original) in zip(net.bridge.layer.named_parameters(), pristine.named_parameters(), strict=True):
         assert not trained.requires_grad and torch.equal(trained, original), name
     assert not torch.equal(net.bridge.project_in.weight, built["adapter_before"])
 

@@ -226,7 +226,7 @@ def resample_axis(volume: torch.Tensor, dim: int, positions: np.ndarray, linear:
 
 def resampled_shape(shape, spacing, target) -> list[int]:
     """MONAI's compute_shape_offset for scaling alone: round((n - 1) s / t + 1) per axis."""
-    return [int(np.round((n - 1) * s / t + 1.0)) for n, s, t in zip(shape, spacing, target)]
+    return [int(np.round((n - 1) * s / t + 1.0)) for n, s, t in zip(shape, spacing, target, strict=True)]
 
 
 def resample(volume: torch.Tensor, spacing, target, linear: bool) -> torch.Tensor:

@@ -91,14 +91,14 @@ def draw_organ_volume(size: int, generator: torch.Generator) -> tuple[torch.Tens
 
     def quadric(box: tuple, centre: tuple, radii: tuple) -> np.ndarray:
         """sum(((p - c) / r)^2) on the box, broadcast from one line per axis."""
-        x, y, z = (((centres[part] - c) / r) ** 2 for part, c, r in zip(box, centre, radii))
+        x, y, z = (((centres[part] - c) / r) ** 2 for part, c, r in zip(box, centre, radii, strict=True))
         return x[:, None, None] + y[None, :, None] + z[None, None, :]
 
     def blob(centre: tuple, radii: tuple, wobble: float = 0.25) -> tuple[tuple, np.ndarray]:
         """The region of sum(((p - c) / r)^2) + wobble n(p) <= 1, in the box that can hold it (|n| <= 1)."""
         box = tuple(slice(max(0, int((c - r * (1 + wobble) ** 0.5) * size)),
                           max(0, min(size, int((c + r * (1 + wobble) ** 0.5) * size) + 1)))
-                    for c, r in zip(centre, radii))
+                    for c, r in zip(centre, radii, strict=True))
         return box, quadric(box, centre, radii) + wobble * wobble_field[box] <= 1
 
     body = quadric(everywhere, (0.5, 0.5, 0.5), (0.47, 0.40, np.inf)) + 0.08 * shading_field <= 1

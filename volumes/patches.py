@@ -44,7 +44,7 @@ def padded(image: torch.Tensor, labels: torch.Tensor, roi_size: int) -> tuple[to
     if not any(pads):
         return image, labels
     floor = image.amin(dim=(1, 2, 3))                                                  # (C,)
-    image = torch.stack([F.pad(channel, pads, value=float(low)) for channel, low in zip(image, floor)])
+    image = torch.stack([F.pad(channel, pads, value=float(low)) for channel, low in zip(image, floor, strict=True)])
     return image, F.pad(labels, pads, value=0)
 
 
@@ -72,7 +72,7 @@ def draw_centre(labels: torch.Tensor, generator: torch.Generator) -> list[int]:
 
 def window_start(centre: list[int], shape, roi_size: int) -> list[int]:
     """Step 3: the first voxel of the R^3 window around the centre, kept inside the volume."""
-    return [min(max(c - roi_size // 2, 0), n - roi_size) for c, n in zip(centre, shape)]
+    return [min(max(c - roi_size // 2, 0), n - roi_size) for c, n in zip(centre, shape, strict=True)]
 
 
 def augmented(image: torch.Tensor, labels: torch.Tensor,
