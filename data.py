@@ -279,7 +279,7 @@ def load_dataset(name: str, root: str | None = None, split: str = "train", img_s
         raise ValueError(f"{len(unknown)} cases named in {source} are not in the data under "
                          f"{root_dir} (first: {', '.join(unknown[:5])}); expected every listed "
                          "case present.")
-    hint = "; a held-out test set needs test_fraction > 0 (e.g. 0.1)" if split == "test" else ""
+    hint = "; a held-out test set needs a test fraction > 0 (train.py --test-fraction 0.1)" if split == "test" else ""
     names, source = split_names(name, splits, split, fold, seed, source, hint)
     by_name = {case.name: case for case in cases}
     chosen = [by_name[n] for n in names]

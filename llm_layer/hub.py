@@ -15,7 +15,10 @@ that says what to do (gated: accept the licence and log in; unreachable: connect
 repo that is malformed (config.json, the index, a safetensors header) raises files.InputError naming it;
 a cached layer or norm file that no longer reads is fetched again.
 """
+import functools
 import json
+import os
+import socket
 import sys
 from pathlib import Path
 
@@ -95,6 +98,30 @@ def layer_cache_file(repo: str, commit: str, layer: int) -> Path:
     return Path(constants.HF_HOME) / "llm4seg" / repo.replace("/", "--") / commit / f"model.layers.{layer - 1}.safetensors"
 
 
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+@functools.cache
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether the Hub's host answers a TCP connection within timeout_s. Offline, huggingface_hub retries each
+    request with back-off (5 retries, ~23 s) before giving up; knowing first, the cache is read at once and
+    a missing file is an error at once. Behind a proxy (HTTPS_PROXY, ALL_PROXY) the direct probe proves
+    nothing, so the Hub is assumed reachable and huggingface_hub decides."""
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or any(os.environ.get(name) for name in PROXY_VARIABLES):
+        return not constants.HF_HUB_OFFLINE
+    endpoint = urlsplit(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=timeout_s).close()
+    except OSError:
+        return False
+    return True
+
+
 def _hub_download(repo: str, filename: str, revision: str | None) -> str:
     """hf_hub_download with the Hub's failures turned into messages that say what to do."""
     from huggingface_hub import constants, hf_hub_download
@@ -103,7 +130,7 @@ def _hub_download(repo: str, filename: str, revision: str | None) -> str:
         RevisionNotFoundError)
 
     try:
-        return hf_hub_download(repo, filename, revision=revision)
+        return hf_hub_download(repo, filename, revision=revision, local_files_only=not hub_reachable())
     except GatedRepoError as e:
         raise PermissionError(
             f"{repo} is gated: accept its licence on https://huggingface.co/{repo} , then run "
@@ -114,8 +141,7 @@ def _hub_download(repo: str, filename: str, revision: str | None) -> str:
         raise ValueError(f"{repo} not found on the Hub ({constants.ENDPOINT}); check the name, "
                          f"or log in if it is private") from e
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:
-        offline = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else \
-            "set HF_HUB_OFFLINE=1 to skip the retries when offline"
+        offline = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "its host did not answer"
         raise ConnectionError(
             f"cannot reach the Hugging Face Hub ({constants.ENDPOINT}) and {filename} of {repo} is "
             f"not cached under {constants.HF_HOME} ({offline}): connect once to cache the layer (a gated repo "

@@ -208,7 +208,7 @@ def test_wrong_names_options_and_stale_split_rejected(tmp_path):
     with pytest.raises(ValueError, match="unknown split 'valid'"):
         data.load_dataset("synthetic", split="valid")
     make_busi(tmp_path / "Dataset_BUSI_with_GT")
-    with pytest.raises(ValueError, match="no test cases .* test_fraction > 0"):
+    with pytest.raises(ValueError, match="no test cases .* test fraction > 0 .train.py --test-fraction 0.1."):
         data.load_dataset("busi", str(tmp_path), "test")
     data.load_dataset("busi", str(tmp_path), "val")
     write_case(tmp_path / "Dataset_BUSI_with_GT" / "benign" / "benign (7).png",

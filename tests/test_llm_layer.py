@@ -361,9 +361,12 @@ def test_unknown_repo_and_alias(checkpoints):
 
 
 def test_unreachable_hub_without_cache(tmp_path):
-    # A closed port stands for the unreachable Hub. The online case skips huggingface_hub's
-    # retry back-off (5 retries, 23 s of sleeping) by no-op'ing time.sleep in that process only.
-    script = ("import time; time.sleep = lambda seconds: None\n"
+    # A closed port stands for the unreachable Hub. hub.hub_reachable finds it closed at once, so the cache
+    # is read without huggingface_hub's retry back-off (5 retries, 23 s of sleeping): time.sleep fails the
+    # run if anything sleeps.
+    script = ("import time\n"
+              "def retried(seconds): raise SystemExit('slept: the Hub was retried')\n"
+              "time.sleep = retried\n"
               "import llm_layer; llm_layer.load_layer('llama3.2-1b', 15)")
     env = {**os.environ, "HF_HOME": str(tmp_path), "HF_ENDPOINT": "http://127.0.0.1:9"}
     for offline in ("0", "1"):
