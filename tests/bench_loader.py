@@ -182,7 +182,7 @@ def main() -> None:
     cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     model = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if line.startswith("Model name")), "?")
     print(f"CPU: {model}, {len(os.sched_getaffinity(0))} cores usable; torch threads 1; {args.size} px; "
-          f"cache builds in up to {data.BUILD_PROCESSES} processes")
+          f"cache builds in up to {data.cache.BUILD_PROCESSES} processes")
 
     trees = {}
     for name, count in (("kvasir", args.kvasir), ("isic", args.isic)):

@@ -1,4 +1,4 @@
-"""Tests of the decoded-once cache of 2D datasets (data.py: decode_case, check_cases -> cache_cases, the
+"""Tests of the decoded-once cache of 2D datasets (the data/ package: decode_case, check_cases -> cache_cases, the
 memory-mapped CachedCases) and of train.py's loader over it (EpochOrder / EpochItems, persistent workers,
 uint8 items normalised by normalize_batch): a cached item equals the item decoded as before, bit for bit; a
 damaged, outdated or foreign cache file is rebuilt with one line and never used; a changed source file is
@@ -109,7 +109,7 @@ def test_a_second_run_reads_the_cache_and_decodes_nothing(cached, monkeypatch, c
         metadata, pixels = f.metadata(), f.get_tensor("pixels")
     assert pixels.shape == (8, 4, SIZE, SIZE) and metadata["crc32"] == tensors_crc32(
         {"pixels": pixels}, {k: v for k, v in metadata.items() if k != "crc32"})
-    monkeypatch.setattr(data, "decode_case", None)  # any decoding would fail
+    monkeypatch.setattr(data.cache, "decode_case", None)  # any decoding would fail
     train_set, val_set = splits(root, split_file)
     data.check_cases(train_set, val_set)
     assert cache_lines(capsys.readouterr().out) == []
@@ -178,8 +178,8 @@ def test_a_changed_source_file_is_decoded_again_and_a_cut_one_named(cached, monk
     root, split_file, path = cached
     image = root / "images" / "case1.png"
     textured_rgb(42, 32, np.random.default_rng(9)).save(image)  # case1 is 42 x 32, its mask too
-    decoded, real_decode = [], data.decode_case
-    monkeypatch.setattr(data, "decode_case", lambda case, *options: decoded.append(case.name) or
+    decoded, real_decode = [], data.cache.decode_case
+    monkeypatch.setattr(data.cache, "decode_case", lambda case, *options: decoded.append(case.name) or
                         real_decode(case, *options))
     train_set, val_set = splits(root, split_file)
     data.check_cases(train_set, val_set)
@@ -222,8 +222,8 @@ def test_a_read_only_root_caches_elsewhere_or_nowhere(tree, tmp_path, monkeypatc
 
 def build_slowly(root: Path, split_file: str) -> None:
     """A forked child: check_cases with each decode 20 ms slower, so two of them overlap."""
-    real_decode = data.decode_case
-    data.decode_case = lambda case, *options: time.sleep(0.02) or real_decode(case, *options)
+    real_decode = data.cache.decode_case
+    data.cache.decode_case = lambda case, *options: time.sleep(0.02) or real_decode(case, *options)
     data.check_cases(*splits(root, split_file))
 
 
@@ -337,7 +337,7 @@ def test_a_build_in_worker_processes_writes_the_same_file(tree, monkeypatch):
     path = root / "llm4seg_cache" / f"folder_{SIZE}px.safetensors"
     alone = path.read_bytes()
     path.unlink()
-    monkeypatch.setattr(data, "PARALLEL_BUILD", 4)
-    monkeypatch.setattr(data, "BUILD_PROCESSES", 2)
+    monkeypatch.setattr(data.cache, "PARALLEL_BUILD", 4)
+    monkeypatch.setattr(data.cache, "BUILD_PROCESSES", 2)
     data.check_cases(*splits(root, split_file))
     assert path.read_bytes() == alone
