@@ -20,7 +20,7 @@
                                                    colour bar and an optional note
     curves_png(epochs, path)                       train loss, validation IoU / Dice and lr against the
                                                    epoch, from metrics.jsonl's lines (matplotlib, Agg)
-    to_rgb(image)                                  a data.py item's normalised (3, H, W) image -> (H, W, 3) uint8
+    to_rgb(image)                                  a data item's normalised (3, H, W) image -> (H, W, 3) uint8
 Images are (H, W, 3) or (H, W) uint8 arrays or tensors; masks and maps are (H, W), at the image's size.
 Pictures are enlarged to at least MIN_SIDE pixels on their long side (a 64 px image is hard to see):
 the image bilinearly, masks and maps by nearest neighbour, so no mask gains a value it did not have;
@@ -48,7 +48,7 @@ CLASS_COLOURS = np.array([(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 3
 
 
 def to_rgb(image: Tensor) -> np.ndarray:
-    """A data.py image (3, H, W), ImageNet-normalised -> (H, W, 3) uint8, the normalisation undone."""
+    """A data item's image (3, H, W), ImageNet-normalised -> (H, W, 3) uint8, the normalisation undone."""
     rgb = (denormalize(image.cpu()) * 255).round().clamp(0, 255).to(torch.uint8)
     return rgb.permute(1, 2, 0).numpy()  # (H, W, 3)
 

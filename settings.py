@@ -88,7 +88,7 @@ def make_parser() -> argparse.ArgumentParser:
                    help="msd: every label of dataset.json is its own class (softmax, Dice + CE) instead of one "
                         "foreground; folder: each mask is a label map (gray or palette PNG) whose values 0..K-1 are "
                         "the classes, K = 1 + the largest, named by a classes.json in --data-dir if there is one "
-                        "(data.py's docstring); btcv and synthetic-organs are always multi-class, the other 2D "
+                        "(the data package's docstring); btcv and synthetic-organs are always multi-class, the other 2D "
                         "datasets binary")
     p.add_argument("--roi-size", type=int, default=DATA_DEFAULTS["roi_size"],
                    help="btcv, synthetic-organs: the side of the training crops and of the sliding windows that "

@@ -5,7 +5,7 @@ a textured pink "mucosa" with a dark lumen, 1-3 distractor blobs (dark purple or
 mask), then 1-3 dome-shaded polyps of the mucosa's own hue on top (the mask is their union), a
 vignette and a random brightness. The distractors span the polyps' range in every channel, so no
 single-colour threshold finds the polyps (tests/test_synthetic.py: the best scores IoU ~0.18); the
-network has to use outlines and shading. data.py wraps this generator as the "synthetic" dataset.
+network has to use outlines and shading. data/ wraps this generator as the "synthetic" dataset.
 """
 import math
 

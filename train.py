@@ -501,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     """Exit code: 0 done, 1 non-finite loss or a checkpoint that could not be written, 2 bad settings or
     input files, 128 + signal when stopped by one."""
     processes = Processes.from_env()
-    # Other ranks stay quiet (data.py and llm_layer print too); errors still reach stderr.
+    # Other ranks stay quiet (data and llm_layer print too); errors still reach stderr.
     with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(sys.stdout if processes.main else devnull):
         try:
             run = setup(argv, processes)

@@ -1,5 +1,5 @@
 """Feeding 2D training: items per second of one worker process at 256 px, decoded from the files each time (as
-before the cache) against read from the decoded-once cache (data.py), measured in one run on generated trees.
+before the cache) against read from the decoded-once cache (data/cache.py), measured in one run on generated trees.
 
     python tests/bench_loader.py                        # 50 Kvasir-sized + 10 ISIC-sized cases, 256 px
     python tests/bench_loader.py --kvasir 200 --isic 20 --rss-cases 2000

@@ -1,4 +1,4 @@
-"""Tests of data.py: mask encodings and refused label maps, splits (written once, reused, the authors'
+"""Tests of the data package: mask encodings and refused label maps, splits (written once, reused, the authors'
 lists), augmentation alignment and its determinism per (seed, epoch, index) across DataLoader workers,
 and every bad-input error of load_dataset. data.check_cases has its own file, test_data_checks.py."""
 import json

@@ -140,7 +140,7 @@ def test_analyze_writes_finite_numbers_before_and_after_and_heat_maps(evaluated)
 
 
 def test_gmacs_of_backbone_and_bridge_by_hand(tiny_runs, evaluated):
-    """Plain CMUNeXt: model.py's measured 7.23 G MACs at 256 x 256, divided by 16 at 64 x 64 (a conv's MACs
+    """Plain CMUNeXt: model/'s measured 7.23 G MACs at 256 x 256, divided by 16 at 64 x 64 (a conv's MACs
     scale with its output pixels). The bridge at N = 4 x 4 = 16 tokens, C = 256, D = 64, 4 q heads of 16 and
     2 kv heads, intermediate 128 adds:
         adapters         2 N C D         = 524,288
@@ -151,14 +151,14 @@ def test_gmacs_of_backbone_and_bridge_by_hand(tiny_runs, evaluated):
     assert run_eval(tiny_runs["plain"]) == 0
     plain = json.loads((tiny_runs["plain"] / "eval-val" / "metrics.json").read_text())["computation"]
     bridged = json.loads((evaluated / "metrics.json").read_text())["computation"]
-    assert plain["gmacs"] * 16 == pytest.approx(7.23, abs=0.005)  # model.py's table rounds to 2 decimals
+    assert plain["gmacs"] * 16 == pytest.approx(7.23, abs=0.005)  # model/'s table rounds to 2 decimals
     assert (bridged["gmacs"] - plain["gmacs"]) * 1e9 == pytest.approx(1_146_880, abs=1)
     assert plain["frozen_params"] == 0
 
 
 def test_an_nnunet_run_trains_evaluates_and_counts_like_model_py(tmp_path):
     """--backbone nnunet end to end: train.py, then eval.py rebuilds it from the run and reports Table 1's
-    columns; model.py's measured 12.07 G MACs at 256 x 256 scale by (64 / 256)^2 at 64 x 64."""
+    columns; model/'s measured 12.07 G MACs at 256 x 256 scale by (64 / 256)^2 at 64 x 64."""
     run = tmp_path / "nnunet"
     with one_thread():
         assert train.main(["--data", "synthetic", "--synthetic-size", "10", "--backbone", "nnunet", "--llm", "none",

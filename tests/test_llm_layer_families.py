@@ -161,7 +161,7 @@ def test_random_mode_initialises_each_family_as_transformers_does(family_checkpo
     (BERT_REPO, {"attention.self.query", "attention.self.value"}),
 ])
 def test_cmunext_builds_and_trains_with_each_family(family_checkpoints, repo, lora_names):
-    """model.py bridges each family (D = 64 here) and LoRA finds each family's query and value."""
+    """model/ bridges each family (D = 64 here) and LoRA finds each family's query and value."""
     net = build_model("cmunext", repo, 2, lora_rank=2)
     net(torch.randn(2, 3, 32, 32)).square().mean().backward()
     trained = {name.removeprefix("bridge.layer.").rsplit(".", 1)[0]

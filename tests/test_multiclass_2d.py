@@ -1,4 +1,4 @@
-"""Multi-class 2D segmentation on one's own folder (data.py's `folder` with multiclass=True, train.py --data folder
+"""Multi-class 2D segmentation on one's own folder (the data package's `folder` with multiclass=True, train.py --data folder
 --multiclass): masks are label maps whose values are the classes; K and the class names come from the data (and
 a classes.json); items are int64 label maps that follow the image through the augmentation; the decoded-once
 cache keeps the labels in a file of its own; colour and JPEG masks are refused; the binary 2D datasets refuse

@@ -1,5 +1,5 @@
 """Tests of pictures.py: the PNG helpers write what Pillow reads back, at the image's size, and
-to_rgb undoes data.py's normalisation."""
+to_rgb undoes the data package's normalisation."""
 import numpy as np
 import pytest
 import torch
