@@ -9,7 +9,8 @@
                                 settings, every rank's RNG states) and "sha256" of the tensors and info
     RUN_DIR/metrics.jsonl       one line per epoch (train.py rewrites it; a resume drops lines past `last`)
 
-One rename makes a checkpoint visible (files.write_atomically, fsync'd), so at every instant `last` is
+Saving and loading hold a checkpoint's bytes in memory beside its tensors (twice its size; small unless a
+layer is trained with Adam). One rename makes a checkpoint visible (files.write_atomically, fsync'd), so at every instant `last` is
 either the previous checkpoint or the new one, whole. Ctrl-C and SIGTERM wait until the file is written
 (runtime.signals_deferred). A full disk leaves the previous file as it was and raises files.WriteError.
 Loading checks the sha256 of tensors and info, so flipped bytes are refused, not evaluated; a truncated or damaged
@@ -305,7 +306,11 @@ def load_weights_of_run(net: torch.nn.Module, run_dir, checkpoint: str = "best")
         if ours["mode"] == "frozen":
             check_fingerprint(trained.get("fingerprint"), loaded)
     tensors, info = read_checkpoint(run_dir / f"{checkpoint}.safetensors")
-    net.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")})
+    try:
+        net.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")})
+    except RuntimeError as error:
+        raise InputError(f"--init-from {run_dir}: its {checkpoint} checkpoint does not fit this model "
+                         f"({str(error).strip().splitlines()[0]}); expected the checkpoint of the same model") from None
     return info
 
 

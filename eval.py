@@ -106,8 +106,11 @@ def evaluate_run(args) -> int:
     out_dir = run_dir / (f"eval-{args.split}" + ("" if args.checkpoint == "best" else f"-{args.checkpoint}"))
     out_dir.mkdir(exist_ok=True)
     for folder, asked in (("samples", args.samples), ("activations", args.analyze)):
-        if not asked:
-            clean_folder(out_dir / folder).rmdir()
+        if not asked and (out_dir / folder).is_dir():
+            for old in (out_dir / folder).glob("*.png"):
+                old.unlink()
+            if not any((out_dir / folder).iterdir()):
+                (out_dir / folder).rmdir()
     analysis = None
     with BridgeFeatures(net.bridge) if args.analyze else contextlib.nullcontext() as features:
         extra = (lambda logits, masks: feature_analysis(features, masks)) if args.analyze else None

@@ -195,11 +195,14 @@ def signals_deferred():
         return
     try:
         yield
-    finally:
-        for s, handler in previous.items():
+    except BaseException:
+        for s, handler in previous.items():  # the block's own error wins; the run ends with it
             signal.signal(s, handler)
-        for signum in pending:
-            signal.raise_signal(signum)
+        raise
+    for s, handler in previous.items():
+        signal.signal(s, handler)
+    for signum in pending:
+        signal.raise_signal(signum)
 
 
 def ignore_stop_signals(worker_id: int) -> None:

@@ -255,7 +255,10 @@ def check_out_dir(out: Path, resuming: bool) -> None:
     if not existing.is_dir():
         raise ValueError(f"--out {out}: {existing} is a file, so the directory cannot be created; pick another --out")
     # Tried, not judged from permission bits: root passes os.access everywhere, /proc and read-only mounts
-    # refuse anyway. What the probe creates is removed; train.py creates the directory when it writes.
+    # refuse anyway. What the probe creates is removed; train.py creates the directory when it writes. Under
+    # torchrun one process per machine tries (the others would race it for the same folders).
+    if int(os.environ.get("LOCAL_RANK", 0)) != 0:
+        return
     missing = [parent for parent in (out, *out.parents) if not parent.exists()]
     try:
         out.mkdir(parents=True, exist_ok=True)

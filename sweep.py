@@ -253,7 +253,7 @@ def execute(run: Run, split: str, device: str | None) -> None:
         print(f"sweep: {run.run_dir.name} finished before, skipping its training", flush=True)
     evaluated = run.run_dir / f"eval-{split}" / "per_image.csv"
     if not evaluated.is_file() or evaluated.stat().st_mtime < (run.run_dir / "best.safetensors").stat().st_mtime:
-        config = json.loads((run.run_dir / "config.json").read_text())
+        config = read_run_config(run.run_dir)
         # The analysis reads a 2D CNN's bottleneck maps: runs with an LLM layer in a 2D CNN.
         analyze = ["--analyze"] if config["model"]["mode"] != "none" and config["model"]["backbone"] != "vit" \
             and config["model"].get("spatial_dims", 2) == 2 else []
@@ -323,8 +323,9 @@ def find_baseline(args, varying, settings: list[tuple]) -> tuple:
 def paired_ious(runs: list[Run], baseline_runs: list[Run]) -> list[float]:
     """IoU differences on the (seed, image) pairs two settings share."""
     by_seed = {run.seed: {row["case"]: row["iou"] for row in run.per_image} for run in baseline_runs}
-    return [row["iou"] - by_seed[run.seed][row["case"]] for run in runs if run.seed in by_seed
-            for row in run.per_image if row["case"] in by_seed[run.seed]]
+    differences = [row["iou"] - by_seed[run.seed][row["case"]] for run in runs if run.seed in by_seed
+                   for row in run.per_image if row["case"] in by_seed[run.seed]]
+    return [d for d in differences if not np.isnan(d)]  # a multi-class case with no class in its truth: NaN
 
 
 def run_mean(run: Run, metric: str) -> float:

@@ -155,7 +155,7 @@ def validation_metrics(run: "Run") -> tuple[str, ...]:
 
 @dataclass
 class Progress:
-    """Where training stands; saved in last.json."""
+    """Where training stands; saved in last.safetensors' metadata."""
     epochs_done: int = 0         # trained and validated
     batches_done: int = 0        # of epoch epochs_done + 1, when stopped mid-epoch
     global_step: int = 0         # optimizer steps so far: the poly schedule's `it`
@@ -248,9 +248,16 @@ def setup(argv: list[str] | None, processes: Processes) -> Run:
     elif args.resume:
         print(f"{run_dir} has no `last` checkpoint yet (stopped before its first epoch ended): starting it "
               f"again from the beginning, with its saved settings")
+        init_from = read_run_config(run_dir)["train"].get("init_from")
+        if init_from:  # the saved start: the weights of the run it was started from
+            load_weights_of_run(run.net, init_from)
         if processes.main:
             keep_metrics_up_to(run_dir / "metrics.jsonl", 0)
     elif processes.main:
+        # A folder an earlier attempt left without a `last` (check_out_dir let it through): its log lines and
+        # best checkpoint belong to that attempt.
+        keep_metrics_up_to(run_dir / "metrics.jsonl", 0)
+        (run_dir / "best.safetensors").unlink(missing_ok=True)
         write_run_config(run, len(val_set), iterations)
     print_settings(run, len(val_set), iterations)
     return run
@@ -409,8 +416,8 @@ def train_one_epoch(run: Run, epoch: int, stop: StopRequests) -> tuple[int | Non
             bar.update()
             bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{images / max(time.perf_counter() - start, 1e-9):.1f}")
             if stopping:
-                # A step boundary: with workers=0 the next batch is not drawn yet, so the RNG state
-                # saved here is the one the next batch would have used.
+                # A step boundary: the data of every batch comes from (seed, epoch, index), so only the
+                # global RNG (dropout) must continue exactly; its state saved here is the next step's.
                 bar.close()
                 save_last(run)
                 print(f"stopped in epoch {epoch} after {progress.batches_done} batches; saved "

@@ -558,3 +558,29 @@ def test_init_from_starts_a_new_run_from_another_runs_best_weights(tiny_llm, tmp
     assert "its model has backbone 'cmunext', this run's 'unet'; expected the same model" in capsys.readouterr().err
     assert train.main(small_run(tiny_llm, tmp_path / "nothing", "--init-from", str(tmp_path / "nowhere"))) == 2
     assert "expected a run directory with a best checkpoint" in capsys.readouterr().err
+
+
+def test_a_run_started_from_another_and_killed_before_its_first_last_restarts_from_those_weights(
+        tiny_llm, tmp_path, three_epochs, monkeypatch):
+    from checkpoints import read_checkpoint
+    from runtime import Processes
+
+    out = tmp_path / "finetune"
+    monkeypatch.setattr(train, "train", lambda run, stop: 137)  # killed in its first epoch: config.json, no last
+    assert train.main(small_run(tiny_llm, out, "--init-from", str(three_epochs))) == 137
+    assert (out / "config.json").is_file() and not (out / "last.safetensors").exists()
+    run = train.setup(["--resume", str(out)], Processes())
+    best, _ = read_checkpoint(three_epochs / "best.safetensors")
+    state = run.net.state_dict()
+    assert all(torch.equal(state[key.removeprefix("model.")], value) for key, value in best.items())
+
+
+def test_a_new_run_in_a_folder_an_abandoned_attempt_left_keeps_none_of_its_files(tiny_llm, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "val_iou": 0.99}) + "\n")
+    (out / "best.safetensors").write_bytes(b"the abandoned attempt's best")
+    assert train.main(small_run(tiny_llm, out, "--epochs", "1", "--backbone", "vit", "--img-size", "32",
+                                "--patch-size", "8", "--depth", "1", "--embed-dim", "16", "--mode", "none")) == 0
+    assert [line["epoch"] for line in metrics(out)] == [1] and metrics(out)[0]["val_iou"] != 0.99
+    assert checkpoint_info(out, "best")["epoch"] == 1
