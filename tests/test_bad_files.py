@@ -22,22 +22,12 @@ from safetensors.torch import load_file
 
 import llm_layer
 from files import InputError
+from gguf_files import write_llama_gguf
 from llm_layer import load_layer
 from llm_layer.layers import expected_shapes
 
 LAYER = 1                                       # model.layers.0: every fuzzed file holds it
 TARGET = "model.layers.0.mlp.down_proj.weight"  # the tensor whose header entry the cases break
-GGUF_TYPES = {  # ours -> (llama.cpp name, storage type)
-    "input_layernorm.weight": ("attn_norm.weight", "F32"),
-    "self_attn.q_proj.weight": ("attn_q.weight", "Q8_0"),
-    "self_attn.k_proj.weight": ("attn_k.weight", "Q8_0"),
-    "self_attn.v_proj.weight": ("attn_v.weight", "Q4_1"),
-    "self_attn.o_proj.weight": ("attn_output.weight", "F16"),
-    "post_attention_layernorm.weight": ("ffn_norm.weight", "F32"),
-    "mlp.gate_proj.weight": ("ffn_gate.weight", "Q4_0"),
-    "mlp.up_proj.weight": ("ffn_up.weight", "Q4_1"),
-    "mlp.down_proj.weight": ("ffn_down.weight", "Q8_0"),
-}
 
 
 # --- files to break ----------------------------------------------------------------------------
@@ -93,34 +83,13 @@ SAFETENSORS_CASES = ["a JSON list", "no data_offsets", "negative offsets", "reve
                      "non-UTF-8 header", "non-JSON header"]
 
 
-def write_gguf(tiny_llm: Path, path: Path) -> Path:
-    """Both layers of the tiny Llama as a quantised GGUF file at `path`."""
-    import gguf
-
-    config = json.loads((tiny_llm / "config.json").read_text())
-    stored = load_file(tiny_llm / "model.safetensors")
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_block_count(config["num_hidden_layers"])
-    writer.add_embedding_length(config["hidden_size"])
-    writer.add_feed_forward_length(config["intermediate_size"])
-    writer.add_head_count(config["num_attention_heads"])
-    writer.add_head_count_kv(config["num_key_value_heads"])
-    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
-    for i in range(config["num_hidden_layers"]):
-        for name, (gguf_name, kind) in GGUF_TYPES.items():
-            weight = stored[f"model.layers.{i}.{name}"].numpy().astype("float16" if kind == "F16" else "float32")
-            qtype = gguf.GGMLQuantizationType[kind]
-            writer.add_tensor(f"blk.{i}.{gguf_name}", gguf.quants.quantize(weight, qtype), raw_dtype=qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
-
-
 @pytest.fixture(scope="module")
 def tiny_gguf(tiny_llm, tmp_path_factory) -> Path:
-    return write_gguf(tiny_llm, tmp_path_factory.mktemp("gguf") / "tiny-llama.gguf")
+    """Both layers of the tiny Llama as a quantised GGUF file."""
+    path = tmp_path_factory.mktemp("gguf") / "tiny-llama.gguf"
+    config = json.loads((tiny_llm / "config.json").read_text())
+    write_llama_gguf(load_file(tiny_llm / "model.safetensors"), config, config["num_hidden_layers"], path)
+    return path
 
 
 def assert_input_error_naming(load, *names: str) -> InputError:

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 import llm_layer
 from files import InputError
+from gguf_files import llama_cpp_permute, write_llama_gguf
 from layer_parity import assert_frozen_layer_matches
 from llm_layer import DecoderLayer, load_layer
 from sparse_checkpoints import data_bytes_fetched, write_sparse_safetensors
@@ -449,57 +450,13 @@ def test_module_names_follow_the_checkpoint(checkpoints):
 # --- GGUF (llama.cpp) files -------------------------------------------------------------------
 
 
-def _llama_cpp_permute(weight: torch.Tensor, heads: int) -> torch.Tensor:
-    """What llama.cpp's convert_hf_to_gguf.py does to q / k rows: per head, interleave the halves."""
-    return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
-
-
-GGUF_TYPES = {  # ours -> (llama.cpp name, storage type)
-    "input_layernorm.weight": ("attn_norm.weight", "F32"),
-    "self_attn.q_proj.weight": ("attn_q.weight", "Q8_0"),
-    "self_attn.k_proj.weight": ("attn_k.weight", "Q8_0"),
-    "self_attn.v_proj.weight": ("attn_v.weight", "Q4_1"),
-    "self_attn.o_proj.weight": ("attn_output.weight", "F16"),
-    "post_attention_layernorm.weight": ("ffn_norm.weight", "F32"),
-    "mlp.gate_proj.weight": ("ffn_gate.weight", "Q4_0"),
-    "mlp.up_proj.weight": ("ffn_up.weight", "Q4_1"),
-    "mlp.down_proj.weight": ("ffn_down.weight", "Q8_0"),
-}
-
-
 @pytest.fixture(scope="session")
 def gguf_checkpoint(checkpoints, tmp_path_factory):
     """The tiny Llama's first 3 layers written as llama.cpp would: q / k rows permuted, quantised.
     Returns (path, {layer number: {our name: the dequantised weight in HF layout}})."""
-    import gguf
-
-    stored = load_file(checkpoints[LLAMA_REPO] / "model.safetensors")
     path = tmp_path_factory.mktemp("gguf") / "tiny-llama.gguf"
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_block_count(3)
-    writer.add_embedding_length(64)
-    writer.add_feed_forward_length(160)
-    writer.add_head_count(4)
-    writer.add_head_count_kv(2)
-    writer.add_layer_norm_rms_eps(1e-5)
-    expected = {}
-    for i in range(3):
-        expected[i + 1] = {}
-        for name, (gguf_name, kind) in GGUF_TYPES.items():
-            weight = stored[f"model.layers.{i}.{name}"].float()
-            heads = {"self_attn.q_proj.weight": 4, "self_attn.k_proj.weight": 2}.get(name)
-            on_disk = _llama_cpp_permute(weight, heads) if heads else weight
-            qtype = gguf.GGMLQuantizationType[kind]
-            data = gguf.quants.quantize(on_disk.numpy().astype("float16" if kind == "F16" else "float32"), qtype)
-            writer.add_tensor(f"blk.{i}.{gguf_name}", data, raw_dtype=qtype)
-            # Quantisation blocks run along rows, so dequantising commutes with the row permutation.
-            expected[i + 1][name] = torch.from_numpy(gguf.quants.dequantize(
-                gguf.quants.quantize(weight.numpy().astype("float16" if kind == "F16" else "float32"), qtype),
-                qtype).astype("float32")).reshape(weight.shape)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    config = json.loads((checkpoints[LLAMA_REPO] / "config.json").read_text())
+    expected = write_llama_gguf(load_file(checkpoints[LLAMA_REPO] / "model.safetensors"), config, 3, path)
     return path, expected
 
 
@@ -514,7 +471,7 @@ def test_gguf_layer_is_dequantised_and_unpermuted(gguf_checkpoint):
         assert torch.equal(params[name], weight), name
     # The permutation matters: without undoing it q would differ (k too), while the RoPE-free
     # attention scores q.k would not, as q and k are permuted alike.
-    assert not torch.equal(params["self_attn.q_proj.weight"], _llama_cpp_permute(expected[2]["self_attn.q_proj.weight"], 4))
+    assert not torch.equal(params["self_attn.q_proj.weight"], llama_cpp_permute(expected[2]["self_attn.q_proj.weight"], 4))
 
 
 def test_gguf_modes_and_errors(gguf_checkpoint):
