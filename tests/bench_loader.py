@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 import data  # noqa: E402
-from dataset_trees import box_mask, textured_rgb  # noqa: E402
+from dataset_trees import box_mask, textured_rgb, uncached_item  # noqa: E402
 
 SIZES = {"kvasir": (622, 530), "isic": (4000, 3000)}
 MASKS = {"kvasir": ".jpg", "isic": ".png"}  # as the owners ship them: Kvasir-SEG's masks are JPEGs, ISIC's PNGs
@@ -75,17 +75,6 @@ def linked_tree(source: Path, root: Path, count: int) -> Path:
             if not target.exists():
                 os.link(origin, target)
     return root
-
-
-def old_item(dataset: data.SegmentationFiles, index: int) -> dict:
-    """SegmentationFiles.__getitem__ before the cache (as tests/test_data_cache.py's todays_item)."""
-    case, size = dataset.cases[index], (dataset.img_size, dataset.img_size)
-    rgb = data.read_rgb(case.image)
-    mask = Image.fromarray(data.read_mask(case, rgb.size).astype(np.uint8) * 255)
-    mask = np.asarray(mask.resize(size, Image.Resampling.NEAREST))
-    mask = torch.from_numpy(mask >= 128).float().unsqueeze(0)
-    augmentation = data.augmentation_generator(dataset.seed, dataset.epoch, index) if dataset.augment else None
-    return data.make_item(data.resized_rgb(rgb, dataset.img_size), mask, case.name, augmentation)
 
 
 def items_per_second(read, length: int, seconds: float) -> float:
@@ -197,7 +186,7 @@ def main() -> None:
     for name, tree in trees.items():
         dataset = data.load_dataset("folder", str(tree), "train", img_size=args.size, seed=0, val_fraction=0.01)
         dataset.epoch = 1
-        rows = {"files, full decode": lambda i, dataset=dataset: old_item(dataset, i),
+        rows = {"files, full decode": lambda i, dataset=dataset: uncached_item(dataset, i),
                 "files, decode_case": dataset.__getitem__}
         rates = {key: items_per_second(read, len(dataset), args.seconds) for key, read in rows.items()}
         start = time.perf_counter()

@@ -176,3 +176,14 @@ CACHE_DAMAGE = {
     "not safetensors": lambda path: path.write_bytes(b"\x00" * 64),
     "empty": lambda path: path.write_bytes(b""),
 }
+
+
+def uncached_item(dataset: data.SegmentationFiles, index: int) -> dict:
+    """SegmentationFiles.__getitem__ as it was before the cache: every file decoded in full, every time."""
+    case, size = dataset.cases[index], (dataset.img_size, dataset.img_size)
+    rgb = data.read_rgb(case.image)
+    mask = Image.fromarray(data.read_mask(case, rgb.size).astype(np.uint8) * 255)
+    mask = np.asarray(mask.resize(size, Image.Resampling.NEAREST))
+    mask = torch.from_numpy(mask >= 128).float().unsqueeze(0)
+    augmentation = data.augmentation_generator(dataset.seed, dataset.epoch, index) if dataset.augment else None
+    return data.make_item(data.resized_rgb(rgb, dataset.img_size), mask, case.name, augmentation)

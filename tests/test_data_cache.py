@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 import data
 import train
-from dataset_trees import CACHE_DAMAGE, box_mask, textured_rgb, write_split
+from dataset_trees import CACHE_DAMAGE, box_mask, textured_rgb, uncached_item, write_split
 from files import InputError
 from volumes.nifti import tensors_crc32
 
@@ -44,17 +44,6 @@ def mixed_tree(root: Path) -> str:
         mask = Image.fromarray(box_mask(height, width, rng).astype(np.uint8) * 255)
         mask.save(root / "masks" / f"{name}{'.jpg' if jpeg else '.png'}", **({"quality": 75} if jpeg else {}))
     return write_split(root / "split.json", NAMES[:6], NAMES[6:])
-
-
-def todays_item(dataset: data.SegmentationFiles, index: int) -> dict:
-    """SegmentationFiles.__getitem__ as it was before the cache: every file decoded in full, every time."""
-    case, size = dataset.cases[index], (dataset.img_size, dataset.img_size)
-    rgb = data.read_rgb(case.image)
-    mask = Image.fromarray(data.read_mask(case, rgb.size).astype(np.uint8) * 255)
-    mask = np.asarray(mask.resize(size, Image.Resampling.NEAREST))
-    mask = torch.from_numpy(mask >= 128).float().unsqueeze(0)
-    augmentation = data.augmentation_generator(dataset.seed, dataset.epoch, index) if dataset.augment else None
-    return data.make_item(data.resized_rgb(rgb, dataset.img_size), mask, case.name, augmentation)
 
 
 def splits(root: Path, split_file: str, size: int = SIZE) -> tuple[data.SegmentationFiles, data.SegmentationFiles]:
@@ -97,7 +86,7 @@ def test_cached_items_are_todays_items_bit_for_bit(tree, capsys):
             dataset.epoch = epoch
             for index in range(len(dataset)):
                 item, raw = dataset[index], dataset.raw_item(index)
-                assert same(item, todays_item(dataset, index))
+                assert same(item, uncached_item(dataset, index))
                 assert raw["image"].dtype == raw["mask"].dtype == torch.uint8
                 assert torch.equal(data.normalize_batch(raw["image"][None])[0], item["image"])
 
@@ -170,7 +159,7 @@ def test_a_damaged_or_foreign_cache_is_rebuilt_with_one_line(cached, damage, cap
     lines = cache_lines(capsys.readouterr().out)
     assert len(lines) == 2 and re.match(rf"data: the cache {re.escape(str(path))} is unusable \({reason}", lines[0])
     assert lines[1].startswith("data: decoded 8 cases")
-    assert all(same(val_set[i], todays_item(val_set, i)) for i in range(2))
+    assert all(same(val_set[i], uncached_item(val_set, i)) for i in range(2))
     assert data.open_cache(path, SIZE) is not None
 
 
@@ -186,7 +175,7 @@ def test_a_changed_source_file_is_decoded_again_and_a_cut_one_named(cached, monk
     lines = cache_lines(capsys.readouterr().out)
     assert decoded == ["case1"] and lines[0] == (f"data: 1 cases changed since {path} was written (first: case1); "
                                                  "decoding them again")
-    assert same(train_set[1], todays_item(train_set, 1)) and train_set.rows[1] == 7  # its new row, the last
+    assert same(train_set[1], uncached_item(train_set, 1)) and train_set.rows[1] == 7  # its new row, the last
     jpeg = root / "images" / "case6.jpg"
     jpeg.write_bytes(jpeg.read_bytes()[:len(jpeg.read_bytes()) // 2])
     with pytest.raises(InputError, match=rf"^1 of 8 cases cannot be used:\n  cannot read image file {jpeg}"):
@@ -214,7 +203,7 @@ def test_a_read_only_root_caches_elsewhere_or_nowhere(tree, tmp_path, monkeypatc
     lines = cache_lines(capsys.readouterr().out)
     assert len(lines) == 1 and lines[0].startswith("data: cannot write a cache (") and \
         lines[0].endswith("each image is decoded from its files every epoch")
-    assert train_set.cache is None and same(train_set[2], todays_item(train_set, 2))
+    assert train_set.cache is None and same(train_set[2], uncached_item(train_set, 2))
     (root / "masks" / "case3.png").write_bytes(b"")
     with pytest.raises(InputError, match=r"1 of 8 cases cannot be used:\n  cannot read image file .*case3\.png"):
         data.check_cases(*splits(root, split_file))
@@ -241,7 +230,7 @@ def test_two_builders_at_once_leave_one_whole_cache(tree, capsys):
     capsys.readouterr()
     data.check_cases(train_set, val_set)
     assert cache_lines(capsys.readouterr().out) == []
-    assert all(same(train_set[i], todays_item(train_set, i)) for i in range(6))
+    assert all(same(train_set[i], uncached_item(train_set, i)) for i in range(6))
 
 
 def test_temporaries_a_killed_build_left_are_removed(tree, capsys):
