@@ -273,17 +273,23 @@ def rebuild_model(config: dict) -> torch.nn.Module:
     """The model of a run's config.json, its LLM layer pinned to the commit the run trained with (Hub), or
     checked against the fingerprint of the file it was read from (local folder, GGUF): the layer is in no
     checkpoint, so it is read again and must be the same weights."""
-    trained = config["llm_layer"] or {}
-    net = build_model(**config["model"] | {"revision": trained.get("commit")})
-    if net.bridge is not None:
-        loaded = net.bridge.layer.config
-        if loaded.commit != trained.get("commit"):
-            raise ValueError(f"the run trained with {config['model']['llm']} at commit {trained.get('commit')}, but "
-                             f"commit {loaded.commit} was loaded; expected the same weights (the layer is not in "
-                             f"the checkpoint)")
-        if config["model"]["mode"] == "frozen":  # a trained layer's weights are in the checkpoint itself
-            check_fingerprint(trained.get("fingerprint"), loaded)
+    net = build_model(**config["model"] | {"revision": (config["llm_layer"] or {}).get("commit")})
+    check_same_layer(config, net)
     return net
+
+
+def check_same_layer(config: dict, net: torch.nn.Module) -> None:
+    """net's LLM layer has the weights the run of `config` trained with: the same Hub commit, and for a frozen
+    layer (in no checkpoint) the same fingerprint of the local file it was read from."""
+    if net.bridge is None:
+        return
+    trained, loaded = config["llm_layer"] or {}, net.bridge.layer.config
+    if loaded.commit != trained.get("commit"):
+        raise InputError(f"the run trained with {config['model']['llm']} at commit {trained.get('commit')}, but "
+                         f"commit {loaded.commit} was loaded; expected the same weights (the layer is not in "
+                         f"the checkpoint)")
+    if config["model"]["mode"] == "frozen":  # a trained layer's weights are in the checkpoint itself
+        check_fingerprint(trained.get("fingerprint"), loaded)
 
 
 def load_weights_of_run(net: torch.nn.Module, run_dir, checkpoint: str = "best") -> dict:
@@ -298,20 +304,8 @@ def load_weights_of_run(net: torch.nn.Module, run_dir, checkpoint: str = "best")
         name = differing[0]
         raise InputError(f"--init-from {run_dir}: its model has {name} {theirs.get(name)!r}, this run's "
                          f"{ours[name]!r}; expected the same model (give the flags that run was trained with)")
-    if net.bridge is not None:
-        trained, loaded = source["llm_layer"] or {}, net.bridge.layer.config
-        if loaded.commit != trained.get("commit"):
-            raise InputError(f"--init-from {run_dir}: it trained with {theirs['llm']} at commit {trained.get('commit')}, "
-                             f"this run loaded commit {loaded.commit}; expected the same layer weights")
-        if ours["mode"] == "frozen":
-            check_fingerprint(trained.get("fingerprint"), loaded)
-    tensors, info = read_checkpoint(run_dir / f"{checkpoint}.safetensors")
-    try:
-        net.load_state_dict({k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")})
-    except RuntimeError as error:
-        raise InputError(f"--init-from {run_dir}: its {checkpoint} checkpoint does not fit this model "
-                         f"({str(error).strip().splitlines()[0]}); expected the checkpoint of the same model") from None
-    return info
+    check_same_layer(source, net)
+    return load_checkpoint(run_dir, checkpoint, net)
 
 
 def load_run(run_dir, checkpoint: str = "best") -> tuple[torch.nn.Module, dict, dict]:
