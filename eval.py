@@ -152,31 +152,29 @@ def predict_images(args) -> int:
     config = read_run_config(run_dir)
     check_runtime_flags(args)
     settings = config["train"]
-    volumes = run_spatial_dims(config) == 3
+    volumes, multiclass = run_spatial_dims(config) == 3, config["model"]["num_classes"] > 1
     if volumes:
         if args.probabilities:
             raise ValueError(f"--probabilities writes PNG probability maps of 2D images; {run_dir} segments volumes "
                              "into NIfTI label maps only: drop --probabilities")
         check_volume_data(settings["data"])
+    elif multiclass and args.probabilities:
+        raise ValueError(f"--probabilities draws a binary run's foreground probability; {run_dir} is multi-class "
+                         f"and its masks hold each pixel's class: drop --probabilities")
+    names = legend_names(settings, args.data_dir or settings["data_dir"], config["model"]["num_classes"])
     device = resolve_device(args.device, Processes())
     precision = resolve_precision(args.precision, device)
     net, _, _ = load_run(run_dir, args.checkpoint)
     set_frozen_dtype(net, precision).to(device, memory_format=memory_format(device, net.config.spatial_dims))
     out_dir = Path(args.out or run_dir / f"predict-{Path(args.images).resolve().name}")
     if volumes:
-        names = legend_names(settings, args.data_dir or settings["data_dir"], config["model"]["num_classes"])
         written, skipped = predict_volume_folder(net, settings["data"], settings["img_size"], settings.get("roi_size"),
                                                  args.images, out_dir, device, precision, names)
         print(f"wrote {len(written)} label maps (NIfTI, each on its input's grid) and {LEGEND_NAME} to {out_dir}")
     else:
-        names = legend_names(settings, args.data_dir or settings["data_dir"], config["model"]["num_classes"]) \
-            if config["model"]["num_classes"] > 1 else None
-        if names is not None and args.probabilities:
-            raise ValueError(f"--probabilities draws a binary run's foreground probability; {run_dir} is multi-class "
-                             f"and its masks hold each pixel's class: drop --probabilities")
         written, skipped = predict_folder(net, settings["img_size"], args.images, out_dir, device, precision,
-                                          probabilities=args.probabilities, class_names=names)
-        print(f"wrote {len(written)} {'label maps' if names else 'masks'} (and overlays/) to {out_dir}")
+                                          probabilities=args.probabilities, class_names=names if multiclass else None)
+        print(f"wrote {len(written)} {'label maps' if multiclass else 'masks'} (and overlays/) to {out_dir}")
     for path, reason in skipped:
         print(f"skipped {path}: {reason}")
     return 1 if skipped else 0
