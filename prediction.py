@@ -81,7 +81,6 @@ from data import normalize, read_rgb, resized_rgb
 from files import InputError, write_atomically
 from metrics import THRESHOLD, whole_image_probabilities
 from pictures import label_colours, overlay_png
-from runtime import predict
 from volumes.btcv import read_btcv_image, to_original_grid
 from volumes.nifti import read_nifti, resize_volume
 
@@ -113,11 +112,10 @@ def predict_image(net: torch.nn.Module, rgb: Image.Image, img_size: int, device:
     """An RGB PIL image (W, H) -> the foreground probability (H, W) float32 at the image's own size; of a
     multi-class network, the class probabilities (K, H, W) (softmax), each resized the same way."""
     image = normalize(resized_rgb(rgb, img_size))                                             # (3, S, S)
-    logits = predict(net, image[None], device, precision).float()                            # (1, K, S, S)
-    probability = torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
+    probability = whole_image_probabilities(net, device, precision)(image[None])              # (1, K, S, S)
     width, height = rgb.size
     probability = F.interpolate(probability.cpu(), size=(height, width), mode="bilinear", align_corners=False)
-    return probability[0, 0].numpy() if logits.shape[1] == 1 else probability[0].numpy()   # (H, W) or (K, H, W)
+    return probability[0, 0].numpy() if probability.shape[1] == 1 else probability[0].numpy()  # (H, W) or (K, H, W)
 
 
 def predict_folder(net: torch.nn.Module, img_size: int, images_dir: Path, out_dir: Path, device: torch.device,
@@ -412,9 +410,10 @@ def sliding_window(predict, volume: Tensor, roi_size, overlap=0.5, mode: str = "
 def case_probabilities(net: torch.nn.Module, device: torch.device, precision: torch.dtype,
                        roi_size: int | None = None):
     """The evaluation's infer (metrics.evaluate_cases): images (B, C, *S) -> probabilities (B, K, *S) on
-    `device` (on the CPU for sliding windows), sigmoid for one output channel and softmax over K > 1. With roi_size, volumes larger than
-    the training patches go through sliding windows of roi_size per axis, overlap 0.5, the windows'
-    probabilities averaged with constant weights (the paper's 3D protocol averages softmax, then argmax)."""
+    `device` (on the CPU for sliding windows), sigmoid for one output channel and softmax over K > 1. With
+    roi_size, volumes larger than the training patches go through sliding windows of roi_size per axis,
+    overlap 0.5, the windows' probabilities averaged with constant weights (the paper's 3D protocol averages
+    softmax, then argmax)."""
     whole = whole_image_probabilities(net, device, precision)
     if roi_size is None:
         return whole
