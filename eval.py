@@ -56,19 +56,20 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from analysis import ANALYSED, CONCENTRATION_THRESHOLD, BridgeFeatures, activation_map, feature_analysis, upsample_map
-from checkpoints import load_run, read_run_config
-from cli import USER_ERRORS, add_runtime_flags, check_runtime_flags, one_line_error_parser, user_error
-from data import PATCH_DATASETS, check_cases, class_names, load_dataset
-from files import InputError, write_csv
-from metrics import (NSD_TOLERANCE, OVERLAP_METRICS, SEGMENTATION_METRICS, SURFACE_METRICS, THRESHOLD, evaluate_cases,
-                     mean_and_std)
-from metrics import segmentation_metrics, surface_metrics  # noqa: F401  public names eval.py has always offered
-from model import count_gmacs, count_params, set_frozen_dtype
-from pictures import heatmap_pair_png, label_panel_png, panel_png, to_rgb, volume_panel_png
-from prediction import LEGEND_NAME, case_probabilities, check_volume_data, predict_folder, predict_volume_folder
-from runtime import Processes, memory_format, predict, resolve_device, resolve_precision
-from settings import data_options
+from llm4seg.analysis import (ANALYSED, CONCENTRATION_THRESHOLD, BridgeFeatures, activation_map, feature_analysis,
+                              upsample_map)
+from llm4seg.checkpoints import load_run, read_run_config
+from llm4seg.cli import USER_ERRORS, add_runtime_flags, check_runtime_flags, one_line_error_parser, user_error
+from llm4seg.data import PATCH_DATASETS, check_cases, class_names, load_dataset
+from llm4seg.files import InputError, write_csv
+from llm4seg.metrics import (NSD_TOLERANCE, OVERLAP_METRICS, SEGMENTATION_METRICS, SURFACE_METRICS, THRESHOLD,
+                             evaluate_cases, mean_and_std)
+from llm4seg.metrics import segmentation_metrics, surface_metrics  # noqa: F401  public names eval.py has always offered
+from llm4seg.model import count_gmacs, count_params, set_frozen_dtype
+from llm4seg.pictures import heatmap_pair_png, label_panel_png, panel_png, to_rgb, volume_panel_png
+from llm4seg.prediction import LEGEND_NAME, case_probabilities, check_volume_data, predict_folder, predict_volume_folder
+from llm4seg.runtime import Processes, memory_format, predict, resolve_device, resolve_precision
+from llm4seg.settings import data_options
 
 # How the printed table shows each metric: (label, scale, unit); the files keep fractions and pixels unscaled.
 LABELS = {"iou": ("IoU", 100, "%"), "dice": ("Dice", 100, "%"), "f1": ("F1", 100, "%"),

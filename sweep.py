@@ -48,12 +48,12 @@ from pathlib import Path
 
 import numpy as np
 
-from checkpoints import checkpoint_info, has_checkpoint, read_run_config
-from cli import USER_ERRORS, one_line_error_parser, user_error
-from files import write_csv
-from metrics import paired_difference
-from pictures import pyplot
-from settings import CHANGEABLE_ON_RESUME, PER_INVOCATION, check_args, make_parser, resolve_defaults
+from llm4seg.checkpoints import checkpoint_info, has_checkpoint, read_run_config
+from llm4seg.cli import USER_ERRORS, one_line_error_parser, user_error
+from llm4seg.files import write_csv
+from llm4seg.metrics import paired_difference
+from llm4seg.pictures import pyplot
+from llm4seg.settings import CHANGEABLE_ON_RESUME, PER_INVOCATION, check_args, make_parser, resolve_defaults
 
 HERE = Path(__file__).resolve().parent
 # Flags the sweep sets itself, per run.

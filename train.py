@@ -75,19 +75,20 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from checkpoints import (has_checkpoint, keep_metrics_up_to, load_checkpoint, load_weights_of_run, read_run_config,
-                         rebuild_model, remove_stale_temporaries, rng_state, save_checkpoint, set_rng_state)
-from cli import USER_ERROR_EXIT, USER_ERRORS, user_error
-from data import (PATCH_DATASETS, EpochItems, EpochOrder, check_cases, class_names, input_channels, load_dataset,
-                  normalize_batch, num_classes, spatial_dims)
-from files import WriteError, write_atomically
-from metrics import OVERLAP_METRICS, SEGMENTATION_METRICS, evaluate_cases, mean_and_std
-from model import build_model, count_params, set_frozen_dtype
-from pictures import curves_png
-from prediction import case_probabilities
-from runtime import (Processes, StopRequests, autocast, compile_mode, ignore_stop_signals, memory_format,
-                     rank_zero_first, resolve_device, resolve_precision, to_device)
-from settings import check_args, data_options, default_run_dir, parse_args
+from llm4seg.checkpoints import (has_checkpoint, keep_metrics_up_to, load_checkpoint, load_weights_of_run,
+                                 read_run_config, rebuild_model, remove_stale_temporaries, rng_state, save_checkpoint,
+                                 set_rng_state)
+from llm4seg.cli import USER_ERROR_EXIT, USER_ERRORS, user_error
+from llm4seg.data import (PATCH_DATASETS, EpochItems, EpochOrder, check_cases, class_names, input_channels,
+                          load_dataset, normalize_batch, num_classes, spatial_dims)
+from llm4seg.files import WriteError, write_atomically
+from llm4seg.metrics import OVERLAP_METRICS, SEGMENTATION_METRICS, evaluate_cases, mean_and_std
+from llm4seg.model import build_model, count_params, set_frozen_dtype
+from llm4seg.pictures import curves_png
+from llm4seg.prediction import case_probabilities
+from llm4seg.runtime import (Processes, StopRequests, autocast, compile_mode, ignore_stop_signals, memory_format,
+                             rank_zero_first, resolve_device, resolve_precision, to_device)
+from llm4seg.settings import check_args, data_options, default_run_dir, parse_args
 
 POLY_POWER = 0.9
 DICE_SMOOTH = 1e-5

@@ -36,15 +36,15 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
+from llm4seg.kernels.bench import LLMS, interleaved_ms  # noqa: E402
+from llm4seg.model import build_model, count_params, set_frozen_dtype  # noqa: E402
+from llm4seg.prediction import sliding_window  # noqa: E402
+from llm4seg.runtime import autocast, predict  # noqa: E402
+from llm4seg.settings import RECIPES  # noqa: E402
 from bench_sliding_window import measured  # noqa: E402
 from bench_step import TINY, layer_checkpoint  # noqa: E402
-from kernels.bench import LLMS, interleaved_ms  # noqa: E402
-from model import build_model, count_params, set_frozen_dtype  # noqa: E402
-from prediction import sliding_window  # noqa: E402
-from runtime import autocast, predict  # noqa: E402
-from settings import RECIPES  # noqa: E402
 from train import dice_ce_loss  # noqa: E402
-from volumes import BTCV_CLASSES  # noqa: E402
+from llm4seg.volumes import BTCV_CLASSES  # noqa: E402
 
 BACKBONES = ("mednext", "mednext-s", "uxnet3d")  # LLM4Seg's Table 2 3D rows: MedNeXt (B, kernel 3), S, 3D UX-Net
 WINDOW_BACKBONE = "mednext-s"

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, for a plain `python`
-import llm_layer  # noqa: E402
-from kernels.bench import (BATCH, LLMS, TOKENS, forward_backward, interleaved_ms, kernels_path, print_row,  # noqa: E402
-                           time_ms)
+from llm4seg import llm_layer  # noqa: E402
+from llm4seg.kernels.bench import (BATCH, LLMS, TOKENS, forward_backward, interleaved_ms, kernels_path,  # noqa: E402
+                                   print_row, time_ms)
 
 SMOLLM2 = dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_attention_heads=9,
                num_key_value_heads=3, num_hidden_layers=30, rms_norm_eps=1e-5)

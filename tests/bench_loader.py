@@ -42,7 +42,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
-import data  # noqa: E402
+from llm4seg import data  # noqa: E402
 from dataset_trees import box_mask, textured_rgb, uncached_item  # noqa: E402
 
 SIZES = {"kvasir": (622, 530), "isic": (4000, 3000)}

@@ -28,7 +28,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from prediction import sliding_window  # noqa: E402
+from llm4seg.prediction import sliding_window  # noqa: E402
 
 
 def resident_mib(field: str) -> float:

@@ -23,10 +23,10 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from kernels.bench import LLMS, interleaved_ms  # noqa: E402
-from llm_layer.layers import LayerConfig, expected_shapes  # noqa: E402
-from model import CMUNEXT_DIMS, build_model, set_frozen_dtype  # noqa: E402
-from runtime import Processes, autocast, compile_mode, memory_format, resolve_precision  # noqa: E402
+from llm4seg.kernels.bench import LLMS, interleaved_ms  # noqa: E402
+from llm4seg.llm_layer.layers import LayerConfig, expected_shapes  # noqa: E402
+from llm4seg.model import CMUNEXT_DIMS, build_model, set_frozen_dtype  # noqa: E402
+from llm4seg.runtime import Processes, autocast, compile_mode, memory_format, resolve_precision  # noqa: E402
 from train import bce_dice_loss  # noqa: E402
 
 TINY = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_attention_heads=4,

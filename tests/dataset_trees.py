@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-import data
+from llm4seg import data
 
 MEAN = torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1)
 STD = torch.tensor(data.IMAGENET_STD).view(3, 1, 1)

@@ -50,12 +50,13 @@ sys.path.insert(0, str(REPO))
 if not torch.cuda.is_available():  # --smoke on a CPU: the Triton kernels run in the interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from kernels.bench import ATTENTION_SHAPES, LLMS, REPEATS, bench_attention_cuda, bench_kernels_cuda, time_ms  # noqa: E402
-from model import CMUNEXT_DIMS, build_model  # noqa: E402
+from llm4seg.kernels.bench import (ATTENTION_SHAPES, LLMS, REPEATS, bench_attention_cuda,  # noqa: E402
+                                   bench_kernels_cuda, time_ms)
+from llm4seg.model import CMUNEXT_DIMS, build_model  # noqa: E402
 
 sys.path.insert(0, str(REPO / "tests"))
-from bench_layer import bench_layer_cuda  # noqa: E402
 from bench_3d_step import WINDOW_BACKBONE, bench_3d  # noqa: E402
+from bench_layer import bench_layer_cuda  # noqa: E402
 from bench_loader import write_tree  # noqa: E402
 from bench_step import TINY, AuthorsBridge, layer_checkpoint, training_step  # noqa: E402
 

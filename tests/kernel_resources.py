@@ -87,9 +87,9 @@ def launches():
     """(kernel name, jitted kernel, shape label, constexprs, options, dtypes, aligned_T) for every configuration
     to check (attention's configuration depends on the dtype, so it yields one per dtype). Attention is built
     for T = 256 in both dtypes and, in bf16, for a ragged T = 200 (the same tiles, T not a multiple of 16)."""
-    attention = importlib.import_module("kernels.attention")
-    rms_norm = importlib.import_module("kernels.rms_norm")
-    swiglu = importlib.import_module("kernels.swiglu")
+    attention = importlib.import_module("llm4seg.kernels.attention")
+    rms_norm = importlib.import_module("llm4seg.kernels.rms_norm")
+    swiglu = importlib.import_module("llm4seg.kernels.swiglu")
     forward, delta, dk_dv, dq = attention._kernels()
     for (label, head_dim, group, softcap), (dtype, T) in itertools.product(
             (("llama3.2-1b d64 g4", 64, 4, False), ("deepseek d128 g6", 128, 6, False),

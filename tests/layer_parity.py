@@ -1,4 +1,8 @@
-"""Comparing our layer with a reference implementation: output and input gradient on the same input."""
+"""Comparing our layer with a reference implementation: output and input gradient on the same input; the
+reference being transformers' own layer of a checkpoint it wrote."""
+import inspect
+from pathlib import Path
+
 import torch
 
 # fp32 both, the same op order up to the attention's sums: 1e-5 / 1e-4 is a few ulps of fp32 at the
@@ -26,3 +30,25 @@ def assert_frozen_layer_matches(ours, reference, T: int) -> None:
     assert forward_error <= FORWARD_TOLERANCE and gradient_error <= GRADIENT_TOLERANCE, \
         f"forward error {forward_error:.3g}, input-gradient error {gradient_error:.3g}"
     assert all(p.grad is None for p in ours.parameters()), "frozen layer must not get weight grads"
+
+
+def reference_layer(directory: Path, number: int) -> torch.nn.Module:
+    """transformers' layer `number` (1-based) of the model saved in `directory`, float32, eager."""
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.from_pretrained(directory)
+    model = AutoModel.from_pretrained(directory, dtype=torch.float32, attn_implementation="eager")
+    layers = model.encoder.layer if config.model_type == "bert" else model.layers
+    return layers[number - 1]
+
+
+def reference_forward(reference: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """transformers' layer on x with no mask (non-causal) and, for the rotary families (Llama, Qwen2, Mistral,
+    Gemma-2), the identity rotation cos = 1, sin = 0: RoPE-free, as this project's layer."""
+    kwargs = {}
+    if "position_embeddings" in inspect.signature(reference.forward).parameters:
+        B, T, _ = x.shape
+        head_dim = reference.self_attn.head_dim
+        kwargs["position_embeddings"] = (torch.ones(B, T, head_dim), torch.zeros(B, T, head_dim))
+    out = reference(x, attention_mask=None, **kwargs)
+    return out[0] if isinstance(out, tuple) else out

@@ -36,7 +36,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from model import SegmentationNet, uxnet3d_parts  # noqa: E402
+from llm4seg.model import SegmentationNet, uxnet3d_parts  # noqa: E402
 
 AUTHORS_COMMIT = "14ea46b7b4c4980b46aba066aaaa24b1d9c1bb0d"  # MASILab/3DUX-Net, "Added FeTA split"
 FIXTURE_WIDTHS = (8, 16, 32, 64, 128)  # feat_size 8-16-32-64, hidden_size 128

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-import analysis
+from llm4seg import analysis
 
 FLOAT32_TOL = 1e-5  # float32 ratios of pixel counts up to a few hundred: error well below 1e-6
 

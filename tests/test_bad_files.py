@@ -20,11 +20,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import llm_layer
-from files import InputError
+from llm4seg import llm_layer
+from llm4seg.files import InputError
+from llm4seg.llm_layer import load_layer
+from llm4seg.llm_layer.layers import expected_shapes
 from gguf_files import write_llama_gguf
-from llm_layer import load_layer
-from llm_layer.layers import expected_shapes
 
 LAYER = 1                                       # model.layers.0: every fuzzed file holds it
 TARGET = "model.layers.0.mlp.down_proj.weight"  # the tensor whose header entry the cases break

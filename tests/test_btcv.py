@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-import data
+from llm4seg import data
+from llm4seg.files import InputError
+from llm4seg.volumes import BTCV_TRAIN, BTCV_VAL, to_original_grid
 from dataset_trees import BTCV_SHAPE, CACHE_DAMAGE, LPS_AFFINE, SWAPPED_AFFINE, make_btcv
-from files import InputError
-from volumes import BTCV_TRAIN, BTCV_VAL, to_original_grid
 
 OFFICIAL = (*range(1, 11), *range(21, 41))  # the 30 labelled CTs of RawData.zip
 # Voxels of exactly the target spacing, LPS (flipped) and with two axes swapped: resampling is the identity,

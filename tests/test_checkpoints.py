@@ -16,9 +16,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from checkpoints import (checkpoint_info, keep_metrics_up_to, load_checkpoint, read_checkpoint, read_run_config,
-                         remove_stale_temporaries, rng_state, save_checkpoint, set_rng_state)
-from files import InputError, WriteError
+from llm4seg.checkpoints import (checkpoint_info, keep_metrics_up_to, load_checkpoint, read_checkpoint, read_run_config,
+                                 remove_stale_temporaries, rng_state, save_checkpoint, set_rng_state)
+from llm4seg.files import InputError, WriteError
 
 
 def small_model_and_optimizer(seed: int):

@@ -8,10 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-import data
+from llm4seg import data
+from llm4seg.files import InputError
+from llm4seg.synthetic import draw_polyp_scene
 from dataset_trees import box_mask, make_busi, make_kvasir, symmetries, unnormalise, write_case, write_split
-from files import InputError
-from synthetic import draw_polyp_scene
 
 
 def rgba(mask: np.ndarray) -> Image.Image:

@@ -20,11 +20,11 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-import data
+from llm4seg import data
 import train
+from llm4seg.files import InputError
+from llm4seg.volumes.nifti import tensors_crc32
 from dataset_trees import CACHE_DAMAGE, box_mask, textured_rgb, uncached_item, write_split
-from files import InputError
-from volumes.nifti import tensors_crc32
 
 SIZE = 16
 NAMES = [f"case{i}" for i in range(8)]

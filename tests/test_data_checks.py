@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import data
+from llm4seg import data
+from llm4seg.files import InputError
 from dataset_trees import box_mask, make_busi, make_kvasir, write_case, write_split
-from files import InputError
 
 CASES = [f"case{i}" for i in range(8)]
 

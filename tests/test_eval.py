@@ -17,14 +17,14 @@ import torch
 from PIL import Image
 
 import eval as ev
-import prediction
+from llm4seg import prediction
 import train
-from checkpoints import load_run
-from data import load_dataset, normalize
-from files import InputError
-from prediction import case_probabilities
-from volumes import to_original_grid
-from volumes.btcv import read_btcv_image
+from llm4seg.checkpoints import load_run
+from llm4seg.data import load_dataset, normalize
+from llm4seg.files import InputError
+from llm4seg.prediction import case_probabilities
+from llm4seg.volumes import to_original_grid
+from llm4seg.volumes.btcv import read_btcv_image
 
 # Singular values of float32 rank-deficient maps leave ~1e-7 residues that add ~1e-5 of entropy.
 SPECTRUM_TOL = 1e-4
@@ -258,7 +258,7 @@ def test_file_stem_makes_case_ids_file_names():
 
 def test_the_metric_functions_are_still_offered_by_eval():
     """segmentation_metrics and surface_metrics moved to metrics.py; `from eval import ...` keeps working."""
-    import metrics
+    from llm4seg import metrics
 
     assert ev.segmentation_metrics is metrics.segmentation_metrics and ev.surface_metrics is metrics.surface_metrics
 
@@ -416,7 +416,7 @@ def test_a_resized_volume_keeps_a_boundary_through_the_round_trip(tmp_path):
 
 def test_a_volume_for_an_msd_run_is_read_as_msd_reads_its_images(tmp_path):
     from test_volumes import write_msd_task
-    from volumes import MSDVolumes, msd_cases
+    from llm4seg.volumes import MSDVolumes, msd_cases
 
     task = write_msd_task(tmp_path, cases=1, modalities=2)
     (case,), channels = msd_cases(task)

@@ -28,10 +28,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import kernels
-from kernels.attention import attention_reference
-from kernels.rms_norm import rms_norm_reference
-from kernels.swiglu import swiglu_reference
+from llm4seg import kernels
+from llm4seg.kernels.attention import attention_reference
+from llm4seg.kernels.rms_norm import rms_norm_reference
+from llm4seg.kernels.swiglu import swiglu_reference
 
 REPO = Path(__file__).resolve().parents[1]
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # CPU: the interpreter
@@ -215,7 +215,7 @@ def test_attention_rejects_head_dim_the_kernel_cannot_tile(triton_path, d):
 @pytest.fixture
 def small_layer(tmp_path):
     """llm_layer's DecoderLayer, random init, head_dim 16, GQA group 3, float32, and an input (2, 17, 96)."""
-    import llm_layer
+    from llm4seg import llm_layer
 
     config = dict(model_type="llama", hidden_size=96, intermediate_size=160, num_attention_heads=6,
                   num_key_value_heads=2, num_hidden_layers=2, rms_norm_eps=1e-5)
@@ -260,7 +260,7 @@ def test_torch_compile_fullgraph_runs_through_the_kernels(small_layer, monkeypat
     layer, x = small_layer
     launches = {}
     for name in ("rms_norm", "swiglu", "attention"):  # count the calls that fetch the jitted kernels to launch
-        module = importlib.import_module(f"kernels.{name}")
+        module = importlib.import_module(f"llm4seg.kernels.{name}")
         monkeypatch.setattr(module, "_kernels", lambda get=module._kernels, name=name: (
             launches.__setitem__(name, launches.get(name, 0) + 1), get())[1])
     compiled = layer_outputs(layer, x, monkeypatch, "triton", compile_=True)
@@ -318,7 +318,8 @@ def test_import_and_reference_path_work_without_triton():
     code = """
 import sys
 sys.modules["triton"] = sys.modules["triton.language"] = None  # as if triton were not installed
-import os, torch, kernels
+import os, torch
+from llm4seg import kernels
 x = torch.randn(2, 3, 8)
 assert torch.equal(kernels.swiglu(x, x), torch.nn.functional.silu(x) * x)
 os.environ["LLM4SEG_KERNELS"] = "triton"
@@ -336,7 +337,8 @@ def test_interpreter_enabled_after_kernels_were_imported():
     """The kernels are jitted on first use, so setting TRITON_INTERPRET after `import kernels`
     (another test file imported it first) still runs them in the interpreter."""
     code = """
-import os, torch, kernels
+import os, torch
+from llm4seg import kernels
 os.environ["TRITON_INTERPRET"] = "1"
 os.environ["LLM4SEG_KERNELS"] = "triton"
 x = torch.randn(2, 3, 8)
@@ -349,7 +351,8 @@ print(torch.allclose(kernels.swiglu(x, x), torch.nn.functional.silu(x) * x, atol
 
 def test_triton_imported_before_the_interpreter_flag_is_a_clear_error():
     code = """
-import os, torch, triton, kernels  # triton's helpers are compiled-mode from here on
+import os, torch, triton
+from llm4seg import kernels  # triton's helpers are compiled-mode from here on
 os.environ["TRITON_INTERPRET"] = "1"
 os.environ["LLM4SEG_KERNELS"] = "triton"
 x = torch.randn(2, 3, 8)
@@ -371,7 +374,7 @@ def test_interpreter_refuses_an_old_triton_with_numpy_2_4_in_one_sentence(monkey
     21 of these tests failed with 'only 0-dimensional arrays can be converted to Python scalars')."""
     import numpy
 
-    from kernels._dispatch import check_interpreter_numpy
+    from llm4seg.kernels._dispatch import check_interpreter_numpy
 
     monkeypatch.setattr(numpy, "__version__", numpy_version)
     if refused:

@@ -18,11 +18,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import llm_layer
-from files import InputError
+from llm4seg import llm_layer
+from llm4seg.files import InputError
+from llm4seg.llm_layer import DecoderLayer, load_layer
 from gguf_files import llama_cpp_permute, write_llama_gguf
-from layer_parity import assert_frozen_layer_matches
-from llm_layer import DecoderLayer, load_layer
+from layer_parity import assert_frozen_layer_matches, reference_forward
 from sparse_checkpoints import data_bytes_fetched, write_sparse_safetensors
 
 LLAMA_REPO = "tiny-org/tiny-llama"            # single model.safetensors
@@ -75,15 +75,6 @@ def hf_layer(directory: Path, layer: int) -> torch.nn.Module:
     return reference
 
 
-def hf_forward(reference: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """HF's layer with the identity rotation (cos = 1, sin = 0) and no mask: RoPE-free, non-causal."""
-    B, T, _ = x.shape
-    head_dim = reference.self_attn.head_dim
-    cos, sin = torch.ones(B, T, head_dim), torch.zeros(B, T, head_dim)
-    out = reference(x, attention_mask=None, position_embeddings=(cos, sin))
-    return out[0] if isinstance(out, tuple) else out
-
-
 # --- parity with Hugging Face --------------------------------------------------------------------
 
 
@@ -93,7 +84,7 @@ def test_matches_transformers_forward_and_input_gradient(checkpoints, repo, T):
     layer_number = 7
     ours = load_layer(repo, layer_number, dtype=torch.float32)
     reference = hf_layer(checkpoints[repo], layer_number)
-    assert_frozen_layer_matches(ours, lambda x: hf_forward(reference, x), T)
+    assert_frozen_layer_matches(ours, lambda x: reference_forward(reference, x), T)
 
 
 def test_config_read_from_the_checkpoint(checkpoints):
@@ -160,7 +151,7 @@ def test_fetches_only_the_layer_and_then_works_offline(checkpoints, hub, repo, t
     # A new process with the Hub unreachable and HF_HUB_OFFLINE=1 loads the same weights.
     expected = tmp_path / "expected.safetensors"
     save_file({k: v.contiguous() for k, v in layer.named_parameters()}, expected)
-    script = (f"import torch, llm_layer; from safetensors.torch import load_file\n"
+    script = (f"import torch; from llm4seg import llm_layer; from safetensors.torch import load_file\n"
               f"layer = llm_layer.load_layer({repo!r}, {number})\n"
               f"expected = load_file({str(expected)!r})\n"
               f"assert all(torch.equal(p, expected[n]) for n, p in layer.named_parameters())\n")
@@ -207,7 +198,7 @@ def test_medvisionllamas_layer_32_of_a_sharded_llama_3_1_8b_is_fetched_alone(hub
     assert with_norm["model-00004-of-00004.safetensors"] - fetched["model-00004-of-00004.safetensors"] == 8192
     # MedVisionLlama with it (the README's parameter table): the paper's ViT, mappers 4096 wide, as Linears
     # and with loralib's LoRA rank 8 (weights frozen; biases 4,160 and B A 66,560 train).
-    from model import build_model, count_params
+    from llm4seg.model import build_model, count_params
     linear = build_model("vit", "tiny-org/llama-3.1-8b-shaped", 32, "frozen")
     assert count_params(linear) == (1_128_000 + 528_448, 218_112_000 + 4096)  # + the unit final norm
     lora = build_model("vit", "tiny-org/llama-3.1-8b-shaped", 32, "frozen", mapper_lora_rank=8)
@@ -368,7 +359,7 @@ def test_unreachable_hub_without_cache(tmp_path):
     script = ("import time\n"
               "def retried(seconds): raise SystemExit('slept: the Hub was retried')\n"
               "time.sleep = retried\n"
-              "import llm_layer; llm_layer.load_layer('llama3.2-1b', 15)")
+              "from llm4seg import llm_layer; llm_layer.load_layer('llama3.2-1b', 15)")
     env = {**os.environ, "HF_HOME": str(tmp_path), "HF_ENDPOINT": "http://127.0.0.1:9"}
     for offline in ("0", "1"):
         result = subprocess.run([sys.executable, "-c", script], env={**env, "HF_HUB_OFFLINE": offline},
@@ -589,7 +580,7 @@ def test_bundled_smollm2_cut_short_is_named(bundled_smollm2, tmp_path):
 
 
 def test_smollm2_alias_falls_back_to_the_bundled_gguf_offline(tmp_path, bundled_smollm2):
-    script = "import llm_layer; print(llm_layer.load_layer('smollm2-135m-instruct', 20).config.path)"
+    script = "from llm4seg import llm_layer; print(llm_layer.load_layer('smollm2-135m-instruct', 20).config.path)"
     env = {**os.environ, "HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                             cwd=Path(__file__).parents[1])

@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import llm_layer
-from layer_parity import FORWARD_TOLERANCE, GRADIENT_TOLERANCE, assert_frozen_layer_matches, parity_errors
-from llm_layer import ALIASES, load_layer
-from model import build_model, count_params
+from llm4seg import llm_layer
+from layer_parity import (FORWARD_TOLERANCE, GRADIENT_TOLERANCE, assert_frozen_layer_matches, parity_errors,
+                          reference_forward, reference_layer)
+from llm4seg.llm_layer import ALIASES, load_layer
+from llm4seg.model import build_model, count_params
 from sparse_checkpoints import data_bytes_fetched, write_sparse_safetensors
 
 NUM_LAYERS = 3
@@ -64,26 +65,6 @@ def family_checkpoints(tmp_path_factory, hub) -> dict[str, Path]:
         model.save_pretrained(dirs[repo])
         hub.add_repo(repo, dirs[repo])
     return dirs
-
-
-def reference_layer(directory: Path, number: int) -> torch.nn.Module:
-    """transformers' layer `number` (1-based) of the model saved in `directory`, float32, eager."""
-    from transformers import AutoConfig, AutoModel
-
-    config = AutoConfig.from_pretrained(directory)
-    model = AutoModel.from_pretrained(directory, dtype=torch.float32, attn_implementation="eager")
-    layers = model.encoder.layer if config.model_type == "bert" else model.layers
-    return layers[number - 1]
-
-
-def reference_forward(reference: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    kwargs = {}
-    if hasattr(reference, "pre_feedforward_layernorm"):  # Gemma-2 needs its rotation: the identity
-        B, T, _ = x.shape
-        head_dim = reference.self_attn.head_dim
-        kwargs["position_embeddings"] = (torch.ones(B, T, head_dim), torch.zeros(B, T, head_dim))
-    out = reference(x, attention_mask=None, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
 
 
 def autograd_ops(y: torch.Tensor) -> set[str]:

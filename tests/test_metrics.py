@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-import metrics
+from llm4seg import metrics
 
 FLOAT32_TOL = 1e-5  # float32 ratios of pixel counts up to a few hundred: error well below 1e-6
 

@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.flop_counter import FlopCounterMode
 
-from model import build_model, count_params, set_frozen_dtype
+from llm4seg.model import build_model, count_params, set_frozen_dtype
 
 # The keys of the real config.json files that describe one decoder layer.
 LLAMA_3_2_1B = dict(model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=2048,

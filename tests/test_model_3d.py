@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from llm4seg.model import BACKBONES, SegmentationNet, build_model, count_gmacs, count_params, mednext_parts
 from make_uxnet3d_fixture import FIXTURE, fixture_net, fixture_weights, weights_sha256
-from model import BACKBONES, SegmentationNet, build_model, count_gmacs, count_params, mednext_parts
 from test_model import LLAMA_3_2_1B, TINY_LLAMA, write_one_layer_checkpoint
 
 # Measured from the authors' code at in_channels 1, 14 classes: MASILab/3DUX-Net UXNET (feat 48-96-192-384,

@@ -16,11 +16,11 @@ import pytest
 import torch
 from PIL import Image
 
-import data
-import pictures
+from llm4seg import data
+from llm4seg import pictures
 import train
+from llm4seg.files import InputError
 from dataset_trees import box_mask, symmetries, unnormalise, write_split
-from files import InputError
 
 SIZE = 32
 NAMES = [f"case{i}" for i in range(10)]

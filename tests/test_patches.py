@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-import data
+from llm4seg import data
+from llm4seg.volumes.patches import augmented, draw_centre, kth_voxel, padded, window_start
 from dataset_trees import make_btcv
-from volumes.patches import augmented, draw_centre, kth_voxel, padded, window_start
 
 
 def generators(count: int, seed: int = 41, epoch: int = 0):

@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-import pictures
-from data import IMAGENET_MEAN, IMAGENET_STD
+from llm4seg import pictures
+from llm4seg.data import IMAGENET_MEAN, IMAGENET_STD
 
 
 def test_png_helpers_write_images_pillow_opens_at_the_image_size(tmp_path):

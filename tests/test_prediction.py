@@ -12,7 +12,7 @@ import torch
 from monai.data.utils import compute_importance_map
 from monai.inferers import sliding_window_inference
 
-from prediction import sliding_window, window_weight
+from llm4seg.prediction import sliding_window, window_weight
 
 # sliding_window cuts, weights and sums the windows in MONAI's order, so the two agree to the bit wherever
 # predict sees the same memory: max |diff| 0.0. At sw_batch_size 1 MONAI hands predict a strided view of

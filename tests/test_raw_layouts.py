@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-import data
-import raw_layouts
+from llm4seg import data
+from llm4seg import raw_layouts
 from dataset_trees import MEAN, STD, all_items, box_mask, make_busi, make_kvasir, symmetries, write_case, write_split
 
 

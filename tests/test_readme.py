@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 import eval as ev
-import settings
+from llm4seg import settings
 
 README = (Path(__file__).parent.parent / "README.md").read_text()
 

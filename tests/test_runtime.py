@@ -4,9 +4,9 @@ which is what raised "Expected a torch.device with a specified index" on a real 
 import pytest
 import torch
 
-import runtime
+from llm4seg import runtime
 import train
-from runtime import Processes, compile_mode, resolve_device, resolve_precision
+from llm4seg.runtime import Processes, compile_mode, resolve_device, resolve_precision
 
 
 @pytest.fixture
@@ -105,7 +105,7 @@ def test_workers_default_to_the_usable_cores_up_to_4():
     import argparse
     import os
 
-    from cli import check_runtime_flags
+    from llm4seg.cli import check_runtime_flags
 
     args = argparse.Namespace(workers=None, batch_size=1)
     check_runtime_flags(args)

@@ -19,7 +19,7 @@ from PIL import Image
 import eval as ev
 import sweep
 import train
-from metrics import paired_difference
+from llm4seg.metrics import paired_difference
 
 REPO = Path(__file__).resolve().parents[1]
 

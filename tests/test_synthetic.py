@@ -2,7 +2,7 @@
 the splits disjoint, the masks binary, and no single-colour threshold solves them."""
 import torch
 
-import data
+from llm4seg import data
 from dataset_trees import unnormalise
 
 

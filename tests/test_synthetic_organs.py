@@ -4,8 +4,8 @@ training, and no intensity threshold that segments an organ."""
 import pytest
 import torch
 
-import data
-from volumes import BTCV_CLASSES
+from llm4seg import data
+from llm4seg.volumes import BTCV_CLASSES
 
 BINARY = ["background", "foreground"]
 

@@ -21,9 +21,9 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from checkpoints import checkpoint_info
-from llm_layer import load_layer
-from model import build_model
+from llm4seg.checkpoints import checkpoint_info
+from llm4seg.llm_layer import load_layer
+from llm4seg.model import build_model
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -404,7 +404,7 @@ def test_volume_run_stopped_and_resumed_equals_the_uninterrupted_one(tiny_llm, t
 
 
 def test_explicit_flags_win_over_the_recipe():
-    from settings import parse_args
+    from llm4seg.settings import parse_args
 
     args = parse_args(["--recipe", "medvisionllama", "--lr", "0.1", "--epochs", "3", "--llm", "none",
                        "--data", "synthetic3d", "--backbone", "vit"])
@@ -544,8 +544,8 @@ def test_test_fraction_holds_out_a_test_split_of_ones_own_data(tmp_path, capsys)
 
 
 def test_init_from_starts_a_new_run_from_another_runs_best_weights(tiny_llm, tmp_path, three_epochs, capsys):
-    from checkpoints import read_checkpoint
-    from settings import parse_args
+    from llm4seg.checkpoints import read_checkpoint
+    from llm4seg.settings import parse_args
 
     args = parse_args(small_run(tiny_llm, tmp_path / "finetune", "--init-from", str(three_epochs)))
     net = train.build_or_rebuild_model(args)
@@ -562,8 +562,8 @@ def test_init_from_starts_a_new_run_from_another_runs_best_weights(tiny_llm, tmp
 
 def test_a_run_started_from_another_and_killed_before_its_first_last_restarts_from_those_weights(
         tiny_llm, tmp_path, three_epochs, monkeypatch):
-    from checkpoints import read_checkpoint
-    from runtime import Processes
+    from llm4seg.checkpoints import read_checkpoint
+    from llm4seg.runtime import Processes
 
     out = tmp_path / "finetune"
     monkeypatch.setattr(train, "train", lambda run, stop: 137)  # killed in its first epoch: config.json, no last

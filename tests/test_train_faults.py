@@ -26,9 +26,9 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import files
+from llm4seg import files
 import train
-from checkpoints import has_checkpoint
+from llm4seg.checkpoints import has_checkpoint
 from dataset_trees import box_mask, write_case
 
 EPOCHS = 2

@@ -7,9 +7,9 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from model import build_model, count_params
+from llm4seg.model import build_model, count_params
+from llm4seg.vit import patchify, unpatchify
 from test_model import TINY_LLAMA, layer_param_count, write_one_layer_checkpoint
-from vit import patchify, unpatchify
 
 VIT_BASELINE_PARAMS = 1_128_000  # the paper's Table 5 says 1.16 M: its code also counts an unused head (+33,280)
 

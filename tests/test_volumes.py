@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from data import check_cases, class_names, load_dataset, num_classes
+from llm4seg.data import check_cases, class_names, load_dataset, num_classes
+from llm4seg.files import InputError
 from dataset_trees import CACHE_DAMAGE
-from files import InputError
 
 SHAPE = (12, 10, 8)          # (X, Y, Z) as stored
 SPACING = (0.8, 0.8, 2.5)    # mm, anisotropic like a CT

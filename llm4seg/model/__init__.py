@@ -1,0 +1,27 @@
+"""Segmentation networks with one LLM decoder layer inside: LLM4Seg's CNNs (2D: U-Net, CMUNeXt, nnU-Net;
+3D: MedNeXt, 3D UX-Net) with the layer at the bottleneck, and MedVisionLlama's ViT (vit.py, beside this
+package) with it after the patch embedding. All go through build_model and the same LLMBridge.
+
+Read in this order; each file opens with its math, shapes and references:
+    u_shape.py       SegmentationNet: the one U shape of every CNN, 2D or 3D (encoders, downs, bridge,
+                     decoders, head), DecoderStage's merge rules, the rule that sides are multiples of 16
+    bridge.py        LLMBridge: (B, C, *spatial) -> tokens -> Linear(C, D) -> LLM layer -> Linear(D, C) -> back;
+                     LoRA, MedVisionLlama's final norm; the ViT's parameter table
+    backbones_2d.py  U-Net, CMUNeXt, nnU-Net as parts of the U; LLM4Seg's Table 1, measured
+    backbones_3d.py  MedNeXt (sizes S, B, M, L; kernel 3 or 5) and 3D UX-Net as parts of the U; their
+                     parameters and G MACs at 96^3, measured
+    build.py         BACKBONES (one row per backbone), ModelConfig, build_model, parameter and MAC counts
+"""
+from .backbones_2d import CMUNEXT_DIMS, NNUNET_CHANNELS, UNET_CHANNELS
+from .backbones_3d import MEDNEXT_SIZES, UXNET_WIDTHS, mednext_parts, uxnet3d_parts
+from .bridge import LLMBridge, LoRALinear, add_lora, lora_mapper, set_frozen_dtype, unit_final_norm
+from .build import (BACKBONE_DIMS, BACKBONES, CNN_DEFAULTS, FINAL_NORMS, MODES, VIT_DEFAULTS, Backbone, ModelConfig,
+                    backbone_defaults, build_model, count_gmacs, count_params, llm_bridge)
+from .u_shape import DOWNSAMPLING, DecoderStage, Parts, SegmentationNet, check_image_sides, check_image_size
+
+__all__ = ["BACKBONES", "BACKBONE_DIMS", "CMUNEXT_DIMS", "CNN_DEFAULTS", "DOWNSAMPLING", "FINAL_NORMS",
+           "MEDNEXT_SIZES", "MODES", "NNUNET_CHANNELS", "UNET_CHANNELS", "UXNET_WIDTHS", "VIT_DEFAULTS", "Backbone",
+           "DecoderStage", "LLMBridge", "LoRALinear", "ModelConfig", "Parts", "SegmentationNet", "add_lora",
+           "backbone_defaults", "build_model", "check_image_sides", "check_image_size", "count_gmacs",
+           "count_params", "llm_bridge", "lora_mapper", "mednext_parts", "set_frozen_dtype", "unit_final_norm",
+           "uxnet3d_parts"]

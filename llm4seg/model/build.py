@@ -1,0 +1,221 @@
+"""build_model: a backbone (BACKBONES, one row each, or "vit") with an LLM layer in its bridge, the ModelConfig
+that rebuilds it, and parameter and MAC counts.
+
+    build_model(backbone, llm, layer, mode, in_channels=None, num_classes=1, spatial_dims=None, ...)
+        backbone in BACKBONES -> u_shape.SegmentationNet(row.parts(in_channels, num_classes), bridge at its
+                                 bottleneck (Parts.bottleneck channels), row.spatial_dims)
+        backbone "vit"        -> vit.VisionTransformer with the bridge after its patch embedding
+        bridge                 = bridge.LLMBridge around llm_layer.load_layer(llm, layer, mode); None when
+                                 llm is None or mode "none" (the plain backbone, the papers' baseline rows)
+    model.config = ModelConfig(the arguments, defaults resolved): build_model(**asdict(model.config)) builds
+    the same network again (checkpoints rely on it).
+
+Defaults left None resolve per backbone: in_channels and spatial_dims from the backbone's row (3-channel
+images in 2D for LLM4Seg's 2D data, 1-channel CT volumes in 3D for BTCV), residual and final_norm from
+CNN_DEFAULTS (LLM4Seg's) or VIT_DEFAULTS (MedVisionLlama's). A backbone's dimension is fixed: asking a 2D
+backbone for spatial_dims 3, or a 3D one for 2, is refused.
+"""
+import copy
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from ..llm_layer import MODES as LLM_MODES
+from ..llm_layer import load_final_norm, load_layer
+from ..vit import VisionTransformer
+from .backbones_2d import cmunext_parts, nnunet_parts, unet_parts
+from .backbones_3d import mednext_parts, uxnet3d_parts
+from .bridge import LLMBridge, add_lora, lora_mapper, unit_final_norm
+from .u_shape import Parts, SegmentationNet
+
+MODES = ("none", *LLM_MODES)  # "none": the plain backbone, the paper's baseline rows
+
+
+@dataclass
+class ModelConfig:
+    """The build_model arguments a model was built with; a checkpoint saves it to rebuild the model."""
+    backbone: str
+    llm: str | None
+    layer: int
+    mode: str
+    in_channels: int
+    num_classes: int
+    lora_rank: int
+    residual: bool
+    revision: str | None = None  # the LLM's Hub revision (a commit pins the exact weights)
+    mapper_lora_rank: int = 0
+    final_norm: str = "none"
+    spatial_dims: int = 2
+    # the ViT's shape (vit.py); None for the CNNs
+    img_size: int | None = None
+    patch_size: int | None = None
+    embed_dim: int | None = None
+    depth: int | None = None
+    heads: int | None = None
+    dropout: float | None = None
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """One row of BACKBONES: its parts and the defaults of its data."""
+    parts: Callable[[int, int], Parts]   # (in_channels, num_classes) -> the U's modules
+    spatial_dims: int                    # 2: (B, C, H, W) images; 3: (B, C, D, H, W) volumes
+    in_channels: int                     # the default
+
+
+BACKBONES = {
+    "unet": Backbone(unet_parts, spatial_dims=2, in_channels=3),
+    "cmunext": Backbone(cmunext_parts, spatial_dims=2, in_channels=3),
+    "nnunet": Backbone(nnunet_parts, spatial_dims=2, in_channels=3),
+    # MedNeXt's size B with kernel 3 by default (LLM4Seg does not say which); its other sizes and kernel 5.
+    "mednext": Backbone(partial(mednext_parts, size="B", kernel=3), spatial_dims=3, in_channels=1),
+    "mednext-s": Backbone(partial(mednext_parts, size="S", kernel=3), spatial_dims=3, in_channels=1),
+    "mednext-m": Backbone(partial(mednext_parts, size="M", kernel=3), spatial_dims=3, in_channels=1),
+    "mednext-l": Backbone(partial(mednext_parts, size="L", kernel=3), spatial_dims=3, in_channels=1),
+    "mednext-b-k5": Backbone(partial(mednext_parts, size="B", kernel=5), spatial_dims=3, in_channels=1),
+    "uxnet3d": Backbone(uxnet3d_parts, spatial_dims=3, in_channels=1),
+    # Not the paper's: MedNeXt-S at a quarter of its width (8 channels at full resolution), small enough for
+    # `make demo3d` to train three runs on 2 CPU cores in minutes.
+    "mednext-tiny": Backbone(partial(mednext_parts, size="S", kernel=3, width=8), spatial_dims=3, in_channels=1),
+}
+BACKBONE_DIMS = {name: row.spatial_dims for name, row in BACKBONES.items()}
+
+VIT_DEFAULTS = {"in_channels": 1, "spatial_dims": 3, "residual": True, "final_norm": "unit"}  # MedVisionLlama's
+CNN_DEFAULTS = {"residual": False, "final_norm": "none"}  # LLM4Seg's; in_channels and spatial_dims: the row's
+# After the layer: nothing, the LLM's final RMSNorm with unit weight (MedVisionLlama's code), or with its
+# pre-trained weight (model.norm.weight, read alone; Llama, Mistral and Qwen2 families).
+FINAL_NORMS = ("none", "unit", "pretrained")
+
+
+def backbone_defaults(backbone: str) -> dict:
+    """in_channels, spatial_dims, residual, final_norm where build_model is given None."""
+    if backbone == "vit":
+        return VIT_DEFAULTS
+    row = BACKBONES[backbone]
+    return {**CNN_DEFAULTS, "in_channels": row.in_channels, "spatial_dims": row.spatial_dims}
+
+
+def build_model(backbone: str = "cmunext", llm: str | None = "llama3.2-1b", layer: int = 15,
+                mode: str = "frozen", *, in_channels: int | None = None, num_classes: int = 1,
+                lora_rank: int = 0, mapper_lora_rank: int = 0, residual: bool | None = None,
+                final_norm: str | None = None, revision: str | None = None, spatial_dims: int | None = None,
+                img_size: int = 128, patch_size: int = 8, embed_dim: int = 64, depth: int = 16, heads: int = 4,
+                dropout: float = 0.2) -> nn.Module:
+    """A U-Net, CMUNeXt, nnU-Net (2D), MedNeXt, 3D UX-Net (3D) or ViT (2D or 3D); with `llm`, the `layer`-th
+    (1-based) decoder layer of that LLM in the bridge, loaded by llm_layer.load_layer in `mode` (frozen /
+    trainable / random) at the Hub `revision` (branch, tag or commit; None = main). llm=None or mode="none"
+    gives the plain backbone (model.bridge is None): for "vit", the paper's ViT-Baseline.
+
+    lora_rank: LoRA on the frozen layer's query and value projections; mapper_lora_rank: LoRA on the
+    bridge's two adapters (MedVisionLlama's "LoRA-based dimension mapping layers").
+    None takes the backbone's default (backbone_defaults): in_channels (3 for the 2D CNNs, 1 for the 3D ones
+    and the ViT), spatial_dims (the CNN's own dimension; 3 for the ViT), residual (x + ... around the layer)
+    and final_norm (FINAL_NORMS: "unit" for the ViT, "none" for the CNNs; "pretrained").
+    img_size, patch_size, embed_dim, depth, heads, dropout: the ViT's (vit.py), MedVisionLlama's defaults;
+    the CNNs take any multiple of 16 and ignore them."""
+    if backbone not in BACKBONES and backbone != "vit":
+        raise ValueError(f"expected backbone one of {sorted([*BACKBONES, 'vit'])}, got {backbone!r}")
+    if mode not in MODES:
+        raise ValueError(f"expected mode one of {MODES}, got {mode!r}")
+    defaults = backbone_defaults(backbone)
+    in_channels = defaults["in_channels"] if in_channels is None else in_channels
+    spatial_dims = defaults["spatial_dims"] if spatial_dims is None else spatial_dims
+    plain = llm is None or mode == "none"
+    residual = (defaults["residual"] and not plain) if residual is None else residual
+    final_norm = (defaults["final_norm"] if not plain else "none") if final_norm is None else final_norm
+    check_model_options(backbone, llm, mode, plain, lora_rank, mapper_lora_rank, residual, final_norm, spatial_dims)
+    config = ModelConfig(backbone=backbone, llm=None if plain else llm, layer=layer,
+                         mode="none" if plain else mode, in_channels=in_channels, num_classes=num_classes,
+                         lora_rank=lora_rank, residual=residual, revision=None if plain else revision,
+                         mapper_lora_rank=mapper_lora_rank, final_norm=final_norm, spatial_dims=spatial_dims)
+    if backbone == "vit":
+        config.img_size, config.patch_size, config.embed_dim = img_size, patch_size, embed_dim
+        config.depth, config.heads, config.dropout = depth, heads, dropout
+        bridge = None if plain else llm_bridge(config, embed_dim)
+        net = VisionTransformer(in_channels=in_channels, num_classes=num_classes, spatial_dims=spatial_dims,
+                                img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
+                                heads=heads, dropout=dropout, bridge=bridge)
+        net.config = config
+        return net
+    parts = BACKBONES[backbone].parts(in_channels, num_classes)
+    bridge = None if plain else llm_bridge(config, parts.bottleneck)
+    return SegmentationNet(parts, bridge, spatial_dims, config)
+
+
+def check_model_options(backbone, llm, mode, plain, lora_rank, mapper_lora_rank, residual, final_norm,
+                        spatial_dims) -> None:
+    for name, rank in (("lora_rank", lora_rank), ("mapper_lora_rank", mapper_lora_rank)):
+        if rank < 0:
+            raise ValueError(f"expected {name} >= 0 (0 = no LoRA), got {rank}")
+    if lora_rank and (plain or mode != "frozen"):
+        raise ValueError(f"LoRA adapts a frozen LLM layer: expected llm set and mode='frozen' with "
+                         f"lora_rank={lora_rank}, got llm={llm!r}, mode={mode!r}")
+    for name, on in (("mapper_lora_rank", mapper_lora_rank), ("residual", residual),
+                     ("final_norm", final_norm != "none")):
+        if on and plain:
+            raise ValueError(f"{name}={on!r} belongs to the LLM bridge: expected an llm and a mode other than "
+                             f"'none', got llm={llm!r}, mode={mode!r}")
+    if final_norm not in FINAL_NORMS:
+        raise ValueError(f"expected final_norm one of {FINAL_NORMS}, got {final_norm!r}")
+    if backbone == "vit":
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"backbone 'vit' is 2D or 3D: got spatial_dims={spatial_dims}")
+        return
+    own = BACKBONE_DIMS[backbone]
+    if spatial_dims != own:
+        data = "volumes" if spatial_dims == 3 else "images"
+        fitting = ", ".join([name for name, dims in BACKBONE_DIMS.items() if dims == spatial_dims] + ["vit"])
+        raise ValueError(f"backbone {backbone!r} is {own}D: got spatial_dims={spatial_dims}; "
+                         f"for {data} use one of {fitting}")
+
+
+def llm_bridge(config: ModelConfig, channels: int) -> LLMBridge:
+    """The LLM layer of `config` between Linear(channels, D) and Linear(D, channels), with its options."""
+    # A frozen layer keeps the checkpoint's dtype here; the entry scripts store it in the run's
+    # precision (set_frozen_dtype). Trained weights need float32 so small updates are not rounded away.
+    decoder_layer = load_layer(config.llm, config.layer, mode=config.mode,
+                               dtype=torch.float32 if config.mode == "trainable" else None, revision=config.revision)
+    if config.lora_rank:
+        add_lora(decoder_layer, config.lora_rank)
+    final_norm = None if config.final_norm == "none" else unit_final_norm(decoder_layer)
+    if config.final_norm == "pretrained":
+        final_norm.weight.data = pretrained_final_norm(config, decoder_layer)
+    bridge = LLMBridge(channels, decoder_layer, residual=config.residual, final_norm=final_norm)
+    if config.mapper_lora_rank:
+        bridge.project_in = lora_mapper(bridge.project_in, config.mapper_lora_rank)
+        bridge.project_out = lora_mapper(bridge.project_out, config.mapper_lora_rank)
+    return bridge
+
+
+def pretrained_final_norm(config: ModelConfig, layer: nn.Module) -> torch.Tensor:
+    """The LLM's own model.norm.weight, float32, checked against the layer's width."""
+    if layer.config.model_type not in ("llama", "mistral", "qwen2"):
+        raise ValueError(f"final_norm='pretrained' reads model.norm.weight, the RMSNorm of Llama / Mistral / Qwen2; "
+                         f"{config.llm} is a {layer.config.model_type}: use final_norm 'unit' or 'none'")
+    weight = load_final_norm(config.llm, revision=layer.config.commit or config.revision).float()
+    if weight.shape != (layer.config.hidden_size,):
+        raise ValueError(f"{config.llm}'s model.norm.weight has shape {list(weight.shape)}, expected "
+                         f"[{layer.config.hidden_size}]")
+    return weight
+
+
+def count_gmacs(net: nn.Module, in_channels: int, img_size: int, spatial_dims: int = 2) -> float:
+    """G multiply-accumulates of one (1, in_channels, S, S) forward (S, S, S with spatial_dims 3):
+    FlopCounterMode's FLOPs / 2 (convs and matmuls, attention included; the paper's thop also counts
+    BatchNorm and upsampling, ~1-3 % more), run on a meta-device copy, since the count needs only shapes."""
+    from torch.utils.flop_counter import FlopCounterMode  # 0.2 s of imports that training never needs
+
+    meta_net = copy.deepcopy(net).to("meta")
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        meta_net(torch.zeros(1, in_channels, *(img_size,) * spatial_dims, device="meta"))
+    return counter.get_total_flops() / 2 / 1e9
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(trainable, frozen) parameter counts; shared parameters count once."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    return trainable, frozen

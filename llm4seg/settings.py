@@ -1,0 +1,294 @@
+"""The settings of a training run: train.py's flags and defaults, the --resume rules, the cheap checks
+and the run directory's default name. A library module, so that train.py and sweep.py (which spans
+a grid of these flags) read one definition; every default is defined once, here or in the signature
+of the function a flag configures (build_model, load_dataset), printed at start and saved in config.json.
+"""
+import argparse
+import math
+import os
+from pathlib import Path
+
+from .checkpoints import has_checkpoint, read_run_config
+from .cli import add_runtime_flags, check_runtime_flags, defaults_of, one_line_error_parser
+from .data import DATASETS, PATCH_DATASETS, RAW_DATASETS, check_data_options, load_dataset, spatial_dims
+from .model import BACKBONE_DIMS, BACKBONES, DOWNSAMPLING, FINAL_NORMS, MODES, build_model, check_image_sides
+from .vit import check_patch_grid
+
+# --resume takes every setting from the run's config.json except these, which belong to one invocation,
+PER_INVOCATION = ("resume", "out", "stop_after_epoch", "init_from")
+# and these, which may be changed (a different --workers changes the augmentations when > 0).
+CHANGEABLE_ON_RESUME = ("device", "workers", "compile")
+# The flags that configure build_model and load_dataset take their defaults from those signatures.
+MODEL_DEFAULTS, DATA_DEFAULTS = defaults_of(build_model), defaults_of(load_dataset)
+# The two papers' training recipes; --recipe picks one, and a flag given explicitly wins over it.
+# mapper_lora_rank applies to runs with an LLM layer (a plain backbone has no mappers).
+RECIPES = {
+    # LLM4Seg (its CMUNeXt code): SGD, poly decay, 0.5 BCE + Dice
+    "llm4seg": dict(optimizer="sgd", lr=0.01, weight_decay=1e-4, batch_size=8, epochs=300, bce_weight=0.5,
+                    schedule="poly", mapper_lora_rank=0),
+    # MedVisionLlama (paper Sec. 4 and its public code): Adam 2e-3, batch 4, 200 epochs, Dice + BCE, no
+    # schedule or weight decay named, loralib's LoRA rank 8 on the two mappers
+    "medvisionllama": dict(optimizer="adam", lr=2e-3, weight_decay=0.0, batch_size=4, epochs=200, bce_weight=1.0,
+                           schedule="constant", mapper_lora_rank=8),
+    # LLM4Seg's 3D column (BTCV), as 3D UX-Net trains under UNETR's protocol: AdamW 1e-4, weight decay 1e-5,
+    # 4 crops of 96^3 a step, 40,000 iterations = 1,667 epochs of BTCV's 24 volumes x 4 crops, validated every
+    # 500 iterations (every 21 epochs); Dice + CE over softmax (bce_weight 1 gives the binary analogue)
+    "llm4seg3d": dict(optimizer="adamw", lr=1e-4, weight_decay=1e-5, batch_size=4, epochs=1667, bce_weight=1.0,
+                      schedule="constant", mapper_lora_rank=0, val_every=21),
+}
+OPTIMIZERS = ("sgd", "adam", "adamw")
+IMG_SIZE_2D, IMG_SIZE_3D = DATA_DEFAULTS["img_size"], MODEL_DEFAULTS["img_size"]  # 256 px; 128^3 (MedVisionLlama)
+
+
+
+TRAIN_DESCRIPTION = """Train a segmentation network with one frozen, pre-trained LLM decoder layer inside: LLM4Seg
+(a 2D CNN, or in 3D a MedNeXt or 3D UX-Net, with the layer at the bottleneck) or MedVisionLlama (a ViT
+with it after the patch embedding). Writes a run directory (--out): config.json, metrics.jsonl,
+curves.png, last / best checkpoints; evaluate it with eval.py.
+
+  python train.py --data kvasir --llm llama3.2-1b --layer 15          # the paper's CMUNeXt + LLaMA row
+  python train.py --data kvasir --llm none                            # the plain CMUNeXt baseline
+  python train.py --data kvasir --mode random                         # ablation "+Transformer"
+  python train.py --data folder --data-dir my_data --test-fraction 0.1
+  python train.py --data synthetic --llm smollm2-135m-instruct --layer 28 --img-size 64 --epochs 5   # offline
+  python train.py --data btcv --data-dir data/btcv --backbone uxnet3d --recipe llm4seg3d
+  python train.py --data msd --data-dir data/Task09_Spleen --backbone vit --llm llama3.1-8b --layer 32 \\
+      --recipe medvisionllama
+  python train.py --resume RUN_DIR                                    # continue exactly where it stopped"""
+
+
+def train_epilog() -> str:
+    from .llm_layer import ALIASES
+
+    aliases = "\n".join(f"  {alias:<24}{repo}" for alias, repo in ALIASES.items())
+    return (f"--llm accepts an alias, a Hub repo id (meta-llama/Llama-3.2-1B: only the layer's bytes are\n"
+            f"downloaded; gated repos need their licence accepted and `hf auth login` or HF_TOKEN), a local\n"
+            f"model directory (config.json + *.safetensors, single or sharded), a .gguf file, or none.\n"
+            f"Aliases:\n{aliases}\n"
+            f"Data roots default to $LLM4SEG_DATA/<data> (or ./data/<data>); Kvasir-SEG downloads itself\n"
+            f"(from $LLM4SEG_KVASIR_URL when set). Exit codes: 0 done, 1 non-finite loss or disk full,\n"
+            f"2 bad settings or input files (one line; LLM4SEG_DEBUG=1 shows the traceback), 130 / 143 stopped\n"
+            f"by Ctrl-C / SIGTERM (resumable).")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = one_line_error_parser(TRAIN_DESCRIPTION, train_epilog())
+    p.add_argument("--data", default="kvasir", choices=DATASETS, help="dataset name")
+    p.add_argument("--data-dir", default=None,
+                   help="dataset root; None means $LLM4SEG_DATA/<data>, or ./data/<data>")
+    p.add_argument("--synthetic-size", type=int, default=DATA_DEFAULTS["synthetic_size"],
+                   help="cases of --data synthetic or synthetic3d")
+    p.add_argument("--fold", type=int, default=None, help="0..4: cross-validation fold on the non-test cases")
+    p.add_argument("--test-fraction", type=float, default=None,
+                   help="of all cases, held out as the test split (eval.py --split test) for the datasets read "
+                        "from files; None means the dataset's: 0.1 for kvasir and msd, 0 for the others")
+    p.add_argument("--label", type=int, default=None,
+                   help="msd: the label value that is foreground; None means every label > 0")
+    p.add_argument("--multiclass", action="store_true",
+                   help="msd: every label of dataset.json is its own class (softmax, Dice + CE) instead of one "
+                        "foreground; folder: each mask is a label map (gray or palette PNG) whose values 0..K-1 are "
+                        "the classes, K = 1 + the largest, named by a classes.json in --data-dir if there is one "
+                        "(the data package's docstring); btcv and synthetic-organs are always multi-class, the other 2D "
+                        "datasets binary")
+    p.add_argument("--roi-size", type=int, default=DATA_DEFAULTS["roi_size"],
+                   help="btcv, synthetic-organs: the side of the training crops and of the sliding windows that "
+                        "evaluate whole volumes (a multiple of 16)")
+    p.add_argument("--backbone", default=MODEL_DEFAULTS["backbone"], choices=sorted([*BACKBONES, "vit"]),
+                   help="a CNN: unet, cmunext, nnunet (2D); mednext (MedNeXt-B, kernel 3), mednext-s / -m / -l / "
+                        "-b-k5, uxnet3d (3D); or vit: MedVisionLlama's ViT (2D or 3D)")
+    p.add_argument("--llm", default=MODEL_DEFAULTS["llm"],
+                   help="alias (listed below), Hub repo id, local model directory or .gguf file; 'none' for the "
+                        "plain backbone")
+    p.add_argument("--layer", type=int, default=MODEL_DEFAULTS["layer"],
+                   help="the paper's 1-based layer number")
+    p.add_argument("--mode", default=MODEL_DEFAULTS["mode"], choices=MODES,
+                   help="frozen (paper), trainable ('(T)'), random ('+Transformer') or none (the plain backbone)")
+    p.add_argument("--lora-rank", type=int, default=MODEL_DEFAULTS["lora_rank"],
+                   help="LoRA on q/v inside a frozen layer; 0 = off")
+    p.add_argument("--mapper-lora-rank", type=int, default=None,
+                   help="loralib's LoRA on the two mappers around the layer (MedVisionLlama: weights frozen, "
+                        "bias and B A train); 0 = plain Linears; None means the recipe's")
+    p.add_argument("--residual", default=None, action=argparse.BooleanOptionalAction,
+                   help="the bridge computes h + layer(h); None means on for vit, off for the CNNs")
+    p.add_argument("--final-norm", default=None, choices=FINAL_NORMS,
+                   help="after the layer, the LLM's final RMSNorm: unit = weight 1 (MedVisionLlama's code), pretrained "
+                        "= its model.norm.weight; None means unit for vit, none for the CNNs")
+    p.add_argument("--patch-size", type=int, default=MODEL_DEFAULTS["patch_size"], help="vit: patch side")
+    p.add_argument("--embed-dim", type=int, default=MODEL_DEFAULTS["embed_dim"], help="vit: token width E")
+    p.add_argument("--depth", type=int, default=MODEL_DEFAULTS["depth"], help="vit: transformer blocks")
+    p.add_argument("--heads", type=int, default=MODEL_DEFAULTS["heads"], help="vit: attention heads")
+    p.add_argument("--dropout", type=float, default=MODEL_DEFAULTS["dropout"], help="vit: dropout")
+    p.add_argument("--recipe", default="llm4seg", choices=sorted(RECIPES),
+                   help="sets optimizer, lr, weight decay, batch size, epochs, loss and schedule as that paper; "
+                        "flags given explicitly win")
+    p.add_argument("--optimizer", default=None, choices=OPTIMIZERS, help="None means the recipe's")
+    p.add_argument("--epochs", type=int, default=None, help="passes over the training set; None means the recipe's")
+    p.add_argument("--lr", type=float, default=None, help="base learning rate; None means the recipe's")
+    p.add_argument("--schedule", default=None, choices=("poly", "constant"),
+                   help="lr per iteration: poly = lr (1 - it / max_it)^0.9; None means the recipe's")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    p.add_argument("--weight-decay", type=float, default=None, help="None means the recipe's")
+    p.add_argument("--bce-weight", type=float, default=None,
+                   help="loss = w BCE + (1 - Dice); None means the recipe's (0.5 LLM4Seg, 1 MedVisionLlama)")
+    p.add_argument("--img-size", type=int, default=None,
+                   help=f"sides; None means {IMG_SIZE_2D} (2D) or {IMG_SIZE_3D} (3D). CNNs need a multiple of "
+                        f"{DOWNSAMPLING}, vit a multiple of --patch-size")
+    p.add_argument("--val-every", type=int, default=None, metavar="N",
+                   help="validate (and keep the best checkpoint) every N epochs and after the last; None means "
+                        "the recipe's (1; 21 for llm4seg3d)")
+    p.add_argument("--seed", type=int, default=DATA_DEFAULTS["seed"],
+                   help="weights, data split, data order and augmentation")
+    add_runtime_flags(p)
+    p.set_defaults(batch_size=None)  # the recipe's
+    p.add_argument("--compile", default=None, action=argparse.BooleanOptionalAction,
+                   help="torch.compile the training step (CUDA graphs in one process); None means on CUDA only")
+    p.add_argument("--out", default=None, help="run directory; None means runs/<name from the settings>")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR")
+    p.add_argument("--init-from", default=None, metavar="RUN_DIR",
+                   help="start a new run from the weights of RUN_DIR's best checkpoint (fine-tuning, or training "
+                        "longer with a new schedule); the model must be the same, the optimizer starts afresh")
+    p.add_argument("--stop-after-epoch", type=int, default=None, metavar="N",
+                   help="save and exit 0 after epoch N, resumable later (e.g. to fit a time slot)")
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line, or with --resume the run's saved settings, where only the flags of
+    CHANGEABLE_ON_RESUME may differ (and those of PER_INVOCATION come from the command line)."""
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    if args.resume is None:
+        return resolve_defaults(args)
+    run_dir = Path(args.resume)
+    if not (run_dir / "config.json").is_file():
+        raise FileNotFoundError(f"--resume {run_dir}: expected a run directory with config.json, found none")
+    if args.out is not None and Path(args.out).resolve() != run_dir.resolve():
+        raise ValueError(f"--resume {run_dir} writes into that run; got a different --out {args.out}")
+    saved = {**vars(parser.parse_args([])), **read_run_config(run_dir)["train"]}
+    resolved = {}
+    for name, value in vars(args).items():
+        given = value != parser.get_default(name)
+        if name in PER_INVOCATION or (given and name in CHANGEABLE_ON_RESUME):
+            resolved[name] = value
+        elif given and value != saved[name]:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"--resume continues {run_dir} with its saved settings: expected {flag} "
+                             f"{saved[name]} or no {flag}, got {value}; start a new run with --out to change it")
+        else:
+            resolved[name] = saved[name]
+    # A run saved before a flag existed has it as None: resolved the way that run resolved it.
+    return resolve_defaults(argparse.Namespace(**{**resolved, "out": str(run_dir)}))
+
+
+def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the flags left None: the recipe's values, and the image size of the data's dimension."""
+    plain = args.llm == "none" or args.mode == "none"
+    for name, value in {"val_every": 1, **RECIPES[args.recipe]}.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, 0 if name == "mapper_lora_rank" and plain else value)
+    if args.img_size is None:
+        args.img_size = IMG_SIZE_3D if spatial_dims(args.data) == 3 else IMG_SIZE_2D
+    return args
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """The cheap checks, before anything is loaded."""
+    try:
+        check_data_options(args.data, args.fold, args.label, args.multiclass)
+    except ValueError as error:
+        raise ValueError(f"--data {args.data}: {error}") from None
+    dims = spatial_dims(args.data)
+    if args.backbone != "vit" and BACKBONE_DIMS[args.backbone] != dims:
+        fitting = ", ".join(name for name in ("vit", *BACKBONES) if name == "vit" or BACKBONE_DIMS[name] == dims)
+        raise ValueError(f"--data {args.data} holds {dims}D {'volumes' if dims == 3 else 'images'}; the "
+                         f"{args.backbone} backbone is {BACKBONE_DIMS[args.backbone]}D: use --backbone {fitting}")
+    sides = ("--roi-size", args.roi_size) if args.data in PATCH_DATASETS else ("--img-size", args.img_size)
+    try:
+        if args.backbone == "vit":
+            check_patch_grid((sides[1],) * dims, args.patch_size)
+        else:
+            check_image_sides(*(sides[1],) * dims)
+    except ValueError as error:
+        raise ValueError(f"{sides[0]}: {error}") from None
+    check_runtime_flags(args)
+    for name in ("epochs", "synthetic_size", "val_every", "roi_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(args, name)}")
+    if args.stop_after_epoch is not None and args.stop_after_epoch < 1:
+        raise ValueError(f"--stop-after-epoch: expected an epoch number >= 1, got {args.stop_after_epoch}")
+    for flag, value, low, high, closed in numeric_ranges(args):
+        inside = math.isfinite(value) and (low < value or (closed[0] and value == low)) and \
+            (value < high or (closed[1] and value == high))
+        if not inside:
+            bounds = f"{'[' if closed[0] else '('}{low:g}, {high:g}{']' if closed[1] else ')'}"
+            raise ValueError(f"{flag}: expected a finite number in {bounds}, got {value}")
+    if args.test_fraction is not None:
+        if args.data not in (*RAW_DATASETS, "msd"):
+            raise ValueError(f"--test-fraction applies to datasets read from files with a seeded split; {args.data} "
+                             "has fixed splits")
+        if not (math.isfinite(args.test_fraction) and 0 <= args.test_fraction < 1):
+            raise ValueError(f"--test-fraction: expected a finite number in [0, 1), got {args.test_fraction}")
+    if args.init_from is not None:
+        if args.resume is not None:
+            raise ValueError("--init-from starts a new run from another run's weights; --resume continues a run: "
+                             "give one of them")
+        if not has_checkpoint(Path(args.init_from), "best"):
+            raise FileNotFoundError(f"--init-from {args.init_from}: expected a run directory with a best checkpoint "
+                                    "(best.safetensors), found none")
+    check_out_dir(Path(args.out), resuming=args.resume is not None)
+
+
+def numeric_ranges(args: argparse.Namespace) -> list[tuple[str, float, float, float, tuple[bool, bool]]]:
+    """(flag, value, low, high, (low included, high included)) of every real-valued flag."""
+    return [("--lr", args.lr, 0, math.inf, (False, False)),
+            ("--momentum", args.momentum, 0, 1, (True, False)),
+            ("--weight-decay", args.weight_decay, 0, math.inf, (True, False)),
+            ("--bce-weight", args.bce_weight, 0, 1, (True, True)),
+            ("--dropout", args.dropout, 0, 1, (True, False))]
+
+
+def check_out_dir(out: Path, resuming: bool) -> None:
+    """The run directory: a directory (or creatable as one) that this user can write, holding no other run."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; expected a directory for the run (or a path to create one)")
+    existing = next(parent for parent in (out, *out.parents) if parent.exists())
+    if not existing.is_dir():
+        raise ValueError(f"--out {out}: {existing} is a file, so the directory cannot be created; pick another --out")
+    # Tried, not judged from permission bits: root passes os.access everywhere, /proc and read-only mounts
+    # refuse anyway. What the probe creates is removed; train.py creates the directory when it writes. Under
+    # torchrun one process per machine tries (the others would race it for the same folders).
+    if int(os.environ.get("LOCAL_RANK", 0)) != 0:
+        return
+    missing = [parent for parent in (out, *out.parents) if not parent.exists()]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".llm4seg-probe.{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as error:
+        raise PermissionError(f"--out {out}: cannot write there ({error.strerror or error}); pick a directory "
+                              "you can write") from None
+    finally:
+        for created in missing:  # deepest first
+            if created.is_dir():
+                created.rmdir()
+    if not resuming and has_checkpoint(out, "last"):
+        raise ValueError(f"{out} already holds a run: continue it with --resume {out}, or pick another --out")
+
+
+def default_run_dir(args: argparse.Namespace) -> str:
+    fold = f"_fold{args.fold}" if args.fold is not None else ""
+    if args.llm == "none" or args.mode == "none":
+        return f"runs/{args.data}_{args.backbone}{fold}_seed{args.seed}"
+    extras = (f"-lora{args.lora_rank}" if args.lora_rank else "") + \
+        (f"-mapperlora{args.mapper_lora_rank}" if args.mapper_lora_rank else "") + ("-residual" if args.residual else "")
+    llm_name = Path(args.llm).name if Path(args.llm).expanduser().exists() else args.llm.replace("/", "--")
+    return f"runs/{args.data}_{args.backbone}_{llm_name}-L{args.layer}-{args.mode}{extras}{fold}_seed{args.seed}"
+
+
+def data_options(settings: dict) -> dict:
+    """The load_dataset keywords of a run's settings beyond (name, root, split, size, seed); .get: runs saved
+    before a flag existed."""
+    return {"synthetic_size": settings["synthetic_size"], "fold": settings.get("fold"), "label": settings.get("label"),
+            "multiclass": settings.get("multiclass", False), "roi_size": settings.get("roi_size", DATA_DEFAULTS["roi_size"]),
+            "test_fraction": settings.get("test_fraction")}

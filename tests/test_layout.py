@@ -1,0 +1,82 @@
+"""The layout rules of README.md's "How to read this code", read from the import statements themselves:
+the entry scripts sit on top and never import each other, the library never imports an entry script, the
+kernels import nothing else of the project, the library's modules import each other without a cycle, and no
+library file outgrows 500 lines (a concern that does becomes a small package named for it)."""
+import ast
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+LIBRARY = REPO / "llm4seg"
+ENTRY_SCRIPTS = ("train", "eval", "sweep")
+MAX_LINES = 500
+
+
+def module_name(path: Path) -> str:
+    """llm4seg/data/cache.py -> llm4seg.data.cache; llm4seg/data/__init__.py -> llm4seg.data."""
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(path): path for path in LIBRARY.rglob("*.py")}
+
+
+def imported_modules(path: Path, top_level_only: bool) -> set[str]:
+    """The modules `path` imports (relative imports resolved; `from package import submodule` names the
+    submodule). top_level_only: the statements run when the module is imported, not those inside functions."""
+    tree = ast.parse(path.read_text())
+    statements = tree.body if top_level_only else list(ast.walk(tree))
+    package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
+    found = set()
+    for node in statements:
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")[:len(package.split(".")) - node.level + 1] if node.level else []
+            source = ".".join(base + ([node.module] if node.module else []))
+            # `from package import submodule` names the submodule (a package's __init__ runs before any of its
+            # submodules, imported or not); `from module import name` names the module.
+            submodules = {f"{source}.{alias.name}" for alias in node.names} & MODULES.keys()
+            found |= submodules or {source}
+    return found
+
+
+def test_the_entry_scripts_import_the_library_and_never_each_other():
+    for script in ENTRY_SCRIPTS:
+        imports = imported_modules(REPO / f"{script}.py", top_level_only=False)
+        assert any(name.startswith("llm4seg") for name in imports)
+        assert not imports & set(ENTRY_SCRIPTS), f"{script}.py imports {sorted(imports & set(ENTRY_SCRIPTS))}"
+
+
+def test_the_library_never_imports_an_entry_script_and_the_kernels_nothing_of_the_project():
+    for name, path in MODULES.items():
+        imports = imported_modules(path, top_level_only=False)
+        assert not imports & set(ENTRY_SCRIPTS), f"{name} imports the entry script {sorted(imports & set(ENTRY_SCRIPTS))}"
+        if name.startswith("llm4seg.kernels"):
+            outside = {i for i in imports if i.startswith("llm4seg") and not i.startswith("llm4seg.kernels")}
+            assert not outside, f"{name} imports {sorted(outside)}: the kernels import nothing else of the project"
+
+
+def test_the_library_imports_without_a_cycle():
+    """Depth-first search over the module-level imports between the package's modules."""
+    edges = {name: {i for i in imported_modules(path, top_level_only=True) if i in MODULES and i != name}
+             for name, path in MODULES.items()}
+    done, path = set(), []
+
+    def visit(name: str) -> None:
+        if name in path:
+            raise AssertionError("import cycle: " + " -> ".join(path[path.index(name):] + [name]))
+        if name in done:
+            return
+        path.append(name)
+        for target in sorted(edges[name]):
+            visit(target)
+        path.pop()
+        done.add(name)
+
+    for name in sorted(MODULES):
+        visit(name)
+
+
+def test_no_library_file_over_500_lines():
+    long = {name: n for name, path in MODULES.items() if (n := len(path.read_text().splitlines())) > MAX_LINES}
+    assert not long, f"over {MAX_LINES} lines: {long}; split by concern into a small package"
