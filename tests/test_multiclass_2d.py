@@ -108,6 +108,11 @@ def test_classes_come_from_the_masks_or_a_class_file(tree, monkeypatch):
         (root / "classes.json").write_text(table)
         with pytest.raises(InputError, match=r"classes\.json .*expected \{\"0\": \"background\", \"1\": "):
             data.class_names("folder", str(root), multiclass=True)
+    # Two classes of one name: the second's metrics would overwrite the first's (issue 31, item 16).
+    (root / "classes.json").write_text(json.dumps({"0": "background", "1": "polyp", "2": " polyp"}))
+    with pytest.raises(InputError, match=r"classes\.json gives the same name to several label values "
+                                         r"\(\{'polyp': \[1, 2\]\}\); expected a different name for each class"):
+        data.class_names("folder", str(root), multiclass=True)
 
 
 def test_masks_of_0_and_255_are_binary_and_255_beside_labels_is_refused(tree):

@@ -41,6 +41,12 @@ def named_classes(folders: list[Path]) -> tuple[list[str] | None, Path | None]:
         raise InputError(f"{path} names the label values {sorted(named)}; {expected}")
     if not all(isinstance(value, str) and value.strip() for value in named.values()):
         raise InputError(f"{path} has a name that is empty or not a string; {expected}")
+    names = [named[k].strip() for k in range(len(named))]
+    if len(set(names)) < len(names):  # one class's metrics would overwrite the other's, and means lose a class
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        values = {name: [k for k, n in enumerate(names) if n == name] for name in repeated}
+        raise InputError(f"{path} gives the same name to several label values ({values}); expected a different name "
+                         "for each class: rename them")
     return [named[k] for k in range(len(named))], path
 
 
