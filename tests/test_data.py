@@ -44,6 +44,16 @@ def test_mask_encodings_binarise_to_the_drawn_shape(encoding):
     assert np.array_equal(data.mask_to_binary(MASK_ENCODINGS[encoding](mask)), mask)
 
 
+@pytest.mark.parametrize("quality", [50, 75, 95])
+def test_lossy_jpeg_masks_are_binary(quality, tmp_path):
+    """Kvasir ships its masks as JPEGs: the compression's noise near both ends and at the edges is no third
+    region, and the mask thresholds back to the drawn shape but for a few edge pixels."""
+    mask = box_mask(96, 128, np.random.default_rng(5))
+    Image.fromarray(mask.astype(np.uint8) * 255).save(tmp_path / "mask.jpg", quality=quality)
+    binary = data.mask_to_binary(Image.open(tmp_path / "mask.jpg"))
+    assert (binary != mask).mean() < 0.01
+
+
 def three_labels() -> np.ndarray:
     labels = np.zeros((8, 8), np.uint8)
     labels[2:4], labels[5:7] = 1, 2
@@ -54,6 +64,11 @@ LABEL_MAPS = {
     "L {0, 1, 2}": (lambda: Image.fromarray(three_labels()), r"holds the labels \{0, 1, 2\}"),
     "I;16 {0, 1, 2}": (lambda: Image.fromarray(three_labels().astype(np.uint16)), r"holds the labels \{0, 1, 2\}"),
     "P, 3 colours": (lambda: palette(three_labels()), r"holds the palette labels \{0, 1, 2\}"),
+    # A third value across a region is a label map however bright (issue 31, item 17): not thresholded at 128.
+    "L {0, 37, 200}": (lambda: Image.fromarray(np.choose(three_labels(), [0, 37, 200]).astype(np.uint8)),
+                       r"holds the regions of the values \{0, 37, 200\}"),
+    "L {0, 200, 255}": (lambda: Image.fromarray(np.choose(three_labels(), [0, 200, 255]).astype(np.uint8)),
+                        r"holds the regions of the values \{0, 200, 255\}"),
 }
 
 

@@ -114,13 +114,21 @@ def decode_case(case: Case, img_size: int, multiclass: bool = False) -> np.ndarr
 
 def label_map_error(kind: str, values: np.ndarray) -> ValueError:
     shown = ", ".join(str(v) for v in values[:10]) + (", ..." if len(values) > 10 else "")
-    return ValueError(f"holds the {kind} {{{shown}}}: expected a binary mask (0/255 or 0/1); this "
-                      "project's 2D datasets are binary")
+    return ValueError(f"holds the {kind} {{{shown}}}: expected a binary mask (0/255 or 0/1); a folder of "
+                      "label maps trains with --multiclass")
+
+
+# A binary mask's pixels sit near its two ends, background and foreground; a lossy format (Kvasir's masks are
+# JPEGs) spreads a few of them over other values, each a sliver of the image. A value that covers at least
+# PLATEAU_SHARE of the image away from both ends by more than JPEG_NOISE is a third region: a label map.
+PLATEAU_SHARE = 0.01
+JPEG_NOISE = 16
 
 
 def mask_to_binary(mask: Image.Image) -> np.ndarray:
     """Any binary mask image -> (H, W) bool foreground; ValueError for a label map (its largest value
-    2..127, or a palette mask using more than 2 colours), which no threshold turns into the right mask."""
+    2..127, a palette mask using more than 2 colours, or regions of a third value such as {0, 37, 200}), which
+    no threshold turns into the right mask."""
     if mask.mode == "1":
         return np.asarray(mask, dtype=bool)
     if mask.mode == "P" and len(indices := np.unique(np.asarray(mask))) > 2:
@@ -136,6 +144,10 @@ def mask_to_binary(mask: Image.Image) -> np.ndarray:
         return values == 1  # a label map of 0 / 1, not a dark 8-bit picture
     if largest < 128:
         raise label_map_error("labels", np.unique(values).astype(np.int64))
+    counts = np.bincount(values.astype(np.int64).ravel(), minlength=256)
+    plateaus = np.flatnonzero(counts >= PLATEAU_SHARE * values.size)   # the values that cover whole regions
+    if len(plateaus) and (np.minimum(plateaus - plateaus[0], plateaus[-1] - plateaus) > JPEG_NOISE).any():
+        raise label_map_error("regions of the values", plateaus)
     return values >= 128  # bright foreground; JPEG noise leaves values between 0 and 255
 
 
