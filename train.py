@@ -76,8 +76,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from llm4seg.checkpoints import (has_checkpoint, keep_metrics_up_to, load_checkpoint, load_weights_of_run,
-                                 read_run_config, rebuild_model, remove_stale_temporaries, rng_state, save_checkpoint,
-                                 set_rng_state)
+                                 read_run_config, rebuild_model, remove_stale_temporaries, rng_state, run_dir_lock,
+                                 save_checkpoint, set_rng_state)
 from llm4seg.cli import USER_ERROR_EXIT, USER_ERRORS, user_error
 from llm4seg.data import (PATCH_DATASETS, EpochItems, EpochOrder, check_cases, class_names, input_channels,
                           load_dataset, normalize_batch, num_classes, spatial_dims)
@@ -188,11 +188,14 @@ class Run:
     curves_drawn_at: float = -math.inf       # time.monotonic() of the last curves.png
 
 
-def setup(argv: list[str] | None, processes: Processes) -> Run:
-    """Settings, checks, process group, model, data, run directory; resumes `last` if asked."""
+def setup(argv: list[str] | None, processes: Processes, held: contextlib.ExitStack) -> Run:
+    """Settings, checks, the run directory locked for as long as `held` lasts, process group, model, data;
+    resumes `last` if asked."""
     args = parse_args(argv)
     args.out = args.out or default_run_dir(args)
     check_args(args)
+    if processes.local_rank == 0:  # one process per machine writes the run
+        held.enter_context(run_dir_lock(Path(args.out)))
     device = resolve_device(args.device, processes)
     precision = resolve_precision(args.precision, device)
     if processes.distributed:
@@ -509,10 +512,12 @@ def main(argv: list[str] | None = None) -> int:
     """Exit code: 0 done, 1 non-finite loss or a checkpoint that could not be written, 2 bad settings or
     input files, 128 + signal when stopped by one."""
     processes = Processes.from_env()
-    # Other ranks stay quiet (data and llm_layer print too); errors still reach stderr.
-    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(sys.stdout if processes.main else devnull):
+    # Other ranks stay quiet (data and llm_layer print too); errors still reach stderr. `held`: the run
+    # directory's lock, released when main returns.
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(sys.stdout if processes.main else devnull), \
+            contextlib.ExitStack() as held:
         try:
-            run = setup(argv, processes)
+            run = setup(argv, processes, held)
         except KeyboardInterrupt:  # nothing trained yet, so nothing to save
             print("interrupted before training started; run the same command again to start", file=sys.stderr)
             return 128 + signal.SIGINT

@@ -8,6 +8,8 @@
                                 "optimizer.*"; its metadata holds "info" (JSON: epoch, step, optimizer
                                 settings, every rank's RNG states) and "sha256" of the tensors and info
     RUN_DIR/metrics.jsonl       one line per epoch (train.py rewrites it; a resume drops lines past `last`)
+    RUN_DIR/.lock               held (an advisory flock) by the train.py writing the run, for its whole life
+                                (run_dir_lock): a second train.py into the same directory is refused
 
 Saving and loading hold a checkpoint's bytes in memory beside its tensors (twice its size; small unless a
 layer is trained with Adam). One rename makes a checkpoint visible (files.write_atomically, fsync'd), so at every instant `last` is
@@ -20,6 +22,8 @@ No pickle anywhere: tensors in safetensors, the rest in JSON (RNG states as base
 train.py (saving, --resume) and eval.py (load_run) both read runs through this module.
 """
 import base64
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -97,6 +101,34 @@ def remove_stale_temporaries(run_dir: Path) -> list[Path]:
             temporary.unlink(missing_ok=True)
             removed.append(temporary)
     return removed
+
+
+LOCK_NAME = ".lock"
+
+
+@contextlib.contextmanager
+def run_dir_lock(run_dir: Path):
+    """Hold RUN_DIR/.lock while the block runs (the directory is created if need be). Two train.py into one
+    --out would each finish and print "done", one's checkpoints silently replaced by the other's and
+    metrics.jsonl interleaving both: the second is refused here, in one line naming the first's pid. The lock
+    is the kernel's (flock), dropped when its process ends however it ends (kill -9 included), so a lock a dead
+    process left is simply taken. The file stays: unlinking it would let a third process lock a new file while
+    a second holds the old one."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(descriptor, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise ValueError(f"{run_dir} is in use by another train.py (pid {holder}): wait for it to end, or "
+                             "pick another --out") from None
+        os.ftruncate(descriptor, 0)
+        os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock
 
 
 def process_alive(pid: int) -> bool:

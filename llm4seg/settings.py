@@ -210,6 +210,10 @@ def check_args(args: argparse.Namespace) -> None:
             check_image_sides(*(sides[1],) * dims)
     except ValueError as error:
         raise ValueError(f"{sides[0]}: {error}") from None
+    if args.backbone != "vit" and 0 < sides[1] < (smallest := BACKBONES[args.backbone].min_side):
+        raise ValueError(f"{sides[0]} {sides[1]}: the {args.backbone} bottleneck would be {sides[1] // DOWNSAMPLING} "
+                         f"voxel wide, and its instance / group norms need more than one value per channel: expected "
+                         f"{smallest} or more")
     check_runtime_flags(args)
     for name in ("epochs", "synthetic_size", "val_every", "roi_size"):
         if getattr(args, name) < 1:

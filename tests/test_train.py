@@ -6,6 +6,7 @@ subprocess where the exit code, stderr or torchrun matter. Torch runs on one thr
 shared 2-core machine two OpenMP threads next to another busy process are ~20x slower.
 Resumed runs are compared with uninterrupted ones bit for bit: same seed, same thread count, CPU.
 """
+import contextlib
 import itertools
 import json
 import math
@@ -503,6 +504,10 @@ def test_a_multiclass_run_is_evaluated_per_organ(two_organ_epochs, capsys):
 @pytest.mark.parametrize("flags, message", [
     (["--backbone", "cmunext"], "--data synthetic-organs holds 3D volumes; the cmunext backbone is 2D: use --backbone vit"),
     (["--roi-size", "40"], "--roi-size: got 40x40x40"),
+    # a one-voxel bottleneck that MedNeXt's GroupNorm cannot normalise (issue 31, items 6 and 21)
+    (["--roi-size", "16"], "--roi-size 16: the mednext-tiny bottleneck would be 1 voxel wide, and its instance / "
+                           "group norms need more than one value per channel: expected 32 or more"),
+    (["--roi-size", "16", "--backbone", "uxnet3d"], "--roi-size 16: the uxnet3d bottleneck would be 1 voxel wide"),
     (["--multiclass"], "--data synthetic-organs: multiclass applies to msd (every label value its class); "
                        "synthetic-organs is multi-class already"),
 ])
@@ -569,7 +574,8 @@ def test_a_run_started_from_another_and_killed_before_its_first_last_restarts_fr
     monkeypatch.setattr(train, "train", lambda run, stop: 137)  # killed in its first epoch: config.json, no last
     assert train.main(small_run(tiny_llm, out, "--init-from", str(three_epochs))) == 137
     assert (out / "config.json").is_file() and not (out / "last.safetensors").exists()
-    run = train.setup(["--resume", str(out)], Processes())
+    with contextlib.ExitStack() as held:
+        run = train.setup(["--resume", str(out)], Processes(), held)
     best, _ = read_checkpoint(three_epochs / "best.safetensors")
     state = run.net.state_dict()
     assert all(torch.equal(state[key.removeprefix("model.")], value) for key, value in best.items())
@@ -584,3 +590,41 @@ def test_a_new_run_in_a_folder_an_abandoned_attempt_left_keeps_none_of_its_files
                                 "--patch-size", "8", "--depth", "1", "--embed-dim", "16", "--mode", "none")) == 0
     assert [line["epoch"] for line in metrics(out)] == [1] and metrics(out)[0]["val_iou"] != 0.99
     assert checkpoint_info(out, "best")["epoch"] == 1
+
+
+def test_a_second_train_py_into_a_run_directory_in_use_is_refused_in_one_line(tiny_llm, tmp_path, capsys):
+    """Two train.py into one --out both finished and printed "done", one's checkpoints silently replaced by the
+    other's (issue 31, item 14). The directory's lock held (here by this process, as the first train.py would),
+    a second run and a resume are refused naming the holder's pid, and nothing in the folder changes."""
+    from llm4seg.checkpoints import run_dir_lock
+
+    out = tmp_path / "run"
+    with run_dir_lock(out):
+        before = sorted(p.name for p in out.iterdir())
+        assert train.main(small_run(tiny_llm, out, "--epochs", "1")) == 2
+        err = capsys.readouterr().err
+        assert err == f"error: {out} is in use by another train.py (pid {os.getpid()}): wait for it to end, or " \
+                      "pick another --out\n"
+        assert sorted(p.name for p in out.iterdir()) == before
+    assert train.main(small_run(tiny_llm, out, "--epochs", "1")) == 0  # released: the run goes ahead
+    with run_dir_lock(out):
+        assert train.main(["--resume", str(out)]) == 2
+    assert "is in use by another train.py" in capsys.readouterr().err
+
+
+def test_a_lock_left_by_a_killed_train_py_is_taken_over(tiny_llm, tmp_path):
+    """The lock is the kernel's: a process killed with -9 while holding it leaves the file, not the lock."""
+    import multiprocessing
+
+    from llm4seg.checkpoints import run_dir_lock
+
+    out = tmp_path / "run"
+
+    def hold_and_die():
+        with run_dir_lock(out):
+            os.kill(os.getpid(), signal.SIGKILL)
+    child = multiprocessing.get_context("fork").Process(target=hold_and_die)
+    child.start()
+    child.join()
+    assert child.exitcode == -signal.SIGKILL and (out / ".lock").read_text().strip() == str(child.pid)
+    assert train.main(small_run(tiny_llm, out, "--epochs", "1")) == 0

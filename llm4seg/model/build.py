@@ -29,7 +29,7 @@ from ..vit import VisionTransformer
 from .backbones_2d import cmunext_parts, nnunet_parts, unet_parts
 from .backbones_3d import mednext_parts, uxnet3d_parts
 from .bridge import LLMBridge, add_lora, lora_mapper, unit_final_norm
-from .u_shape import Parts, SegmentationNet
+from .u_shape import DOWNSAMPLING, Parts, SegmentationNet
 
 MODES = ("none", *LLM_MODES)  # "none": the plain backbone, the paper's baseline rows
 
@@ -64,22 +64,32 @@ class Backbone:
     parts: Callable[[int, int], Parts]   # (in_channels, num_classes) -> the U's modules
     spatial_dims: int                    # 2: (B, C, H, W) images; 3: (B, C, D, H, W) volumes
     in_channels: int                     # the default
+    # The smallest side it takes (a multiple of DOWNSAMPLING). Instance and per-channel group norms need more
+    # than one value per channel: a side of 16 leaves the bottleneck one voxel wide, and they cannot normalise it.
+    min_side: int = DOWNSAMPLING
 
 
+NEEDS_TWO_BOTTLENECK_VOXELS = 2 * DOWNSAMPLING  # InstanceNorm (nnU-Net, 3D UX-Net's decoder), MedNeXt's GroupNorm
 BACKBONES = {
     "unet": Backbone(unet_parts, spatial_dims=2, in_channels=3),
     "cmunext": Backbone(cmunext_parts, spatial_dims=2, in_channels=3),
-    "nnunet": Backbone(nnunet_parts, spatial_dims=2, in_channels=3),
+    "nnunet": Backbone(nnunet_parts, spatial_dims=2, in_channels=3, min_side=NEEDS_TWO_BOTTLENECK_VOXELS),
     # MedNeXt's size B with kernel 3 by default (LLM4Seg does not say which); its other sizes and kernel 5.
-    "mednext": Backbone(partial(mednext_parts, size="B", kernel=3), spatial_dims=3, in_channels=1),
-    "mednext-s": Backbone(partial(mednext_parts, size="S", kernel=3), spatial_dims=3, in_channels=1),
-    "mednext-m": Backbone(partial(mednext_parts, size="M", kernel=3), spatial_dims=3, in_channels=1),
-    "mednext-l": Backbone(partial(mednext_parts, size="L", kernel=3), spatial_dims=3, in_channels=1),
-    "mednext-b-k5": Backbone(partial(mednext_parts, size="B", kernel=5), spatial_dims=3, in_channels=1),
-    "uxnet3d": Backbone(uxnet3d_parts, spatial_dims=3, in_channels=1),
+    "mednext": Backbone(partial(mednext_parts, size="B", kernel=3), spatial_dims=3, in_channels=1,
+                        min_side=NEEDS_TWO_BOTTLENECK_VOXELS),
+    "mednext-s": Backbone(partial(mednext_parts, size="S", kernel=3), spatial_dims=3, in_channels=1,
+                          min_side=NEEDS_TWO_BOTTLENECK_VOXELS),
+    "mednext-m": Backbone(partial(mednext_parts, size="M", kernel=3), spatial_dims=3, in_channels=1,
+                          min_side=NEEDS_TWO_BOTTLENECK_VOXELS),
+    "mednext-l": Backbone(partial(mednext_parts, size="L", kernel=3), spatial_dims=3, in_channels=1,
+                          min_side=NEEDS_TWO_BOTTLENECK_VOXELS),
+    "mednext-b-k5": Backbone(partial(mednext_parts, size="B", kernel=5), spatial_dims=3, in_channels=1,
+                             min_side=NEEDS_TWO_BOTTLENECK_VOXELS),
+    "uxnet3d": Backbone(uxnet3d_parts, spatial_dims=3, in_channels=1, min_side=NEEDS_TWO_BOTTLENECK_VOXELS),
     # Not the paper's: MedNeXt-S at a quarter of its width (8 channels at full resolution), small enough for
     # `make demo3d` to train three runs on 2 CPU cores in minutes.
-    "mednext-tiny": Backbone(partial(mednext_parts, size="S", kernel=3, width=8), spatial_dims=3, in_channels=1),
+    "mednext-tiny": Backbone(partial(mednext_parts, size="S", kernel=3, width=8), spatial_dims=3, in_channels=1,
+                             min_side=NEEDS_TWO_BOTTLENECK_VOXELS),
 }
 BACKBONE_DIMS = {name: row.spatial_dims for name, row in BACKBONES.items()}
 
