@@ -13,11 +13,13 @@ feature analysis, pictures.
 The command rebuilds the model from RUN_DIR/config.json (a frozen LLM layer is read again from
 its local directory or the local Hub cache, and must be the same commit), loads <checkpoint>.safetensors
 and evaluates the split the run's data settings define, writing into RUN_DIR/eval-<split>/:
-    metrics.json    mean and std over images (population std, so one image gives 0) of every
-                    per-image metric of metrics.py, pooled IoU / Dice, the trivial predictors' IoU,
+    metrics.json    mean, std and n over images (population std, so one image gives 0; NaN values such as
+                    the HD95 of an empty mask skipped, n counting the rest; over none, 0 with n 0, as MONAI) of
+                    every per-image metric of metrics.py, pooled IoU / Dice, the trivial predictors' IoU,
                     the checkpoint (name, epoch, step) and the computation report of the paper's
-                    Table 1: trainable and frozen parameters, G MACs of one (1, 3, S, S) forward at
-                    the run's image size S (model.count_gmacs)
+                    Table 1: trainable and frozen parameters, G MACs of one (1, C, S, S) or (1, C, S, S, S)
+                    forward at the size the network runs on: the crops of a patch-trained run
+                    (--roi-size), else the run's image size (model.count_gmacs)
     per_image.csv   one row per case: every metric (and with --analyze the analysis values)
     samples/        --samples N: worst-01_<case>.png .. and best-01_<case>.png .., ranked by IoU, each a
                     panel: the image with the true (green) and predicted (red) contours | truth |
@@ -26,7 +28,8 @@ and evaluates the split the run's data settings define, writing into RUN_DIR/eva
 Volumes are scored with their voxel spacing: HD95 and the NSD tolerance in millimetres (metrics.py).
 Multi-class runs (btcv, synthetic-organs, msd --multiclass, folder --multiclass): whole volumes of a patch-trained run go
 through sliding windows of its --roi-size (prediction.case_probabilities), the argmax is scored per organ
-(metrics.class_metrics: Dice, IoU, HD95, NSD; an organ absent from a case's truth is skipped), and
+(metrics.class_metrics: Dice, IoU, HD95, NSD; an organ absent from a case's truth has no Dice or IoU, and
+by default NSD 0 where it was predicted), and
 metrics.json adds "per_class" {organ: {"dice", "iou", "hd95", "nsd"}}, "dice" = their mean over the
 organs (Table 2's number) and "classes"; per_image.csv adds "dice/<organ>", ... columns; the printed
 table lists every organ; samples/ colour each class.
@@ -42,6 +45,12 @@ NIfTI label map <stem>.nii.gz per *.nii / *.nii.gz volume of DIR, on that volume
 header; 0 background, k class k), preprocessed as the run's data was (btcv, synthetic-organs: as BTCV's CTs,
 sliding windows of --roi-size; msd, synthetic3d: z-scored, resized to the run's size and back), plus
 label_legend.json (value -> class name). Unreadable files are listed and skipped, and the exit code is then 1.
+HD95 and NSD of a case with an empty mask follow --empty-cases (metrics.json's conventions.empty_cases says
+which): "monai" (default) gives MONAI 1.6's values, which published BTCV / MSD numbers use: HD95 NaN (left
+out of the mean) whenever a mask is empty, NSD 0 for a missed or an invented lesion or organ and NaN when
+both masks are empty; "diagonal", this repository's convention before, gives every case a number: HD95 the
+image diagonal (worse than any real prediction) and NSD 0 when one mask is empty, HD95 0 and NSD 1 when both
+are, and skips an organ absent from the truth. NSD compares distances with its tolerance in float32, as MONAI.
 The formulas and their empty-case conventions are in metrics.py (per image, pooled, HD95, NSD) and
 analysis.py (activation maps, concentration IoU, effective rank, LSVR); the drawing in pictures.py.
 """
@@ -61,9 +70,9 @@ from llm4seg.analysis import (ANALYSED, CONCENTRATION_THRESHOLD, BridgeFeatures,
 from llm4seg.checkpoints import load_run, read_run_config
 from llm4seg.cli import USER_ERRORS, add_runtime_flags, check_runtime_flags, one_line_error_parser, user_error
 from llm4seg.data import PATCH_DATASETS, check_cases, class_names, load_dataset
-from llm4seg.files import InputError, write_csv
-from llm4seg.metrics import (NSD_TOLERANCE, OVERLAP_METRICS, SEGMENTATION_METRICS, SURFACE_METRICS, THRESHOLD,
-                             evaluate_cases, mean_and_std)
+from llm4seg.files import InputError, WriteError, write_csv, write_text
+from llm4seg.metrics import (EMPTY_CONVENTIONS, NSD_TOLERANCE, OVERLAP_METRICS, SEGMENTATION_METRICS, SURFACE_METRICS,
+                             THRESHOLD, evaluate_cases, mean_and_std)
 from llm4seg.metrics import segmentation_metrics, surface_metrics  # noqa: F401  public names eval.py has always offered
 from llm4seg.model import count_gmacs, count_params, set_frozen_dtype
 from llm4seg.pictures import heatmap_pair_png, label_panel_png, panel_png, to_rgb, volume_panel_png
@@ -117,12 +126,12 @@ def evaluate_run(args) -> int:
         extra = (lambda logits, masks: feature_analysis(features, masks)) if args.analyze else None
         infer = case_probabilities(net, device, precision, settings.get("roi_size") if patches else None)
         rows, dataset_level = evaluate_cases(net, loader, device, precision, extra=extra, infer=infer,
-                                             class_names=names)
+                                             class_names=names, empty=args.empty_cases)
         if args.analyze:
             maps = write_activation_maps(net, features, dataset, args.maps, device, precision,
                                          clean_folder(out_dir / "activations"))
             analysis = analysis_report(rows, maps, out_dir)
-            (out_dir / "analysis.json").write_text(json.dumps(analysis, indent=1))
+            write_text(out_dir / "analysis.json", json.dumps(analysis, indent=1))
     samples = []
     if args.samples:
         samples = write_samples(infer, dataset, rows, args.samples, clean_folder(out_dir / "samples"))
@@ -136,10 +145,10 @@ def evaluate_run(args) -> int:
         **(per_class_report(rows, names) if names is not None else {}),
         "computation": computation,
         "conventions": {"threshold": THRESHOLD, "nsd_tolerance": NSD_TOLERANCE, "distance_unit": distance_unit(config),
-                        "std": "population (ddof 0) over images", "empty_cases": "see metrics.py's docstring"},
+                        "std": "population (ddof 0) over images", "empty_cases": args.empty_cases},
         "samples": [str(path.relative_to(out_dir)) for path in samples],
     }
-    (out_dir / "metrics.json").write_text(json.dumps(report, indent=1))
+    write_text(out_dir / "metrics.json", json.dumps(report, indent=1))
     write_csv(rows, out_dir / "per_image.csv")
     print_report(report, analysis)
     print(f"wrote {out_dir}")
@@ -212,9 +221,12 @@ def check_args(args, config: dict, run_dir: Path) -> None:
 
 
 def computation_report(net: torch.nn.Module, config: dict) -> dict:
-    """The paper's Table 1 columns for this run's model at its image size."""
+    """The paper's Table 1 columns for this run's model at the size it runs on: its crops (--roi-size) for a
+    patch-trained run (BTCV: the paper's 96^3), else its image size."""
     trainable, frozen = count_params(net)
-    size, spatial_dims = config["train"]["img_size"], run_spatial_dims(config)
+    settings = config["train"]
+    size = settings["roi_size"] if settings["data"] in PATCH_DATASETS else settings["img_size"]
+    spatial_dims = run_spatial_dims(config)
     input_shape = [1, config["model"]["in_channels"], *(size,) * spatial_dims]
     return {"trainable_params": trainable, "frozen_params": frozen,
             "gmacs": count_gmacs(net, input_shape[1], size, spatial_dims), "input_shape": input_shape,
@@ -378,6 +390,9 @@ def make_parser():
     p.add_argument("--analyze", action="store_true",
                    help="activation maps, concentration IoU, effective rank and LSVR before and after the LLM layer")
     p.add_argument("--maps", type=int, default=4, metavar="N", help="with --analyze: heat maps of the first N cases")
+    p.add_argument("--empty-cases", default="monai", choices=EMPTY_CONVENTIONS,
+                   help="HD95 / NSD of a case with an empty mask: MONAI's (NaN HD95; NSD 0 for one empty mask, NaN "
+                        "for two) or 'diagonal' (HD95 = the image diagonal for one empty mask, 0 for two; NSD 0 / 1)")
     p.add_argument("--images", default=None, metavar="DIR",
                    help="segment the images of DIR instead of evaluating a split (masks at each image's size; "
                         "for a 3D run, NIfTI label maps of its *.nii / *.nii.gz volumes on their own grids)")
@@ -390,13 +405,16 @@ def make_parser():
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit code 0 when done, 1 when --images skipped unreadable files, 2 for what the user can fix
-    (said in one line on stderr)."""
+    """Exit code 0 when done, 1 when --images skipped unreadable files or the disk refused a file, 2 for what the
+    user can fix (each said in one line on stderr)."""
     args = make_parser().parse_args(argv)
     try:
         if args.images is None and (args.out is not None or args.probabilities):
             raise ValueError("--out and --probabilities go with --images DIR (segmenting new images)")
         return predict_images(args) if args.images is not None else evaluate_run(args)
+    except WriteError as error:  # the disk (full, a file-size limit): what was written before is whole
+        print(f"error: {error.strerror}", file=sys.stderr)
+        return 1
     except USER_ERRORS as error:
         return user_error(error)
 

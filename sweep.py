@@ -50,9 +50,9 @@ import numpy as np
 
 from llm4seg.checkpoints import checkpoint_info, has_checkpoint, read_run_config
 from llm4seg.cli import USER_ERRORS, one_line_error_parser, user_error
-from llm4seg.files import write_csv
+from llm4seg.files import InputError, WriteError, write_csv, write_text
 from llm4seg.metrics import paired_difference
-from llm4seg.pictures import pyplot
+from llm4seg.pictures import pyplot, save_figure
 from llm4seg.settings import CHANGEABLE_ON_RESUME, PER_INVOCATION, check_args, make_parser, resolve_defaults
 
 HERE = Path(__file__).resolve().parent
@@ -252,23 +252,54 @@ def execute(run: Run, split: str, device: str | None) -> None:
     else:
         print(f"sweep: {run.run_dir.name} finished before, skipping its training", flush=True)
     evaluated = run.run_dir / f"eval-{split}" / "per_image.csv"
-    if not evaluated.is_file() or evaluated.stat().st_mtime < (run.run_dir / "best.safetensors").stat().st_mtime:
-        config = read_run_config(run.run_dir)
-        # The analysis reads a 2D CNN's bottleneck maps: runs with an LLM layer in a 2D CNN.
-        analyze = ["--analyze"] if config["model"]["mode"] != "none" and config["model"]["backbone"] != "vit" \
-            and config["model"].get("spatial_dims", 2) == 2 else []
-        command = [sys.executable, str(HERE / "eval.py"), str(run.run_dir), "--split", split, "--samples", "4",
-                   *analyze, *runtime_argv(run), *device_argv]
-        code = run_child(command)
-        if code != 0:
+    stale = not evaluated.is_file() or evaluated.stat().st_mtime < (run.run_dir / "best.safetensors").stat().st_mtime
+    if stale and (code := evaluate(run, split, device_argv)) != 0:
+        run.status = f"failed (eval.py exit {code})"
+        return
+    try:
+        read_evaluation(run, split)
+    except InputError as error:  # cut or emptied since eval.py wrote it whole: evaluate once more
+        print(f"sweep: {error}; evaluating {run.run_dir.name} again", flush=True)
+        if (code := evaluate(run, split, device_argv)) != 0:
             run.status = f"failed (eval.py exit {code})"
             return
-    with open(evaluated, newline="") as f:
-        run.per_image = [{k: (v if k == "case" else float(v)) for k, v in row.items()} for row in csv.DictReader(f)]
-    report = json.loads((run.run_dir / f"eval-{split}" / "metrics.json").read_text())
-    run.computation = report["computation"]
-    run.distance_unit = report["conventions"].get("distance_unit", "px")
+        try:
+            read_evaluation(run, split)
+        except InputError as again:
+            run.status = f"failed ({again})"
+            return
     run.status = "done"
+
+
+def evaluate(run: Run, split: str, device_argv: list[str]) -> int:
+    """eval.py on the run's best checkpoint (with --analyze where it has a 2D CNN's bottleneck); its exit code."""
+    config = read_run_config(run.run_dir)
+    analyze = ["--analyze"] if config["model"]["mode"] != "none" and config["model"]["backbone"] != "vit" \
+        and config["model"].get("spatial_dims", 2) == 2 else []
+    return run_child([sys.executable, str(HERE / "eval.py"), str(run.run_dir), "--split", split, "--samples", "4",
+                      *analyze, *runtime_argv(run), *device_argv])
+
+
+def read_evaluation(run: Run, split: str) -> None:
+    """run.per_image, .computation, .distance_unit from eval.py's per_image.csv and metrics.json; InputError
+    naming the file when one is empty, cut or not what eval.py writes."""
+    folder = run.run_dir / f"eval-{split}"
+    table, report = folder / "per_image.csv", folder / "metrics.json"
+    try:
+        with open(table, newline="") as f:
+            rows = list(csv.DictReader(f))
+        if not rows or "case" not in rows[0]:
+            raise ValueError("no cases")
+        per_image = [{k: (v if k == "case" else float(v)) for k, v in row.items()} for row in rows]
+    except (OSError, ValueError, TypeError, csv.Error) as error:  # a cut row: a None key or value
+        raise InputError(f"{table} of the run {run.run_dir.name} is damaged ({error})") from None
+    try:
+        written = json.loads(report.read_text())
+        computation, unit = written["computation"], written["conventions"].get("distance_unit", "px")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise InputError(f"{report} of the run {run.run_dir.name} is damaged ({type(error).__name__}: {error})") \
+            from None
+    run.per_image, run.computation, run.distance_unit = per_image, computation, unit
 
 
 def execute_all(runs: list[Run], split: str, explicit_device: bool) -> None:
@@ -330,7 +361,9 @@ def paired_ious(runs: list[Run], baseline_runs: list[Run]) -> list[float]:
 
 def run_mean(run: Run, metric: str) -> float:
     """A run's score: its mean over images (multi-class: over the images whose truth holds the class)."""
-    return float(np.nanmean([image[metric] for image in run.per_image]))
+    values = np.array([image[metric] for image in run.per_image], dtype=np.float64)
+    values = values[~np.isnan(values)]  # HD95 of an empty mask, a class absent from a case's truth
+    return float(values.mean()) if len(values) else float("nan")  # "n/a" in the table
 
 
 def class_columns(runs: list[Run]) -> list[str]:
@@ -368,8 +401,10 @@ def summarise(args, varying, runs: list[Run], baseline: tuple) -> list[dict]:
     return rows
 
 
-def write_tables(rows: list[dict], out: Path, baseline_label: str, split: str, distance_unit: str = "px") -> str:
-    write_csv(rows, out / "table.csv")
+def write_tables(rows: list[dict], out: Path, baseline_label: str, split: str, distance_unit: str = "px",
+                 stem: str = "table") -> str:
+    """OUT/<stem>.csv and OUT/<stem>.md (returned too)."""
+    write_csv(rows, out / f"{stem}.csv")
 
     def pm(row, metric, scale):
         mean, std = row[f"{metric}_mean"] * scale, row[f"{metric}_std"] * scale
@@ -399,7 +434,7 @@ def write_tables(rows: list[dict], out: Path, baseline_label: str, split: str, d
                   "|---|" + "---|" * len(organs)]
         lines += [f"| {row['setting']} | " + " | ".join(pm(row, key, 100) for key in organs) + " |" for row in rows]
     text = "\n".join(lines) + "\n"
-    (out / "table.md").write_text(text)
+    write_text(out / f"{stem}.md", text)
     return text
 
 
@@ -436,7 +471,7 @@ def plot(varying, runs: list[Run], rows: list[dict], out: Path) -> list[Path]:
     forest.set_title("is the gain real?")
     figure.tight_layout()
     written.append(out / "iou_by_setting.png")
-    figure.savefig(written[-1], dpi=100)
+    save_figure(figure, written[-1])
     plt.close(figure)
 
     names = [flag for flag, _ in varying]
@@ -457,7 +492,7 @@ def plot(varying, runs: list[Run], rows: list[dict], out: Path) -> list[Path]:
             axes.legend()
         figure.tight_layout()
         written.append(out / "iou_by_layer.png")
-        figure.savefig(written[-1], dpi=100)
+        save_figure(figure, written[-1])
         plt.close(figure)
 
     analysed = [s for s in settings if any("effective_rank_after" in run.per_image[0] for run in done if run.setting == s)]
@@ -477,7 +512,7 @@ def plot(varying, runs: list[Run], rows: list[dict], out: Path) -> list[Path]:
             axis.legend()
         figure.tight_layout()
         written.append(out / "spectra.png")
-        figure.savefig(written[-1], dpi=100)
+        save_figure(figure, written[-1])
         plt.close(figure)
     return written
 
@@ -503,10 +538,21 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     rows = summarise(args, varying, runs, baseline)
     units = {run.distance_unit for run in runs if run.status == "done"}
-    print(write_tables(rows, out, setting_label(varying, baseline), args.split, units.pop() if len(units) == 1 else "px"))
-    for path in plot(varying, runs, rows, out):
-        print(f"wrote {path}")
-    print(f"wrote {out / 'table.md'} and {out / 'table.csv'}")
+    failed = [run for run in runs if run.status != "done"]
+    for run in failed:
+        print(f"sweep: {run.run_dir.name} {run.status}: left out of the table", file=sys.stderr)
+    # A table from fewer runs never replaces one a complete sweep wrote.
+    stem = "table-partial" if failed and (out / "table.md").is_file() else "table"
+    try:
+        print(write_tables(rows, out, setting_label(varying, baseline), args.split,
+                           units.pop() if len(units) == 1 else "px", stem))
+        for path in plot(varying, runs, rows, out) if stem == "table" else []:
+            print(f"wrote {path}")
+    except WriteError as error:  # the disk: the tables written before are whole, the runs untouched
+        print(f"error: {error.strerror}", file=sys.stderr)
+        return 1
+    print(f"wrote {out / f'{stem}.md'} and {out / f'{stem}.csv'}" +
+          (f" (the earlier {out / 'table.md'} is kept: {len(failed)} run(s) failed)" if stem != "table" else ""))
     return 0 if all(run.status == "done" for run in runs) else 1
 
 

@@ -5,9 +5,10 @@ that every reader raises for a malformed file.
 `write_atomically(path, write)` calls `write(temporary)` on a hidden name beside `path`, flushes it to
 the disk (fsync), renames it over `path` (os.replace is atomic within one file system) and fsyncs the
 directory so the rename itself survives a power cut. A crash, kill or Ctrl-C in between leaves the old
-file and at most a hidden temporary. Checkpoints, metrics logs, split lists, caches and fetched LLM
-layers are all written through it; the file gets the permissions an ordinary open() would give it
-(0644 under the usual umask), whatever `write` used.
+file and at most a hidden temporary. Checkpoints, metrics logs, split lists, caches, fetched LLM
+layers and every evaluation output (write_text, write_csv, write_png: metrics.json, per_image.csv, pictures,
+masks, the sweep's tables and plots) are all written through it; the file gets the permissions an ordinary
+open() would give it (0644 under the usual umask), whatever `write` used.
 
 `InputError` is a ValueError: what the user can fix (a truncated file, a header that lies, a mask that
 is a label map). Its message is one line naming the file and what is wrong; the entry scripts print it
@@ -71,8 +72,25 @@ def fsync_path(path: Path) -> None:
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
-    """One line per row; the columns are every key of any row, in first-seen order (a missing one is empty)."""
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(key for row in rows for key in row)))
-        writer.writeheader()
-        writer.writerows(rows)
+    """One line per row, atomically; the columns are every key of any row, in first-seen order (a missing one
+    is empty)."""
+    def write(temporary: Path) -> None:
+        with open(temporary, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(key for row in rows for key in row)))
+            writer.writeheader()
+            writer.writerows(rows)
+    write_atomically(path, write)
+
+
+def write_text(path: Path, text: str) -> None:
+    """`text` as the file `path`, atomically (metrics.json, table.md, ...)."""
+    write_atomically(path, lambda temporary: Path(temporary).write_text(text))
+
+
+def write_png(path: Path, picture) -> None:
+    """A PIL image, or an (H, W) / (H, W, 3) uint8 array, as the PNG `path`, atomically: a killed evaluation
+    leaves the previous picture or none, never a cut one under the final name."""
+    from PIL import Image  # the pictures' concern; checkpoints and caches never need it
+
+    image = picture if isinstance(picture, Image.Image) else Image.fromarray(picture)
+    write_atomically(path, lambda temporary: image.save(temporary, format="PNG"))  # the name ends in .tmp

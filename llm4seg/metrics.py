@@ -26,22 +26,34 @@ Euclidean distance from x to the nearest point of S (in pixels, or in millimetre
            interpolation: MONAI's compute_hausdorff_distance(percentile=95, directed=False)
     NSD  = (|{p in ∂P : d(p, ∂G) <= tau}| + |{g in ∂G : d(g, ∂P) <= tau}|) / (|∂P| + |∂G|),  tau = 2 px
            (2 mm on volumes, whose distances are in mm: a choice, the MedVisionLlama paper names none)
-Empty cases: both empty -> HD95 0, NSD 1; exactly one empty -> HD95 = image diagonal sqrt(H^2 + W^2)
-(larger than any distance two pixels can have, so a missed or invented lesion scores worse than any
-real prediction), NSD 0.
+Distances are compared with tau in float32, as MONAI does: 7 voxels of 0.1 mm are within 0.7 mm (in float64
+7 x 0.1 = 0.7000000000000001 is not). When a mask is empty there is no boundary to measure from; what HD95
+and NSD are then is a convention, `empty` (EMPTY_CONVENTIONS):
+    "monai" (the default): MONAI 1.6's compute_hausdorff_distance(percentile=95) and compute_surface_dice, which
+        published BTCV and MSD numbers use. HD95 is NaN whenever a mask is empty (skipped by every mean);
+        NSD is 0 when exactly one is empty (a missed lesion, or one invented where there is none) and NaN
+        when both are.
+    "diagonal": this project's earlier convention, which gives every case a number: both empty -> HD95 0,
+        NSD 1; exactly one empty -> HD95 = the image diagonal sqrt(H^2 + W^2) (larger than any distance two
+        pixels can have, so a missed or invented lesion scores worse than any real prediction), NSD 0.
 
 Multi-class (BTCV's 13 organs and background), per case and foreground class k with P = (argmax == k),
 G = (label == k): Dice = 2|P∩G| / (|P| + |G|), IoU = |P∩G| / |P∪G|, HD95 and NSD of P and G as above;
-a class absent from the case's truth is NaN and skipped by every mean (MONAI's DiceMetric with
-include_background=False and ignore_empty=True, which the 3D works of the paper's Table 2 report). A
-case's "dice" is the mean over its scored classes; a class's, the mean over the cases that have it.
+a class absent from the case's truth has NaN Dice and IoU, skipped by every mean (MONAI's DiceMetric with
+include_background=False and ignore_empty=True, which the 3D works of the paper's Table 2 report); its HD95 and
+NSD follow `empty` as above, so by default an organ predicted where the truth has none scores NSD 0 (MONAI's
+SurfaceDiceMetric), and with "diagonal" it is skipped too. A case's "dice" is the mean over its scored classes;
+a class's, the mean over the cases that have it.
 
 All functions take (B, 1, H, W) logits (or probabilities) and masks, or (B, 1, D, H, W) volumes, and return
 one value per image (surface_metrics takes the voxel spacing, so 3D distances are in millimetres);
-`evaluate_cases` runs a model over a loader and returns one row per case. Over images: `mean_and_std`,
+`evaluate_cases` runs a model over a loader and returns one row per case. Over images: `mean_and_std` (NaNs
+skipped; over nothing, 0 with n = 0, as MONAI's aggregate with its not_nans count),
 and `paired_difference` (is a gain real? the paired bootstrap CI and sign-flip permutation p of
 per-image differences, which sweep.py tabulates).
 """
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -54,6 +66,7 @@ IOU_SMOOTH = 1e-5  # the authors' smoothing of IoU: empty vs empty scores 1
 RATIO_EPS = 1e-6  # the authors' guard in the denominators of SE, PC, SP and F1
 THRESHOLD = 0.5  # on sigmoid probabilities, and on target masks
 NSD_TOLERANCE = 2.0  # in the distances' unit: pixels in 2D, millimetres on volumes with their spacing
+EMPTY_CONVENTIONS = ("monai", "diagonal")  # HD95 and NSD of a case with an empty mask (the docstring above)
 # The per-image metrics, in the order tables list them: segmentation_metrics returns the first seven,
 # surface_metrics the last two.
 SEGMENTATION_METRICS = ("iou", "dice", "f1", "sensitivity", "precision", "specificity", "accuracy")
@@ -155,7 +168,7 @@ def mask_boundary(mask: Tensor, spatial_dims: int = 2) -> Tensor:
 
 
 def surface_metrics(output: Tensor, target: Tensor, from_logits: bool = True,
-                    tolerance: float = NSD_TOLERANCE, spacing=None) -> dict[str, Tensor]:
+                    tolerance: float = NSD_TOLERANCE, spacing=None, empty: str = "monai") -> dict[str, Tensor]:
     """Per-case HD95 and NSD of the module docstring, in 2D or 3D.
 
     output (B, 1, H, W) or (B, 1, D, H, W) logits (or probabilities with from_logits=False), target the
@@ -164,10 +177,13 @@ def surface_metrics(output: Tensor, target: Tensor, from_logits: bool = True,
     None = 1, so distances are in pixels. HD95 and the NSD tolerance are in spacing's unit. The distance
     from each boundary voxel of one mask to the other's boundary is read off a Euclidean distance transform
     of the other boundary's complement (scipy.ndimage, exact, O(voxels): fast on 128^3 volumes), as MONAI
-    computes it.
+    computes it. empty: what a case with an empty mask scores, one of EMPTY_CONVENTIONS.
     """
     from scipy.ndimage import distance_transform_edt  # 0.2 s of imports that training never needs
 
+    if empty not in EMPTY_CONVENTIONS:
+        raise ValueError(f"surface_metrics: unknown empty-case convention {empty!r}: expected one of "
+                         f"{', '.join(EMPTY_CONVENTIONS)}")
     pred, true = binary_masks(output, target, from_logits)  # (B, *spatial)
     spatial_dims = pred.ndim - 1
     spacing = np.ones(spatial_dims) if spacing is None else np.asarray(
@@ -181,30 +197,41 @@ def surface_metrics(output: Tensor, target: Tensor, from_logits: bool = True,
     hd95, nsd = [], []
     for pred_edge, true_edge, spacing in zip(pred_edges, true_edges, spacings, strict=True):
         if not pred_edge.any() or not true_edge.any():
-            diagonal = float(np.linalg.norm(np.array(pred.shape[1:]) * spacing))
-            both_empty = pred_edge.any() == true_edge.any()
-            hd95.append(0.0 if both_empty else diagonal)
-            nsd.append(1.0 if both_empty else 0.0)
+            case_hd95, case_nsd = empty_case_scores(empty, both_empty=pred_edge.any() == true_edge.any(),
+                                                    diagonal=float(np.linalg.norm(np.array(pred.shape[1:]) * spacing)))
+            hd95.append(case_hd95)
+            nsd.append(case_nsd)
             continue
         pred_to_true = torch.from_numpy(distance_transform_edt(~true_edge, sampling=spacing)[pred_edge])
         true_to_pred = torch.from_numpy(distance_transform_edt(~pred_edge, sampling=spacing)[true_edge])
         hd95.append(max(torch.quantile(pred_to_true, 0.95).item(), torch.quantile(true_to_pred, 0.95).item()))
-        within = (pred_to_true <= tolerance).sum() + (true_to_pred <= tolerance).sum()
+        # In float32, as MONAI: a distance that is the tolerance up to float64 rounding counts as within it.
+        within = (pred_to_true.float() <= tolerance).sum() + (true_to_pred.float() <= tolerance).sum()
         nsd.append(within.item() / (len(pred_to_true) + len(true_to_pred)))
     return {"hd95": torch.tensor(hd95, dtype=torch.float32, device=output.device),
             "nsd": torch.tensor(nsd, dtype=torch.float32, device=output.device)}
+
+
+def empty_case_scores(empty: str, both_empty: bool, diagonal: float) -> tuple[float, float]:
+    """(HD95, NSD) of a case in which at least one mask is empty, by the convention `empty` (module docstring);
+    diagonal: the image's diagonal in the distances' unit."""
+    if empty == "monai":
+        return math.nan, (math.nan if both_empty else 0.0)
+    return (0.0, 1.0) if both_empty else (diagonal, 0.0)
 
 
 # -----------------------------------------------------------------------------
 # multi-class: per foreground class, as MONAI's DiceMetric(include_background=False) scores BTCV
 
 def class_metrics(pred: Tensor, true: Tensor, num_classes: int, *, surface: bool = True,
-                  spacing=None) -> dict[str, Tensor]:
+                  spacing=None, empty: str = "monai") -> dict[str, Tensor]:
     """pred, true (B, *S) integer label maps in 0..K-1 -> {"dice", "iou"} (+ "hd95", "nsd" when `surface`),
     each (B, K - 1) float32 for the foreground classes 1..K-1, with P = (pred == k), G = (true == k):
         Dice = 2 |P∩G| / (|P| + |G|),   IoU = |P∩G| / |P∪G|,   HD95 and NSD as surface_metrics of P and G.
-    A class absent from a case's truth is NaN in every metric (MONAI's ignore_empty: nothing to find, so
-    nothing to score; the means over cases and classes skip it). No smoothing, as MONAI's DiceMetric."""
+    A class absent from a case's truth has NaN Dice and IoU (MONAI's ignore_empty: nothing to find, so nothing
+    to score; the means over cases and classes skip it); its HD95 and NSD are surface_metrics' with `empty`
+    ("monai": NSD 0 if the class was predicted there, else NaN; HD95 NaN), or NaN too with "diagonal".
+    No smoothing, as MONAI's DiceMetric."""
     if pred.shape != true.shape:
         raise ValueError(f"expected predicted and true label maps of the same shape, got {tuple(pred.shape)} and "
                          f"{tuple(true.shape)}")
@@ -215,11 +242,14 @@ def class_metrics(pred: Tensor, true: Tensor, num_classes: int, *, surface: bool
         sizes = predicted.flatten(1).sum(1).float() + truth.flatten(1).sum(1).float()
         absent = truth.flatten(1).sum(1) == 0
         scores = {"dice": 2 * both / sizes, "iou": both / (sizes - both)}
+        scores = {name: values.masked_fill(absent, float("nan")) for name, values in scores.items()}
         if surface:
-            scores.update(surface_metrics(predicted[:, None].float(), truth[:, None].float(), from_logits=False,
-                                          spacing=spacing))
+            distances = surface_metrics(predicted[:, None].float(), truth[:, None].float(), from_logits=False,
+                                        spacing=spacing, empty=empty)
+            scores.update({name: values.masked_fill(absent, float("nan")) if empty == "diagonal" else values
+                           for name, values in distances.items()})
         for name, values in scores.items():
-            columns[name].append(values.masked_fill(absent, float("nan")))
+            columns[name].append(values)
     return {name: torch.stack(values, dim=1) for name, values in columns.items()}  # (B, K - 1) each
 
 
@@ -237,8 +267,8 @@ def whole_image_probabilities(net: torch.nn.Module, device: torch.device, precis
 
 @torch.no_grad()
 def evaluate_cases(net: torch.nn.Module, loader, device: torch.device, precision: torch.dtype, *,
-                   surface: bool = True, extra=None, infer=None,
-                   class_names: list[str] | None = None) -> tuple[list[dict], dict[str, float]]:
+                   surface: bool = True, extra=None, infer=None, class_names: list[str] | None = None,
+                   empty: str = "monai") -> tuple[list[dict], dict[str, float]]:
     """Every case of `loader`, in order, through `net` in eval mode (BatchNorm's running statistics make
     each image's output independent of its batch, so this is the paper's batch-1 protocol) ->
       rows: one per case, {"case", "iou", ..., "accuracy"} plus "hd95", "nsd" when `surface`, plus
@@ -249,8 +279,10 @@ def evaluate_cases(net: torch.nn.Module, loader, device: torch.device, precision
     prediction.sliding_window's averages for volumes larger than the training patches.
     Multi-class (class_names: the K names, background first; masks are (B, 1, *S) label maps): the
     prediction is the argmax; each row holds "dice", "iou" (+ "hd95", "nsd") averaged over the foreground
-    classes present in the case's truth (class_metrics) and each class's as "dice/<name>", ...; no
-    dataset-level numbers. The model's train / eval mode is restored afterwards."""
+    classes class_metrics scores (those in the case's truth; for NSD by default also those predicted without
+    being there) and each class's as "dice/<name>", ...; no
+    dataset-level numbers. empty: the HD95 / NSD convention for empty masks (EMPTY_CONVENTIONS). The model's
+    train / eval mode is restored afterwards."""
     was_training = net.training
     net.eval()
     infer = infer or whole_image_probabilities(net, device, precision)
@@ -260,11 +292,13 @@ def evaluate_cases(net: torch.nn.Module, loader, device: torch.device, precision
         masks = batch["mask"].to(probabilities.device)  # sliding windows sum on the CPU
         if class_names is not None:
             per_image = foreground_means(class_metrics(probabilities.argmax(1), masks[:, 0], len(class_names),
-                                                       surface=surface, spacing=batch.get("spacing")), class_names)
+                                                       surface=surface, spacing=batch.get("spacing"), empty=empty),
+                                         class_names)
         else:
             per_image = segmentation_metrics(probabilities, masks, from_logits=False)
             if surface:  # volumes carry their voxel size: distances in mm
-                per_image.update(surface_metrics(probabilities, masks, from_logits=False, spacing=batch.get("spacing")))
+                per_image.update(surface_metrics(probabilities, masks, from_logits=False, spacing=batch.get("spacing"),
+                                                 empty=empty))
             pooled.update(probabilities, masks, from_logits=False)
             for key, constant in (("all_foreground_iou", torch.ones_like), ("all_background_iou", torch.zeros_like)):
                 trivial[key] += segmentation_metrics(constant(masks), masks, from_logits=False)["iou"].tolist()
@@ -286,13 +320,14 @@ def foreground_means(per_class: dict[str, Tensor], class_names: list[str]) -> di
 
 
 def mean_and_std(rows: list[dict], key: str) -> dict[str, float]:
-    """Over images; population std (ddof 0), so a single image gives 0, not NaN. NaN values (a class absent
-    from a case's truth) are skipped; with nothing left, both are NaN."""
+    """Over images -> {"mean", "std", "n"}: population std (ddof 0), so a single image gives 0, not NaN;
+    NaN values (a class absent from a case's truth, HD95 of an empty mask) are skipped and n counts the rest.
+    Over nothing (n = 0) the mean and std are 0, as MONAI's aggregate gives with its not_nans count of 0."""
     values = np.array([row[key] for row in rows], dtype=np.float64)
     values = values[~np.isnan(values)]
     if not len(values):
-        return {"mean": float("nan"), "std": float("nan")}
-    return {"mean": float(values.mean()), "std": float(values.std())}
+        return {"mean": 0.0, "std": 0.0, "n": 0}
+    return {"mean": float(values.mean()), "std": float(values.std()), "n": len(values)}
 
 
 def paired_difference(differences, *, resamples: int = 10_000, seed: int = 0) -> dict[str, float]:

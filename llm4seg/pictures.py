@@ -32,6 +32,7 @@ from PIL import Image
 from torch import Tensor
 
 from .data import denormalize
+from .files import write_atomically, write_png
 from .metrics import THRESHOLD, mask_boundary
 
 GT_COLOUR = (0, 255, 0)
@@ -111,7 +112,7 @@ def heatmap_png(image, activation, path, opacity: float = 0.5) -> None:
     _check_same_size(image, activation, "activation map (upsample_map it first)")
     size = enlarged_size(*image.shape[:2])
     blended = (1 - opacity) * _enlarge_image(image, size) + opacity * jet_colours(_enlarge_map(activation, size))
-    Image.fromarray(blended.round().astype(np.uint8)).save(path)
+    write_png(path, blended.round().astype(np.uint8))
 
 
 def heatmap_pair_png(image, before, after, path, note: str | None = None, opacity: float = 0.5,
@@ -144,7 +145,7 @@ def heatmap_pair_png(image, before, after, path, note: str | None = None, opacit
     right = row.shape[1] - 22
     draw.text((right, lines * HEADER_ROW + 4), "1", fill=(255, 255, 255))
     draw.text((right, picture.height - HEADER_ROW), "0", fill=(255, 255, 255))
-    picture.save(path)
+    write_png(path, picture)
 
 
 def _contours(image: np.ndarray, gt: np.ndarray, pred: np.ndarray) -> np.ndarray:
@@ -161,7 +162,7 @@ def overlay_png(image, gt_mask, pred_mask, path) -> None:
     image = _rgb_image(image)
     gt, pred = _masks(image, gt_mask, pred_mask)
     size = enlarged_size(*image.shape[:2])
-    Image.fromarray(_contours(_enlarge_image(image, size), _enlarge_map(gt, size), _enlarge_map(pred, size))).save(path)
+    write_png(path, _contours(_enlarge_image(image, size), _enlarge_map(gt, size), _enlarge_map(pred, size)))
 
 
 def panel_png(image, gt_mask, pred_mask, path, gap: int = 4, caption: str | None = None) -> None:
@@ -169,7 +170,7 @@ def panel_png(image, gt_mask, pred_mask, path, gap: int = 4, caption: str | None
     header naming the columns, the error colours and `caption` (e.g. the case and its IoU / Dice).
     Errors: white where both say foreground, red predicted only (false positive), blue missed (false negative)."""
     row = _panel_row(image, gt_mask, pred_mask, gap)
-    Image.fromarray(with_header(row, (row.shape[1] - 3 * gap) // 4, gap, caption, multiclass=False)).save(path)
+    write_png(path, with_header(row, (row.shape[1] - 3 * gap) // 4, gap, caption, multiclass=False))
 
 
 def label_panel_png(image, gt_labels, pred_labels, path, gap: int = 4, caption: str | None = None) -> None:
@@ -177,7 +178,7 @@ def label_panel_png(image, gt_labels, pred_labels, path, gap: int = 4, caption: 
     (H, W) integers 0..K-1 (a multi-class 2D case: its truth and the argmax), each class in its CLASS_COLOURS,
     under the header of volume_panel_png(multiclass=True)."""
     row = _label_panel_row(image, gt_labels, pred_labels, gap)
-    Image.fromarray(with_header(row, (row.shape[1] - 3 * gap) // 4, gap, caption, multiclass=True)).save(path)
+    write_png(path, with_header(row, (row.shape[1] - 3 * gap) // 4, gap, caption, multiclass=True))
 
 
 def _panel_row(image, gt_mask, pred_mask, gap: int) -> np.ndarray:
@@ -240,7 +241,7 @@ def volume_panel_png(volume: Tensor, gt_mask, pred_mask, path, gap: int = 4, mul
     spacer = np.full((gap, width, 3), 128, dtype=np.uint8)
     rows = [np.pad(row, ((0, 0), (0, width - row.shape[1]), (0, 0)), constant_values=128) for row in rows]
     panel = np.concatenate([part for row in rows for part in (row, spacer)][:-1], axis=0)
-    Image.fromarray(with_header(panel, (rows[0].shape[1] - 3 * gap) // 4, gap, caption, multiclass)).save(path)
+    write_png(path, with_header(panel, (rows[0].shape[1] - 3 * gap) // 4, gap, caption, multiclass))
 
 
 def slice_centre(gt: np.ndarray, pred: np.ndarray, multiclass: bool) -> tuple[int, ...]:
@@ -283,6 +284,11 @@ def pyplot():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
+
+
+def save_figure(figure, path) -> None:
+    """A matplotlib figure as the PNG `path` at 100 dpi, atomically (files.write_atomically)."""
+    write_atomically(path, lambda temporary: figure.savefig(temporary, dpi=100, format="png"))
 
 
 def curves_png(epochs: list[dict], path) -> None:

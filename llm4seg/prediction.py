@@ -78,7 +78,7 @@ from PIL import Image
 from torch import Tensor
 
 from .data import normalize, read_rgb, resized_rgb
-from .files import InputError, write_atomically
+from .files import InputError, write_atomically, write_png, write_text
 from .metrics import THRESHOLD, whole_image_probabilities
 from .pictures import label_colours, overlay_png
 from .volumes.btcv import read_btcv_image, to_original_grid
@@ -144,15 +144,15 @@ def predict_folder(net: torch.nn.Module, img_size: int, images_dir: Path, out_di
         written.append(out_dir / f"{path.stem}.png")
         if class_names is not None:
             labels = probability.argmax(0).astype(np.uint8)                                    # (H, W)
-            Image.fromarray(labels).save(written[-1])
+            write_png(written[-1], labels)
             image = np.asarray(rgb)
             coloured = np.where(labels[..., None] > 0, image // 2 + label_colours(labels) // 2, image)
-            Image.fromarray(coloured.astype(np.uint8)).save(out_dir / "overlays" / f"{path.stem}.png")
+            write_png(out_dir / "overlays" / f"{path.stem}.png", coloured.astype(np.uint8))
             continue
         mask = probability > THRESHOLD
-        Image.fromarray(mask.astype(np.uint8) * 255).save(written[-1])
+        write_png(written[-1], mask.astype(np.uint8) * 255)
         if probabilities:
-            Image.fromarray((probability * 255).round().astype(np.uint8)).save(out_dir / f"{path.stem}_probability.png")
+            write_png(out_dir / f"{path.stem}_probability.png", (probability * 255).round().astype(np.uint8))
         overlay_png(np.asarray(rgb), np.zeros_like(mask), mask, out_dir / "overlays" / f"{path.stem}.png")
     if class_names is not None:
         write_legend(out_dir, class_names)
@@ -162,7 +162,7 @@ def predict_folder(net: torch.nn.Module, img_size: int, images_dir: Path, out_di
 def write_legend(out_dir: Path, class_names: list[str]) -> None:
     """out_dir/label_legend.json: {label value: class name}, beside label maps (PNG or NIfTI)."""
     legend = json.dumps({str(k): name for k, name in enumerate(class_names)}, indent=1)
-    write_atomically(out_dir / LEGEND_NAME, lambda temporary: Path(temporary).write_text(legend + "\n"))
+    write_text(out_dir / LEGEND_NAME, legend + "\n")
 
 
 # -----------------------------------------------------------------------------

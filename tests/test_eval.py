@@ -3,8 +3,10 @@ draw, and --images on new images and new volumes (prediction.py's way from a NIf
 back onto the file's grid)."""
 import contextlib
 import csv
+import errno
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -17,7 +19,7 @@ import torch
 from PIL import Image
 
 import eval as ev
-from llm4seg import prediction
+from llm4seg import files, prediction
 import train
 from llm4seg.checkpoints import load_run
 from llm4seg.data import load_dataset, normalize
@@ -427,6 +429,19 @@ def test_a_volume_for_an_msd_run_is_read_as_msd_reads_its_images(tmp_path):
         prediction.resized_volume(case.image, 8, 3)
 
 
+@pytest.mark.parametrize("data", ["synthetic3d", "synthetic-organs"])
+def test_non_finite_voxels_are_refused_the_same_way_on_every_volume_path(tmp_path, data):
+    """A NaN z-scores a whole MSD-style volume to NaN, which came back as an all-background label map without a
+    word (issue 31, item 8); the BTCV path already refused it. Both now say it in the same line."""
+    volume = np.full((10, 7, 5), 100.0, np.float32)
+    volume[3, 2, 1], volume[4, 2, 1] = np.nan, np.inf
+    nibabel.save(nibabel.Nifti1Image(volume, np.eye(4)), tmp_path / "scan.nii.gz")
+    with pytest.raises(InputError, match=r"^the image .*scan\.nii\.gz has 2 NaN or infinite voxels; expected finite "
+                                         r"values\. Fix or remove the file\.$"):
+        prediction.segment_volume(Threshold(), tmp_path / "scan.nii.gz", data, 16, 16, torch.device("cpu"),
+                                  torch.float32)
+
+
 def test_probabilities_of_volumes_are_refused_in_one_line(organs_run, tmp_path, capsys):
     assert run_eval(organs_run, "--images", str(tmp_path), "--probabilities") == 2
     error = capsys.readouterr().err.strip()
@@ -449,3 +464,82 @@ def test_pictures_of_an_earlier_evaluation_do_not_stay_beside_a_new_one(tiny_run
     assert len(list((folder / "samples").iterdir())) == min(2, TEST_CASES)
     assert run_eval(tiny_runs["plain"], "--split", "test") == 0
     assert not (folder / "samples").exists()
+
+
+def test_g_macs_of_a_patch_trained_run_are_counted_at_its_crop_size():
+    """A BTCV-style run computes on --roi-size crops; --img-size (128 by default, which BTCV otherwise ignores)
+    would count 3D UX-Net at 1369.57 G MACs where the paper's 96^3 gives 577.79 (issue 31, item 7)."""
+    from llm4seg.model import build_model, count_gmacs
+
+    net = build_model("mednext-tiny", None, mode="none", num_classes=3)
+    config = {"train": {"data": "synthetic-organs", "img_size": 64, "roi_size": 32},
+              "model": {"in_channels": 1, "spatial_dims": 3}}
+    report = ev.computation_report(net, config)
+    assert report["input_shape"] == [1, 1, 32, 32, 32]
+    assert report["gmacs"] == count_gmacs(net, 1, 32, 3) < count_gmacs(net, 1, 64, 3)
+    msd = ev.computation_report(net, {**config, "train": {**config["train"], "data": "synthetic3d"}})
+    assert msd["input_shape"] == [1, 1, 64, 64, 64]  # whole volumes resized to --img-size
+
+
+# --- faults: every output whole or absent (issue 31, items 18 and 20) --------------------------------
+
+
+def eval_outputs(out_dir: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(out_dir)): path.read_bytes() for path in sorted(out_dir.rglob("*")) if path.is_file()}
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EFBIG])
+def test_a_full_disk_at_any_eval_write_is_one_line_exit_1_and_keeps_what_was_there(tiny_runs, tmp_path, capsys,
+                                                                                  monkeypatch, code):
+    """The disk refuses the k-th file eval.py writes (metrics, CSV, panels, heat maps), for every k: one "error:"
+    line naming the file, exit 1, no temporary left, and every file of the evaluation before it as it was (the
+    refused one included), none of them cut."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_runs["llm"], run)
+    assert run_eval(run, "--samples", "2", "--analyze") == 0
+    before = eval_outputs(run / "eval-val")
+    writes, real_fsync = [], files.fsync_path
+
+    def counting(path):
+        if Path(path).name.startswith(".") and Path(path).name.endswith(".tmp"):
+            writes.append(path)
+        real_fsync(path)
+    monkeypatch.setattr(files, "fsync_path", counting)
+    assert run_eval(run, "--samples", "2", "--analyze") == 0
+    total = len(writes)
+    assert total >= 6, writes  # metrics.json, per_image.csv, analysis.json, 2 panels, heat maps
+    capsys.readouterr()
+    for k in range(1, total + 1):
+        refused = []
+
+        def full_at_k(path, k=k, refused=refused):
+            if Path(path).name.startswith(".") and Path(path).name.endswith(".tmp"):
+                refused.append(path)
+                if len(refused) == k:
+                    raise OSError(code, os.strerror(code))
+            real_fsync(path)
+        monkeypatch.setattr(files, "fsync_path", full_at_k)
+        assert run_eval(run, "--samples", "2", "--analyze") == 1, k
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"error: {os.strerror(code)} writing {run / 'eval-val'}"), err
+        assert not list((run / "eval-val").rglob(".*.tmp"))
+        after = eval_outputs(run / "eval-val")
+        assert after.keys() <= before.keys() and all(after[name] == before[name] for name in after), k
+
+
+def test_a_killed_png_write_leaves_the_previous_picture(tmp_path, monkeypatch):
+    """A picture is written under a temporary name and renamed: killed mid-write, the old file stays whole."""
+    from llm4seg import pictures
+
+    path = tmp_path / "panel.png"
+    image, mask = np.zeros((16, 16, 3), np.uint8), np.zeros((16, 16), bool)
+    pictures.overlay_png(image, mask, mask, path)
+    old = path.read_bytes()
+
+    def killed(self, target, *args, **kwargs):
+        Path(target).write_bytes(b"\x89PNG cut")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(Image.Image, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        pictures.overlay_png(image + 255, mask, ~mask, path)
+    assert path.read_bytes() == old and not list(tmp_path.glob(".*.tmp"))

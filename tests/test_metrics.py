@@ -79,20 +79,35 @@ def test_hd95_interpolates_the_95th_percentile_like_monai():
     assert metrics.surface_metrics(pred, true, from_logits=False)["hd95"].item() == pytest.approx(18.05, abs=1e-5)
 
 
-def test_empty_cases_follow_the_stated_convention():
+def test_empty_cases_follow_the_stated_conventions():
     empty, lesion = torch.zeros(1, 1, 12, 16), square(16, 2, 2, 4)[..., :12, :]
     scores = metrics.segmentation_metrics(as_logits(empty), empty)
     assert scores["iou"].item() == 1.0 and scores["dice"].item() == 1.0
     assert scores["sensitivity"].item() == 0.0 and scores["precision"].item() == 0.0
     assert scores["f1"].item() == 0.0 and scores["accuracy"].item() == 1.0
     assert scores["specificity"].item() == pytest.approx(1.0, abs=FLOAT32_TOL)
+    # MONAI's, the default: HD95 NaN whenever a mask is empty; NSD 0 for one empty mask, NaN for two.
     both_empty = metrics.surface_metrics(as_logits(empty), empty)
-    assert both_empty["hd95"].item() == 0.0 and both_empty["nsd"].item() == 1.0
+    assert both_empty["hd95"].isnan().item() and both_empty["nsd"].isnan().item()
     for pred, true in ((empty, lesion), (lesion, empty)):
         one_empty = metrics.surface_metrics(as_logits(pred), true)
+        assert one_empty["hd95"].isnan().item() and one_empty["nsd"].item() == 0.0
+        assert all(torch.isfinite(v).all() for v in metrics.segmentation_metrics(as_logits(pred), true).values())
+    # "diagonal": every case gets a number.
+    both_empty = metrics.surface_metrics(as_logits(empty), empty, empty="diagonal")
+    assert both_empty["hd95"].item() == 0.0 and both_empty["nsd"].item() == 1.0
+    for pred, true in ((empty, lesion), (lesion, empty)):
+        one_empty = metrics.surface_metrics(as_logits(pred), true, empty="diagonal")
         assert one_empty["hd95"].item() == pytest.approx(math.hypot(12, 16))  # the image diagonal, 20
         assert one_empty["nsd"].item() == 0.0
-        assert all(torch.isfinite(v).all() for v in metrics.segmentation_metrics(as_logits(pred), true).values())
+    with pytest.raises(ValueError, match="unknown empty-case convention 'zero': expected one of monai, diagonal"):
+        metrics.surface_metrics(as_logits(empty), empty, empty="zero")
+
+
+def test_means_skip_nans_and_are_zero_over_nothing_as_monai():
+    rows = [{"hd95": 2.0}, {"hd95": float("nan")}, {"hd95": 4.0}]
+    assert metrics.mean_and_std(rows, "hd95") == {"mean": 3.0, "std": 1.0, "n": 2}
+    assert metrics.mean_and_std(rows[1:2], "hd95") == {"mean": 0.0, "std": 0.0, "n": 0}
 
 
 def reference_metrics(prob, true, tolerance=2.0):
@@ -211,27 +226,155 @@ def test_spacing_scales_distances_and_is_checked():
     torch.testing.assert_close(per_case, torch.stack([voxels[0], doubled[1]]))  # one spacing per case
 
 
-def test_class_metrics_equal_monais_dice_and_iou_per_organ():
-    """Random label maps of 5 classes in which class 4 never occurs in the truth: per case and foreground
-    class, Dice and IoU equal MONAI's DiceMetric / MeanIoU (include_background=False, ignore_empty=True),
-    NaN where MONAI gives NaN; HD95 and NSD equal surface_metrics of the two binary masks."""
-    from monai.metrics import DiceMetric, MeanIoU
+def test_class_metrics_equal_monais_per_organ():
+    """Random label maps of 5 classes in which class 4 never occurs in the truth but is predicted: per case and
+    foreground class, Dice and IoU equal MONAI's DiceMetric / MeanIoU (include_background=False,
+    ignore_empty=True), HD95 and NSD its compute_hausdorff_distance(percentile=95) / compute_surface_dice,
+    NaN where MONAI gives NaN: the absent organ has NaN Dice and HD95 but NSD 0 (it was predicted)."""
+    from monai.metrics import DiceMetric, MeanIoU, compute_hausdorff_distance, compute_surface_dice
 
     torch.manual_seed(0)
-    classes = 5
+    classes, spacing = 5, (1.5, 1.5, 2.0)
     pred = torch.randint(0, classes, (3, 12, 10, 9))
     true = torch.randint(0, classes - 1, (3, 12, 10, 9))
-    ours = metrics.class_metrics(pred, true, classes, spacing=(1.5, 1.5, 2.0))
+    ours = metrics.class_metrics(pred, true, classes, spacing=spacing)
 
     def one_hot(labels):
         return torch.nn.functional.one_hot(labels, classes).permute(0, 4, 1, 2, 3).float()
-    for name, reference in (("dice", DiceMetric), ("iou", MeanIoU)):
-        expected = reference(include_background=False, reduction="none", ignore_empty=True)(one_hot(pred), one_hot(true))
-        assert torch.equal(ours[name].isnan(), expected.isnan()) and ours[name][:, 3].isnan().all()
-        torch.testing.assert_close(ours[name].nan_to_num(), expected.nan_to_num(), rtol=0, atol=1e-6)
-    spleen = metrics.surface_metrics((pred == 1)[:, None].float(), (true == 1)[:, None].float(), from_logits=False,
-                                     spacing=(1.5, 1.5, 2.0))
-    assert torch.equal(ours["hd95"][:, 0], spleen["hd95"]) and torch.equal(ours["nsd"][:, 0], spleen["nsd"])
+    expected = {"dice": DiceMetric(include_background=False, reduction="none", ignore_empty=True)(one_hot(pred),
+                                                                                                one_hot(true)),
+                "iou": MeanIoU(include_background=False, reduction="none", ignore_empty=True)(one_hot(pred),
+                                                                                             one_hot(true)),
+                "hd95": compute_hausdorff_distance(one_hot(pred), one_hot(true), percentile=95, spacing=spacing),
+                "nsd": compute_surface_dice(one_hot(pred), one_hot(true), [metrics.NSD_TOLERANCE] * (classes - 1),
+                                            spacing=spacing)}
+    for name, reference in expected.items():
+        assert torch.equal(ours[name].isnan(), reference.isnan()), name
+        torch.testing.assert_close(ours[name].nan_to_num(), reference.float().nan_to_num(), rtol=1e-5, atol=1e-6)
+    assert ours["dice"][:, 3].isnan().all() and ours["hd95"][:, 3].isnan().all() and (ours["nsd"][:, 3] == 0).all()
+    skipped = metrics.class_metrics(pred, true, classes, spacing=spacing, empty="diagonal")  # the earlier convention
+    assert skipped["nsd"][:, 3].isnan().all() and torch.equal(skipped["nsd"][:, :3], ours["nsd"][:, :3])
+
+
+# --- MONAI's own test tables (tests/metrics/test_surface_dice.py, test_hausdorff_distance.py of MONAI 1.6), the
+# rows this project expresses: Euclidean distances, HD95 undirected, one binary mask per class. Expected values
+# as MONAI's tables state them, at MONAI's tolerances (assert_allclose rtol 1e-7, assert_array_almost_equal 6 digits).
+
+
+def binary(labels: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, *S) label map -> (B, 1, *S) float mask of class k."""
+    return (labels == k)[:, None].float()
+
+
+def surface_by_class(pred, true, classes, tolerances, spacing=None):
+    """{hd95, nsd} (B, classes) of each class's binary masks, background included, as MONAI's include_background."""
+    scores = [metrics.surface_metrics(binary(pred, k), binary(true, k), from_logits=False, tolerance=tolerance,
+                                      spacing=spacing) for k, tolerance in zip(range(classes), tolerances, strict=True)]
+    return {name: torch.stack([s[name] for s in scores], dim=1) for name in metrics.SURFACE_METRICS}
+
+
+def test_monai_surface_dice_not_predicted_not_present():
+    """MONAI's test_not_predicted_not_present: class 1 predicted where the truth has class 2, class 3 nowhere:
+    NSD with the background [[1, 0, 0, nan]], mean 1/3; without it [[0, 0, nan]], mean 0; all-empty masks give
+    NaN per class and 0 over nothing."""
+    pred, true = torch.zeros(1, 80, 80, dtype=torch.long), torch.zeros(1, 80, 80, dtype=torch.long)
+    pred[0, 10:20, 10:20] = 1
+    true[0, 10:20, 10:20] = 2
+    with_background = surface_by_class(pred, true, 4, [1] * 4)["nsd"]
+    torch.testing.assert_close(with_background, torch.tensor([[1.0, 0.0, 0.0, float("nan")]]), equal_nan=True)
+    assert with_background.nanmean().item() == pytest.approx(1 / 3)
+    foreground = metrics.class_metrics(pred, true, 4, spacing=None, surface=True)["nsd"]
+    torch.testing.assert_close(foreground, torch.tensor([[0.0, 0.0, float("nan")]]), equal_nan=True)
+    assert metrics.foreground_means({"nsd": foreground}, ["background", "a", "b", "c"])["nsd"].item() == 0.0
+    empty = torch.zeros(2, 1, 1, dtype=torch.long)
+    nsd = surface_by_class(empty + 5, empty + 5, 3, [1] * 3)["nsd"]  # no class 0..2 anywhere
+    assert nsd.isnan().all()
+    assert metrics.mean_and_std([{"nsd": v} for v in nsd.flatten().tolist()], "nsd") == {"mean": 0.0, "std": 0.0,
+                                                                                           "n": 0}
+
+
+@pytest.mark.parametrize("tolerances, expected", [
+    ([0, 0], [1 - (8 + 4) / (36 * 2 + 8 + 4), 0]),
+    ([2.8, 5.5], [1 - 3 / (36 * 2 + 8 + 4), 1 - (2 + 2) / (3 + 3)]),
+    ([3, 6], [1 - 1 / (36 * 2 + 8 + 4), 1 - 2 / (3 + 3)]),
+])
+def test_monai_surface_dice_tolerance_all_distances(tolerances, expected):
+    """MONAI's test_tolerance_all_distances, Euclidean rows: a 3-pixel bar against another 5 rows down and 5
+    columns right, background and class 1, at three pairs of tolerances."""
+    pred, true = torch.zeros(1, 10, 10, dtype=torch.long), torch.zeros(1, 10, 10, dtype=torch.long)
+    pred[0, 1:4, 1] = 1
+    true[0, 5:8, 6] = 1
+    nsd = surface_by_class(pred, true, 2, tolerances)["nsd"]
+    np.testing.assert_array_almost_equal(nsd.numpy(), [expected])
+
+
+@pytest.mark.parametrize("spacing", [None, (0.85, 1.2)])
+def test_monai_surface_dice_tolerance_euclidean_distance(spacing):
+    """MONAI's test_tolerance_euclidean_distance(_with_spacing): 480 x 640, the foreground from column 50 against
+    one from column 60, and an all-background second case; at tolerance 0 the expected table, growing with the
+    tolerance until the 10-column shift (12 mm with spacing) is within it."""
+    pred, true = torch.zeros(2, 480, 640, dtype=torch.long), torch.zeros(2, 480, 640, dtype=torch.long)
+    pred[0, :, 50:] = 1
+    true[0, :, 60:] = 1
+    expected = np.array([[1 - (478 + 480 + 9 * 2) / (480 * 4 + 48 * 2 + 58 * 2),
+                          1 - (478 + 480 + 9 * 2) / (480 * 4 + 588 * 2 + 578 * 2)], [1, np.nan]])
+    at = {tolerance: surface_by_class(pred, true, 2, [tolerance] * 2, spacing)["nsd"]
+          for tolerance in (0, 1, 9, 10, 11, 12, 13)}
+    np.testing.assert_allclose(at[0].numpy(), expected, rtol=1e-6)
+    assert (at[0][0] < at[1][0]).all() and (at[1][0] < at[9][0]).all() and (at[9][0] < at[10][0]).all()
+    saturated = 12 if spacing else 10
+    torch.testing.assert_close(at[saturated], at[13], rtol=0, atol=0, equal_nan=True)
+    assert (at[13][0] == 1).all()
+
+
+def test_monai_surface_dice_tolerance_euclidean_distance_3d():
+    """MONAI's test_tolerance_euclidean_distance_3d: 200 x 110 x 80, the foreground from slice 20 against one
+    from slice 30, at tolerance 0."""
+    pred, true = torch.zeros(2, 200, 110, 80, dtype=torch.long), torch.zeros(2, 200, 110, 80, dtype=torch.long)
+    pred[0, :, :, 20:] = 1
+    true[0, :, :, 30:] = 1
+    shared = 200 * 110 + 198 * 108 + 9 * 200 * 2 + 9 * 108 * 2
+    expected = np.array([[1 - shared / (200 * 110 * 4 + (28 + 18) * 200 * 2 + (28 + 18) * 108 * 2),
+                          1 - shared / (200 * 110 * 4 + (58 + 48) * 200 * 2 + (58 + 48) * 108 * 2)], [1, np.nan]])
+    np.testing.assert_allclose(surface_by_class(pred, true, 2, [0, 0])["nsd"].numpy(), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("voxels, size, tolerance", [(7, 0.1, 0.7), (3, 0.2, 0.6)])
+def test_nsd_counts_a_distance_equal_to_the_tolerance_as_monai(voxels, size, tolerance):
+    """A boundary `voxels` voxels of `size` mm from the other, tolerance voxels * size mm: within it (NSD 1).
+    In float64, 7 x 0.1 = 0.7000000000000001 > 0.7 (and 3 x 0.2 > 0.6); MONAI compares in float32, as we do."""
+    from monai.metrics import compute_surface_dice
+
+    true = torch.zeros(1, 1, 1, 30)
+    true[..., :10] = 1
+    pred = true.clone()
+    pred[..., 10:10 + voxels] = 1
+    ours = metrics.surface_metrics(pred, true, from_logits=False, tolerance=tolerance, spacing=(1.0, size))["nsd"]
+    reference = compute_surface_dice(one_hot(pred), one_hot(true), [tolerance], spacing=(1.0, size))[:, 0]
+    assert ours.item() == 1.0 == reference.item()
+
+
+def sphere(radius: float, centre: tuple[int, int, int], shape=(99, 99, 99), spacing=(1.0, 1.0, 1.0)) -> torch.Tensor:
+    """MONAI's create_spherical_seg_3d: 1 where the physical distance to `centre` is at most `radius`."""
+    axes = [torch.arange(n, dtype=torch.float64) * s - c for n, s, c in zip(shape, spacing, centre, strict=True)]
+    z, y, x = torch.meshgrid(*axes, indexing="ij")
+    return (x * x + y * y + z * z <= radius * radius).float()[None, None]
+
+
+@pytest.mark.parametrize("pred, true, spacing, expected", [
+    (sphere(20, (20, 33, 22)), sphere(40, (20, 33, 22)), None, 20.09975124224178),
+    (torch.zeros(1, 1, 99, 99, 99), sphere(40, (20, 33, 22)), None, float("nan")),
+    (sphere(20, (49, 49, 49)), torch.zeros(1, 1, 99, 99, 99), None, float("nan")),
+    (torch.zeros(1, 1, 99, 99, 99), torch.zeros(1, 1, 99, 99, 99), (0.85, 1.2, 0.9), float("nan")),
+])
+def test_monai_hausdorff_distance_table(pred, true, spacing, expected):
+    """MONAI's test_hausdorff_distance rows with percentile 95, Euclidean, undirected: two concentric spheres of
+    radius 20 and 40 (MONAI's table: 20.09975124224178, rtol 1e-6); one mask empty (MONAI 1.6: NaN at the 95th
+    percentile, its table's inf being the maximum's); both empty (NaN, and 0 over nothing: its test_nans)."""
+    hd95 = metrics.surface_metrics(pred, true, from_logits=False, spacing=spacing)["hd95"]
+    np.testing.assert_allclose(hd95.numpy(), [expected], rtol=1e-6)
+    if math.isnan(expected):
+        assert metrics.mean_and_std([{"hd95": hd95.item()}], "hd95") == {"mean": 0.0, "std": 0.0, "n": 0}
 
 
 def test_evaluate_cases_averages_the_organs_a_case_has():
@@ -251,4 +394,4 @@ def test_evaluate_cases_averages_the_organs_a_case_has():
     # case a: liver 2*1/(1+2) = 2/3, spleen 2*1/(2+1) = 2/3; case b: liver absent (NaN), spleen 2*2/(2+3) = 4/5
     assert rows[0]["dice"] == pytest.approx(2 / 3) and rows[1]["dice"] == pytest.approx(4 / 5)
     assert math.isnan(rows[1]["dice/liver"]) and rows[1]["dice/spleen"] == pytest.approx(4 / 5)
-    assert metrics.mean_and_std(rows, "dice/liver") == {"mean": pytest.approx(2 / 3), "std": 0.0}
+    assert metrics.mean_and_std(rows, "dice/liver") == {"mean": pytest.approx(2 / 3), "std": 0.0, "n": 1}

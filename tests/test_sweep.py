@@ -8,6 +8,7 @@ must resume it, not start it again. A second sweep over the same grid, run as a 
 """
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -167,3 +168,49 @@ def test_paired_difference_on_cases_with_known_answers():
     assert noise["p_value"] > 0.05 and noise["ci_low"] < 0 < noise["ci_high"]
     with pytest.raises(ValueError, match="no paired units"):
         paired_difference([])
+
+
+DAMAGES = {
+    "empty per_image.csv": ("per_image.csv", lambda data: b""),
+    "cut per_image.csv": ("per_image.csv", lambda data: data[: len(data) * 2 // 3]),
+    "cut metrics.json": ("metrics.json", lambda data: data[: len(data) // 2]),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_damaged_eval_outputs_are_evaluated_again(swept, tmp_path, capsys, damage):
+    """A cut or emptied per_image.csv / metrics.json of a finished run (issue 31, item 19): one line naming the
+    file and the run, the run evaluated again, the table as before; no traceback."""
+    out, argv, _ = swept
+    copy = tmp_path / "sweep"
+    shutil.copytree(out, copy)
+    name, cut = DAMAGES[damage]
+    damaged = copy / "runs" / "mode-frozen_seed41" / "eval-val" / name
+    damaged.write_bytes(cut(damaged.read_bytes()))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sweep, "run_child", in_this_process)
+        assert sweep.main([*argv[:1], str(copy), *argv[2:]]) == 0
+    printed = capsys.readouterr().out
+    assert f"sweep: {damaged} of the run mode-frozen_seed41 is damaged" in printed
+    assert "evaluating mode-frozen_seed41 again" in printed
+    assert read_csv(copy / "table.csv") == read_csv(out / "table.csv")
+
+
+def test_a_run_that_cannot_be_evaluated_leaves_the_complete_table_as_it_was(swept, tmp_path, capsys):
+    """The damage stays (eval.py fails): the run is left out in one line, exit 1, and the complete sweep's table.md
+    is kept; the table of the runs that remain goes to table-partial.md."""
+    out, argv, _ = swept
+    copy = tmp_path / "sweep"
+    shutil.copytree(out, copy)
+    (copy / "runs" / "mode-none_seed42" / "eval-val" / "per_image.csv").write_bytes(b"case,iou\n")
+    before = (copy / "table.md").read_bytes()
+
+    def eval_fails(command):
+        return 2 if Path(command[1]).name == "eval.py" else in_this_process(command)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sweep, "run_child", eval_fails)
+        assert sweep.main([*argv[:1], str(copy), *argv[2:]]) == 1
+    captured = capsys.readouterr()
+    assert "sweep: mode-none_seed42 failed (eval.py exit 2): left out of the table" in captured.err
+    assert (copy / "table.md").read_bytes() == before
+    assert "(failed: mode-none_seed42)" in (copy / "table-partial.md").read_text()

@@ -57,7 +57,7 @@ from torch.utils.data import Dataset
 
 from ..files import InputError
 from ..raw_layouts import Case, find_dir
-from .nifti import checked_labels, file_stamp, read_cached, read_nifti_file, write_cached
+from .nifti import checked_labels, file_stamp, not_finite, read_cached, read_nifti_file, write_cached
 
 BTCV_CLASSES = ("background", "spleen", "right kidney", "left kidney", "gallbladder", "esophagus", "liver",
                 "stomach", "aorta", "inferior vena cava", "portal and splenic veins", "pancreas",
@@ -254,13 +254,6 @@ def ct_volume(image: np.ndarray, path: Path) -> np.ndarray:
     return image
 
 
-def not_finite(image: np.ndarray, path: Path, remedy: str) -> list[str]:
-    """The problem of NaN or infinite voxels in a CT, as a list of at most one line ending with `remedy`."""
-    count = int(np.count_nonzero(~np.isfinite(image)))
-    return [f"the image {path} has {count} NaN or infinite voxels; expected finite HU values. {remedy}"] \
-        if count else []
-
-
 def preprocess(image: np.ndarray, nifti, path: Path, labels: np.ndarray | None = None):
     """Steps 1-4 of the module docstring on a CT (X0, Y0, Z0) in HU stored as `nifti` says (its header and
     affine), and on its label map (X0, Y0, Z0) alike when given -> (image (X, Y, Z) float32 in [0, 1], labels
@@ -306,7 +299,7 @@ def read_btcv_case(case: Case) -> tuple[dict, dict]:
         problems.append(f"case {case.name}: the affines of the image {image_path} and the label {label_path} differ "
                         f"by up to {difference:.3g} mm; expected the same grid (within {AFFINE_TOLERANCE_MM} mm). "
                         "Replace the pair from RawData.zip.")
-    problems += not_finite(image, image_path, "Replace it from RawData.zip.")
+    problems += not_finite(image, image_path, "image", "Replace it from RawData.zip.")
     try:
         labels = checked_labels(labels, label_path, len(BTCV_CLASSES), "BTCV's 14 classes", np.uint8)
     except InputError as error:
@@ -328,7 +321,7 @@ def read_btcv_image(path: Path) -> tuple[torch.Tensor, dict]:
     path = Path(path)
     image, nifti = read_nifti_file(path, "image", np.float32)
     image = ct_volume(image, path)
-    problems = not_finite(image, path, "Fix or remove the file.")
+    problems = not_finite(image, path, "image", "Fix or remove the file.")
     if problems:
         raise InputError(problems[0])
     image, _, grid = preprocess(image, nifti, path)

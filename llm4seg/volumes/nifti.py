@@ -46,12 +46,22 @@ def read_nifti_file(path: Path, what: str, dtype=np.float32):
 
 
 def read_nifti(path: Path, what: str) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """The array (as stored, float32) and the voxel spacing of its first three axes; 3D or more."""
+    """The array (as stored, float32) and the voxel spacing of its first three axes; 3D or more, every voxel
+    finite (a NaN would z-score the whole volume to NaN, and its prediction to all background, silently)."""
     array, image = read_nifti_file(path, what)
     if array.ndim < 3:
         raise InputError(f"the {what} {path} is {array.ndim}D {list(array.shape)}; expected a 3D volume "
                          "(or 4D with the modality last)")
+    if problems := not_finite(array, path, what, "Fix or remove the file."):
+        raise InputError(problems[0])
     return array, tuple(float(z) for z in image.header.get_zooms()[:3])
+
+
+def not_finite(array: np.ndarray, path: Path, what: str, remedy: str) -> list[str]:
+    """The problem of NaN or infinite voxels in a volume, as a list of at most one line ending with `remedy`:
+    every volume path (MSD, BTCV, eval.py --images) refuses them in these words."""
+    count = int(np.count_nonzero(~np.isfinite(array)))
+    return [f"the {what} {path} has {count} NaN or infinite voxels; expected finite values. {remedy}"] if count else []
 
 
 def checked_labels(labels: np.ndarray, path: Path, classes: int, what: str, dtype=np.int64) -> np.ndarray:
