@@ -82,6 +82,20 @@ def write_csv(rows: list[dict], path: Path) -> None:
     write_atomically(path, write)
 
 
+def listed_path(folder: Path, entry, listed_in: Path) -> Path:
+    """folder / entry for a path a dataset's or model's index lists (dataset.json, dataset_0.json); InputError
+    naming the entry when it is absolute or climbs out of `folder` with `..`, which would train on, cache and
+    evaluate files from anywhere without a word. Judged on the path as written, so symbolic links inside the
+    folder (data kept on another disk) still work."""
+    if not isinstance(entry, str):
+        raise InputError(f"{listed_in} lists {entry!r}; expected a path relative to {folder}")
+    normal = os.path.normpath(entry)
+    if os.path.isabs(entry) or normal == ".." or normal.startswith(".." + os.sep):
+        raise InputError(f"{listed_in} lists {entry!r}, which is outside {folder}; expected paths inside the "
+                         "folder it describes: move the file there and fix the entry")
+    return Path(folder) / normal
+
+
 def write_text(path: Path, text: str) -> None:
     """`text` as the file `path`, atomically (metrics.json, table.md, ...)."""
     write_atomically(path, lambda temporary: Path(temporary).write_text(text))

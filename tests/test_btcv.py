@@ -82,6 +82,19 @@ def test_dataset_0_json_naming_absent_files_is_one_error(unetr):
         data.load_dataset("btcv", str(unetr), "train")
 
 
+@pytest.mark.parametrize("entry", ["../elsewhere/img0001.nii.gz", "/etc/passwd", "imagesTr/../../img0001.nii.gz"])
+def test_dataset_0_json_entries_outside_the_folder_are_refused(tmp_path, entry):
+    """An entry that leaves the data folder was read, trained on and cached without a word (issue 31, item 22);
+    /etc/passwd was refused only as "not NIfTI"."""
+    make_btcv(tmp_path, "unetr", numbers=(1, 35), dataset_json="split")
+    index = json.loads((tmp_path / "dataset_0.json").read_text())
+    index["training"][0]["image"] = entry
+    (tmp_path / "dataset_0.json").write_text(json.dumps(index))
+    with pytest.raises(InputError, match=rf"dataset_0\.json lists '{re.escape(entry)}', which is outside .*; expected "
+                                         "paths inside the folder it describes"):
+        data.load_dataset("btcv", str(tmp_path), "train")
+
+
 def test_official_cases_missing_from_the_folder_are_listed(tmp_path):
     make_btcv(tmp_path, "challenge", numbers=(1, 2, 35))
     with pytest.raises(InputError, match=r"btcv: 44 files of the cases in the official split \(UNETR's\) are "

@@ -428,6 +428,20 @@ def test_bad_mode_and_layer_type():
         load_layer("llama3.2-1b", "15")
 
 
+@pytest.mark.parametrize("shard", ["../model-00001-of-00002.safetensors", "/etc/passwd", ".."])
+def test_an_index_naming_shards_outside_its_folder_is_refused(checkpoints, tmp_path, shard):
+    """Issue 31, item 22: a weight_map's shard must be a file beside the index, not a path to anywhere."""
+    shutil.copytree(checkpoints[QWEN2_REPO], tmp_path / "model")
+    index_file = tmp_path / "model" / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    index["weight_map"] = {name: shard if name.startswith("model.layers.4.") else file
+                           for name, file in index["weight_map"].items()}
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(InputError, match=rf"index\.json puts tensors in '{re.escape(shard)}'; expected shard file "
+                                         "names beside it"):
+        load_layer(str(tmp_path / "model"), 5)
+
+
 def test_module_names_follow_the_checkpoint(checkpoints):
     names = {n for n, _ in load_layer(QWEN2_REPO, 1, mode="trainable").named_parameters()}
     stored = {k.removeprefix("model.layers.0.") for k in

@@ -135,6 +135,16 @@ def test_missing_dataset_json_is_named(tmp_path):
         load_dataset("msd", str(tmp_path / "Task09_Spleen"), "train", 8, 41)
 
 
+@pytest.mark.parametrize("entry", ["../../outside/spleen_2.nii.gz", "/etc/passwd"])
+def test_dataset_json_entries_outside_the_task_are_refused(task, entry):
+    """Issue 31, item 22: an absolute path or one climbing out of the task folder is one line naming it."""
+    index = json.loads((task / "dataset.json").read_text())
+    index["training"][1]["label"] = entry
+    (task / "dataset.json").write_text(json.dumps(index))
+    with pytest.raises(InputError, match=rf"dataset\.json lists '{re.escape(entry)}', which is outside "):
+        load_dataset("msd", str(task), "train", 8, 41)
+
+
 def test_label_of_another_shape_is_refused(task):
     name = json.loads((task / "dataset.json").read_text())["training"][0]["label"]
     nibabel.save(nibabel.Nifti1Image(np.zeros((12, 10, 7), np.uint8), np.eye(4)), task / name)

@@ -111,6 +111,10 @@ def read_weight_map(index_file: Path) -> dict[str, str]:
             "no weight_map" if weight_map is None else f"weight_map {json.dumps(weight_map)[:80]}")
         raise InputError(f'{index_file}: expected {{"weight_map": {{tensor name: shard file name}}}}, got {got}; '
                          f"restore or re-download it")
+    # A shard is a file beside the index: "../x" or "/etc/x" would be read from anywhere.
+    if outside := [f for f in weight_map.values() if f in ("", ".", "..") or Path(f).name != f]:
+        raise InputError(f"{index_file} puts tensors in {outside[0]!r}; expected shard file names beside it (no "
+                         "folders, no '..'): restore or re-download it")
     return weight_map
 
 

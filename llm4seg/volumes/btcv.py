@@ -55,7 +55,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..files import InputError
+from ..files import InputError, listed_path
 from ..raw_layouts import Case, find_dir
 from .nifti import checked_labels, file_stamp, not_finite, read_cached, read_nifti_file, write_cached
 
@@ -190,8 +190,8 @@ def dataset_json_split(data_dir: Path, index_file: Path) -> tuple[dict[str, Case
     for key, pairs in lists.items():
         names[key] = []
         for image, label in pairs:
-            name = Path(image).name.removesuffix(".gz").removesuffix(".nii")
-            case = Case(name, data_dir / image, (data_dir / label,))
+            image_path, label_path = (listed_path(data_dir, entry, index_file) for entry in (image, label))
+            case = Case(image_path.name.removesuffix(".gz").removesuffix(".nii"), image_path, (label_path,))
             files[case.name] = case
             names[key].append(case.name)
     missing = [path for case in files.values() for path in (case.image, *case.masks) if not path.is_file()]

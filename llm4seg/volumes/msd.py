@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..files import InputError
+from ..files import InputError, listed_path
 from ..raw_layouts import Case
 from .nifti import checked_labels, file_stamp, read_cached, read_nifti, resize_volume, write_cached
 
@@ -61,7 +61,7 @@ def msd_cases(task_dir: Path) -> tuple[list[Case], int]:
                          "...]}") from err
     cases = []
     for image, label in pairs:
-        image_path, label_path = task_dir / image, task_dir / label
+        image_path, label_path = (listed_path(task_dir, entry, index_file) for entry in (image, label))
         for path in (image_path, label_path):
             if not path.is_file():
                 raise FileNotFoundError(f"{index_file} lists {path.relative_to(task_dir)}, which is missing; "
