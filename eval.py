@@ -77,7 +77,8 @@ from llm4seg.metrics import segmentation_metrics, surface_metrics  # noqa: F401 
 from llm4seg.model import count_gmacs, count_params, set_frozen_dtype
 from llm4seg.pictures import heatmap_pair_png, label_panel_png, panel_png, to_rgb, volume_panel_png
 from llm4seg.prediction import LEGEND_NAME, case_probabilities, check_volume_data, predict_folder, predict_volume_folder
-from llm4seg.runtime import Processes, memory_format, predict, resolve_device, resolve_precision
+from llm4seg.runtime import (Processes, memory_format, predict, resolve_device, resolve_precision,
+                             set_cpu_threads)
 from llm4seg.settings import data_options
 
 # How the printed table shows each metric: (label, scale, unit); the files keep fractions and pixels unscaled.
@@ -96,6 +97,7 @@ def evaluate_run(args) -> int:
     check_args(args, config, run_dir)
     settings = config["train"]
     device = resolve_device(args.device, Processes())
+    set_cpu_threads(args.workers, Processes())
     precision = resolve_precision(args.precision, device)
     data_dir = args.data_dir or settings["data_dir"]
     dataset = load_dataset(settings["data"], data_dir, args.split, settings["img_size"], settings["seed"],
@@ -173,6 +175,7 @@ def predict_images(args) -> int:
                          f"and its masks hold each pixel's class: drop --probabilities")
     names = legend_names(settings, args.data_dir or settings["data_dir"], config["model"]["num_classes"])
     device = resolve_device(args.device, Processes())
+    set_cpu_threads(args.workers, Processes())
     precision = resolve_precision(args.precision, device)
     net, _, _ = load_run(run_dir, args.checkpoint)
     set_frozen_dtype(net, precision).to(device, memory_format=memory_format(device, net.config.spatial_dims))

@@ -87,7 +87,7 @@ from llm4seg.model import build_model, count_params, set_frozen_dtype
 from llm4seg.pictures import curves_png
 from llm4seg.prediction import case_probabilities
 from llm4seg.runtime import (Processes, StopRequests, autocast, compile_mode, ignore_stop_signals, memory_format,
-                             rank_zero_first, resolve_device, resolve_precision, to_device)
+                             rank_zero_first, resolve_device, resolve_precision, set_cpu_threads, to_device)
 from llm4seg.settings import check_args, data_options, default_run_dir, parse_args
 
 POLY_POWER = 0.9
@@ -189,14 +189,13 @@ class Run:
 
 
 def setup(argv: list[str] | None, processes: Processes, held: contextlib.ExitStack) -> Run:
-    """Settings, checks, the run directory locked for as long as `held` lasts, process group, model, data;
+    """Settings, checks, process group, model, data, the run directory (locked for as long as `held` lasts);
     resumes `last` if asked."""
     args = parse_args(argv)
     args.out = args.out or default_run_dir(args)
     check_args(args)
-    if processes.local_rank == 0:  # one process per machine writes the run
-        held.enter_context(run_dir_lock(Path(args.out)))
     device = resolve_device(args.device, processes)
+    set_cpu_threads(args.workers, processes)
     precision = resolve_precision(args.precision, device)
     if processes.distributed:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -244,6 +243,8 @@ def setup(argv: list[str] | None, processes: Processes, held: contextlib.ExitSta
               Progress(), run_dir, max_steps=args.epochs * iterations, compile_mode=mode,
               class_names=names if net.config.num_classes > 1 else None,
               roi_size=args.roi_size if patches else None)
+    if processes.local_rank == 0:  # before the first write; a start refused earlier leaves no folder behind
+        held.enter_context(run_dir_lock(run_dir))
     if processes.main and run_dir.is_dir():
         for temporary in remove_stale_temporaries(run_dir):
             print(f"removed {temporary.name}, a file a killed process was writing")

@@ -4,6 +4,8 @@ Library modules never pick a device; the entry scripts (train.py, eval.py) call 
     Processes.from_env()       rank, local rank and world size from torchrun's environment
     resolve_device(name, p)    "auto" | "cpu" | "cuda" | "cuda:N" -> a torch.device (one GPU per
                                process under torchrun)
+    set_cpu_threads(w, p)      torch's CPU threads: OMP_NUM_THREADS if set, else this process's share of
+                               the cores it may use less its w DataLoader workers
     rank_zero_first(p)         rank 0 downloads and writes shared files first, the others wait
     StopRequests()             Ctrl-C / SIGTERM ask a training loop to stop at the next step boundary
     signals_deferred()         Ctrl-C / SIGTERM held back while a file is saved, delivered after it
@@ -50,6 +52,19 @@ class Processes:
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+
+def set_cpu_threads(workers: int, processes: Processes) -> int:
+    """Set and return torch's intra-op threads for this process: OMP_NUM_THREADS when it is set (torch read it
+    at import; `make demo*` pins the count its tables were measured with, since fp32 digits depend on it), else
+    this process's share of the cores it may use, less the DataLoader workers it starts, at least 1. torch's own
+    default, every core, made a demo 4-7x slower than one thread on two cores beside a busy worker."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = max(1, cores // processes.local_world_size - workers)
+    torch.set_num_threads(threads)
+    return threads
 
 
 def resolve_device(requested: str, processes: Processes) -> torch.device:

@@ -11,6 +11,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+# One thread per test process: `make test` runs two processes on two cores, and train.py / eval.py would
+# otherwise give each process every core less its workers (runtime.set_cpu_threads). Subprocesses inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 from hub_standin import HubStandIn  # noqa: E402
 

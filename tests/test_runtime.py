@@ -1,6 +1,8 @@
 """Tests of runtime.py's CUDA branches on a machine without a GPU: torch.cuda's queries are faked,
 and torch.cuda.set_device is replaced by its own index check (torch.cuda._utils._get_device_index),
 which is what raised "Expected a torch.device with a specified index" on a real H100."""
+import os
+
 import pytest
 import torch
 
@@ -110,3 +112,23 @@ def test_workers_default_to_the_usable_cores_up_to_4():
     args = argparse.Namespace(workers=None, batch_size=1)
     check_runtime_flags(args)
     assert args.workers == min(4, len(os.sched_getaffinity(0)))
+
+
+def test_cpu_threads_are_this_processs_share_of_its_cores_less_its_workers(monkeypatch):
+    """Issue 31, item 11: torch's default (every core) beside busy DataLoader workers ran 4-7x slower than one
+    thread on two cores. OMP_NUM_THREADS, when set, is the user's (make demo* pins the measured count)."""
+    from llm4seg.runtime import Processes, set_cpu_threads
+
+    threads = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+        assert set_cpu_threads(4, Processes()) == 12 == torch.get_num_threads()
+        assert set_cpu_threads(2, Processes(local_world_size=4)) == 2  # torchrun: 4 processes share 16 cores
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+        assert set_cpu_threads(4, Processes()) == 1  # never below one
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        torch.set_num_threads(3)
+        assert set_cpu_threads(0, Processes()) == 3  # left as the user set it
+    finally:
+        torch.set_num_threads(threads)
