@@ -207,9 +207,21 @@ def setup(argv: list[str] | None, processes: Processes, held: contextlib.ExitSta
     np.random.seed(args.seed)
     random.seed(args.seed)
     with rank_zero_first(processes):
-        net = build_or_rebuild_model(args)
-        train_set, val_set = (load_dataset(args.data, args.data_dir, split, args.img_size, args.seed,
-                                           **data_options(vars(args))) for split in ("train", "val"))
+        # The layer (the Hub) and the data fail independently: a fresh offline machine hears of both at once.
+        net, problems = None, []
+        try:
+            net = build_or_rebuild_model(args)
+        except USER_ERRORS as error:
+            problems.append(error)
+        try:
+            train_set, val_set = (load_dataset(args.data, args.data_dir, split, args.img_size, args.seed,
+                                               **data_options(vars(args))) for split in ("train", "val"))
+        except USER_ERRORS as error:
+            problems.append(error)
+        if len(problems) > 1:
+            raise ValueError("; and ".join(str(problem) for problem in problems))
+        if problems:
+            raise problems[0]
         check_cases(train_set, val_set)  # every file opened once now, not found broken an epoch in
     torch.manual_seed(args.seed + processes.rank)
 

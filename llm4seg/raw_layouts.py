@@ -193,7 +193,7 @@ def missing_dataset(name: str, root: Path, root_help: str) -> FileNotFoundError:
     return FileNotFoundError(
         f"{name}: expected the layout {dataset.layout} at or anywhere under {root}, found none. Get it "
         f"from {dataset.source} and unpack it there as it comes (any top folder is fine), or pass "
-        f"root=<folder> ({root_help}).")
+        f"--data-dir <folder> ({root_help}).")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -82,6 +82,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-fraction", type=float, default=None,
                    help="of all cases, held out as the test split (eval.py --split test) for the datasets read "
                         "from files; None means the dataset's: 0.1 for kvasir and msd, 0 for the others")
+    p.add_argument("--split-file", default=None, metavar="JSON",
+                   help='the split, {"train": [case names], "val": [...], "test": [...]}: read when it exists, else '
+                        "written there; None means a file beside the data (btcv: the official split)")
     p.add_argument("--label", type=int, default=None,
                    help="msd: the label value that is foreground; None means every label > 0")
     p.add_argument("--multiclass", action="store_true",
@@ -295,4 +298,4 @@ def data_options(settings: dict) -> dict:
     before a flag existed."""
     return {"synthetic_size": settings["synthetic_size"], "fold": settings.get("fold"), "label": settings.get("label"),
             "multiclass": settings.get("multiclass", False), "roi_size": settings.get("roi_size", DATA_DEFAULTS["roi_size"]),
-            "test_fraction": settings.get("test_fraction")}
+            "test_fraction": settings.get("test_fraction"), "split_file": settings.get("split_file")}

@@ -548,6 +548,29 @@ def test_test_fraction_holds_out_a_test_split_of_ones_own_data(tmp_path, capsys)
     assert json.loads((out / "eval-test" / "metrics.json").read_text())["images"] == 2
 
 
+def test_split_file_gives_the_split_on_the_command_line(tmp_path, capsys):
+    """--split-file: the errors that suggest a split of one's own now name a flag that exists (issue 31, item 12);
+    the run trains and evaluates on exactly the lists it gives."""
+    import numpy as np
+
+    import eval as ev
+    from dataset_trees import box_mask, write_case
+
+    root, rng = tmp_path / "data", np.random.default_rng(0)
+    for i in range(6):
+        write_case(root / "images" / f"case{i}.png", [root / "masks" / f"case{i}.png"], [box_mask(32, 32, rng)])
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"train": ["case0", "case1", "case2"], "val": ["case3"], "test": ["case4", "case5"]}))
+    out = tmp_path / "run"
+    assert train.main(["--data", "folder", "--data-dir", str(root), "--split-file", str(split), "--img-size", "32",
+                       "--backbone", "vit", "--patch-size", "8", "--embed-dim", "16", "--depth", "1", "--mode", "none",
+                       "--epochs", "1", "--batch-size", "4", "--workers", "0", "--device", "cpu", "--out", str(out)]) == 0
+    assert "folder train: 3 cases" in capsys.readouterr().out
+    assert ev.main([str(out), "--split", "test", "--workers", "0", "--device", "cpu"]) == 0
+    rows = (out / "eval-test" / "per_image.csv").read_text().splitlines()[1:]
+    assert sorted(row.split(",")[0] for row in rows) == ["case4", "case5"]
+
+
 def test_init_from_starts_a_new_run_from_another_runs_best_weights(tiny_llm, tmp_path, three_epochs, capsys):
     from llm4seg.checkpoints import read_checkpoint
     from llm4seg.settings import parse_args
@@ -628,3 +651,14 @@ def test_a_lock_left_by_a_killed_train_py_is_taken_over(tiny_llm, tmp_path):
     child.join()
     assert child.exitcode == -signal.SIGKILL and (out / ".lock").read_text().strip() == str(child.pid)
     assert train.main(small_run(tiny_llm, out, "--epochs", "1")) == 0
+
+
+def test_the_layer_and_the_data_are_reported_together(tmp_path, capsys):
+    """No such LLM and no data: both problems in one line, not the second only after the first is fixed
+    (issue 31, item 12)."""
+    assert train.main(["--data", "folder", "--data-dir", str(tmp_path / "absent"), "--llm", "tiny-org/no-such-model",
+                       "--layer", "1", "--img-size", "32", "--epochs", "1", "--workers", "0", "--device", "cpu",
+                       "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "tiny-org/no-such-model" in err and str(tmp_path / "absent") in err, err
+    assert not (tmp_path / "run").exists()

@@ -309,17 +309,17 @@ def load_btcv(root_dir: Path, split: str, seed: int, split_file: str | None, fol
     of them for train. Its cache is `llm4seg_cache/btcv_1.5x1.5x2.0mm/` in the folder holding the layout."""
     if val_fraction is not None or test_fraction is not None:
         raise ValueError("btcv has a fixed split (the official one, or dataset_0.json's); for another pass "
-                         "split_file=<JSON of train / val / test case names>, not fractions")
+                         "--split-file <JSON of train / val / test case names>, not fractions")
     folder = find_btcv(root_dir, f"default root: ${DATA_ROOT_ENV}/btcv, or ./data/btcv when unset")
     splits, source = folder.splits, folder.source
     if split_file is not None:
         if not Path(split_file).is_file():
-            raise FileNotFoundError(f"btcv: split_file {split_file} does not exist; expected JSON "
-                                    '{"train": [names], "val": [names], "test": [names]} (without split_file the '
+            raise FileNotFoundError(f"btcv: --split-file {split_file} does not exist; expected JSON "
+                                    '{"train": [names], "val": [names], "test": [names]} (without --split-file the '
                                     "official split is used)")
         splits, source = split_from_json("btcv", [], Path(split_file), False, seed, 0, 0), split_file
     hint = ("; BTCV has no test split (the challenge's 20 test CTs have no public labels): evaluate on val, or "
-            "pass split_file=<JSON with a test list>") if split == "test" else ""
+            "pass --split-file <JSON with a test list>") if split == "test" else ""
     names, source = split_names("btcv", splits, split, fold, seed, source, hint)
     volumes = BTCVVolumes(folder.cases(names), folder.cache_dir)
     unused = len(set(folder.files) - {n for s in SPLITS for n in splits[s]})

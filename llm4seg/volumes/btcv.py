@@ -103,7 +103,7 @@ class BTCVFolder:
             raise InputError(f"btcv: {len(missing)} files of the cases in {self.source} are missing under "
                              f"{self.data_dir}: {shown}{' ...' if len(missing) > 10 else ''}; expected each case's "
                              "image and label (the 30 labelled CTs of RawData.zip). Restore them, or pass "
-                             "split_file=<JSON of the cases you have>.")
+                             "--split-file <JSON of the cases you have>.")
         return cases
 
     def expected_case(self, name: str) -> Case:
@@ -117,7 +117,7 @@ class BTCVFolder:
 def missing_btcv(root: Path, root_help: str) -> FileNotFoundError:
     return FileNotFoundError(
         f"btcv: expected the layout {BTCV_LAYOUTS} at or anywhere under {root}, found none. Get it from "
-        f"{BTCV_SOURCE} and unpack it there as it comes, or pass root=<folder> ({root_help}).")
+        f"{BTCV_SOURCE} and unpack it there as it comes, or pass --data-dir <folder> ({root_help}).")
 
 
 def is_challenge(folder: Path) -> bool:
