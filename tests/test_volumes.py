@@ -4,6 +4,7 @@ errors, data.check_cases listing every bad case, the cache (rebuilt when it fail
 synthetic volumes."""
 import gzip
 import json
+import os
 import re
 
 import nibabel
@@ -190,6 +191,23 @@ def test_preprocessed_cases_are_cached_until_their_files_change(task):
     nibabel.save(nibabel.Nifti1Image(np.zeros(SHAPE, np.uint8), np.diag([*SPACING, 1.0])), label_file)
     assert dataset[0]["mask"].sum() == 0  # the label changed: read again, not the stale cache
     assert load_dataset("msd", str(task), "train", 8, 41, label=1).cache_dir.name == "8px_label1"
+
+
+def test_a_label_replaced_by_one_of_the_same_size_and_mtime_is_read_again(task):
+    """cp -p, rsync -t or a restored backup keep size and mtime; the cache keyed on them alone trained on the old
+    labels (issue 31, item 15). The stamp has the ctime and inode too."""
+    dataset = load_dataset("msd", str(task), "train", 8, 41)
+    before = dataset[0]["mask"]
+    label_file = dataset.cases[0].masks[0]
+    stat = label_file.stat()
+    labels = np.asarray(nibabel.load(label_file).dataobj)
+    replacement = label_file.with_name("replacement.nii.gz")
+    nibabel.save(nibabel.Nifti1Image(np.flip(labels, axis=0).copy(), np.diag([*SPACING, 1.0])), replacement)
+    assert replacement.stat().st_size == stat.st_size  # the same bytes, reordered: a same-size file
+    os.replace(replacement, label_file)
+    os.utime(label_file, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert label_file.stat().st_mtime_ns == stat.st_mtime_ns and label_file.stat().st_size == stat.st_size
+    assert not torch.equal(dataset[0]["mask"], before)
 
 
 def test_check_cases_reads_every_case_and_lists_each_bad_one(task):

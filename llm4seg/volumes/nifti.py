@@ -98,9 +98,12 @@ def tensors_crc32(tensors: dict[str, torch.Tensor], extra: dict[str, str] | None
 
 
 def file_stamp(*paths: Path) -> str:
-    """size:mtime of each file, the key a cache entry is valid for."""
+    """size:mtime:ctime:inode of each file, the key a cache entry is valid for. Size and mtime alone missed a
+    file replaced by one of the same size and mtime (cp -p, rsync -t, a restored backup); no user can set the
+    ctime, and a file written anew has a new one (and usually a new inode). Read from one stat() per file, as
+    before: no cost. A chmod changes the ctime too, which only costs one rebuild."""
     stats = [path.stat() for path in paths]
-    return ";".join(f"{stat.st_size}:{stat.st_mtime_ns}" for stat in stats)
+    return ";".join(f"{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}:{stat.st_ino}" for stat in stats)
 
 
 def read_cached(cached: Path, stamp: str) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
