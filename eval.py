@@ -136,7 +136,7 @@ def evaluate_run(args) -> int:
             write_text(out_dir / "analysis.json", json.dumps(analysis, indent=1))
     samples = []
     if args.samples:
-        samples = write_samples(infer, dataset, rows, args.samples, clean_folder(out_dir / "samples"))
+        samples = write_samples(infer, dataset, rows, args.samples, clean_folder(out_dir / "samples"), names)
 
     epoch = info["epoch"] if "epoch" in info else info["progress"]["epochs_done"]  # best / last
     report = {
@@ -299,7 +299,8 @@ def clean_folder(folder: Path) -> Path:
 
 
 @torch.no_grad()
-def write_samples(infer, dataset, rows: list[dict], count: int, folder: Path) -> list[Path]:
+def write_samples(infer, dataset, rows: list[dict], count: int, folder: Path,
+                  class_names: list[str] | None = None) -> list[Path]:
     """Panel PNGs of the ranked cases (of a volume: its middle axial, coronal and sagittal slices); each is
     predicted again alone by `infer` (BatchNorm in eval mode makes that the same prediction), so no
     prediction of the whole split is kept in memory. Multi-class: the argmax's label map in class colours."""
@@ -314,9 +315,10 @@ def write_samples(infer, dataset, rows: list[dict], count: int, folder: Path) ->
         caption = f"{label} {item['name']}: IoU {rows[index]['iou'] * 100:.2f} %, Dice {rows[index]['dice'] * 100:.2f} %"
         if prediction.dim() == 3:
             volume_panel_png(item["image"], item["mask"][0], prediction, paths[-1], multiclass=multiclass,
-                             caption=caption)
+                             caption=caption, class_names=class_names)
         elif multiclass:
-            label_panel_png(to_rgb(item["image"]), item["mask"][0], prediction, paths[-1], caption=caption)
+            label_panel_png(to_rgb(item["image"]), item["mask"][0], prediction, paths[-1], caption=caption,
+                            class_names=class_names)
         else:
             panel_png(to_rgb(item["image"]), item["mask"][0], prediction, paths[-1], caption=caption)
     return paths

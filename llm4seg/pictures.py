@@ -13,7 +13,8 @@
                                                    the truth); with multiclass=True the
                                                    masks are label maps: overlay of the predicted classes |
                                                    truth | prediction in CLASS_COLOURS | errors (white: right
-                                                   organ, red: wrong or invented, blue: missed)
+                                                   organ, red: wrong or invented, blue: missed), each row named,
+                                                   and given class_names a key of the classes' colours
     heatmap_png(image, activation, path)           a jet heat map of activation (H, W) in [0, 1] blended
                                                    over the image: the paper's Fig. 2(a)
     heatmap_pair_png(image, before, after, path)   the maps before | after the LLM layer side by side, with a
@@ -173,12 +174,14 @@ def panel_png(image, gt_mask, pred_mask, path, gap: int = 4, caption: str | None
     write_png(path, with_header(row, (row.shape[1] - 3 * gap) // 4, gap, caption, multiclass=False))
 
 
-def label_panel_png(image, gt_labels, pred_labels, path, gap: int = 4, caption: str | None = None) -> None:
+def label_panel_png(image, gt_labels, pred_labels, path, gap: int = 4, caption: str | None = None,
+                    class_names: list[str] | None = None) -> None:
     """Write panel_png's four columns for label maps to `path`: `image` (H, W, 3) uint8, gt_labels and pred_labels
     (H, W) integers 0..K-1 (a multi-class 2D case: its truth and the argmax), each class in its CLASS_COLOURS,
     under the header of volume_panel_png(multiclass=True)."""
     row = _label_panel_row(image, gt_labels, pred_labels, gap)
-    write_png(path, with_header(row, (row.shape[1] - 3 * gap) // 4, gap, caption, multiclass=True))
+    write_png(path, with_header(row, (row.shape[1] - 3 * gap) // 4, gap, caption, multiclass=True,
+                                class_names=class_names))
 
 
 def _panel_row(image, gt_mask, pred_mask, gap: int) -> np.ndarray:
@@ -220,9 +223,10 @@ def _label_panel_row(image, gt_labels, pred_labels, gap: int) -> np.ndarray:
 
 
 def volume_panel_png(volume: Tensor, gt_mask, pred_mask, path, gap: int = 4, multiclass: bool = False,
-                     caption: str | None = None) -> None:
-    """Write an axial, a coronal and a sagittal slice of a volume, one panel_png row each (top to bottom),
-    to `path`, under a header naming the columns, the colours and `caption` (e.g. the case and its scores).
+                     caption: str | None = None, class_names: list[str] | None = None) -> None:
+    """Write an axial, a coronal and a sagittal slice of a volume, one panel_png row each (top to bottom, each
+    named in its corner), to `path`, under a header naming the columns, the colours (with class_names, which
+    colour is which class) and `caption` (e.g. the case and its scores).
     The slices cross where the prediction is most wrong (the centre of the errors), else the centre of the
     truth, else the middle: a worst case shows its error. volume (C, X, Y, Z), z-scored: its first channel,
     shown from its 1st to 99th percentile; masks (X, Y, Z), or label maps with multiclass. Slices are turned
@@ -233,15 +237,15 @@ def volume_panel_png(volume: Tensor, gt_mask, pred_mask, path, gap: int = 4, mul
     gt, pred = _numpy(gt_mask), _numpy(pred_mask)
     centre = slice_centre(gt, pred, multiclass)
     rows = []
-    for axis in (2, 1, 0):  # axial, coronal, sagittal: across the third, second and first axis
+    for axis, name in zip((2, 1, 0), ROW_NAMES, strict=True):  # across the third, second and first axis
         cut = [np.rot90(np.take(array, centre[axis], axis=axis)) for array in (gray, gt, pred)]
         row = _label_panel_row if multiclass else _panel_row
-        rows.append(row(np.ascontiguousarray(cut[0]), *cut[1:], gap))
+        rows.append(named_row(row(np.ascontiguousarray(cut[0]), *cut[1:], gap), name))
     width = max(row.shape[1] for row in rows)
     spacer = np.full((gap, width, 3), 128, dtype=np.uint8)
     rows = [np.pad(row, ((0, 0), (0, width - row.shape[1]), (0, 0)), constant_values=128) for row in rows]
     panel = np.concatenate([part for row in rows for part in (row, spacer)][:-1], axis=0)
-    write_png(path, with_header(panel, (rows[0].shape[1] - 3 * gap) // 4, gap, caption, multiclass))
+    write_png(path, with_header(panel, (rows[0].shape[1] - 3 * gap) // 4, gap, caption, multiclass, class_names))
 
 
 def slice_centre(gt: np.ndarray, pred: np.ndarray, multiclass: bool) -> tuple[int, ...]:
@@ -255,27 +259,55 @@ def slice_centre(gt: np.ndarray, pred: np.ndarray, multiclass: bool) -> tuple[in
 
 
 HEADER_ROW = 14  # pixels per line of text in a panel's header (PIL's default bitmap font is 11 px high)
+ROW_NAMES = ("axial", "coronal", "sagittal")  # volume_panel_png's rows, top to bottom
 
 
-def with_header(panel: np.ndarray, column: int, gap: int, caption: str | None, multiclass: bool) -> np.ndarray:
-    """panel (H, W, 3) under three lines of text: the column names, the error colours' legend, the caption."""
+def with_header(panel: np.ndarray, column: int, gap: int, caption: str | None, multiclass: bool,
+                class_names: list[str] | None = None) -> np.ndarray:
+    """panel (H, W, 3) of four columns `column` px wide under a header: the column names; under the overlay what
+    its contours are (binary) or the class key, each class's colour and name, across the first three columns
+    (multi-class, given class_names: background first); the errors' legend stacked over the errors column;
+    then the caption."""
     from PIL import ImageDraw
 
-    lines = 3 if caption else 2
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    errors_x = 3 * (column + gap) + 2
+    legend = [("right" + (" class" if multiclass else ""), (255, 255, 255)),
+              ("wrong class or invented" if multiclass else "false positive", PRED_COLOUR), ("missed", MISSED_COLOUR)]
+    entries = [(errors_x, 1 + line, label, colour) for line, (label, colour) in enumerate(legend)]
+    if not multiclass:
+        entries += [(2, 1, "truth's contour", GT_COLOUR), (2, 2, "prediction's contour", PRED_COLOUR)]
+    elif class_names:
+        x, line = 2, 1
+        for k, name in enumerate(class_names[1:], start=1):
+            width = 12 + int(measure.textlength(name)) + 12
+            if x > 2 and x + width > errors_x - gap:  # wrap within the overlay, truth and prediction columns
+                x, line = 2, line + 1
+            entries.append((x, line, name, tuple(int(c) for c in label_colours(np.array([k]))[0])))
+            x += width
+    lines = 1 + max(line for _, line, _, _ in entries) + (1 if caption else 0)
     header = Image.new("RGB", (panel.shape[1], lines * HEADER_ROW + 4), (32, 32, 32))
     draw = ImageDraw.Draw(header)
     for index, name in enumerate(("overlay", "truth", "prediction", "errors")):
         draw.text((index * (column + gap) + 2, 2), name, fill=(255, 255, 255))
-    legend = [("right", (255, 255, 255)), ("wrong class or invented" if multiclass else "false positive", PRED_COLOUR),
-              ("missed", MISSED_COLOUR)]
-    x = 2
-    for label, colour in legend:
-        draw.rectangle((x, HEADER_ROW + 4, x + 8, HEADER_ROW + 12), fill=tuple(int(c) for c in colour))
-        draw.text((x + 12, HEADER_ROW + 2), label, fill=(255, 255, 255))
-        x += 12 + int(draw.textlength(label)) + 12
+    for x, line, label, colour in entries:
+        top = line * HEADER_ROW + 4
+        draw.rectangle((x, top, x + 8, top + 8), fill=tuple(int(c) for c in colour))
+        draw.text((x + 12, top - 2), label, fill=(255, 255, 255))
     if caption:
-        draw.text((2, 2 * HEADER_ROW + 2), caption, fill=(255, 255, 255))
+        draw.text((2, (lines - 1) * HEADER_ROW + 2), caption, fill=(255, 255, 255))
     return np.concatenate([np.asarray(header), panel], axis=0)
+
+
+def named_row(row: np.ndarray, name: str) -> np.ndarray:
+    """A panel row with `name` written in its top-left corner, on a dark box (volume_panel_png's slice names)."""
+    from PIL import ImageDraw
+
+    picture = Image.fromarray(row)
+    draw = ImageDraw.Draw(picture)
+    draw.rectangle((0, 0, int(draw.textlength(name)) + 5, HEADER_ROW), fill=(32, 32, 32))
+    draw.text((3, 2), name, fill=(255, 255, 255))
+    return np.asarray(picture)
 
 
 def pyplot():

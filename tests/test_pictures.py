@@ -49,7 +49,7 @@ def test_panel_shows_overlay_truth_prediction_and_errors_side_by_side(tmp_path):
     gt[10:50, 10:50] = 1
     pred[30:70, 30:70] = 1
     pictures.panel_png(image, gt, pred, tmp_path / "panel.png", gap=4, caption="case7  IoU 14.29 %")
-    top = 3 * pictures.HEADER_ROW + 4  # the header: column names, the colours' legend, the caption
+    top = 5 * pictures.HEADER_ROW + 4  # the header: column names, 3 lines of legends, the caption
     with Image.open(tmp_path / "panel.png") as picture:
         assert picture.size == (4 * 300 + 3 * 4, top + 256)
         errors_x = 3 * (300 + 4)  # where the fourth panel starts
@@ -60,8 +60,12 @@ def test_panel_shows_overlay_truth_prediction_and_errors_side_by_side(tmp_path):
         assert picture.getpixel((errors_x + 15, top + 15)) == pictures.MISSED_COLOUR
         assert picture.getpixel((errors_x + 200, top + 200)) == (0, 0, 0)
         header = np.asarray(picture)[:top]
-        assert (header == pictures.PRED_COLOUR).all(axis=-1).any()  # the legend's red swatch
-        assert (header == 255).all(axis=-1).sum() > 50             # and its text
+        # the errors' legend over the errors column, what the overlay's contours are over the overlay
+        assert (header[:, errors_x:] == pictures.MISSED_COLOUR).all(axis=-1).any()
+        assert not (header[:, :errors_x] == pictures.MISSED_COLOUR).all(axis=-1).any()
+        assert (header[:, :300] == pictures.GT_COLOUR).all(axis=-1).any()
+        assert (header[:, :300] == pictures.PRED_COLOUR).all(axis=-1).any()
+        assert (header == 255).all(axis=-1).sum() > 50             # and their text
 
 
 def test_volume_slices_cross_the_error_not_the_middle(tmp_path):
@@ -77,7 +81,27 @@ def test_volume_slices_cross_the_error_not_the_middle(tmp_path):
                               caption="case 3")
     with Image.open(tmp_path / "v.png") as picture:
         # the axial row (top): truth panel shows the missed block, drawn at the z of its centre
-        assert (np.asarray(picture)[3 * pictures.HEADER_ROW + 4:] == pictures.MISSED_COLOUR).all(axis=-1).any()
+        assert (np.asarray(picture)[5 * pictures.HEADER_ROW + 4:] == pictures.MISSED_COLOUR).all(axis=-1).any()
+
+
+def test_multi_class_volume_panels_key_their_colours_and_name_their_rows(tmp_path):
+    """Issue 31, item 9: which colour is which organ (a key in the header), and which row is axial, coronal,
+    sagittal (written in each row's corner, white on a dark box)."""
+    truth = np.zeros((20, 20, 20), np.int64)
+    truth[2:8, 2:8, 2:8], truth[10:16, 10:16, 10:16] = 1, 2
+    names = ["background", "liver", "spleen"]
+    pictures.volume_panel_png(torch.randn(1, 20, 20, 20), truth, truth, tmp_path / "v.png", multiclass=True,
+                              class_names=names)
+    with Image.open(tmp_path / "v.png") as picture:
+        pixels = np.asarray(picture)
+    row_height = pictures.enlarged_size(20, 20)[0]
+    top = pixels.shape[0] - 3 * row_height - 2 * 4
+    header = pixels[:top]
+    for k in (1, 2):
+        assert (header == pictures.label_colours(np.array([k]))[0]).all(axis=-1).any(), names[k]
+    for row in range(3):  # each row's name box: light text on dark grey in its top-left corner
+        corner = pixels[top + row * (row_height + 4):][:pictures.HEADER_ROW, :60]
+        assert (corner > 200).all(axis=-1).any() and (corner == 32).all(axis=-1).any()
 
 
 def test_curves_png_plots_metrics_jsonl_lines(tmp_path):
