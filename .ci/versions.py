@@ -60,7 +60,9 @@ def moved(constraints: str, freeze: str) -> list[str]:
 
 def pin(freeze: str) -> list[str]:
     return [f"# The exact versions `make test` last passed with (the newest on {date.today()}, pinned by",
-            "# `python .ci/versions.py pin` after `make test-latest` passed). Bump only that way, in a commit of its own.",
+            "# `python .ci/versions.py pin` after `make test-latest` passed). Bump only that way, in a commit of its own:",
+            "# test-latest installs torch's Linux wheel from the index, so torch and triton come as the pair it requires",
+            "# (a CPU build's freeze would pin a triton the CUDA wheel of the same torch refuses).",
             *(f"{name}=={version}" for name, version in sorted(pinned(freeze).values(), key=lambda p: normalize(p[0])))]
 
 
