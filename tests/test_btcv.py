@@ -206,6 +206,15 @@ def nan_voxels(case):
     rewrite(case.image, change)
 
 
+def gantry_tilt(case):
+    """Image and label sheared alike by a 15 degree gantry tilt: z advances along y as the table moves."""
+    for path in (case.image, *case.masks):
+        stored = nibabel.load(path)
+        tilted = stored.affine.copy()
+        tilted[1, 2] = tilted[2, 2] * np.tan(np.radians(15))
+        nibabel.save(nibabel.Nifti1Image(np.asarray(stored.dataobj), tilted), path)
+
+
 # how case img0002 is broken -> the one line that names it
 BAD_INPUTS = {
     "label values outside 0..13": (label_out_of_range, r"the label .*labelsTr/label0002.nii.gz holds the values "
@@ -216,6 +225,9 @@ BAD_INPUTS = {
     "label of another affine": (other_affine, r"case img0002: the affines of the image .*img0002.nii.gz and the label "
                                               r".*label0002.nii.gz differ by up to 0.5 mm"),
     "NaN voxels": (nan_voxels, r"the image .*imagesTr/img0002.nii.gz has 1 NaN or infinite voxels"),
+    # issue 31, item 5: resampled along the sheared axes it would differ from MONAI's straightened grid
+    "a gantry-tilted CT": (gantry_tilt, r"the image .*imagesTr/img0002.nii.gz lies on a sheared or rotated grid "
+                                        r"\(gantry tilt or an oblique scan: its axes are up to 15.00 degrees off"),
     "a missing image": (lambda case: case.image.unlink(),
                         r"the file .*imagesTr/img0002.nii.gz of case img0002 is missing"),
     "a cut image": (lambda case: case.image.write_bytes(case.image.read_bytes()[:200]),
@@ -310,7 +322,7 @@ def test_labels_named_like_their_images_split_files_and_doubled_files(tmp_path):
     train = data.load_dataset("btcv", str(tmp_path), "train", split_file=str(split_file))
     assert [case.masks[0].name for case in train.cases] == ["label0001.nii.gz", "img0002.nii.gz"]
     assert train[4]["mask"].dtype == torch.int64
-    with pytest.raises(FileNotFoundError, match="split_file .*absent.json does not exist"):
+    with pytest.raises(FileNotFoundError, match="--split-file .*absent.json does not exist"):
         data.load_dataset("btcv", str(tmp_path), "train", split_file=str(tmp_path / "absent.json"))
     shutil.copy(top / "imagesTr" / "img0001.nii.gz", top / "imagesTr" / "img0001.nii")
     with pytest.raises(ValueError, match="1 images or labels have two files .*img0001.nii and img0001.nii.gz"):

@@ -244,6 +244,23 @@ def canonical(array: np.ndarray, affine: np.ndarray):
     return orientations.apply_orientation(array, ornt), ornt, affine @ orientations.inv_ornt_aff(ornt, array.shape)
 
 
+SKEW_TOLERANCE = 1e-3  # off-axis share of a voxel axis (0.06 degrees) that headers' rounding may leave
+
+
+def check_axis_aligned(affine: np.ndarray, spacing: np.ndarray, path: Path) -> None:
+    """InputError unless the reoriented grid's axes are the RAS axes. A gantry-tilted (sheared) or oblique CT
+    would be resampled here along its own axes, while MONAI's Spacingd straightens the grid first (a cropped
+    shape of (27, 24, 19) against MONAI's (27, 24, 18)): refused rather than preprocessed otherwise than UNETR."""
+    directions = affine[:3, :3] / spacing                                  # unit columns: the voxel axes
+    off_axis = float(np.abs(directions - np.diag(np.diag(directions))).max())
+    if off_axis > SKEW_TOLERANCE:
+        degrees = float(np.degrees(np.arcsin(min(off_axis, 1.0))))
+        raise InputError(f"the image {path} lies on a sheared or rotated grid (gantry tilt or an oblique scan: its "
+                         f"axes are up to {degrees:.2f} degrees off the RAS axes); expected an axis-aligned CT, as "
+                         "BTCV's are. Resample it onto an axis-aligned grid first (e.g. 3D Slicer's Resample Scalar "
+                         "Volume, or SimpleITK's Resample), then use it.")
+
+
 def ct_volume(image: np.ndarray, path: Path) -> np.ndarray:
     """A CT as stored, (X, Y, Z), or (X, Y, Z, 1) as some converters write one channel -> (X, Y, Z); InputError
     naming the file for any other shape."""
@@ -260,6 +277,7 @@ def preprocess(image: np.ndarray, nifti, path: Path, labels: np.ndarray | None =
     (X, Y, Z) or None, the original grid); InputError when no voxel is above the HU window's low end."""
     image, ornt, affine = canonical(image, nifti.affine)
     spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    check_axis_aligned(affine, spacing, path)
     image = resample(torch.from_numpy(np.ascontiguousarray(image)), spacing, TARGET_SPACING, linear=True)
     if labels is not None:
         labels, _, _ = canonical(labels, nifti.affine)
