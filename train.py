@@ -57,6 +57,7 @@ world_size * batch_size. Rank 0 validates on the whole validation set, prints an
 """
 import argparse
 import contextlib
+import io
 import json
 import math
 import os
@@ -213,9 +214,10 @@ def setup(argv: list[str] | None, processes: Processes, held: contextlib.ExitSta
             net = build_or_rebuild_model(args)
         except USER_ERRORS as error:
             problems.append(error)
-        try:
-            train_set, val_set = (load_dataset(args.data, args.data_dir, split, args.img_size, args.seed,
-                                               **data_options(vars(args))) for split in ("train", "val"))
+        try:  # after a failed layer only for its own problems: quietly, as no work starts
+            with contextlib.redirect_stdout(io.StringIO()) if problems else contextlib.nullcontext():
+                train_set, val_set = (load_dataset(args.data, args.data_dir, split, args.img_size, args.seed,
+                                                   **data_options(vars(args))) for split in ("train", "val"))
         except USER_ERRORS as error:
             problems.append(error)
         if len(problems) > 1:

@@ -310,4 +310,4 @@ def test_label_panel_png_draws_each_class_in_its_colour(tmp_path):
     assert tuple(errors[0, 0]) == (255, 255, 255) and tuple(errors[0, 1]) == pictures.PRED_COLOUR
     assert tuple(errors[2, 2]) == pictures.PRED_COLOUR and tuple(errors[3, 3]) == pictures.MISSED_COLOUR
     assert tuple(errors[1, 1]) == (0, 0, 0)
-    assert panel.shape[0] == 256 + 3 * pictures.HEADER_ROW + 4  # three header lines with the caption
+    assert panel.shape[0] == 256 + 5 * pictures.HEADER_ROW + 4  # the header: names, 3 legend lines, the caption

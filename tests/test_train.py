@@ -141,7 +141,7 @@ def test_two_epochs_write_config_metrics_checkpoints_and_keep_the_layer_frozen(t
     best = checkpoint_info(out, "best")
     assert best["val"]["iou"] == max(line["val_iou"] for line in lines)
     assert {p.name for p in out.iterdir()} == {"config.json", "metrics.jsonl", "curves.png", "last.safetensors",
-                                               "best.safetensors"}
+                                               "best.safetensors", ".lock"}  # .lock: RUN_DIR's, released
     with Image.open(out / "curves.png") as curves:  # redrawn each epoch from metrics.jsonl
         curves.verify()
         assert curves.format == "PNG"
