@@ -73,7 +73,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from llm4seg.checkpoints import (has_checkpoint, keep_metrics_up_to, load_checkpoint, load_weights_of_run,
@@ -208,23 +208,7 @@ def setup(argv: list[str] | None, processes: Processes, held: contextlib.ExitSta
     np.random.seed(args.seed)
     random.seed(args.seed)
     with rank_zero_first(processes):
-        # The layer (the Hub) and the data fail independently: a fresh offline machine hears of both at once.
-        net, problems = None, []
-        try:
-            net = build_or_rebuild_model(args)
-        except USER_ERRORS as error:
-            problems.append(error)
-        try:  # after a failed layer only for its own problems: quietly, as no work starts
-            with contextlib.redirect_stdout(io.StringIO()) if problems else contextlib.nullcontext():
-                train_set, val_set = (load_dataset(args.data, args.data_dir, split, args.img_size, args.seed,
-                                                   **data_options(vars(args))) for split in ("train", "val"))
-        except USER_ERRORS as error:
-            problems.append(error)
-        if len(problems) > 1:
-            raise ValueError("; and ".join(str(problem) for problem in problems))
-        if problems:
-            raise problems[0]
-        check_cases(train_set, val_set)  # every file opened once now, not found broken an epoch in
+        net, train_set, val_set = model_and_data(args)
     torch.manual_seed(args.seed + processes.rank)
 
     set_frozen_dtype(net, precision).to(device, memory_format=memory_format(device, net.config.spatial_dims))
@@ -259,6 +243,37 @@ def setup(argv: list[str] | None, processes: Processes, held: contextlib.ExitSta
               roi_size=args.roi_size if patches else None)
     if processes.local_rank == 0:  # before the first write; a start refused earlier leaves no folder behind
         held.enter_context(run_dir_lock(run_dir))
+    start_in_run_dir(run, len(val_set), iterations)
+    print_settings(run, len(val_set), iterations)
+    return run
+
+
+def model_and_data(args: argparse.Namespace) -> tuple[torch.nn.Module, Dataset, Dataset]:
+    """The model and the train / val splits, every file of them opened once (check_cases), not found broken an
+    epoch in. The layer (the Hub) and the data fail independently: a fresh offline machine hears of both at once."""
+    net, problems = None, []
+    try:
+        net = build_or_rebuild_model(args)
+    except USER_ERRORS as error:
+        problems.append(error)
+    try:  # after a failed layer only for its own problems: quietly, as no work starts
+        with contextlib.redirect_stdout(io.StringIO()) if problems else contextlib.nullcontext():
+            train_set, val_set = (load_dataset(args.data, args.data_dir, split, args.img_size, args.seed,
+                                               **data_options(vars(args))) for split in ("train", "val"))
+    except USER_ERRORS as error:
+        problems.append(error)
+    if len(problems) > 1:
+        raise ValueError("; and ".join(str(problem) for problem in problems))
+    if problems:
+        raise problems[0]
+    check_cases(train_set, val_set)
+    return net, train_set, val_set
+
+
+def start_in_run_dir(run: Run, val_cases: int, iterations: int) -> None:
+    """The run directory before the first step: a killed writer's temporaries removed; resumed from `last`,
+    or started again from the beginning (with an --init-from run's weights), or a new run's config written."""
+    args, processes, run_dir = run.args, run.processes, run.run_dir
     if processes.main and run_dir.is_dir():
         for temporary in remove_stale_temporaries(run_dir):
             print(f"removed {temporary.name}, a file a killed process was writing")
@@ -277,9 +292,7 @@ def setup(argv: list[str] | None, processes: Processes, held: contextlib.ExitSta
         # best checkpoint belong to that attempt.
         keep_metrics_up_to(run_dir / "metrics.jsonl", 0)
         (run_dir / "best.safetensors").unlink(missing_ok=True)
-        write_run_config(run, len(val_set), iterations)
-    print_settings(run, len(val_set), iterations)
-    return run
+        write_run_config(run, val_cases, iterations)
 
 
 def build_or_rebuild_model(args: argparse.Namespace) -> torch.nn.Module:

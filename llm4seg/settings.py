@@ -196,6 +196,22 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
 
 def check_args(args: argparse.Namespace) -> None:
     """The cheap checks, before anything is loaded."""
+    check_data_and_model(args)
+    check_runtime_flags(args)
+    check_numbers(args)
+    if args.init_from is not None:
+        if args.resume is not None:
+            raise ValueError("--init-from starts a new run from another run's weights; --resume continues a run: "
+                             "give one of them")
+        if not has_checkpoint(Path(args.init_from), "best"):
+            raise FileNotFoundError(f"--init-from {args.init_from}: expected a run directory with a best checkpoint "
+                                    "(best.safetensors), found none")
+    check_out_dir(Path(args.out), resuming=args.resume is not None)
+
+
+def check_data_and_model(args: argparse.Namespace) -> None:
+    """The data options, and the backbone against the data: its dimension, and the side it runs on (the crops of
+    a patch-trained dataset, else the images) against its halvings or patches and its smallest side."""
     try:
         check_data_options(args.data, args.fold, args.label, args.multiclass)
     except ValueError as error:
@@ -205,19 +221,22 @@ def check_args(args: argparse.Namespace) -> None:
         fitting = ", ".join(name for name in ("vit", *BACKBONES) if name == "vit" or BACKBONE_DIMS[name] == dims)
         raise ValueError(f"--data {args.data} holds {dims}D {'volumes' if dims == 3 else 'images'}; the "
                          f"{args.backbone} backbone is {BACKBONE_DIMS[args.backbone]}D: use --backbone {fitting}")
-    sides = ("--roi-size", args.roi_size) if args.data in PATCH_DATASETS else ("--img-size", args.img_size)
+    flag, side = ("--roi-size", args.roi_size) if args.data in PATCH_DATASETS else ("--img-size", args.img_size)
     try:
         if args.backbone == "vit":
-            check_patch_grid((sides[1],) * dims, args.patch_size)
+            check_patch_grid((side,) * dims, args.patch_size)
         else:
-            check_image_sides(*(sides[1],) * dims)
+            check_image_sides(*(side,) * dims)
     except ValueError as error:
-        raise ValueError(f"{sides[0]}: {error}") from None
-    if args.backbone != "vit" and 0 < sides[1] < (smallest := BACKBONES[args.backbone].min_side):
-        raise ValueError(f"{sides[0]} {sides[1]}: the {args.backbone} bottleneck would be {sides[1] // DOWNSAMPLING} "
+        raise ValueError(f"{flag}: {error}") from None
+    if args.backbone != "vit" and 0 < side < (smallest := BACKBONES[args.backbone].min_side):
+        raise ValueError(f"{flag} {side}: the {args.backbone} bottleneck would be {side // DOWNSAMPLING} "
                          f"voxel wide, and its instance / group norms need more than one value per channel: expected "
                          f"{smallest} or more")
-    check_runtime_flags(args)
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    """Counts positive, real-valued flags finite and in their ranges, --test-fraction where a split is drawn."""
     for name in ("epochs", "synthetic_size", "val_every", "roi_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}: expected a positive integer, got {getattr(args, name)}")
@@ -235,14 +254,6 @@ def check_args(args: argparse.Namespace) -> None:
                              "has fixed splits")
         if not (math.isfinite(args.test_fraction) and 0 <= args.test_fraction < 1):
             raise ValueError(f"--test-fraction: expected a finite number in [0, 1), got {args.test_fraction}")
-    if args.init_from is not None:
-        if args.resume is not None:
-            raise ValueError("--init-from starts a new run from another run's weights; --resume continues a run: "
-                             "give one of them")
-        if not has_checkpoint(Path(args.init_from), "best"):
-            raise FileNotFoundError(f"--init-from {args.init_from}: expected a run directory with a best checkpoint "
-                                    "(best.safetensors), found none")
-    check_out_dir(Path(args.out), resuming=args.resume is not None)
 
 
 def numeric_ranges(args: argparse.Namespace) -> list[tuple[str, float, float, float, tuple[bool, bool]]]:

@@ -5,8 +5,9 @@ multi-organ volumes (the volumes/ package: their layouts, preprocessing and item
 comes from and how its files pair up is raw_layouts.py's table; the synthetic scenes are drawn by
 synthetic.py; this package turns them into torch Datasets and owns the splits.
 
-    __init__.py          load_dataset, the dataset tables, check_cases, spatial_dims / input_channels /
-                         num_classes / class_names (a multi-class folder's: folder_classes)
+    __init__.py          load_dataset (a DATASET_TABLE row's opener), check_cases, spatial_dims /
+                         input_channels / num_classes / class_names (a multi-class folder's: folder_classes)
+    table.py             the dataset table: one row per dataset, its facts and the opener of its splits
     images.py            reading one 2D case: image, mask(s) or label map, resize, augment, normalise
     cache.py             the decoded-once cache of 2D cases (its docstring: what it holds, when it is rebuilt),
                          and SegmentationFiles, the 2D dataset of cases read from files
@@ -91,18 +92,15 @@ Kvasir-SEG downloads itself when its folder is absent (raw_layouts.download_kvas
 an account with their owners, so a missing one raises an error saying where to get it and which
 layout is expected.
 """
-import os
-from collections import Counter
-from functools import partial
 from pathlib import Path
 
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from ..files import InputError
-from ..raw_layouts import RAW_DATASETS, download_kvasir, missing_dataset
-from ..volumes import (BTCV_CLASSES, ORGAN_CLASSES, BTCVVolumes, MSDVolumes, RandomPatches, SyntheticOrgans, find_btcv,
-                       msd_cases, msd_labels)
+from ..raw_layouts import RAW_DATASETS, missing_dataset
+from ..volumes import (BTCV_CLASSES, ORGAN_CLASSES, BTCVVolumes, MSDVolumes, RandomPatches, SyntheticOrgans, msd_cases,
+                       msd_labels)
 from .cache import (CACHE_FORMAT, STALE_TEMPORARY_S, SegmentationFiles, cache_cases, cache_paths, map_pixels,
                     open_cache, pixels_crc32, read_cache_header)
 from .classes import label_values, named_classes
@@ -110,30 +108,24 @@ from .images import (IMAGENET_MEAN, IMAGENET_STD, as_rgb, augmentation_generator
                      denormalize, make_item, mask_to_binary, normalize, normalize_batch, read_mask, read_rgb,
                      resized_rgb)
 from .loader import EpochItems, EpochOrder
-from .splits import FOLDS, SPLITS, cross_validation_fold, find_author_lists, read_case_list, split_from_json
-from .synthetic_cases import SyntheticCases, synthetic_range, synthetic_split
+from .splits import FOLDS, SPLITS
+from .synthetic_cases import SyntheticCases
+from .table import (DATA_ROOT_ENV, DATASET_TABLE, DATASETS, GENERATED_DATASETS, LABEL_MAP_DATASETS,
+                    MULTICLASS_DATASETS, PATCH_DATASETS, VOLUME_DATASETS, DatasetRow, Request, default_root)
 
-# The owners' 2D datasets (raw_layouts.py), the generated polyps, and the 3D ones (the volumes/ package).
-DATASETS = (*RAW_DATASETS, "synthetic", "msd", "synthetic3d", "btcv", "synthetic-organs")
-VOLUME_DATASETS = ("msd", "synthetic3d", "btcv", "synthetic-organs")  # items are (C, X, Y, Z) volumes
-GENERATED_DATASETS = ("synthetic", "synthetic3d", "synthetic-organs")  # drawn from (seed, index), fixed splits
-MULTICLASS_DATASETS = ("btcv", "synthetic-organs")  # label maps, always
-LABEL_MAP_DATASETS = ("msd", "folder")  # label maps with multiclass=True, binary without
-PATCH_DATASETS = ("btcv", "synthetic-organs")  # trained on random crops, evaluated by sliding windows
-MSD_FRACTIONS = (0.2, 0.1)  # (val, test) of all cases: MedVisionLlama's 70 / 20 / 10
-DATA_ROOT_ENV = "LLM4SEG_DATA"  # parent folder of every dataset's default root, ./data when unset
 LISTED_PROBLEMS = 20  # check_cases names this many bad files, then counts the rest
+
 
 # Every name other modules and the tests read from `data`. Patch a name in the module that looks it up:
 # decode_case, BUILD_PROCESSES and PARALLEL_BUILD in data.cache, mask_to_labels in data.classes.
-__all__ = ["DATASETS", "VOLUME_DATASETS", "GENERATED_DATASETS", "MULTICLASS_DATASETS", "LABEL_MAP_DATASETS",
-           "PATCH_DATASETS", "RAW_DATASETS", "DATA_ROOT_ENV", "LISTED_PROBLEMS", "check_dataset_name",
-           "check_data_options", "load_dataset", "spatial_dims", "input_channels", "class_names", "num_classes",
-           "check_cases", "IMAGENET_MEAN", "IMAGENET_STD", "CACHE_FORMAT", "STALE_TEMPORARY_S", "FOLDS", "SPLITS",
-           "SegmentationFiles", "cache_paths", "map_pixels", "open_cache", "pixels_crc32", "read_cache_header",
-           "as_rgb", "augmentation_generator", "decode_image", "denormalize", "make_item", "mask_to_binary",
-           "normalize", "normalize_batch", "read_mask", "read_rgb", "resized_rgb", "EpochItems", "EpochOrder",
-           "SyntheticCases"]
+__all__ = ["DATASETS", "DATASET_TABLE", "DatasetRow", "Request", "VOLUME_DATASETS", "GENERATED_DATASETS",
+           "MULTICLASS_DATASETS", "LABEL_MAP_DATASETS", "PATCH_DATASETS", "RAW_DATASETS", "DATA_ROOT_ENV",
+           "LISTED_PROBLEMS", "check_dataset_name", "check_data_options", "load_dataset", "spatial_dims",
+           "input_channels", "class_names", "num_classes", "check_cases", "IMAGENET_MEAN", "IMAGENET_STD",
+           "CACHE_FORMAT", "STALE_TEMPORARY_S", "FOLDS", "SPLITS", "SegmentationFiles", "cache_paths", "map_pixels",
+           "open_cache", "pixels_crc32", "read_cache_header", "as_rgb", "augmentation_generator", "decode_image",
+           "denormalize", "make_item", "mask_to_binary", "normalize", "normalize_batch", "read_mask", "read_rgb",
+           "resized_rgb", "EpochItems", "EpochOrder", "SyntheticCases"]
 
 
 def check_dataset_name(name: str) -> None:
@@ -160,6 +152,20 @@ def check_data_options(name: str, fold: int | None, label: int | None, multiclas
         raise ValueError(f"label {label} makes one structure the foreground, multiclass keeps every label: choose one")
 
 
+def check_request(request: Request) -> None:
+    """load_dataset's checks of its arguments, before anything is read."""
+    check_dataset_name(request.name)
+    if request.split not in SPLITS:
+        raise ValueError(f"unknown split {request.split!r}: expected one of {', '.join(SPLITS)}")
+    if request.img_size < 1:
+        raise ValueError(f"img_size must be positive, got {request.img_size}")
+    if request.roi_size < 1 or request.samples_per_volume < 1:
+        raise ValueError(f"roi_size and samples_per_volume must be positive, got {request.roi_size} and "
+                         f"{request.samples_per_volume}")
+    check_data_options(request.name, request.fold, request.label, request.multiclass)
+    if request.include_normal and request.name != "busi":
+        raise ValueError(f"include_normal applies to busi only, got it for {request.name}")
+
 
 # ---------------------------------------------------------------------------------------------
 # The public entry point
@@ -171,7 +177,8 @@ def load_dataset(name: str, root: str | None = None, split: str = "train", img_s
                  use_author_lists: bool = True, synthetic_size: int = 300,
                  download: bool = True, fold: int | None = None, label: int | None = None,
                  multiclass: bool = False, roi_size: int = 96, samples_per_volume: int = 4) -> Dataset:
-    """One split of a dataset; see the module docstring for layouts, labels and splits.
+    """One split of a dataset: its DATASET_TABLE row's opener; see the module docstring for layouts, labels and
+    splits.
 
     include_normal: BUSI only; add the 133 "normal" cases (empty masks) the paper leaves out.
     val_fraction / test_fraction: of all cases, default 0.1 / 0.1 for kvasir, 0.2 / 0.1 for msd and
@@ -189,157 +196,16 @@ def load_dataset(name: str, root: str | None = None, split: str = "train", img_s
     img_size: the side of the 2D images and of the msd / synthetic3d / synthetic-organs volumes; btcv ignores
         it (its grid is fixed by the 1.5 x 1.5 x 2.0 mm spacing).
     """
-    check_dataset_name(name)
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}: expected one of {', '.join(SPLITS)}")
-    if img_size < 1:
-        raise ValueError(f"img_size must be positive, got {img_size}")
-    if roi_size < 1 or samples_per_volume < 1:
-        raise ValueError(f"roi_size and samples_per_volume must be positive, got {roi_size} and {samples_per_volume}")
-    check_data_options(name, fold, label, multiclass)
-    if name in ("synthetic", "synthetic3d"):
-        dataset = synthetic_split(name, split, synthetic_size, img_size, seed)
-        print(f"{name} {split}: {len(dataset)} generated cases (seed {seed}, {img_size} px)")
-        return dataset
-    if name == "synthetic-organs":
-        first, length = synthetic_range(split, synthetic_size)
-        volumes = SyntheticOrgans(length, first, img_size, seed)
-        print(f"{name} {split}: {length} generated volumes (seed {seed}, {img_size}^3 voxels, "
-              f"{len(ORGAN_CLASSES)} classes){patches_note(split, roi_size, samples_per_volume, length)}")
-        if split != "train":
-            return volumes
-        patches = RandomPatches(name, volumes, roi_size, samples_per_volume, partial(augmentation_generator, seed))
-        patches.note_shapes([(f"{name}_{first + i:05d}", [img_size] * 3) for i in range(length)])
-        return patches
-    if include_normal and name != "busi":
-        raise ValueError(f"include_normal applies to busi only, got it for {name}")
-
-    root_dir = Path(root) if root is not None else default_root(name)
-    if name == "btcv":
-        return load_btcv(root_dir, split, seed, split_file, fold, val_fraction, test_fraction, roi_size,
-                         samples_per_volume)
-    if name == "msd":
-        data_dir = root_dir
-        cases, channels = msd_cases(root_dir)
-        default_val, default_test = MSD_FRACTIONS
-    else:
-        raw = RAW_DATASETS[name]
-        data_dir = raw.locate(root_dir)
-        if data_dir is None and name == "kvasir" and download and \
-                (not root_dir.exists() or not any(root_dir.iterdir())):
-            download_kvasir(root_dir)
-            data_dir = raw.locate(root_dir)
-        if data_dir is None:
-            raise missing_dataset(name, root_dir, f"default root: ${DATA_ROOT_ENV}/{name}, or ./data/{name} when unset")
-        cases = raw.cases(root_dir, data_dir, include_normal)
-        default_val, default_test = raw.fractions
-
-    val_fraction = default_val if val_fraction is None else val_fraction
-    test_fraction = default_test if test_fraction is None else test_fraction
-    if not (0 < val_fraction and 0 <= test_fraction and val_fraction + test_fraction < 1):
-        raise ValueError(f"expected 0 < val_fraction, 0 <= test_fraction and a sum below 1, got "
-                         f"{val_fraction} and {test_fraction}")
-    found = sorted(case.name for case in cases)
-    author_lists = find_author_lists(name, [root_dir, data_dir]) \
-        if split_file is None and use_author_lists else None
-    if author_lists is not None:
-        source = f"the authors' lists {author_lists[0]} + {author_lists[1].name}"
-        if include_normal or split == "test":
-            raise ValueError(f"{source} define train / val of the paper's cases only; for "
-                             f"{'normal cases' if include_normal else 'a test split'} pass "
-                             "use_author_lists=False to split afresh")
-        splits = {"train": read_case_list(author_lists[0]), "val": read_case_list(author_lists[1]),
-                  "test": []}
-    else:
-        default = root_dir / (f"llm4seg_split_{name}_seed{seed}_val{val_fraction:g}_test"
-                              f"{test_fraction:g}{'_with_normal' if include_normal else ''}.json")
-        path = Path(split_file) if split_file else default
-        source = str(path)
-        splits = split_from_json(name, found, path, path == default, seed, val_fraction,
-                                 test_fraction)
-    listed = Counter(n for s in SPLITS for n in splits[s])
-    unknown = sorted(set(listed) - set(found))
-    if unknown:
-        raise ValueError(f"{len(unknown)} cases named in {source} are not in the data under "
-                         f"{root_dir} (first: {', '.join(unknown[:5])}); expected every listed "
-                         "case present.")
-    hint = "; a held-out test set needs a test fraction > 0 (train.py --test-fraction 0.1)" if split == "test" else ""
-    names, source = split_names(name, splits, split, fold, seed, source, hint)
-    by_name = {case.name: case for case in cases}
-    chosen = [by_name[n] for n in names]
-    note = ""
-    if name == "busi":
-        note = "; normal cases included" if include_normal else \
-            "; benign + malignant only, as the paper (include_normal=True adds the normal cases)"
-    if len(listed) < len(cases):
-        note += f"; {len(cases) - len(listed)} cases found are in no list and unused"
-    if name == "folder" and multiclass:
-        note += "; masks read as label maps (multiclass)"
-    print(f"{name} {split}: {len(chosen)} cases from {data_dir}, split {source}{note}")
-    if name == "msd":
-        variant = "_multiclass" if multiclass else "" if label is None else f"_label{label}"
-        classes = len(msd_labels(root_dir)) if multiclass else None
-        cache = root_dir / "llm4seg_cache" / f"{img_size}px{variant}"
-        return MSDVolumes(chosen, img_size, channels, label, cache, classes)
-    return SegmentationFiles(chosen, img_size, seed, augment=split == "train",
-                             cache_paths=cache_paths(name, root_dir, img_size, multiclass), multiclass=multiclass)
-
-
-def split_names(name: str, splits: dict[str, list[str]], split: str, fold: int | None, seed: int, source: str,
-                hint: str = "") -> tuple[list[str], str]:
-    """The case names of `split` (fold `fold` of the non-test cases when given) and the split's source for the
-    log; ValueError when a case is in two splits or the split is empty (`hint` says what to do)."""
-    listed = Counter(n for s in SPLITS for n in splits[s])
-    repeated = sorted(n for n, count in listed.items() if count > 1)
-    if repeated:
-        raise ValueError(f"{len(repeated)} cases are in more than one split of {source} (first: "
-                         f"{', '.join(repeated[:5])}); expected disjoint splits. Fix the lists.")
-    if fold is not None:
-        splits = cross_validation_fold(splits, fold, seed)
-        source += f", fold {fold} of {FOLDS}"
-    if not splits[split]:
-        raise ValueError(f"{name} has no {split} cases in {source}{hint}")
-    return splits[split], source
-
-
-def load_btcv(root_dir: Path, split: str, seed: int, split_file: str | None, fold: int | None,
-              val_fraction: float | None, test_fraction: float | None, roi_size: int,
-              samples_per_volume: int) -> Dataset:
-    """BTCV's split (volumes/btcv.py: layouts, the official split, preprocessing): whole volumes, or patches
-    of them for train. Its cache is `llm4seg_cache/btcv_1.5x1.5x2.0mm/` in the folder holding the layout."""
-    if val_fraction is not None or test_fraction is not None:
-        raise ValueError("btcv has a fixed split (the official one, or dataset_0.json's); for another pass "
-                         "--split-file <JSON of train / val / test case names>, not fractions")
-    folder = find_btcv(root_dir, f"default root: ${DATA_ROOT_ENV}/btcv, or ./data/btcv when unset")
-    splits, source = folder.splits, folder.source
-    if split_file is not None:
-        if not Path(split_file).is_file():
-            raise FileNotFoundError(f"btcv: --split-file {split_file} does not exist; expected JSON "
-                                    '{"train": [names], "val": [names], "test": [names]} (without --split-file the '
-                                    "official split is used)")
-        splits, source = split_from_json("btcv", [], Path(split_file), False, seed, 0, 0), split_file
-    hint = ("; BTCV has no test split (the challenge's 20 test CTs have no public labels): evaluate on val, or "
-            "pass --split-file <JSON with a test list>") if split == "test" else ""
-    names, source = split_names("btcv", splits, split, fold, seed, source, hint)
-    volumes = BTCVVolumes(folder.cases(names), folder.cache_dir)
-    unused = len(set(folder.files) - {n for s in SPLITS for n in splits[s]})
-    note = f"; {unused} cases found are in no list and unused" if unused else ""
-    print(f"btcv {split}: {len(names)} cases from {folder.data_dir} ({folder.layout} layout), split {source}{note}"
-          f"{patches_note(split, roi_size, samples_per_volume, len(names))}")
-    if split != "train":
-        return volumes
-    return RandomPatches("btcv", volumes, roi_size, samples_per_volume, partial(augmentation_generator, seed))
-
-
-def patches_note(split: str, roi_size: int, samples_per_volume: int, volumes: int) -> str:
-    if split != "train":
-        return "; whole volumes"
-    return f"; random {roi_size}^3 patches, {samples_per_volume} per volume: {volumes * samples_per_volume} items"
+    request = Request(name, root, split, img_size, seed, include_normal, val_fraction, test_fraction, split_file,
+                      use_author_lists, synthetic_size, download, fold, label, multiclass, roi_size,
+                      samples_per_volume)
+    check_request(request)
+    return DATASET_TABLE[name].open(request)
 
 
 def spatial_dims(name: str) -> int:
     """3 for the volume datasets, 2 for the image ones."""
-    return 3 if name in VOLUME_DATASETS else 2
+    return DATASET_TABLE[name].spatial_dims if name in DATASET_TABLE else 2
 
 
 def input_channels(name: str, root: str | None = None) -> int:
@@ -348,7 +214,7 @@ def input_channels(name: str, root: str | None = None) -> int:
     check_dataset_name(name)
     if name == "msd":
         return msd_cases(Path(root) if root is not None else default_root(name))[1]
-    return 1 if name in VOLUME_DATASETS else 3
+    return DATASET_TABLE[name].channels
 
 
 def class_names(name: str, root: str | None = None, **options) -> list[str]:
@@ -445,7 +311,3 @@ def check_cases(*datasets: Dataset) -> None:
                          + "\n".join(f"  {line}" for line in listed)
                          + "\nexpected every case readable: replace these files, or remove their cases from the "
                          "data and the split file (or delete the split file to split again), then start again.")
-
-
-def default_root(name: str) -> Path:
-    return Path(os.environ.get(DATA_ROOT_ENV, "data")) / name
