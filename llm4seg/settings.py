@@ -11,7 +11,7 @@ from pathlib import Path
 from .checkpoints import has_checkpoint, read_run_config
 from .cli import add_runtime_flags, check_runtime_flags, defaults_of, one_line_error_parser
 from .data import DATASETS, PATCH_DATASETS, RAW_DATASETS, check_data_options, load_dataset, spatial_dims
-from .model import BACKBONE_DIMS, BACKBONES, DOWNSAMPLING, FINAL_NORMS, MODES, build_model, check_image_sides
+from .model import BACKBONES, DOWNSAMPLING, FINAL_NORMS, MODES, build_model, check_image_sides
 from .vit import check_patch_grid
 
 # --resume takes every setting from the run's config.json except these, which belong to one invocation,
@@ -217,10 +217,11 @@ def check_data_and_model(args: argparse.Namespace) -> None:
     except ValueError as error:
         raise ValueError(f"--data {args.data}: {error}") from None
     dims = spatial_dims(args.data)
-    if args.backbone != "vit" and BACKBONE_DIMS[args.backbone] != dims:
-        fitting = ", ".join(name for name in ("vit", *BACKBONES) if name == "vit" or BACKBONE_DIMS[name] == dims)
+    own = BACKBONES[args.backbone].spatial_dims if args.backbone != "vit" else dims  # the ViT is 2D or 3D
+    if own != dims:
+        fitting = ", ".join(["vit", *(name for name, row in BACKBONES.items() if row.spatial_dims == dims)])
         raise ValueError(f"--data {args.data} holds {dims}D {'volumes' if dims == 3 else 'images'}; the "
-                         f"{args.backbone} backbone is {BACKBONE_DIMS[args.backbone]}D: use --backbone {fitting}")
+                         f"{args.backbone} backbone is {own}D: use --backbone {fitting}")
     flag, side = ("--roi-size", args.roi_size) if args.data in PATCH_DATASETS else ("--img-size", args.img_size)
     try:
         if args.backbone == "vit":

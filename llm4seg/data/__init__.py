@@ -130,8 +130,8 @@ __all__ = ["DATASETS", "DATASET_TABLE", "DatasetRow", "Request", "VOLUME_DATASET
 
 def check_dataset_name(name: str) -> None:
     """Cheap check for entry scripts to run before heavy work: raise on an unknown dataset name."""
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}: expected one of {', '.join(DATASETS)}")
+    if name not in DATASET_TABLE:
+        raise ValueError(f"unknown dataset {name!r}: expected one of {', '.join(DATASET_TABLE)}")
 
 
 def check_data_options(name: str, fold: int | None, label: int | None, multiclass: bool = False) -> None:

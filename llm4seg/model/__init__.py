@@ -15,11 +15,11 @@ Read in this order; each file opens with its math, shapes and references:
 from .backbones_2d import CMUNEXT_DIMS, NNUNET_CHANNELS, UNET_CHANNELS
 from .backbones_3d import MEDNEXT_SIZES, UXNET_WIDTHS, mednext_parts, uxnet3d_parts
 from .bridge import LLMBridge, LoRALinear, add_lora, lora_mapper, set_frozen_dtype, unit_final_norm
-from .build import (BACKBONE_DIMS, BACKBONES, CNN_DEFAULTS, FINAL_NORMS, MODES, VIT_DEFAULTS, Backbone, ModelConfig,
+from .build import (BACKBONES, CNN_DEFAULTS, FINAL_NORMS, MODES, VIT_DEFAULTS, Backbone, ModelConfig,
                     backbone_defaults, build_model, count_gmacs, count_params, llm_bridge)
 from .u_shape import DOWNSAMPLING, DecoderStage, Parts, SegmentationNet, check_image_sides, check_image_size
 
-__all__ = ["BACKBONES", "BACKBONE_DIMS", "CMUNEXT_DIMS", "CNN_DEFAULTS", "DOWNSAMPLING", "FINAL_NORMS",
+__all__ = ["BACKBONES", "CMUNEXT_DIMS", "CNN_DEFAULTS", "DOWNSAMPLING", "FINAL_NORMS",
            "MEDNEXT_SIZES", "MODES", "NNUNET_CHANNELS", "UNET_CHANNELS", "UXNET_WIDTHS", "VIT_DEFAULTS", "Backbone",
            "DecoderStage", "LLMBridge", "LoRALinear", "ModelConfig", "Parts", "SegmentationNet", "add_lora",
            "backbone_defaults", "build_model", "check_image_sides", "check_image_size", "count_gmacs",

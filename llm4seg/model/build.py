@@ -91,7 +91,6 @@ BACKBONES = {
     "mednext-tiny": Backbone(partial(mednext_parts, size="S", kernel=3, width=8), spatial_dims=3, in_channels=1,
                              min_side=NEEDS_TWO_BOTTLENECK_VOXELS),
 }
-BACKBONE_DIMS = {name: row.spatial_dims for name, row in BACKBONES.items()}
 
 VIT_DEFAULTS = {"in_channels": 1, "spatial_dims": 3, "residual": True, "final_norm": "unit"}  # MedVisionLlama's
 CNN_DEFAULTS = {"residual": False, "final_norm": "none"}  # LLM4Seg's; in_channels and spatial_dims: the row's
@@ -174,10 +173,10 @@ def check_model_options(backbone, llm, mode, plain, lora_rank, mapper_lora_rank,
         if spatial_dims not in (2, 3):
             raise ValueError(f"backbone 'vit' is 2D or 3D: got spatial_dims={spatial_dims}")
         return
-    own = BACKBONE_DIMS[backbone]
+    own = BACKBONES[backbone].spatial_dims
     if spatial_dims != own:
         data = "volumes" if spatial_dims == 3 else "images"
-        fitting = ", ".join([name for name, dims in BACKBONE_DIMS.items() if dims == spatial_dims] + ["vit"])
+        fitting = ", ".join([name for name, row in BACKBONES.items() if row.spatial_dims == spatial_dims] + ["vit"])
         raise ValueError(f"backbone {backbone!r} is {own}D: got spatial_dims={spatial_dims}; "
                          f"for {data} use one of {fitting}")
 
