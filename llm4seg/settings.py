@@ -97,8 +97,9 @@ def make_parser() -> argparse.ArgumentParser:
                    help="btcv, synthetic-organs: the side of the training crops and of the sliding windows that "
                         "evaluate whole volumes (a multiple of 16)")
     p.add_argument("--backbone", default=MODEL_DEFAULTS["backbone"], choices=sorted([*BACKBONES, "vit"]),
-                   help="a CNN: unet, cmunext, nnunet (2D); mednext (MedNeXt-B, kernel 3), mednext-s / -m / -l / "
-                        "-b-k5, uxnet3d (3D); or vit: MedVisionLlama's ViT (2D or 3D)")
+                   help="a CNN of model.BACKBONES: " + ", ".join(f"{name} ({row.spatial_dims}D)"
+                                                                 for name, row in BACKBONES.items())
+                        + "; or vit: MedVisionLlama's ViT (2D or 3D)")
     p.add_argument("--llm", default=MODEL_DEFAULTS["llm"],
                    help="alias (listed below), Hub repo id, local model directory or .gguf file; 'none' for the "
                         "plain backbone")

@@ -36,6 +36,30 @@ def test_readme_flag_tables_state_the_parser_defaults(heading, parser):
         assert cell == expected, f"README says {flag} defaults to {cell!r}, the parser to {expected!r}"
 
 
+def readme_names(cell: str) -> set[str]:
+    return set(re.findall(r"`([\w.-]+)`", cell))
+
+
+def test_readme_lists_every_row_of_the_tables():
+    """The datasets, backbones, recipes and LLM aliases the README lists are the tables' rows, so a row added to
+    a table (mednext-tiny was missing) fails here until the README names it."""
+    from llm4seg.data import DATASET_TABLE
+    from llm4seg.llm_layer import ALIASES
+    from llm4seg.model import BACKBONES
+    from llm4seg.settings import RECIPES
+
+    section = README.split("### train.py flags", 1)[1].split("\n### ", 1)[0]
+    cells = dict(re.findall(r"^\| `(--[\w-]+)`[^|]*\|[^|]*\|\s*(.*?)\s*\|$", section, flags=re.M))
+    assert readme_names(cells["--data"]) == set(DATASET_TABLE)
+    assert readme_names(cells["--backbone"]) == {*BACKBONES, "vit"}
+    assert readme_names(cells["--recipe"].split(":")[0]) == set(RECIPES)
+    recipes = README.split("The recipes (`--recipe`):", 1)[1].split("\n\n", 2)[1]
+    assert set(re.findall(r"^\| `([\w-]+)` \|", recipes, flags=re.M)) == set(RECIPES)
+    aliases = README.split("| alias | Hub repo |", 1)[1].split("\n\n", 1)[0]
+    listed = {name for row in re.findall(r"^  \| (.*?) \|", aliases, flags=re.M) for name in readme_names(row)}
+    assert listed == set(ALIASES)
+
+
 def test_the_python_example_segments_an_image(tmp_path):
     """The README's ten lines, run on a tiny run of its own and a new image (its paths swapped for them)."""
     import numpy as np
