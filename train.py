@@ -71,28 +71,28 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
+from llm4seg import losses
 from llm4seg.checkpoints import (has_checkpoint, keep_metrics_up_to, load_checkpoint, load_weights_of_run,
-                                 read_run_config, rebuild_model, remove_stale_temporaries, rng_state, run_dir_lock,
-                                 save_checkpoint, set_rng_state)
+                                 read_run_config, remove_stale_temporaries, rng_state, run_dir_lock,
+                                 save_checkpoint, set_rng_state, write_run_config)
 from llm4seg.cli import USER_ERROR_EXIT, USER_ERRORS, user_error
-from llm4seg.data import (PATCH_DATASETS, EpochItems, EpochOrder, check_cases, class_names, input_channels,
-                          load_dataset, normalize_batch, num_classes, spatial_dims)
+from llm4seg.data import PATCH_DATASETS, EpochItems, EpochOrder, check_cases, class_names, load_dataset, normalize_batch
 from llm4seg.files import WriteError, write_atomically
 from llm4seg.metrics import OVERLAP_METRICS, SEGMENTATION_METRICS, evaluate_cases, mean_and_std
-from llm4seg.model import build_model, count_params, set_frozen_dtype
+from llm4seg.model import count_params, set_frozen_dtype
 from llm4seg.pictures import curves_png
 from llm4seg.prediction import case_probabilities
 from llm4seg.runtime import (Processes, StopRequests, autocast, compile_mode, ignore_stop_signals, memory_format,
-                             rank_zero_first, resolve_device, resolve_precision, set_cpu_threads, to_device)
-from llm4seg.settings import check_args, data_options, default_run_dir, parse_args
+                             max_over_ranks, rank_zero_first, resolve_device, resolve_precision, set_cpu_threads,
+                             sum_over_ranks, to_device)
+from llm4seg.settings import (build_or_rebuild_model, check_args, data_options, default_run_dir, make_optimizer,
+                              parse_args)
 
 POLY_POWER = 0.9
-DICE_SMOOTH = 1e-5
 CURVES_EVERY_S = 30
 
 
@@ -105,37 +105,6 @@ def learning_rate(args: argparse.Namespace, step: int, max_steps: int) -> float:
     if args.schedule == "constant":
         return args.lr
     return args.lr * (1 - step / max_steps) ** POLY_POWER
-
-
-def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, bce_weight: float) -> torch.Tensor:
-    """One output channel: bce_dice_loss (sigmoid, binary); K > 1 channels: dice_ce_loss (softmax, a label map)."""
-    if logits.shape[1] == 1:
-        return bce_dice_loss(logits, target.float(), bce_weight)
-    return dice_ce_loss(logits, target)
-
-
-def dice_ce_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """logits (B, K, *spatial), labels (B, 1, *spatial) in 0..K-1 -> scalar CE + (1 - soft Dice), MONAI's
-    DiceCELoss(to_onehot_y=True, softmax=True) (UNETR's and 3D UX-Net's BTCV loss):
-        CE = mean over voxels of -log softmax(z)_y
-        Dice_bk = (2 sum(p_k g_k) + 1e-5) / (sum p_k + sum g_k + 1e-5)  per case b and class k, background
-        included; loss = CE + 1 - mean_bk Dice_bk."""
-    labels = labels[:, 0].long()                                                   # (B, *spatial)
-    cross_entropy = F.cross_entropy(logits, labels)
-    probability = torch.softmax(logits, dim=1).flatten(2)                          # (B, K, N)
-    truth = F.one_hot(labels.flatten(1), logits.shape[1]).transpose(1, 2).to(probability.dtype)  # (B, K, N)
-    dice = (2 * (probability * truth).sum(2) + DICE_SMOOTH) / (
-        probability.sum(2) + truth.sum(2) + DICE_SMOOTH)                           # (B, K)
-    return cross_entropy + 1 - dice.mean()
-
-
-def bce_dice_loss(logits: torch.Tensor, target: torch.Tensor, bce_weight: float = 0.5) -> torch.Tensor:
-    """logits, target (B, 1, *spatial) -> scalar bce_weight * BCE + (1 - soft Dice averaged over the batch)."""
-    bce = F.binary_cross_entropy_with_logits(logits, target)
-    probability, target = torch.sigmoid(logits).flatten(1), target.flatten(1)    # (B, N)
-    dice = (2 * (probability * target).sum(1) + DICE_SMOOTH) / (
-        probability.sum(1) + target.sum(1) + DICE_SMOOTH)                          # (B,)
-    return bce_weight * bce + (1 - dice.mean())
 
 
 def validate(run: "Run") -> dict[str, float]:
@@ -292,38 +261,8 @@ def start_in_run_dir(run: Run, val_cases: int, iterations: int) -> None:
         # best checkpoint belong to that attempt.
         keep_metrics_up_to(run_dir / "metrics.jsonl", 0)
         (run_dir / "best.safetensors").unlink(missing_ok=True)
-        write_run_config(run, val_cases, iterations)
-
-
-def build_or_rebuild_model(args: argparse.Namespace) -> torch.nn.Module:
-    """A resumed run's model exactly as it was built (LLM commit pinned), or a new one from the flags."""
-    if args.resume:
-        return rebuild_model(read_run_config(Path(args.out)))
-    # A local directory or .gguf is recorded by absolute path, so eval.py finds it from anywhere.
-    local = Path(args.llm).expanduser()
-    llm = None if args.llm == "none" else str(local.resolve()) if local.exists() else args.llm
-    in_channels = input_channels(args.data, args.data_dir)
-    classes = num_classes(args.data, args.data_dir, multiclass=args.multiclass)
-    net = build_model(args.backbone, llm, args.layer, args.mode, in_channels=in_channels, num_classes=classes,
-                      lora_rank=args.lora_rank,
-                      mapper_lora_rank=args.mapper_lora_rank, residual=args.residual, final_norm=args.final_norm,
-                      spatial_dims=spatial_dims(args.data), img_size=args.img_size,
-                      patch_size=args.patch_size, embed_dim=args.embed_dim, depth=args.depth, heads=args.heads,
-                      dropout=args.dropout)
-    if args.init_from:
-        info = load_weights_of_run(net, args.init_from)
-        print(f"weights from {args.init_from} (best checkpoint: epoch {info.get('epoch')}, step {info['global_step']})")
-    return net
-
-
-def make_optimizer(args: argparse.Namespace, trainable: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    """SGD with momentum (LLM4Seg), Adam (MedVisionLlama) or AdamW (LLM4Seg in 3D, as 3D UX-Net) over the
-    trainable tensors only."""
-    if args.optimizer == "adam":
-        return torch.optim.Adam(trainable, lr=args.lr, weight_decay=args.weight_decay)
-    if args.optimizer == "adamw":
-        return torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
-    return torch.optim.SGD(trainable, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+        write_run_config(run_dir, vars(args), run.net, processes.world_size, len(run.train_set), val_cases,
+                         iterations)
 
 
 def resume_from_last(run: Run) -> None:
@@ -336,24 +275,6 @@ def resume_from_last(run: Run) -> None:
     set_rng_state(info["rng"][run.processes.rank])
     if run.processes.main:
         keep_metrics_up_to(run.run_dir / "metrics.jsonl", run.progress.epochs_done)
-
-
-def write_run_config(run: Run, val_images: int, iterations: int) -> None:
-    """config.json: every setting and what eval.py needs to rebuild the model."""
-    run.run_dir.mkdir(parents=True, exist_ok=True)
-    layer = run.net.bridge.layer.config if run.net.bridge is not None else None
-    world_size = run.processes.world_size
-    config = {
-        "train": vars(run.args),
-        "model": asdict(run.net.config),
-        "llm_layer": layer.to_dict() if layer else None,
-        "world_size": world_size,
-        "global_batch_size": world_size * run.args.batch_size,
-        "train_images": len(run.train_set), "val_images": val_images,
-        "iterations_per_epoch": iterations,
-        "torch": torch.__version__,
-    }
-    write_atomically(run.run_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=1)))
 
 
 def print_settings(run: Run, val_images: int, iterations: int) -> None:
@@ -391,7 +312,7 @@ def train(run: Run, stop: StopRequests) -> int:
         if code is not None:
             return code
         end_of_epoch(run, epoch, images_per_second)
-        stopping = max_over_ranks(run, torch.tensor(stop.signal, device=run.device)).item()
+        stopping = max_over_ranks(torch.tensor(stop.signal, device=run.device), run.processes).item()
         if stopping:
             print(f"stopped after epoch {epoch}; continue with: python train.py --resume {run.run_dir}")
             return 128 + int(stopping)
@@ -423,7 +344,8 @@ def train_one_epoch(run: Run, epoch: int, stop: StopRequests) -> tuple[int | Non
                 torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are not read again
             with autocast(device, run.precision):  # 2D items come as uint8: normalised on the device
                 logits = run.model(normalize_batch(to_device(batch["image"], device)))
-            loss = segmentation_loss(logits.float(), batch["mask"].to(device, non_blocking=True), args.bce_weight)
+            loss = losses.segmentation_loss(logits.float(), batch["mask"].to(device, non_blocking=True),
+                                            args.bce_weight)
             run.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             non_finite, stopping = step_flags_over_ranks(run, loss, stop)
@@ -505,23 +427,15 @@ def step_flags_over_ranks(run: Run, loss: torch.Tensor, stop: StopRequests) -> t
     or the others wait forever in the next collective."""
     flags = torch.stack([(~torch.isfinite(loss.detach())).float(),
                          torch.tensor(float(stop.signal > 0), device=run.device)])
-    non_finite, stopping = max_over_ranks(run, flags).tolist()
+    non_finite, stopping = max_over_ranks(flags, run.processes).tolist()
     return non_finite, stopping
 
 
 def mean_loss_over_ranks(run: Run) -> float:
     """The epoch's mean training loss over every rank's batches."""
     epoch_loss = torch.tensor([run.progress.epoch_loss_sum, run.progress.batches_done], dtype=torch.float64)
-    if run.processes.distributed:
-        dist.all_reduce(epoch_loss)
-    return (epoch_loss[0] / epoch_loss[1]).item()
-
-
-def max_over_ranks(run: Run, values: torch.Tensor) -> torch.Tensor:
-    """`values` (on run.device), element-wise max over every rank."""
-    if run.processes.distributed:
-        dist.all_reduce(values, op=dist.ReduceOp.MAX)
-    return values
+    total, batches = sum_over_ranks(epoch_loss, run.processes).tolist()
+    return total / batches
 
 
 def save_last(run: Run) -> None:

@@ -287,6 +287,24 @@ def _from_base64(text: str, dtype) -> np.ndarray:
 # A run's model, rebuilt
 
 
+def write_run_config(run_dir: Path, settings: dict, net: torch.nn.Module, world_size: int, train_images: int,
+                     val_images: int, iterations: int) -> None:
+    """RUN_DIR/config.json: every setting and what eval.py needs to rebuild the model (read_run_config)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    layer = net.bridge.layer.config if net.bridge is not None else None
+    config = {
+        "train": settings,
+        "model": asdict(net.config),
+        "llm_layer": layer.to_dict() if layer else None,
+        "world_size": world_size,
+        "global_batch_size": world_size * settings["batch_size"],
+        "train_images": train_images, "val_images": val_images,
+        "iterations_per_epoch": iterations,
+        "torch": torch.__version__,
+    }
+    write_atomically(run_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=1)))
+
+
 def read_run_config(run_dir: Path) -> dict:
     """RUN_DIR/config.json as train.py wrote it: {"train": settings, "model": build_model kwargs, "llm_layer", ...}."""
     config_file = run_dir / "config.json"

@@ -7,6 +7,7 @@ Library modules never pick a device; the entry scripts (train.py, eval.py) call 
     set_cpu_threads(w, p)      torch's CPU threads: OMP_NUM_THREADS if set, else this process's share of
                                the cores it may use less its w DataLoader workers
     rank_zero_first(p)         rank 0 downloads and writes shared files first, the others wait
+    max_over_ranks, sum_over_ranks   a tensor reduced over every rank, as every rank must branch alike
     StopRequests()             Ctrl-C / SIGTERM ask a training loop to stop at the next step boundary
     signals_deferred()         Ctrl-C / SIGTERM held back while a file is saved, delivered after it
     ignore_stop_signals(_)     a DataLoader worker's worker_init_fn: Ctrl-C reaches the whole process group,
@@ -52,6 +53,20 @@ class Processes:
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+
+def max_over_ranks(values: Tensor, processes: Processes) -> Tensor:
+    """`values` element-wise max over every rank (in place; as they are in a single process)."""
+    if processes.distributed:
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return values
+
+
+def sum_over_ranks(values: Tensor, processes: Processes) -> Tensor:
+    """`values` element-wise summed over every rank (in place; as they are in a single process)."""
+    if processes.distributed:
+        dist.all_reduce(values)
+    return values
 
 
 def set_cpu_threads(workers: int, processes: Processes) -> int:

@@ -1,5 +1,5 @@
-"""The settings of a training run: train.py's flags and defaults, the --resume rules, the cheap checks
-and the run directory's default name. A library module, so that train.py and sweep.py (which spans
+"""The settings of a training run: train.py's flags and defaults, the --resume rules, the cheap checks,
+the run directory's default name, and the model and optimizer the flags describe. A library module, so that train.py and sweep.py (which spans
 a grid of these flags) read one definition; every default is defined once, here or in the signature
 of the function a flag configures (build_model, load_dataset), printed at start and saved in config.json.
 """
@@ -8,9 +8,12 @@ import math
 import os
 from pathlib import Path
 
-from .checkpoints import has_checkpoint, read_run_config
+import torch
+
+from .checkpoints import has_checkpoint, load_weights_of_run, read_run_config, rebuild_model
 from .cli import add_runtime_flags, check_runtime_flags, defaults_of, one_line_error_parser
-from .data import DATASETS, PATCH_DATASETS, RAW_DATASETS, check_data_options, load_dataset, spatial_dims
+from .data import (DATASETS, PATCH_DATASETS, RAW_DATASETS, check_data_options, input_channels, load_dataset,
+                   num_classes, spatial_dims)
 from .model import BACKBONES, DOWNSAMPLING, FINAL_NORMS, MODES, build_model, check_image_sides
 from .vit import check_patch_grid
 
@@ -312,3 +315,34 @@ def data_options(settings: dict) -> dict:
     return {"synthetic_size": settings["synthetic_size"], "fold": settings.get("fold"), "label": settings.get("label"),
             "multiclass": settings.get("multiclass", False), "roi_size": settings.get("roi_size", DATA_DEFAULTS["roi_size"]),
             "test_fraction": settings.get("test_fraction"), "split_file": settings.get("split_file")}
+
+
+def build_or_rebuild_model(args: argparse.Namespace) -> torch.nn.Module:
+    """A resumed run's model exactly as it was built (LLM commit pinned), or a new one from the flags."""
+    if args.resume:
+        return rebuild_model(read_run_config(Path(args.out)))
+    # A local directory or .gguf is recorded by absolute path, so eval.py finds it from anywhere.
+    local = Path(args.llm).expanduser()
+    llm = None if args.llm == "none" else str(local.resolve()) if local.exists() else args.llm
+    in_channels = input_channels(args.data, args.data_dir)
+    classes = num_classes(args.data, args.data_dir, multiclass=args.multiclass)
+    net = build_model(args.backbone, llm, args.layer, args.mode, in_channels=in_channels, num_classes=classes,
+                      lora_rank=args.lora_rank,
+                      mapper_lora_rank=args.mapper_lora_rank, residual=args.residual, final_norm=args.final_norm,
+                      spatial_dims=spatial_dims(args.data), img_size=args.img_size,
+                      patch_size=args.patch_size, embed_dim=args.embed_dim, depth=args.depth, heads=args.heads,
+                      dropout=args.dropout)
+    if args.init_from:
+        info = load_weights_of_run(net, args.init_from)
+        print(f"weights from {args.init_from} (best checkpoint: epoch {info.get('epoch')}, step {info['global_step']})")
+    return net
+
+
+def make_optimizer(args: argparse.Namespace, trainable: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """SGD with momentum (LLM4Seg), Adam (MedVisionLlama) or AdamW (LLM4Seg in 3D, as 3D UX-Net) over the
+    trainable tensors only."""
+    if args.optimizer == "adam":
+        return torch.optim.Adam(trainable, lr=args.lr, weight_decay=args.weight_decay)
+    if args.optimizer == "adamw":
+        return torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
+    return torch.optim.SGD(trainable, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)

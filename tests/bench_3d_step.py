@@ -8,7 +8,7 @@ prediction.sliding_window against MONAI's sliding_window_inference on the same m
 
 The step, as train.py takes one with --recipe llm4seg3d (eager: train.py compiles on CUDA, this does not): a
 fixed random batch (B, 1, S, S, S) with random labels of BTCV's 14 classes, forward under bf16 autocast on
-CUDA (the frozen layer stored in bf16, set_frozen_dtype) and float32 on the CPU, train.dice_ce_loss, backward,
+CUDA (the frozen layer stored in bf16, set_frozen_dtype) and float32 on the CPU, losses.dice_ce_loss, backward,
 AdamW at the recipe's lr and weight decay. The layer comes from a generated one-layer checkpoint of
 Llama-3.2-1B's shapes (tests/bench_step.layer_checkpoint: random bf16 values; the model is gated and the
 cost depends on shapes only); at S = 96 it sees (S / 16)^3 = 216 tokens. Time per step: the median of
@@ -37,14 +37,14 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 from llm4seg.kernels.bench import LLMS, interleaved_ms  # noqa: E402
+from llm4seg.losses import dice_ce_loss  # noqa: E402
 from llm4seg.model import build_model, count_params, set_frozen_dtype  # noqa: E402
 from llm4seg.prediction import sliding_window  # noqa: E402
 from llm4seg.runtime import autocast, predict  # noqa: E402
 from llm4seg.settings import RECIPES  # noqa: E402
+from llm4seg.volumes import BTCV_CLASSES  # noqa: E402
 from bench_sliding_window import measured  # noqa: E402
 from bench_step import TINY, layer_checkpoint  # noqa: E402
-from train import dice_ce_loss  # noqa: E402
-from llm4seg.volumes import BTCV_CLASSES  # noqa: E402
 
 BACKBONES = ("mednext", "mednext-s", "uxnet3d")  # LLM4Seg's Table 2 3D rows: MedNeXt (B, kernel 3), S, 3D UX-Net
 WINDOW_BACKBONE = "mednext-s"

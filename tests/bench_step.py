@@ -25,9 +25,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from llm4seg.kernels.bench import LLMS, interleaved_ms  # noqa: E402
 from llm4seg.llm_layer.layers import LayerConfig, expected_shapes  # noqa: E402
+from llm4seg.losses import bce_dice_loss  # noqa: E402
 from llm4seg.model import CMUNEXT_DIMS, build_model, set_frozen_dtype  # noqa: E402
 from llm4seg.runtime import Processes, autocast, compile_mode, memory_format, resolve_precision  # noqa: E402
-from train import bce_dice_loss  # noqa: E402
 
 TINY = dict(model_type="llama", hidden_size=64, intermediate_size=128, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, num_hidden_layers=2, rms_norm_eps=1e-5)

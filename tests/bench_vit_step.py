@@ -22,10 +22,10 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
+from llm4seg.losses import bce_dice_loss  # noqa: E402
 from llm4seg.model import build_model, count_params, set_frozen_dtype  # noqa: E402
 from llm4seg.runtime import autocast, resolve_precision  # noqa: E402
 from bench_step import layer_checkpoint  # noqa: E402
-from train import bce_dice_loss  # noqa: E402
 
 LLAMA_3_1_8B = dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
                     num_key_value_heads=8, num_hidden_layers=32, rms_norm_eps=1e-5)

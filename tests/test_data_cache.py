@@ -20,7 +20,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from llm4seg import data
+from llm4seg import data, losses
 import train
 from llm4seg.files import InputError
 from llm4seg.volumes.nifti import tensors_crc32
@@ -302,14 +302,14 @@ def test_training_on_uint8_items_resumes_exactly_with_persistent_workers(tree, t
     assert train.main(tiny_run(tmp_path / "float", root)) == 0
     monkeypatch.undo()
     assert train.main(tiny_run(tmp_path / "uint8", root)) == 0
-    steps, real_loss = iter(range(1, 100)), train.bce_dice_loss
+    steps, real_loss = iter(range(1, 100)), losses.bce_dice_loss
 
     def loss_with_ctrl_c(logits, target, bce_weight):
         if next(steps) == 4:  # epoch 2, its second batch
             os.kill(os.getpid(), 2)
         return real_loss(logits, target, bce_weight)
 
-    monkeypatch.setattr(train, "bce_dice_loss", loss_with_ctrl_c)
+    monkeypatch.setattr(losses, "bce_dice_loss", loss_with_ctrl_c)
     assert train.main(tiny_run(tmp_path / "resumed", root, "--workers", "2")) == 130
     monkeypatch.undo()
     assert train.main(["--resume", str(tmp_path / "resumed")]) == 0

@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
+from llm4seg import losses, settings
 from llm4seg.checkpoints import checkpoint_info
 from llm4seg.llm_layer import load_layer
 from llm4seg.model import build_model
@@ -98,7 +99,7 @@ def test_two_epochs_write_config_metrics_checkpoints_and_keep_the_layer_frozen(t
         built["adapter_before"] = net.bridge.project_in.weight.detach().clone()
         return net
 
-    monkeypatch.setattr(train, "build_model", build_and_keep)
+    monkeypatch.setattr(settings, "build_model", build_and_keep)
     out = tmp_path / "run"
     assert train.main(small_run(tiny_llm, out, "--epochs", "2")) == 0
 
@@ -166,14 +167,14 @@ def test_ctrl_c_mid_epoch_saves_last_and_resume_is_exact(tiny_llm, tmp_path, thr
                                                          capsys, step):
     """SIGINT during step 3 (epoch 2, batch 1) or 4 (its last batch, before validation): the step
     completes, is saved, and the resumed run continues with the next batch's data and draws."""
-    loss_calls, real_loss = itertools.count(1), train.bce_dice_loss
+    loss_calls, real_loss = itertools.count(1), losses.bce_dice_loss
 
     def loss_with_ctrl_c(logits, target, bce_weight):
         if next(loss_calls) == step:
             os.kill(os.getpid(), signal.SIGINT)
         return real_loss(logits, target, bce_weight)
 
-    monkeypatch.setattr(train, "bce_dice_loss", loss_with_ctrl_c)
+    monkeypatch.setattr(losses, "bce_dice_loss", loss_with_ctrl_c)
     out = tmp_path / "interrupted"
     before = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN when started in the background
     assert train.main(small_run(tiny_llm, out, "--epochs", "3")) == 130
@@ -183,20 +184,20 @@ def test_ctrl_c_mid_epoch_saves_last_and_resume_is_exact(tiny_llm, tmp_path, thr
     assert [line["epoch"] for line in metrics(out)] == [1]
     assert signal.getsignal(signal.SIGINT) is before  # handler restored
 
-    monkeypatch.setattr(train, "bce_dice_loss", real_loss)
+    monkeypatch.setattr(losses, "bce_dice_loss", real_loss)
     assert train.main(["--resume", str(out)]) == 0
     assert_same_metrics(out, three_epochs)
     assert_same_tensors(out / "last.safetensors", three_epochs / "last.safetensors")
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_llm, tmp_path, monkeypatch, capsys):
-    loss_calls, real_loss = itertools.count(1), train.bce_dice_loss
+    loss_calls, real_loss = itertools.count(1), losses.bce_dice_loss
 
     def nan_in_epoch_two(logits, target, bce_weight):
         loss = real_loss(logits, target, bce_weight)
         return loss * float("nan") if next(loss_calls) == 4 else loss
 
-    monkeypatch.setattr(train, "bce_dice_loss", nan_in_epoch_two)
+    monkeypatch.setattr(losses, "bce_dice_loss", nan_in_epoch_two)
     out = tmp_path / "nan"
     assert train.main(small_run(tiny_llm, out, "--epochs", "3")) == 1
     assert "error: non-finite loss at epoch 2, step 3 " in capsys.readouterr().err
@@ -284,7 +285,7 @@ def test_bad_flags_exit_2_with_one_line_before_any_work(tiny_llm, tmp_path, caps
 ])
 def test_an_out_that_cannot_be_a_directory_is_refused_before_any_work(tiny_llm, tmp_path, capsys, monkeypatch,
                                                                       where, message):
-    monkeypatch.setattr(train, "build_model", None)  # nothing is built before the check
+    monkeypatch.setattr(settings, "build_model", None)  # nothing is built before the check
     (tmp_path / "a-file").write_text("not a directory")
     out = tmp_path / where
     assert train.main(small_run(tiny_llm, out)) == 2
@@ -294,7 +295,7 @@ def test_an_out_that_cannot_be_a_directory_is_refused_before_any_work(tiny_llm, 
 
 def test_an_out_the_system_refuses_is_named_before_any_work(tiny_llm, monkeypatch, capsys):
     """/proc refuses new directories even to root, whom os.access lets through: the check tries it."""
-    monkeypatch.setattr(train, "build_model", None)  # nothing is built before the check
+    monkeypatch.setattr(settings, "build_model", None)  # nothing is built before the check
     assert train.main(small_run(tiny_llm, Path("/proc/llm4seg-run"))) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --out /proc/llm4seg-run: cannot write there") and err.count("\n") == 1
@@ -303,7 +304,7 @@ def test_an_out_the_system_refuses_is_named_before_any_work(tiny_llm, monkeypatc
 def test_ctrl_c_while_setting_up_is_one_line_and_exit_130(tiny_llm, tmp_path, monkeypatch, capsys):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
-    monkeypatch.setattr(train, "build_model", interrupted)
+    monkeypatch.setattr(settings, "build_model", interrupted)
     assert train.main(small_run(tiny_llm, tmp_path / "run")) == 130
     assert capsys.readouterr().err == "interrupted before training started; run the same command again to start\n"
 
@@ -434,13 +435,13 @@ def test_dice_ce_loss_equals_monais_dice_ce_loss_and_its_gradient():
     torch.manual_seed(0)
     logits = torch.randn(2, 4, 6, 5, 7, requires_grad=True)
     labels = torch.randint(0, 4, (2, 1, 6, 5, 7))
-    ours = train.dice_ce_loss(logits, labels)
+    ours = losses.dice_ce_loss(logits, labels)
     (ours_grad,) = torch.autograd.grad(ours, logits)
     expected = DiceCELoss(to_onehot_y=True, softmax=True)(logits, labels)
     (expected_grad,) = torch.autograd.grad(expected, logits)
     torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)
     torch.testing.assert_close(ours_grad, expected_grad, rtol=0, atol=1e-7)
-    assert train.segmentation_loss(logits, labels, 0.5) == ours  # K > 1 channels: the multi-class loss
+    assert losses.segmentation_loss(logits, labels, 0.5) == ours  # K > 1 channels: the multi-class loss
 
 
 # --- LLM4Seg in 3D: a MedNeXt on multi-class synthetic organs -------------------------------------
@@ -573,10 +574,10 @@ def test_split_file_gives_the_split_on_the_command_line(tmp_path, capsys):
 
 def test_init_from_starts_a_new_run_from_another_runs_best_weights(tiny_llm, tmp_path, three_epochs, capsys):
     from llm4seg.checkpoints import read_checkpoint
-    from llm4seg.settings import parse_args
+    from llm4seg.settings import build_or_rebuild_model, parse_args
 
     args = parse_args(small_run(tiny_llm, tmp_path / "finetune", "--init-from", str(three_epochs)))
-    net = train.build_or_rebuild_model(args)
+    net = build_or_rebuild_model(args)
     best, _ = read_checkpoint(three_epochs / "best.safetensors")
     state = net.state_dict()
     assert all(torch.equal(state[key.removeprefix("model.")], value) for key, value in best.items())

@@ -26,7 +26,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from llm4seg import files
+from llm4seg import files, losses
 import train
 from llm4seg.checkpoints import has_checkpoint
 from dataset_trees import box_mask, write_case
@@ -204,17 +204,17 @@ def test_ctrl_c_mid_epoch_with_two_workers_resumes_exactly(reference, tmp_path, 
     """Workers prefetch batches and are seeded per epoch; the augmentation depends on (seed, epoch,
     index) only, so stopping mid-epoch with --workers 2 and resuming gives the run made with --workers 0."""
     reference_dir, _ = reference
-    steps, real_loss = iter(range(1, 100)), train.bce_dice_loss
+    steps, real_loss = iter(range(1, 100)), losses.bce_dice_loss
 
     def loss_with_ctrl_c(logits, target, bce_weight):
         if next(steps) == 3:  # epoch 2, its first batch
             os.kill(os.getpid(), signal.SIGINT)
         return real_loss(logits, target, bce_weight)
 
-    monkeypatch.setattr(train, "bce_dice_loss", loss_with_ctrl_c)
+    monkeypatch.setattr(losses, "bce_dice_loss", loss_with_ctrl_c)
     out = tmp_path / "workers"
     assert train.main(tiny_run(out, "--workers", "2")) == 130
-    monkeypatch.setattr(train, "bce_dice_loss", real_loss)
+    monkeypatch.setattr(losses, "bce_dice_loss", real_loss)
     assert_resumes_to(out, reference_dir)
 
 
