@@ -5,7 +5,8 @@ statistics against a baseline, and the plots.
                              per-image rows (eval.py's per_image.csv) and computation report (metrics.json)
     summarise(...)           one row per setting: the seeds' mean ± std of each run's mean metric, the model's
                              size, and ΔIoU against the baseline with its bootstrap CI and sign-flip p
-                             (metrics.paired_difference over the (seed, image) pairs two settings share)
+                             (metrics.paired_difference over the (seed, image) pairs two settings share);
+                             multi-class, ΔDice too (the paper reports BTCV in Dice)
     write_tables(...)        OUT/table.md and table.csv (multi-class: Dice per class below)
     plot(...)                iou_by_setting.png (per seed, and the paired ΔIoU as a forest plot), iou_by_layer.png
                              when --layer varies, spectra.png of the bottleneck analysis
@@ -59,10 +60,10 @@ def find_baseline(args, varying, settings: list[tuple]) -> tuple:
     raise ValueError(f"--baseline {args.baseline} matches no setting of the grid")
 
 
-def paired_ious(runs: list[Run], baseline_runs: list[Run]) -> list[float]:
-    """IoU differences on the (seed, image) pairs two settings share."""
-    by_seed = {run.seed: {row["case"]: row["iou"] for row in run.per_image} for run in baseline_runs}
-    differences = [row["iou"] - by_seed[run.seed][row["case"]] for run in runs if run.seed in by_seed
+def paired_differences(runs: list[Run], baseline_runs: list[Run], metric: str = "iou") -> list[float]:
+    """`metric` differences on the (seed, image) pairs two settings share."""
+    by_seed = {run.seed: {row["case"]: row[metric] for row in run.per_image} for run in baseline_runs}
+    differences = [row[metric] - by_seed[run.seed][row["case"]] for run in runs if run.seed in by_seed
                    for row in run.per_image if row["case"] in by_seed[run.seed]]
     return [d for d in differences if not np.isnan(d)]  # a multi-class case with no class in its truth: NaN
 
@@ -99,14 +100,24 @@ def summarise(args, varying, runs: list[Run], baseline: tuple) -> list[dict]:
         if mine:
             row |= {key: mine[0].computation[key] for key in ("trainable_params", "frozen_params", "gmacs")}
         if setting != baseline and mine:
-            base = [run for run in done if run.setting == baseline]
-            differences = paired_ious(mine, base)
-            if differences:
-                test = paired_difference(differences, resamples=args.resamples)
-                row |= {"iou_diff": test["mean"], "iou_diff_ci_low": test["ci_low"],
-                        "iou_diff_ci_high": test["ci_high"], "p_value": test["p_value"], "paired_images": test["n"]}
+            row |= compared_with(mine, [run for run in done if run.setting == baseline], bool(class_columns(runs)),
+                                 args.resamples)
         rows.append(row)
     return rows
+
+
+def compared_with(mine: list[Run], base: list[Run], multiclass: bool, resamples: int) -> dict:
+    """ΔIoU against the baseline's runs ("iou_diff", its CI, "p_value", "paired_images") and, for multi-class runs
+    (Table 2 reports BTCV in Dice), ΔDice ("dice_diff", its CI, "dice_p_value")."""
+    found = {}
+    for metric, p_key in (("iou", "p_value"), *((("dice", "dice_p_value"),) if multiclass else ())):
+        differences = paired_differences(mine, base, metric)
+        if differences:
+            test = paired_difference(differences, resamples=resamples)
+            found |= {f"{metric}_diff": test["mean"], f"{metric}_diff_ci_low": test["ci_low"],
+                      f"{metric}_diff_ci_high": test["ci_high"], p_key: test["p_value"]}
+            found.setdefault("paired_images", test["n"])
+    return found
 
 
 def write_tables(rows: list[dict], out: Path, baseline_label: str, split: str, distance_unit: str = "px",
@@ -141,6 +152,11 @@ def write_tables(rows: list[dict], out: Path, baseline_label: str, split: str, d
                   "| setting | " + " | ".join(key.removeprefix("dice/") for key in organs) + " |",
                   "|---|" + "---|" * len(organs)]
         lines += [f"| {row['setting']} | " + " | ".join(pm(row, key, 100) for key in organs) + " |" for row in rows]
+        lines += ["", f"ΔDice % against \"{baseline_label}\" (mean Dice over the organs; paired as ΔIoU):", "",
+                  "| setting | ΔDice % [95 % CI] | p |", "|---|---|---|"]
+        lines += [f"| {row['setting']} | {row['dice_diff'] * 100:+.2f} [{row['dice_diff_ci_low'] * 100:+.2f}, "
+                  f"{row['dice_diff_ci_high'] * 100:+.2f}] | {row['dice_p_value']:.3g} |"
+                  for row in rows if "dice_diff" in row]
     text = "\n".join(lines) + "\n"
     write_text(out / f"{stem}.md", text)
     return text

@@ -214,3 +214,32 @@ def test_a_run_that_cannot_be_evaluated_leaves_the_complete_table_as_it_was(swep
     assert "sweep: mode-none_seed42 failed (eval.py exit 2): left out of the table" in captured.err
     assert (copy / "table.md").read_bytes() == before
     assert "(failed: mode-none_seed42)" in (copy / "table-partial.md").read_text()
+
+
+def test_a_multi_class_sweep_compares_dice_as_well_as_iou(tmp_path):
+    """BTCV is reported in Dice (issue 31, item 13): multi-class runs get ΔDice with its CI and p beside ΔIoU,
+    from the same (seed, image) pairs; binary sweeps keep their table as it was."""
+    from types import SimpleNamespace
+
+    from llm4seg import sweeps
+
+    computation = {"trainable_params": 1, "frozen_params": 0, "gmacs": 0.1}
+
+    def run(mode: str, dice: list[float]) -> sweeps.Run:
+        rows = [{"case": f"c{i}", "iou": d / (2 - d), "dice": d, "hd95": 1.0, "nsd": 0.9, "dice/liver": d}
+                for i, d in enumerate(dice)]
+        return sweeps.Run((mode,), 41, [], tmp_path / mode, "done", rows, computation, "mm")
+
+    base, frozen = run("none", [0.8, 0.7, 0.9, 0.6]), run("frozen", [0.7, 0.7, 0.8, 0.5])
+    args = SimpleNamespace(resamples=1000)
+    rows = sweeps.summarise(args, [("--mode", ["none", "frozen"])], [base, frozen], ("none",))
+    expected = paired_difference([0.7 - 0.8, 0.0, 0.8 - 0.9, 0.5 - 0.6], resamples=1000)
+    assert rows[1]["dice_diff"] == pytest.approx(expected["mean"]) and rows[1]["dice_p_value"] == expected["p_value"]
+    assert "dice_diff" not in rows[0] and "iou_diff" in rows[1]
+    text = sweeps.write_tables(rows, tmp_path, "mode none", "val", "mm")
+    assert "| mode frozen | -7.50 [" in text.split("ΔDice % against")[1]
+    binary = [sweeps.Run(r.setting, 41, [], r.run_dir, "done",
+                         [{k: v for k, v in row.items() if k != "dice/liver"} for row in r.per_image], computation)
+              for r in (base, frozen)]
+    rows = sweeps.summarise(args, [("--mode", ["none", "frozen"])], binary, ("none",))
+    assert "dice_diff" not in rows[1] and "ΔDice" not in sweeps.write_tables(rows, tmp_path, "mode none", "val")
