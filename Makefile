@@ -8,7 +8,7 @@ VENV   ?= .venv
 CONSTRAINTS ?= constraints.txt
 # torch is installed first, on its own: by default the version CONSTRAINTS pins (`make TORCH=torch==2.11.0 test`
 # picks another; a torch whose triton differs from the pinned one needs CONSTRAINTS= too).
-TORCH  ?= $(or $(shell sed -n 's/^torch==/torch==/p' $(CONSTRAINTS) 2>/dev/null),torch)
+TORCH  ?= $(or $(if $(CONSTRAINTS),$(shell sed -n 's/^torch==/torch==/p' $(CONSTRAINTS) 2>/dev/null)),torch)
 # Where torch comes from: empty = pip's index. On an ordinary Linux machine the public index serves the CUDA build
 # (several GB of NVIDIA wheels); TORCH_INDEX=https://download.pytorch.org/whl/cpu takes the CPU build.
 TORCH_INDEX ?=

@@ -175,7 +175,7 @@ def predict_images(args) -> int:
                          f"and its masks hold each pixel's class: drop --probabilities")
     names = legend_names(settings, args.data_dir or settings["data_dir"], config["model"]["num_classes"])
     device = resolve_device(args.device, Processes())
-    set_cpu_threads(args.workers, Processes())
+    set_cpu_threads(0, Processes())  # one image or volume at a time, no DataLoader workers
     precision = resolve_precision(args.precision, device)
     net, _, _ = load_run(run_dir, args.checkpoint)
     set_frozen_dtype(net, precision).to(device, memory_format=memory_format(device, net.config.spatial_dims))
@@ -249,8 +249,10 @@ def distance_unit(config: dict) -> str:
 def per_class_report(rows: list[dict], names: list[str]) -> dict:
     """Multi-class: {"per_class": {organ: {"dice", "iou", "hd95", "nsd"}}, each the mean over the cases whose
     truth holds the organ, and "dice": their mean over the foreground classes, the number of Table 2}."""
-    per_class = {name: {key: mean_and_std(rows, f"{key}/{name}")["mean"] for key in CLASS_REPORTED}
-                 for name in names[1:]}
+    def mean_over_cases(key: str) -> float:  # NaN for a class no case scored: absent, not a score of 0
+        stats = mean_and_std(rows, key)
+        return stats["mean"] if stats["n"] else float("nan")
+    per_class = {name: {key: mean_over_cases(f"{key}/{name}") for key in CLASS_REPORTED} for name in names[1:]}
     dice = [scores["dice"] for scores in per_class.values() if scores["dice"] == scores["dice"]]  # not NaN
     return {"per_class": per_class, "dice": float(np.mean(dice)) if dice else float("nan"),
             "classes": names}
@@ -358,6 +360,9 @@ def print_report(report: dict, analysis: dict | None) -> None:
         label, scale, unit = LABELS[key]
         unit = report["conventions"]["distance_unit"] if key == "hd95" else unit
         value = report["metrics"][key]
+        if value.get("n", 1) == 0:  # MONAI's 0 over nothing is no score: say so
+            print(f"  {label:<5}{unit:>4}      n/a   (no case has one)")
+            continue
         print(f"  {label:<5}{unit:>4} {value['mean'] * scale:8.2f} ± {value['std'] * scale:.2f}")
     if "pooled_iou" in report:
         print(f"  pooled over pixels: IoU {report['pooled_iou'] * 100:.2f} %, Dice {report['pooled_dice'] * 100:.2f} %")

@@ -241,7 +241,7 @@ def execute(run: Run, split: str, device: str | None) -> None:
         return
     try:
         read_evaluation(run, split)
-    except InputError as error:  # cut or emptied since eval.py wrote it whole: evaluate once more
+    except InputError as error:  # cut, emptied or of an earlier convention: evaluate once more
         print(f"sweep: {error}; evaluating {run.run_dir.name} again", flush=True)
         if (code := evaluate(run, split, device_argv)) != 0:
             run.status = f"failed (eval.py exit {code})"
@@ -279,9 +279,12 @@ def read_evaluation(run: Run, split: str) -> None:
     try:
         written = json.loads(report.read_text())
         computation, unit = written["computation"], written["conventions"].get("distance_unit", "px")
+        convention = written["conventions"].get("empty_cases")
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         raise InputError(f"{report} of the run {run.run_dir.name} is damaged ({type(error).__name__}: {error})") \
             from None
+    if convention != "monai":  # written before MONAI's empty-case values: its HD95 / NSD would mix with theirs
+        raise InputError(f"{report} of the run {run.run_dir.name} scores empty masks by an earlier convention")
     run.per_image, run.computation, run.distance_unit = per_image, computation, unit
 
 

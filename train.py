@@ -257,6 +257,9 @@ def start_in_run_dir(run: Run, val_cases: int, iterations: int) -> None:
         if processes.main:
             keep_metrics_up_to(run_dir / "metrics.jsonl", 0)
     elif processes.main:
+        if has_checkpoint(run_dir, "last"):  # a run that ended while this one loaded: checked again under the lock
+            raise ValueError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, or pick another "
+                             "--out")
         # A folder an earlier attempt left without a `last` (check_out_dir let it through): its log lines and
         # best checkpoint belong to that attempt.
         keep_metrics_up_to(run_dir / "metrics.jsonl", 0)
@@ -433,7 +436,8 @@ def step_flags_over_ranks(run: Run, loss: torch.Tensor, stop: StopRequests) -> t
 
 def mean_loss_over_ranks(run: Run) -> float:
     """The epoch's mean training loss over every rank's batches."""
-    epoch_loss = torch.tensor([run.progress.epoch_loss_sum, run.progress.batches_done], dtype=torch.float64)
+    epoch_loss = torch.tensor([run.progress.epoch_loss_sum, run.progress.batches_done], dtype=torch.float64,
+                              device=run.device)  # NCCL reduces CUDA tensors only
     total, batches = sum_over_ranks(epoch_loss, run.processes).tolist()
     return total / batches
 

@@ -111,8 +111,9 @@ def run_dir_lock(run_dir: Path):
     """Hold RUN_DIR/.lock while the block runs (the directory is created if need be). Two train.py into one
     --out would each finish and print "done", one's checkpoints silently replaced by the other's and
     metrics.jsonl interleaving both: the second is refused here, in one line naming the first's pid. The lock
-    is the kernel's (flock), dropped when its process ends however it ends (kill -9 included), so a lock a dead
-    process left is simply taken. The file stays: unlinking it would let a third process lock a new file while
+    is the kernel's (flock), dropped when its process ends however it ends (kill -9 included; its DataLoader
+    workers, forked with the descriptor, hold it the few seconds until they notice), so a lock a dead process
+    left is simply taken. The file stays: unlinking it would let a third process lock a new file while
     a second holds the old one."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -80,6 +80,12 @@ def test_label_maps_are_refused_not_thresholded(label_map):
         data.mask_to_binary(make())
 
 
+def test_include_normal_is_busis_and_ignored_by_generated_data():
+    assert len(data.load_dataset("synthetic", split="val", img_size=16, synthetic_size=10, include_normal=True)) == 2
+    with pytest.raises(ValueError, match="include_normal applies to busi only, got it for kvasir"):
+        data.load_dataset("kvasir", include_normal=True)
+
+
 def test_split_written_once_reused_disjoint_and_editable(tmp_path):
     make_kvasir(tmp_path / "Kvasir-SEG", 20)
     names = {s: [d["name"] for d in data.load_dataset("kvasir", str(tmp_path), s, img_size=32)]

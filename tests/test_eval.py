@@ -543,3 +543,13 @@ def test_a_killed_png_write_leaves_the_previous_picture(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         pictures.overlay_png(image + 255, mask, ~mask, path)
     assert path.read_bytes() == old and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_class_no_case_holds_is_left_out_of_the_mean_not_scored_zero():
+    """MONAI's mean over nothing is 0 (metrics.mean_and_std, with n = 0); a per-class report must not average that
+    0 into Table 2's Dice as if the organ had been missed everywhere."""
+    rows = [{"case": "a", "dice/liver": 1.0, "iou/liver": 1.0, "hd95/liver": 0.0, "nsd/liver": 1.0,
+             "dice/spleen": float("nan"), "iou/spleen": float("nan"), "hd95/spleen": float("nan"),
+             "nsd/spleen": float("nan")}]
+    report = ev.per_class_report(rows, ["background", "liver", "spleen"])
+    assert report["dice"] == 1.0 and math.isnan(report["per_class"]["spleen"]["dice"])

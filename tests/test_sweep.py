@@ -243,3 +243,20 @@ def test_a_multi_class_sweep_compares_dice_as_well_as_iou(tmp_path):
               for r in (base, frozen)]
     rows = sweeps.summarise(args, [("--mode", ["none", "frozen"])], binary, ("none",))
     assert "dice_diff" not in rows[1] and "ΔDice" not in sweeps.write_tables(rows, tmp_path, "mode none", "val")
+
+
+def test_evaluations_of_an_earlier_empty_case_convention_are_evaluated_again(swept, tmp_path, capsys):
+    """A metrics.json written before MONAI's empty-case values became the default would mix two conventions in one
+    table: such a run is evaluated again."""
+    out, argv, _ = swept
+    copy = tmp_path / "sweep"
+    shutil.copytree(out, copy)
+    report = copy / "runs" / "mode-none_seed41" / "eval-val" / "metrics.json"
+    written = json.loads(report.read_text())
+    written["conventions"]["empty_cases"] = "see metrics.py's docstring"  # what earlier versions wrote
+    report.write_text(json.dumps(written))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sweep, "run_child", in_this_process)
+        assert sweep.main([*argv[:1], str(copy), *argv[2:]]) == 0
+    assert "scores empty masks by an earlier convention; evaluating mode-none_seed41 again" in capsys.readouterr().out
+    assert json.loads(report.read_text())["conventions"]["empty_cases"] == "monai"

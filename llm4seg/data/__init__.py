@@ -163,7 +163,7 @@ def check_request(request: Request) -> None:
         raise ValueError(f"roi_size and samples_per_volume must be positive, got {request.roi_size} and "
                          f"{request.samples_per_volume}")
     check_data_options(request.name, request.fold, request.label, request.multiclass)
-    if request.include_normal and request.name != "busi":
+    if request.include_normal and request.name != "busi" and not DATASET_TABLE[request.name].generated:
         raise ValueError(f"include_normal applies to busi only, got it for {request.name}")
 
 
@@ -242,7 +242,8 @@ def num_classes(name: str, root: str | None = None, **options) -> int:
     msd with multiclass=True (e.g. BrainTumour 4), 1 + the largest mask value (or classes.json's count) for folder
     with multiclass=True. options as class_names."""
     names = class_names(name, root, **options)
-    multiclass = name in MULTICLASS_DATASETS or (name in LABEL_MAP_DATASETS and options.get("multiclass", False))
+    classes = DATASET_TABLE[name].classes  # the row, so a row added at run time counts too
+    multiclass = classes == "labels" or (classes == "either" and options.get("multiclass", False))
     return len(names) if multiclass else 1
 
 
