@@ -45,7 +45,7 @@ import textwrap
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from llm4seg.checkpoints import checkpoint_info, has_checkpoint, read_run_config
+from llm4seg.checkpoints import checkpoint_info, has_checkpoint, read_run_config, run_dir_lock
 from llm4seg.cli import USER_ERRORS, one_line_error_parser, user_error
 from llm4seg.files import InputError, WriteError
 from llm4seg.settings import CHANGEABLE_ON_RESUME, PER_INVOCATION, check_args, make_parser, resolve_defaults
@@ -223,8 +223,13 @@ def execute(run: Run, split: str, device: str | None) -> None:
     device_argv = ["--device", device] if device else []
     progress = epochs_done(run.run_dir)
     if progress is None or progress[0] < progress[1]:
-        if progress is None:
-            shutil.rmtree(run.run_dir, ignore_errors=True)  # stopped before its first epoch ended: nothing to keep
+        if progress is None and run.run_dir.is_dir():  # stopped before its first epoch ended: nothing to keep,
+            try:  # unless another sweep's train.py is in its first epoch there right now
+                with run_dir_lock(run.run_dir):
+                    shutil.rmtree(run.run_dir, ignore_errors=True)
+            except ValueError as error:
+                run.status = f"failed ({error})"
+                return
         # train.py --resume accepts the run's own flags again (they equal the saved settings).
         resume = ["--resume", str(run.run_dir)] if progress else ["--out", str(run.run_dir)]
         print(f"sweep: {'resuming' if progress else 'training'} {run.run_dir.name}", flush=True)

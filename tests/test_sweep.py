@@ -260,3 +260,19 @@ def test_evaluations_of_an_earlier_empty_case_convention_are_evaluated_again(swe
         assert sweep.main([*argv[:1], str(copy), *argv[2:]]) == 0
     assert "scores empty masks by an earlier convention; evaluating mode-none_seed41 again" in capsys.readouterr().out
     assert json.loads(report.read_text())["conventions"]["empty_cases"] == "monai"
+
+
+def test_a_run_folder_another_train_py_holds_is_not_deleted(swept, tmp_path, capsys):
+    """A run without `last` is started afresh, its folder deleted first; not while another sweep's train.py holds
+    it (its lock): that run is left out in one line and its folder kept."""
+    from llm4seg.checkpoints import run_dir_lock
+
+    out, argv, _ = swept
+    copy = tmp_path / "sweep"
+    shutil.copytree(out, copy)
+    busy = copy / "runs" / "mode-frozen_seed41"
+    (busy / "last.safetensors").unlink()  # as in its first epoch
+    with run_dir_lock(busy), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sweep, "run_child", in_this_process)
+        assert sweep.main([*argv[:1], str(copy), *argv[2:]]) == 1
+    assert "mode-frozen_seed41 failed (" in capsys.readouterr().err and (busy / "config.json").is_file()
