@@ -68,7 +68,8 @@ from torch.utils.data import DataLoader
 from llm4seg.analysis import (ANALYSED, CONCENTRATION_THRESHOLD, BridgeFeatures, activation_map, feature_analysis,
                               upsample_map)
 from llm4seg.checkpoints import load_run, read_run_config
-from llm4seg.cli import USER_ERRORS, add_runtime_flags, check_runtime_flags, one_line_error_parser, user_error
+from llm4seg.cli import (USER_ERRORS, add_runtime_flags, check_runtime_flags, disk_error, one_line_error_parser,
+                         user_error)
 from llm4seg.data import PATCH_DATASETS, check_cases, class_names, load_dataset
 from llm4seg.files import InputError, WriteError, write_csv, write_text
 from llm4seg.metrics import (EMPTY_CONVENTIONS, NSD_TOLERANCE, OVERLAP_METRICS, SEGMENTATION_METRICS, SURFACE_METRICS,
@@ -423,8 +424,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--out and --probabilities go with --images DIR (segmenting new images)")
         return predict_images(args) if args.images is not None else evaluate_run(args)
     except WriteError as error:  # the disk (full, a file-size limit): what was written before is whole
-        print(f"error: {error.strerror}", file=sys.stderr)
-        return 1
+        return disk_error(error)
     except USER_ERRORS as error:
         return user_error(error)
 

@@ -46,7 +46,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from llm4seg.checkpoints import checkpoint_info, has_checkpoint, read_run_config, run_dir_lock
-from llm4seg.cli import USER_ERRORS, one_line_error_parser, user_error
+from llm4seg.cli import USER_ERRORS, disk_error, one_line_error_parser, user_error
 from llm4seg.files import InputError, WriteError
 from llm4seg.settings import CHANGEABLE_ON_RESUME, PER_INVOCATION, check_args, make_parser, resolve_defaults
 from llm4seg.sweeps import Run, find_baseline, plot, setting_label, summarise, write_tables
@@ -349,8 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         for path in plot(varying, runs, rows, out) if stem == "table" else []:
             print(f"wrote {path}")
     except WriteError as error:  # the disk: the tables written before are whole, the runs untouched
-        print(f"error: {error.strerror}", file=sys.stderr)
-        return 1
+        return disk_error(error)
     print(f"wrote {out / f'{stem}.md'} and {out / f'{stem}.csv'}" +
           (f" (the earlier {out / 'table.md'} is kept: {len(failed)} run(s) failed)" if stem != "table" else ""))
     return 0 if all(run.status == "done" for run in runs) else 1

@@ -79,7 +79,7 @@ from llm4seg import losses
 from llm4seg.checkpoints import (has_checkpoint, keep_metrics_up_to, load_checkpoint, load_weights_of_run,
                                  read_run_config, remove_stale_temporaries, rng_state, run_dir_lock,
                                  save_checkpoint, set_rng_state, write_run_config)
-from llm4seg.cli import USER_ERROR_EXIT, USER_ERRORS, user_error
+from llm4seg.cli import USER_ERROR_EXIT, USER_ERRORS, disk_error, user_error
 from llm4seg.data import PATCH_DATASETS, EpochItems, EpochOrder, check_cases, class_names, load_dataset, normalize_batch
 from llm4seg.files import WriteError, write_atomically
 from llm4seg.metrics import OVERLAP_METRICS, SEGMENTATION_METRICS, evaluate_cases, mean_and_std
@@ -89,8 +89,8 @@ from llm4seg.prediction import case_probabilities
 from llm4seg.runtime import (Processes, StopRequests, autocast, compile_mode, ignore_stop_signals, memory_format,
                              max_over_ranks, rank_zero_first, resolve_device, resolve_precision, set_cpu_threads,
                              sum_over_ranks, to_device)
-from llm4seg.settings import (build_or_rebuild_model, check_args, data_options, default_run_dir, make_optimizer,
-                              parse_args)
+from llm4seg.settings import (build_or_rebuild_model, check_args, check_no_run_in, data_options, default_run_dir,
+                              make_optimizer, parse_args)
 
 POLY_POWER = 0.9
 CURVES_EVERY_S = 30
@@ -257,9 +257,7 @@ def start_in_run_dir(run: Run, val_cases: int, iterations: int) -> None:
         if processes.main:
             keep_metrics_up_to(run_dir / "metrics.jsonl", 0)
     elif processes.main:
-        if has_checkpoint(run_dir, "last"):  # a run that ended while this one loaded: checked again under the lock
-            raise ValueError(f"{run_dir} already holds a run: continue it with --resume {run_dir}, or pick another "
-                             "--out")
+        check_no_run_in(run_dir)  # again, under the lock: a run may have ended there while this one loaded
         # A folder an earlier attempt left without a `last` (check_out_dir let it through): its log lines and
         # best checkpoint belong to that attempt.
         keep_metrics_up_to(run_dir / "metrics.jsonl", 0)
@@ -468,8 +466,7 @@ def main(argv: list[str] | None = None) -> int:
             print("interrupted before training started; run the same command again to start", file=sys.stderr)
             return 128 + signal.SIGINT
         except WriteError as error:
-            print(f"error: {error.strerror}", file=sys.stderr)
-            return 1
+            return disk_error(error)
         except USER_ERRORS as error:
             # Every process meets the same bad setting: one line per machine is enough.
             return user_error(error) if processes.local_rank == 0 else USER_ERROR_EXIT
@@ -482,8 +479,7 @@ def main(argv: list[str] | None = None) -> int:
                 dist.barrier()
             return code
         except WriteError as error:  # the disk, not the run: exit 1, the previous checkpoint kept
-            print(f"error: {error.strerror}", file=sys.stderr)
-            return 1
+            return disk_error(error)
         except USER_ERRORS as error:  # an input file that changed or broke during the run
             return user_error(error)
         except KeyboardInterrupt:  # a second Ctrl-C; never inside a save (runtime.signals_deferred)

@@ -36,7 +36,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from .files import InputError, WriteError, write_atomically
+from .files import InputError, WriteError, write_atomically, write_text
 from .llm_layer import check_fingerprint
 from .model import build_model
 from .runtime import signals_deferred
@@ -303,7 +303,7 @@ def write_run_config(run_dir: Path, settings: dict, net: torch.nn.Module, world_
         "iterations_per_epoch": iterations,
         "torch": torch.__version__,
     }
-    write_atomically(run_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=1)))
+    write_text(run_dir / "config.json", json.dumps(config, indent=1))
 
 
 def read_run_config(run_dir: Path) -> dict:

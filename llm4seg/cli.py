@@ -7,6 +7,7 @@
     add_runtime_flags(parser)  --device, --batch-size, --workers, --precision, the same in every script
     USER_ERRORS, user_error    what the user can fix is one "error: ..." line and exit code 2;
                                LLM4SEG_DEBUG=1 prints the traceback as well
+    disk_error                 a files.WriteError (disk full, file too large) is one line and exit code 1
 """
 import argparse
 import inspect
@@ -21,6 +22,7 @@ from .runtime import PRECISIONS
 USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, ConnectionError)
 DEBUG_ENV = "LLM4SEG_DEBUG"  # =1: a user error prints its traceback too
 USER_ERROR_EXIT = 2
+DISK_ERROR_EXIT = 1  # the run or the evaluation is sound, the disk is not
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -70,3 +72,10 @@ def user_error(error: Exception) -> int:
         traceback.print_exception(error, file=sys.stderr)
     print(f"error: {error}", file=sys.stderr)
     return USER_ERROR_EXIT
+
+
+def disk_error(error: OSError) -> int:
+    """Print a files.WriteError as one line (its message names the file and what was kept) and return the exit
+    code for it."""
+    print(f"error: {error.strerror}", file=sys.stderr)
+    return DISK_ERROR_EXIT

@@ -283,7 +283,7 @@ def with_header(panel: np.ndarray, column: int, gap: int, caption: str | None, m
             width = 12 + int(measure.textlength(name)) + 12
             if x > 2 and x + width > errors_x - gap:  # wrap within the overlay, truth and prediction columns
                 x, line = 2, line + 1
-            entries.append((x, line, name, tuple(int(c) for c in label_colours(np.array([k]))[0])))
+            entries.append((x, line, name, label_colours(np.array([k]))[0]))
             x += width
     lines = 1 + max(line for _, line, _, _ in entries) + (1 if caption else 0)
     header = Image.new("RGB", (panel.shape[1], lines * HEADER_ROW + 4), (32, 32, 32))

@@ -1,7 +1,8 @@
-"""The settings of a training run: train.py's flags and defaults, the --resume rules, the cheap checks,
-the run directory's default name, and the model and optimizer the flags describe. A library module, so that train.py and sweep.py (which spans
-a grid of these flags) read one definition; every default is defined once, here or in the signature
-of the function a flag configures (build_model, load_dataset), printed at start and saved in config.json.
+"""The settings of a training run: train.py's flags and defaults, the --resume rules, the cheap checks, the run
+directory's default name, and the model and optimizer the flags describe. A library module, so that train.py and
+sweep.py (which spans a grid of these flags) read one definition; every default is defined once, here or in the
+signature of the function a flag configures (build_model, load_dataset), printed at start and saved in
+config.json.
 """
 import argparse
 import math
@@ -295,7 +296,14 @@ def check_out_dir(out: Path, resuming: bool) -> None:
         for created in missing:  # deepest first
             if created.is_dir():
                 created.rmdir()
-    if not resuming and has_checkpoint(out, "last"):
+    if not resuming:
+        check_no_run_in(out)
+
+
+def check_no_run_in(out: Path) -> None:
+    """Refuse to start a new run where one has a `last` checkpoint (before any work, and again under the run
+    directory's lock, for a run that finished meanwhile)."""
+    if has_checkpoint(out, "last"):
         raise ValueError(f"{out} already holds a run: continue it with --resume {out}, or pick another --out")
 
 
