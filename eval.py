@@ -65,8 +65,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from llm4seg.analysis import (ANALYSED, CONCENTRATION_THRESHOLD, BridgeFeatures, activation_map, feature_analysis,
-                              upsample_map)
+from llm4seg.analysis import (ANALYSED, CONCENTRATION_THRESHOLD, BridgeFeatures, activation_map, cannot_analyze,
+                              feature_analysis, upsample_map)
 from llm4seg.checkpoints import load_run, read_run_config
 from llm4seg.cli import (USER_ERRORS, add_runtime_flags, check_runtime_flags, disk_error, one_line_error_parser,
                          user_error)
@@ -212,17 +212,8 @@ def check_args(args, config: dict, run_dir: Path) -> None:
     for name in ("samples", "maps"):
         if getattr(args, name) < 0:
             raise ValueError(f"--{name}: expected a number >= 0, got {getattr(args, name)}")
-    if args.analyze and config["model"]["backbone"] == "vit":
-        raise ValueError("--analyze reads a CNN's bottleneck feature maps (the paper's Sec. 4.2); the vit backbone "
-                         "has none: drop --analyze for this run")
-    if args.analyze and run_spatial_dims(config) == 3 and config["model"]["backbone"] != "vit":
-        raise ValueError(f"--analyze draws a 2D CNN's bottleneck maps (the paper's Fig. 2); {run_dir} is a 3D "
-                         f"{config['model']['backbone']}: drop --analyze for this run")
-    if args.analyze and config["model"]["mode"] == "none":
-        raise ValueError(f"--analyze compares the features before and after the LLM layer, but {run_dir} is a "
-                         f"plain {config['model']['backbone']} (trained with --llm none): expected a run with "
-                         f"an LLM bridge; drop --analyze for this run")
-
+    if args.analyze and (reason := cannot_analyze(config["model"])):
+        raise ValueError(f"--analyze cannot read {run_dir}: {reason}; drop --analyze for this run")
 
 def computation_report(net: torch.nn.Module, config: dict) -> dict:
     """The paper's Table 1 columns for this run's model at the size it runs on: its crops (--roi-size) for a

@@ -45,6 +45,7 @@ import textwrap
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from llm4seg.analysis import cannot_analyze
 from llm4seg.checkpoints import checkpoint_info, has_checkpoint, read_run_config, run_dir_lock
 from llm4seg.cli import USER_ERRORS, disk_error, one_line_error_parser, user_error
 from llm4seg.files import InputError, WriteError
@@ -262,8 +263,7 @@ def execute(run: Run, split: str, device: str | None) -> None:
 def evaluate(run: Run, split: str, device_argv: list[str]) -> int:
     """eval.py on the run's best checkpoint (with --analyze where it has a 2D CNN's bottleneck); its exit code."""
     config = read_run_config(run.run_dir)
-    analyze = ["--analyze"] if config["model"]["mode"] != "none" and config["model"]["backbone"] != "vit" \
-        and config["model"].get("spatial_dims", 2) == 2 else []
+    analyze = [] if cannot_analyze(config["model"]) else ["--analyze"]
     return run_child([sys.executable, str(HERE / "eval.py"), str(run.run_dir), "--split", split, "--samples", "4",
                       *analyze, *runtime_argv(run), *device_argv])
 

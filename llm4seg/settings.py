@@ -15,8 +15,7 @@ from .checkpoints import has_checkpoint, load_weights_of_run, read_run_config, r
 from .cli import add_runtime_flags, check_runtime_flags, defaults_of, one_line_error_parser
 from .data import (DATASETS, PATCH_DATASETS, RAW_DATASETS, check_data_options, input_channels, load_dataset,
                    num_classes, spatial_dims)
-from .model import BACKBONES, DOWNSAMPLING, FINAL_NORMS, MODES, build_model, check_image_sides
-from .vit import check_patch_grid
+from .model import BACKBONES, DOWNSAMPLING, FINAL_NORMS, MODES, VIT_OPTIONS, build_model
 
 # --resume takes every setting from the run's config.json except these, which belong to one invocation,
 PER_INVOCATION = ("resume", "out", "stop_after_epoch", "init_from")
@@ -41,7 +40,7 @@ RECIPES = {
                       schedule="constant", mapper_lora_rank=0, val_every=21),
 }
 OPTIMIZERS = ("sgd", "adam", "adamw")
-IMG_SIZE_2D, IMG_SIZE_3D = DATA_DEFAULTS["img_size"], MODEL_DEFAULTS["img_size"]  # 256 px; 128^3 (MedVisionLlama)
+IMG_SIZE_2D, IMG_SIZE_3D = DATA_DEFAULTS["img_size"], VIT_OPTIONS["img_size"]  # 256 px; 128^3 (MedVisionLlama)
 
 
 
@@ -100,10 +99,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--roi-size", type=int, default=DATA_DEFAULTS["roi_size"],
                    help="btcv, synthetic-organs: the side of the training crops and of the sliding windows that "
                         "evaluate whole volumes (a multiple of 16)")
-    p.add_argument("--backbone", default=MODEL_DEFAULTS["backbone"], choices=sorted([*BACKBONES, "vit"]),
-                   help="a CNN of model.BACKBONES: " + ", ".join(f"{name} ({row.spatial_dims}D)"
-                                                                 for name, row in BACKBONES.items())
-                        + "; or vit: MedVisionLlama's ViT (2D or 3D)")
+    p.add_argument("--backbone", default=MODEL_DEFAULTS["backbone"], choices=sorted(BACKBONES),
+                   help="a row of model.BACKBONES: " + ", ".join(
+                       f"{name} ({' or '.join(f'{dims}D' for dims in sorted(row.spatial_dims))})"
+                       for name, row in BACKBONES.items()) + "; vit is MedVisionLlama's ViT")
     p.add_argument("--llm", default=MODEL_DEFAULTS["llm"],
                    help="alias (listed below), Hub repo id, local model directory or .gguf file; 'none' for the "
                         "plain backbone")
@@ -121,11 +120,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--final-norm", default=None, choices=FINAL_NORMS,
                    help="after the layer, the LLM's final RMSNorm: unit = weight 1 (MedVisionLlama's code), pretrained "
                         "= its model.norm.weight; None means unit for vit, none for the CNNs")
-    p.add_argument("--patch-size", type=int, default=MODEL_DEFAULTS["patch_size"], help="vit: patch side")
-    p.add_argument("--embed-dim", type=int, default=MODEL_DEFAULTS["embed_dim"], help="vit: token width E")
-    p.add_argument("--depth", type=int, default=MODEL_DEFAULTS["depth"], help="vit: transformer blocks")
-    p.add_argument("--heads", type=int, default=MODEL_DEFAULTS["heads"], help="vit: attention heads")
-    p.add_argument("--dropout", type=float, default=MODEL_DEFAULTS["dropout"], help="vit: dropout")
+    p.add_argument("--patch-size", type=int, default=VIT_OPTIONS["patch_size"], help="vit: patch side")
+    p.add_argument("--embed-dim", type=int, default=VIT_OPTIONS["embed_dim"], help="vit: token width E")
+    p.add_argument("--depth", type=int, default=VIT_OPTIONS["depth"], help="vit: transformer blocks")
+    p.add_argument("--heads", type=int, default=VIT_OPTIONS["heads"], help="vit: attention heads")
+    p.add_argument("--dropout", type=float, default=VIT_OPTIONS["dropout"], help="vit: dropout")
     p.add_argument("--recipe", default="llm4seg", choices=sorted(RECIPES),
                    help="sets optimizer, lr, weight decay, batch size, epochs, loss and schedule as that paper; "
                         "flags given explicitly win")
@@ -221,24 +220,16 @@ def check_data_and_model(args: argparse.Namespace) -> None:
         check_data_options(args.data, args.fold, args.label, args.multiclass)
     except ValueError as error:
         raise ValueError(f"--data {args.data}: {error}") from None
-    dims = spatial_dims(args.data)
-    own = BACKBONES[args.backbone].spatial_dims if args.backbone != "vit" else dims  # the ViT is 2D or 3D
-    if own != dims:
-        fitting = ", ".join(["vit", *(name for name, row in BACKBONES.items() if row.spatial_dims == dims)])
+    dims, row = spatial_dims(args.data), BACKBONES[args.backbone]
+    if dims not in row.spatial_dims:
+        fitting = ", ".join(name for name, other in BACKBONES.items() if dims in other.spatial_dims)
         raise ValueError(f"--data {args.data} holds {dims}D {'volumes' if dims == 3 else 'images'}; the "
-                         f"{args.backbone} backbone is {own}D: use --backbone {fitting}")
+                         f"{args.backbone} backbone is {row.spatial_dims[0]}D: use --backbone {fitting}")
     flag, side = ("--roi-size", args.roi_size) if args.data in PATCH_DATASETS else ("--img-size", args.img_size)
     try:
-        if args.backbone == "vit":
-            check_patch_grid((side,) * dims, args.patch_size)
-        else:
-            check_image_sides(*(side,) * dims)
+        row.check_sides(args.backbone, (side,) * dims, patch_size=args.patch_size)
     except ValueError as error:
         raise ValueError(f"{flag}: {error}") from None
-    if args.backbone != "vit" and 0 < side < (smallest := BACKBONES[args.backbone].min_side):
-        raise ValueError(f"{flag} {side}: the {args.backbone} bottleneck would be {side // DOWNSAMPLING} "
-                         f"voxel wide, and its instance / group norms need more than one value per channel: expected "
-                         f"{smallest} or more")
 
 
 def check_numbers(args: argparse.Namespace) -> None:

@@ -6,7 +6,7 @@ import torch
 
 from llm4seg import data
 from llm4seg.data.table import DatasetRow, Request, open_generated
-from llm4seg.model import BACKBONES, Backbone, build_model
+from llm4seg.model import BACKBONES, build_model, cnn
 from llm4seg.model.backbones_2d import unet_stage, upsample_conv
 from llm4seg.model.u_shape import DecoderStage, Parts
 
@@ -26,7 +26,7 @@ def toy_parts(in_channels: int, num_classes: int, width: int) -> Parts:
 
 def test_a_toy_dataset_and_a_toy_backbone_are_rows_and_train_one_step(monkeypatch, tiny_llm):
     monkeypatch.setitem(data.DATASET_TABLE, "toy", DatasetRow(open_toy))
-    monkeypatch.setitem(BACKBONES, "toy-net", Backbone(partial(toy_parts, width=8), spatial_dims=2, in_channels=3))
+    monkeypatch.setitem(BACKBONES, "toy-net", cnn(partial(toy_parts, width=8), spatial_dims=2))
     dataset = data.load_dataset("toy", split="train", img_size=32, synthetic_size=10)
     assert data.spatial_dims("toy") == 2 and data.num_classes("toy") == 1
     net = build_model("toy-net", str(tiny_llm), 2, "frozen")

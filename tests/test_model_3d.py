@@ -49,7 +49,7 @@ def meta_model(backbone: str, llm=None, layer: int = 15, **options):
 # ----------------------------------------------------------------------------- counts
 
 def test_the_3d_rows_are_the_papers_two_backbones_mednexts_sizes_and_the_demos():
-    assert [name for name, row in BACKBONES.items() if row.spatial_dims == 3] == [*THREE_D, "mednext-tiny"]
+    assert [name for name, row in BACKBONES.items() if row.spatial_dims == (3,)] == [*THREE_D, "mednext-tiny"]
     # mednext-tiny, make demo-btcv's: MedNeXt-S at width 8, a sixteenth of its parameters
     assert count_params(meta_model("mednext-tiny")) == (374_462, 0)  # at 14 classes
 

@@ -249,7 +249,7 @@ def test_torchrun_two_processes_on_cpu_complete_an_epoch(tiny_llm, tmp_path):
     (["--layer", "3"], "layer 3 out of range"),
     (["--layer", "0"], "layer 0 out of range"),
     (["--img-size", "100"], "--img-size: got 100x100; height and width must be positive multiples of 16 (the network halves them 4 times): resize or crop, e.g. to 96x96"),
-    (["--data", "synthetic3d"], "--data synthetic3d holds 3D volumes; the cmunext backbone is 2D: use --backbone vit"),
+    (["--data", "synthetic3d"], "--data synthetic3d holds 3D volumes; the cmunext backbone is 2D: use --backbone mednext, "),
     (["--backbone", "vit", "--patch-size", "12"], "--img-size: got 64x64; every side must be a positive multiple of the patch size 12"),
     (["--fold", "5", "--data", "kvasir"], "--data kvasir: fold 5 out of range: expected 0..4"),
     (["--fold", "0"], "--data synthetic: fold applies to datasets read from files"),
@@ -503,12 +503,12 @@ def test_a_multiclass_run_is_evaluated_per_organ(two_organ_epochs, capsys):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--backbone", "cmunext"], "--data synthetic-organs holds 3D volumes; the cmunext backbone is 2D: use --backbone vit"),
+    (["--backbone", "cmunext"], "--data synthetic-organs holds 3D volumes; the cmunext backbone is 2D: use --backbone mednext, "),
     (["--roi-size", "40"], "--roi-size: got 40x40x40"),
     # a one-voxel bottleneck that MedNeXt's GroupNorm cannot normalise (issue 31, items 6 and 21)
-    (["--roi-size", "16"], "--roi-size 16: the mednext-tiny bottleneck would be 1 voxel wide, and its instance / "
+    (["--roi-size", "16"], "--roi-size: got 16; the mednext-tiny bottleneck would be 1 voxel wide, and its instance / "
                            "group norms need more than one value per channel: expected 32 or more"),
-    (["--roi-size", "16", "--backbone", "uxnet3d"], "--roi-size 16: the uxnet3d bottleneck would be 1 voxel wide"),
+    (["--roi-size", "16", "--backbone", "uxnet3d"], "--roi-size: got 16; the uxnet3d bottleneck would be 1 voxel wide"),
     (["--multiclass"], "--data synthetic-organs: multiclass applies to msd (every label value its class); "
                        "synthetic-organs is multi-class already"),
 ])
@@ -520,14 +520,14 @@ def test_bad_3d_flags_exit_2_with_one_line(tiny_llm, tmp_path, capsys, flags, me
 
 def test_a_3d_backbone_on_2d_images_is_refused(tiny_llm, tmp_path, capsys):
     assert train.main(small_run(tiny_llm, tmp_path / "never", "--backbone", "uxnet3d")) == 2
-    assert "--data synthetic holds 2D images; the uxnet3d backbone is 3D: use --backbone vit, unet" in capsys.readouterr().err
+    assert "--data synthetic holds 2D images; the uxnet3d backbone is 3D: use --backbone unet, cmunext, nnunet, vit" in capsys.readouterr().err
 
 
 def test_the_2d_bottleneck_analysis_is_refused_for_a_3d_run_in_one_line(two_organ_epochs, capsys):
     import eval as ev
 
     assert ev.main([str(two_organ_epochs), "--analyze", "--workers", "0", "--device", "cpu"]) == 2
-    assert "--analyze draws a 2D CNN's bottleneck maps" in capsys.readouterr().err
+    assert "it draws a 2D CNN's bottleneck maps (Fig. 2), and this run is a 3D mednext-tiny" in capsys.readouterr().err
 
 
 def test_test_fraction_holds_out_a_test_split_of_ones_own_data(tmp_path, capsys):

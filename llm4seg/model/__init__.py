@@ -10,18 +10,19 @@ Read in this order; each file opens with its math, shapes and references:
     backbones_2d.py  U-Net, CMUNeXt, nnU-Net as parts of the U; LLM4Seg's Table 1, measured
     backbones_3d.py  MedNeXt (sizes S, B, M, L; kernel 3 or 5) and 3D UX-Net as parts of the U; their
                      parameters and G MACs at 96^3, measured
-    build.py         BACKBONES (one row per backbone), ModelConfig, build_model, parameter and MAC counts
+    build.py         BACKBONES (one row per backbone, the ViT's too), ModelConfig, build_model, parameter and
+                     MAC counts
 """
 from .backbones_2d import CMUNEXT_DIMS, NNUNET_CHANNELS, UNET_CHANNELS
 from .backbones_3d import MEDNEXT_SIZES, UXNET_WIDTHS, mednext_parts, uxnet3d_parts
 from .bridge import LLMBridge, LoRALinear, add_lora, lora_mapper, set_frozen_dtype, unit_final_norm
-from .build import (BACKBONES, CNN_DEFAULTS, FINAL_NORMS, MODES, VIT_DEFAULTS, Backbone, ModelConfig,
-                    backbone_defaults, build_model, count_gmacs, count_params, llm_bridge)
+from .build import (BACKBONES, FINAL_NORMS, MODES, VIT_OPTIONS, Backbone, ModelConfig, backbone_defaults,
+                    build_model, cnn, count_gmacs, count_params, llm_bridge)
 from .u_shape import DOWNSAMPLING, DecoderStage, Parts, SegmentationNet, check_image_sides, check_image_size
 
-__all__ = ["BACKBONES", "CMUNEXT_DIMS", "CNN_DEFAULTS", "DOWNSAMPLING", "FINAL_NORMS",
-           "MEDNEXT_SIZES", "MODES", "NNUNET_CHANNELS", "UNET_CHANNELS", "UXNET_WIDTHS", "VIT_DEFAULTS", "Backbone",
+__all__ = ["BACKBONES", "CMUNEXT_DIMS", "DOWNSAMPLING", "FINAL_NORMS",
+           "MEDNEXT_SIZES", "MODES", "NNUNET_CHANNELS", "UNET_CHANNELS", "UXNET_WIDTHS", "VIT_OPTIONS", "Backbone",
            "DecoderStage", "LLMBridge", "LoRALinear", "ModelConfig", "Parts", "SegmentationNet", "add_lora",
-           "backbone_defaults", "build_model", "check_image_sides", "check_image_size", "count_gmacs",
+           "backbone_defaults", "build_model", "check_image_sides", "cnn", "check_image_size", "count_gmacs",
            "count_params", "llm_bridge", "lora_mapper", "mednext_parts", "set_frozen_dtype", "unit_final_norm",
            "uxnet3d_parts"]

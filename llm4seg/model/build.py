@@ -1,22 +1,25 @@
-"""build_model: a backbone (BACKBONES, one row each, or "vit") with an LLM layer in its bridge, the ModelConfig
-that rebuilds it, and parameter and MAC counts.
+"""build_model: a backbone (a row of BACKBONES) with an LLM layer in its bridge, the ModelConfig that rebuilds
+it, and parameter and MAC counts.
 
     build_model(backbone, llm, layer, mode, in_channels=None, num_classes=1, spatial_dims=None, ...)
-        backbone in BACKBONES -> u_shape.SegmentationNet(row.parts(in_channels, num_classes), bridge at its
-                                 bottleneck (Parts.bottleneck channels), row.spatial_dims)
-        backbone "vit"        -> vit.VisionTransformer with the bridge after its patch embedding
-        bridge                 = bridge.LLMBridge around llm_layer.load_layer(llm, layer, mode); None when
-                                 llm is None or mode "none" (the plain backbone, the papers' baseline rows)
-    model.config = ModelConfig(the arguments, defaults resolved): build_model(**asdict(model.config)) builds
-    the same network again (checkpoints rely on it).
+        config  = ModelConfig(the arguments, None resolved from the row)
+        network = row.network(config, bridge_at)
+            a CNN: u_shape.SegmentationNet(row's parts(in_channels, num_classes), bridge at its bottleneck)
+            "vit": vit.VisionTransformer(shape from row.options, bridge after its patch embedding)
+        bridge_at(C) = bridge.LLMBridge(C, llm_layer.load_layer(llm, layer, mode)); None when llm is None or
+                       mode "none" (the plain backbone, the papers' baseline rows)
+    model.config = that ModelConfig: build_model(**asdict(model.config)) builds the same network again
+    (checkpoints rely on it).
 
-Defaults left None resolve per backbone: in_channels and spatial_dims from the backbone's row (3-channel
-images in 2D for LLM4Seg's 2D data, 1-channel CT volumes in 3D for BTCV), residual and final_norm from
-CNN_DEFAULTS (LLM4Seg's) or VIT_DEFAULTS (MedVisionLlama's). A backbone's dimension is fixed: asking a 2D
-backbone for spatial_dims 3, or a 3D one for 2, is refused.
+Defaults left None come from the backbone's row: in_channels and spatial_dims (3-channel images in 2D for
+LLM4Seg's 2D data, 1-channel CT volumes in 3D for BTCV, 1-channel volumes for the ViT), residual and
+final_norm (LLM4Seg's for the CNNs, MedVisionLlama's for the ViT), and the ViT's shape (row.options). A
+backbone takes the dimensions its row names: asking a 2D CNN for spatial_dims 3, or a 3D one for 2, is refused.
+Adding a backbone is one row: a function giving its Parts (backbones_2d.py, backbones_3d.py) and cnn(parts,
+dims), or a Backbone whose network(config, bridge_at) builds any other shape.
 """
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable
 
@@ -25,11 +28,11 @@ import torch.nn as nn
 
 from ..llm_layer import MODES as LLM_MODES
 from ..llm_layer import load_final_norm, load_layer
-from ..vit import VisionTransformer
+from ..vit import VisionTransformer, check_patch_grid
 from .backbones_2d import cmunext_parts, nnunet_parts, unet_parts
 from .backbones_3d import mednext_parts, uxnet3d_parts
 from .bridge import LLMBridge, add_lora, lora_mapper, unit_final_norm
-from .u_shape import DOWNSAMPLING, Parts, SegmentationNet
+from .u_shape import DOWNSAMPLING, Parts, SegmentationNet, check_image_sides
 
 MODES = ("none", *LLM_MODES)  # "none": the plain backbone, the paper's baseline rows
 
@@ -58,42 +61,85 @@ class ModelConfig:
     dropout: float | None = None
 
 
+BridgeAt = Callable[[int], "LLMBridge | None"]  # the LLM bridge at a network's width C, or None for a plain one
+
+
 @dataclass(frozen=True)
 class Backbone:
-    """One row of BACKBONES: its parts and the defaults of its data."""
-    parts: Callable[[int, int], Parts]   # (in_channels, num_classes) -> the U's modules
-    spatial_dims: int                    # 2: (B, C, H, W) images; 3: (B, C, D, H, W) volumes
+    """One row of BACKBONES: how its network is built around the bridge, the data it takes, its defaults."""
+    network: Callable[[ModelConfig, BridgeAt], nn.Module]  # (config, bridge_at) -> the network, config set
+    # (2,): (B, C, H, W) images; (3,): (B, C, D, H, W) volumes; both: either, the first by default
+    spatial_dims: tuple[int, ...]
     in_channels: int                     # the default
+    # The bridge's defaults: LLM4Seg's for the CNNs (h -> layer(h), nothing after it), MedVisionLlama's for the
+    # ViT (h + norm(layer(h)) with a unit-weight final RMSNorm).
+    residual: bool = False
+    final_norm: str = "none"
     # The smallest side it takes (a multiple of DOWNSAMPLING). Instance and per-channel group norms need more
     # than one value per channel: a side of 16 leaves the bottleneck one voxel wide, and they cannot normalise it.
     min_side: int = DOWNSAMPLING
+    # The build_model keywords that shape this network (the ViT's) and their defaults; the CNNs have none.
+    options: dict = field(default_factory=dict)
+    feature_maps: bool = True            # a bottleneck of feature maps (B, C, *S/16): eval.py --analyze reads it
+
+    def check_sides(self, name: str, sides: tuple[int, ...], **options) -> None:
+        """Raise unless the network takes inputs of these sides: a multiple of the ViT's patch, or of the U's 16
+        halvings and at least min_side."""
+        if "patch_size" in self.options:
+            check_patch_grid(sides, options.get("patch_size", self.options["patch_size"]))
+            return
+        check_image_sides(*sides)
+        if any(side < self.min_side for side in sides):
+            side = min(sides)
+            raise ValueError(f"got {side}; the {name} bottleneck would be {side // DOWNSAMPLING} voxel wide, and its "
+                             f"instance / group norms need more than one value per channel: expected {self.min_side} "
+                             "or more")
+
+
+def u_net(parts: Callable[[int, int], Parts], config: ModelConfig, bridge_at: BridgeAt) -> SegmentationNet:
+    """A CNN row's network: the U of `parts(in_channels, num_classes)` with the bridge at its bottleneck."""
+    built = parts(config.in_channels, config.num_classes)
+    return SegmentationNet(built, bridge_at(built.bottleneck), config.spatial_dims, config)
+
+
+def vision_transformer(config: ModelConfig, bridge_at: BridgeAt) -> VisionTransformer:
+    """The ViT row's network: MedVisionLlama's ViT with the bridge after its patch embedding (width embed_dim)."""
+    shape = {name: getattr(config, name) for name in VIT_OPTIONS}
+    net = VisionTransformer(in_channels=config.in_channels, num_classes=config.num_classes,
+                            spatial_dims=config.spatial_dims, bridge=bridge_at(config.embed_dim), **shape)
+    net.config = config
+    return net
+
+
+def cnn(parts: Callable[[int, int], Parts], spatial_dims: int, min_side: int = DOWNSAMPLING) -> Backbone:
+    """A CNN's row: its U, LLM4Seg's bridge defaults, 3-channel images in 2D, 1-channel CT volumes in 3D."""
+    return Backbone(partial(u_net, parts), (spatial_dims,), in_channels=3 if spatial_dims == 2 else 1,
+                    min_side=min_side)
 
 
 NEEDS_TWO_BOTTLENECK_VOXELS = 2 * DOWNSAMPLING  # InstanceNorm (nnU-Net, 3D UX-Net's decoder), MedNeXt's GroupNorm
+# MedVisionLlama's ViT shape (its code's defaults): 128^3 inputs, 8^3 patches, 64-wide tokens, 16 blocks of 4 heads.
+VIT_OPTIONS = {"img_size": 128, "patch_size": 8, "embed_dim": 64, "depth": 16, "heads": 4, "dropout": 0.2}
 BACKBONES = {
-    "unet": Backbone(unet_parts, spatial_dims=2, in_channels=3),
-    "cmunext": Backbone(cmunext_parts, spatial_dims=2, in_channels=3),
-    "nnunet": Backbone(nnunet_parts, spatial_dims=2, in_channels=3, min_side=NEEDS_TWO_BOTTLENECK_VOXELS),
+    "unet": cnn(unet_parts, 2),
+    "cmunext": cnn(cmunext_parts, 2),
+    "nnunet": cnn(nnunet_parts, 2, NEEDS_TWO_BOTTLENECK_VOXELS),
     # MedNeXt's size B with kernel 3 by default (LLM4Seg does not say which); its other sizes and kernel 5.
-    "mednext": Backbone(partial(mednext_parts, size="B", kernel=3), spatial_dims=3, in_channels=1,
-                        min_side=NEEDS_TWO_BOTTLENECK_VOXELS),
-    "mednext-s": Backbone(partial(mednext_parts, size="S", kernel=3), spatial_dims=3, in_channels=1,
-                          min_side=NEEDS_TWO_BOTTLENECK_VOXELS),
-    "mednext-m": Backbone(partial(mednext_parts, size="M", kernel=3), spatial_dims=3, in_channels=1,
-                          min_side=NEEDS_TWO_BOTTLENECK_VOXELS),
-    "mednext-l": Backbone(partial(mednext_parts, size="L", kernel=3), spatial_dims=3, in_channels=1,
-                          min_side=NEEDS_TWO_BOTTLENECK_VOXELS),
-    "mednext-b-k5": Backbone(partial(mednext_parts, size="B", kernel=5), spatial_dims=3, in_channels=1,
-                             min_side=NEEDS_TWO_BOTTLENECK_VOXELS),
-    "uxnet3d": Backbone(uxnet3d_parts, spatial_dims=3, in_channels=1, min_side=NEEDS_TWO_BOTTLENECK_VOXELS),
+    "mednext": cnn(partial(mednext_parts, size="B", kernel=3), 3, NEEDS_TWO_BOTTLENECK_VOXELS),
+    "mednext-s": cnn(partial(mednext_parts, size="S", kernel=3), 3, NEEDS_TWO_BOTTLENECK_VOXELS),
+    "mednext-m": cnn(partial(mednext_parts, size="M", kernel=3), 3, NEEDS_TWO_BOTTLENECK_VOXELS),
+    "mednext-l": cnn(partial(mednext_parts, size="L", kernel=3), 3, NEEDS_TWO_BOTTLENECK_VOXELS),
+    "mednext-b-k5": cnn(partial(mednext_parts, size="B", kernel=5), 3, NEEDS_TWO_BOTTLENECK_VOXELS),
+    "uxnet3d": cnn(uxnet3d_parts, 3, NEEDS_TWO_BOTTLENECK_VOXELS),
     # Not the paper's: MedNeXt-S at a quarter of its width (8 channels at full resolution), small enough for
     # `make demo3d` to train three runs on 2 CPU cores in minutes.
-    "mednext-tiny": Backbone(partial(mednext_parts, size="S", kernel=3, width=8), spatial_dims=3, in_channels=1,
-                             min_side=NEEDS_TWO_BOTTLENECK_VOXELS),
+    "mednext-tiny": cnn(partial(mednext_parts, size="S", kernel=3, width=8), 3, NEEDS_TWO_BOTTLENECK_VOXELS),
+    # MedVisionLlama: a ViT on 2D images or 3D volumes (1-channel volumes by default), the layer after the patch
+    # embedding with the residual and the LLM's final norm (unit weight) around it.
+    "vit": Backbone(vision_transformer, (3, 2), in_channels=1, residual=True, final_norm="unit", options=VIT_OPTIONS,
+                    feature_maps=False),
 }
 
-VIT_DEFAULTS = {"in_channels": 1, "spatial_dims": 3, "residual": True, "final_norm": "unit"}  # MedVisionLlama's
-CNN_DEFAULTS = {"residual": False, "final_norm": "none"}  # LLM4Seg's; in_channels and spatial_dims: the row's
 # After the layer: nothing, the LLM's final RMSNorm with unit weight (MedVisionLlama's code), or with its
 # pre-trained weight (model.norm.weight, read alone; Llama, Mistral and Qwen2 families).
 FINAL_NORMS = ("none", "unit", "pretrained")
@@ -101,18 +147,17 @@ FINAL_NORMS = ("none", "unit", "pretrained")
 
 def backbone_defaults(backbone: str) -> dict:
     """in_channels, spatial_dims, residual, final_norm where build_model is given None."""
-    if backbone == "vit":
-        return VIT_DEFAULTS
     row = BACKBONES[backbone]
-    return {**CNN_DEFAULTS, "in_channels": row.in_channels, "spatial_dims": row.spatial_dims}
+    return {"in_channels": row.in_channels, "spatial_dims": row.spatial_dims[0], "residual": row.residual,
+            "final_norm": row.final_norm}
 
 
 def build_model(backbone: str = "cmunext", llm: str | None = "llama3.2-1b", layer: int = 15,
                 mode: str = "frozen", *, in_channels: int | None = None, num_classes: int = 1,
                 lora_rank: int = 0, mapper_lora_rank: int = 0, residual: bool | None = None,
                 final_norm: str | None = None, revision: str | None = None, spatial_dims: int | None = None,
-                img_size: int = 128, patch_size: int = 8, embed_dim: int = 64, depth: int = 16, heads: int = 4,
-                dropout: float = 0.2) -> nn.Module:
+                img_size: int | None = None, patch_size: int | None = None, embed_dim: int | None = None,
+                depth: int | None = None, heads: int | None = None, dropout: float | None = None) -> nn.Module:
     """A U-Net, CMUNeXt, nnU-Net (2D), MedNeXt, 3D UX-Net (3D) or ViT (2D or 3D); with `llm`, the `layer`-th
     (1-based) decoder layer of that LLM in the bridge, loaded by llm_layer.load_layer in `mode` (frozen /
     trainable / random) at the Hub `revision` (branch, tag or commit; None = main). llm=None or mode="none"
@@ -120,38 +165,30 @@ def build_model(backbone: str = "cmunext", llm: str | None = "llama3.2-1b", laye
 
     lora_rank: LoRA on the frozen layer's query and value projections; mapper_lora_rank: LoRA on the
     bridge's two adapters (MedVisionLlama's "LoRA-based dimension mapping layers").
-    None takes the backbone's default (backbone_defaults): in_channels (3 for the 2D CNNs, 1 for the 3D ones
+    None takes the backbone's row (backbone_defaults): in_channels (3 for the 2D CNNs, 1 for the 3D ones
     and the ViT), spatial_dims (the CNN's own dimension; 3 for the ViT), residual (x + ... around the layer)
     and final_norm (FINAL_NORMS: "unit" for the ViT, "none" for the CNNs; "pretrained").
-    img_size, patch_size, embed_dim, depth, heads, dropout: the ViT's (vit.py), MedVisionLlama's defaults;
-    the CNNs take any multiple of 16 and ignore them."""
-    if backbone not in BACKBONES and backbone != "vit":
-        raise ValueError(f"expected backbone one of {sorted([*BACKBONES, 'vit'])}, got {backbone!r}")
+    img_size, patch_size, embed_dim, depth, heads, dropout: the ViT's shape (vit.py; None: VIT_OPTIONS,
+    MedVisionLlama's); the CNNs take any multiple of 16 and ignore them."""
+    if backbone not in BACKBONES:
+        raise ValueError(f"expected backbone one of {sorted(BACKBONES)}, got {backbone!r}")
     if mode not in MODES:
         raise ValueError(f"expected mode one of {MODES}, got {mode!r}")
-    defaults = backbone_defaults(backbone)
+    row, defaults = BACKBONES[backbone], backbone_defaults(backbone)
     in_channels = defaults["in_channels"] if in_channels is None else in_channels
     spatial_dims = defaults["spatial_dims"] if spatial_dims is None else spatial_dims
     plain = llm is None or mode == "none"
     residual = (defaults["residual"] and not plain) if residual is None else residual
     final_norm = (defaults["final_norm"] if not plain else "none") if final_norm is None else final_norm
     check_model_options(backbone, llm, mode, plain, lora_rank, mapper_lora_rank, residual, final_norm, spatial_dims)
+    given = {"img_size": img_size, "patch_size": patch_size, "embed_dim": embed_dim, "depth": depth, "heads": heads,
+             "dropout": dropout}
+    shape = {name: default if given[name] is None else given[name] for name, default in row.options.items()}
     config = ModelConfig(backbone=backbone, llm=None if plain else llm, layer=layer,
                          mode="none" if plain else mode, in_channels=in_channels, num_classes=num_classes,
                          lora_rank=lora_rank, residual=residual, revision=None if plain else revision,
-                         mapper_lora_rank=mapper_lora_rank, final_norm=final_norm, spatial_dims=spatial_dims)
-    if backbone == "vit":
-        config.img_size, config.patch_size, config.embed_dim = img_size, patch_size, embed_dim
-        config.depth, config.heads, config.dropout = depth, heads, dropout
-        bridge = None if plain else llm_bridge(config, embed_dim)
-        net = VisionTransformer(in_channels=in_channels, num_classes=num_classes, spatial_dims=spatial_dims,
-                                img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
-                                heads=heads, dropout=dropout, bridge=bridge)
-        net.config = config
-        return net
-    parts = BACKBONES[backbone].parts(in_channels, num_classes)
-    bridge = None if plain else llm_bridge(config, parts.bottleneck)
-    return SegmentationNet(parts, bridge, spatial_dims, config)
+                         mapper_lora_rank=mapper_lora_rank, final_norm=final_norm, spatial_dims=spatial_dims, **shape)
+    return row.network(config, lambda channels: None if plain else llm_bridge(config, channels))
 
 
 def check_model_options(backbone, llm, mode, plain, lora_rank, mapper_lora_rank, residual, final_norm,
@@ -169,16 +206,14 @@ def check_model_options(backbone, llm, mode, plain, lora_rank, mapper_lora_rank,
                              f"'none', got llm={llm!r}, mode={mode!r}")
     if final_norm not in FINAL_NORMS:
         raise ValueError(f"expected final_norm one of {FINAL_NORMS}, got {final_norm!r}")
-    if backbone == "vit":
-        if spatial_dims not in (2, 3):
-            raise ValueError(f"backbone 'vit' is 2D or 3D: got spatial_dims={spatial_dims}")
-        return
-    own = BACKBONES[backbone].spatial_dims
-    if spatial_dims != own:
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"expected spatial_dims 2 (images) or 3 (volumes), got {spatial_dims}")
+    own = sorted(BACKBONES[backbone].spatial_dims)
+    if spatial_dims not in own:
         data = "volumes" if spatial_dims == 3 else "images"
-        fitting = ", ".join([name for name, row in BACKBONES.items() if row.spatial_dims == spatial_dims] + ["vit"])
-        raise ValueError(f"backbone {backbone!r} is {own}D: got spatial_dims={spatial_dims}; "
-                         f"for {data} use one of {fitting}")
+        fitting = ", ".join(name for name, row in BACKBONES.items() if spatial_dims in row.spatial_dims)
+        raise ValueError(f"backbone {backbone!r} is {' or '.join(f'{dims}D' for dims in own)}: got "
+                         f"spatial_dims={spatial_dims}; for {data} use one of {fitting}")
 
 
 def llm_bridge(config: ModelConfig, channels: int) -> LLMBridge:
