@@ -38,7 +38,7 @@ table lists every organ; samples/ colour each class.
                     with a colour bar (and a note when the bottleneck is too coarse to show anything)
 RUN_DIR/eval-<split>-last/ holds the same for --checkpoint last; pictures an earlier evaluation left in
 the folder are removed when this one draws none.
-With --images DIR it segments new images instead (prediction.py), into --out (default
+With --images DIR it segments new images instead (outputs.py), into --out (default
 RUN_DIR/predict-<DIR's name>): a 2D run writes one mask PNG per readable image of DIR, named by its stem, at
 the image's own size, plus overlays/ (and with --probabilities the probability maps); a 3D run writes one
 NIfTI label map <stem>.nii.gz per *.nii / *.nii.gz volume of DIR, on that volume's own grid (its shape and
@@ -70,25 +70,23 @@ from llm4seg.analysis import (ANALYSED, CONCENTRATION_THRESHOLD, BridgeFeatures,
 from llm4seg.checkpoints import load_run, read_run_config
 from llm4seg.cli import (USER_ERRORS, add_runtime_flags, check_runtime_flags, disk_error, one_line_error_parser,
                          user_error)
-from llm4seg.data import PATCH_DATASETS, check_cases, class_names, load_dataset
-from llm4seg.files import InputError, WriteError, write_csv, write_text
-from llm4seg.metrics import (EMPTY_CONVENTIONS, NSD_TOLERANCE, OVERLAP_METRICS, SEGMENTATION_METRICS, SURFACE_METRICS,
-                             THRESHOLD, evaluate_cases, mean_and_std)
+from llm4seg.data import check_cases, load_dataset
+from llm4seg.files import WriteError, write_csv, write_text
+from llm4seg.metrics import EMPTY_CONVENTIONS, NSD_TOLERANCE, THRESHOLD, evaluate_cases, mean_and_std
 from llm4seg.metrics import segmentation_metrics, surface_metrics  # noqa: F401  public names eval.py has always offered
 from llm4seg.model import count_gmacs, count_params, set_frozen_dtype
-from llm4seg.pictures import heatmap_pair_png, label_panel_png, panel_png, to_rgb, volume_panel_png
-from llm4seg.prediction import LEGEND_NAME, case_probabilities, check_volume_data, predict_folder, predict_volume_folder
-from llm4seg.runtime import (Processes, memory_format, predict, resolve_device, resolve_precision,
-                             set_cpu_threads)
+from llm4seg.outputs import LEGEND_NAME, check_volume_data, predict_folder, predict_volume_folder
+from llm4seg.pictures import heatmap_pair_png, to_rgb
+from llm4seg.prediction import case_probabilities, predict
+from llm4seg.runtime import Processes, memory_format, resolve_device, resolve_precision, set_cpu_threads
 from llm4seg.settings import data_options
+from llm4seg.task import Task
 
 # How the printed table shows each metric: (label, scale, unit); the files keep fractions and pixels unscaled.
 LABELS = {"iou": ("IoU", 100, "%"), "dice": ("Dice", 100, "%"), "f1": ("F1", 100, "%"),
           "sensitivity": ("SE", 100, "%"), "precision": ("PC", 100, "%"), "specificity": ("SP", 100, "%"),
           "accuracy": ("ACC", 100, "%"), "hd95": ("HD95", 1, "px"), "nsd": ("NSD", 100, "%")}
-REPORTED = SEGMENTATION_METRICS + SURFACE_METRICS
 MIN_MAP_TOKENS = 8  # an activation map coarser than 8 x 8 tokens shows no structure worth looking at
-CLASS_REPORTED = OVERLAP_METRICS + SURFACE_METRICS  # multi-class: per organ, and their mean per case
 
 
 def evaluate_run(args) -> int:
@@ -104,14 +102,13 @@ def evaluate_run(args) -> int:
     dataset = load_dataset(settings["data"], data_dir, args.split, settings["img_size"], settings["seed"],
                            **data_options(settings))
     check_cases(dataset)
-    patches = settings["data"] in PATCH_DATASETS  # whole volumes of differing shapes, by sliding windows
-    loader = DataLoader(dataset, batch_size=1 if patches else args.batch_size, num_workers=args.workers,
+    task = Task.of_run(settings, config["model"], data_dir)
+    # Sliding windows read whole volumes, of differing shapes: one a batch.
+    loader = DataLoader(dataset, batch_size=1 if task.roi_size else args.batch_size, num_workers=args.workers,
                         pin_memory=device.type == "cuda")
-    names = class_names(settings["data"], data_dir, multiclass=settings.get("multiclass", False)) \
-        if config["model"]["num_classes"] > 1 else None
 
     net, _, info = load_run(run_dir, args.checkpoint)
-    computation = computation_report(net, config)
+    computation = computation_report(net, config, task)
     set_frozen_dtype(net, precision).to(device, memory_format=memory_format(device, net.config.spatial_dims))
 
     # One folder per (split, checkpoint): `best` keeps the name sweep.py reads; pictures of an earlier
@@ -127,9 +124,8 @@ def evaluate_run(args) -> int:
     analysis = None
     with BridgeFeatures(net.bridge) if args.analyze else contextlib.nullcontext() as features:
         extra = (lambda logits, masks: feature_analysis(features, masks)) if args.analyze else None
-        infer = case_probabilities(net, device, precision, settings.get("roi_size") if patches else None)
-        rows, dataset_level = evaluate_cases(net, loader, device, precision, extra=extra, infer=infer,
-                                             class_names=names, empty=args.empty_cases)
+        rows, dataset_level = evaluate_cases(task, net, loader, device, precision, extra=extra,
+                                             empty=args.empty_cases)
         if args.analyze:
             maps = write_activation_maps(net, features, dataset, args.maps, device, precision,
                                          clean_folder(out_dir / "activations"))
@@ -137,17 +133,18 @@ def evaluate_run(args) -> int:
             write_text(out_dir / "analysis.json", json.dumps(analysis, indent=1))
     samples = []
     if args.samples:
-        samples = write_samples(infer, dataset, rows, args.samples, clean_folder(out_dir / "samples"), names)
+        samples = write_samples(task, case_probabilities(task, net, device, precision), dataset, rows, args.samples,
+                                clean_folder(out_dir / "samples"))
 
     epoch = info["epoch"] if "epoch" in info else info["progress"]["epochs_done"]  # best / last
     report = {
         "run_dir": str(run_dir), "split": args.split, "images": len(rows),
         "checkpoint": {"name": args.checkpoint, "epoch": epoch, "global_step": info["global_step"]},
-        "metrics": {key: mean_and_std(rows, key) for key in (REPORTED if names is None else CLASS_REPORTED)},
+        "metrics": {key: mean_and_std(rows, key) for key in task.reported_metrics},
         **dataset_level,
-        **(per_class_report(rows, names) if names is not None else {}),
+        **(per_class_report(rows, task) if task.multiclass else {}),
         "computation": computation,
-        "conventions": {"threshold": THRESHOLD, "nsd_tolerance": NSD_TOLERANCE, "distance_unit": distance_unit(config),
+        "conventions": {"threshold": THRESHOLD, "nsd_tolerance": NSD_TOLERANCE, "distance_unit": task.distance_unit,
                         "std": "population (ddof 0) over images", "empty_cases": args.empty_cases},
         "samples": [str(path.relative_to(out_dir)) for path in samples],
     }
@@ -165,46 +162,32 @@ def predict_images(args) -> int:
     config = read_run_config(run_dir)
     check_runtime_flags(args)
     settings = config["train"]
-    volumes, multiclass = run_spatial_dims(config) == 3, config["model"]["num_classes"] > 1
-    if volumes:
+    task = Task.of_run(settings, config["model"], args.data_dir)
+    if task.volumes:
         if args.probabilities:
             raise ValueError(f"--probabilities writes PNG probability maps of 2D images; {run_dir} segments volumes "
                              "into NIfTI label maps only: drop --probabilities")
         check_volume_data(settings["data"])
-    elif multiclass and args.probabilities:
+    elif task.multiclass and args.probabilities:
         raise ValueError(f"--probabilities draws a binary run's foreground probability; {run_dir} is multi-class "
                          f"and its masks hold each pixel's class: drop --probabilities")
-    names = legend_names(settings, args.data_dir or settings["data_dir"], config["model"]["num_classes"])
     device = resolve_device(args.device, Processes())
     set_cpu_threads(0, Processes())  # one image or volume at a time, no DataLoader workers
     precision = resolve_precision(args.precision, device)
     net, _, _ = load_run(run_dir, args.checkpoint)
     set_frozen_dtype(net, precision).to(device, memory_format=memory_format(device, net.config.spatial_dims))
     out_dir = Path(args.out or run_dir / f"predict-{Path(args.images).resolve().name}")
-    if volumes:
-        written, skipped = predict_volume_folder(net, settings["data"], settings["img_size"], settings.get("roi_size"),
-                                                 args.images, out_dir, device, precision, names)
+    if task.volumes:
+        written, skipped = predict_volume_folder(task, net, settings["data"], settings["img_size"], args.images,
+                                                 out_dir, device, precision)
         print(f"wrote {len(written)} label maps (NIfTI, each on its input's grid) and {LEGEND_NAME} to {out_dir}")
     else:
-        written, skipped = predict_folder(net, settings["img_size"], args.images, out_dir, device, precision,
-                                          probabilities=args.probabilities, class_names=names if multiclass else None)
-        print(f"wrote {len(written)} {'label maps' if multiclass else 'masks'} (and overlays/) to {out_dir}")
+        written, skipped = predict_folder(task, net, settings["img_size"], args.images, out_dir, device, precision,
+                                          probabilities=args.probabilities)
+        print(f"wrote {len(written)} {'label maps' if task.multiclass else 'masks'} (and overlays/) to {out_dir}")
     for path, reason in skipped:
         print(f"skipped {path}: {reason}")
     return 1 if skipped else 0
-
-
-def legend_names(settings: dict, data_dir: str | None, num_classes: int) -> list[str]:
-    """The names of a run's label values, background first: data.class_names; a run whose data is not where it
-    was (an msd task's dataset.json, a folder's masks: predicting on another machine) numbers its classes."""
-    if num_classes == 1:
-        return ["background", "foreground"]
-    try:
-        return class_names(settings["data"], data_dir, multiclass=settings.get("multiclass", False))
-    except (FileNotFoundError, InputError) as error:
-        print(f"the class names are unknown ({error}); {LEGEND_NAME} numbers them (--data-dir names the task "
-              "folder that holds its dataset.json)")
-        return ["background", *(f"class {k}" for k in range(1, num_classes))]
 
 
 def check_args(args, config: dict, run_dir: Path) -> None:
@@ -215,39 +198,28 @@ def check_args(args, config: dict, run_dir: Path) -> None:
     if args.analyze and (reason := cannot_analyze(config["model"])):
         raise ValueError(f"--analyze cannot read {run_dir}: {reason}; drop --analyze for this run")
 
-def computation_report(net: torch.nn.Module, config: dict) -> dict:
+def computation_report(net: torch.nn.Module, config: dict, task: Task) -> dict:
     """The paper's Table 1 columns for this run's model at the size it runs on: its crops (--roi-size) for a
     patch-trained run (BTCV: the paper's 96^3), else its image size."""
     trainable, frozen = count_params(net)
-    settings = config["train"]
-    size = settings["roi_size"] if settings["data"] in PATCH_DATASETS else settings["img_size"]
-    spatial_dims = run_spatial_dims(config)
-    input_shape = [1, config["model"]["in_channels"], *(size,) * spatial_dims]
+    size = task.roi_size or config["train"]["img_size"]
+    input_shape = [1, config["model"]["in_channels"], *(size,) * task.spatial_dims]
     return {"trainable_params": trainable, "frozen_params": frozen,
-            "gmacs": count_gmacs(net, input_shape[1], size, spatial_dims), "input_shape": input_shape,
+            "gmacs": count_gmacs(net, input_shape[1], size, task.spatial_dims), "input_shape": input_shape,
             "counted_with": "torch.utils.flop_counter.FlopCounterMode, FLOPs / 2 (convs and matmuls)"}
 
 
-def run_spatial_dims(config: dict) -> int:
-    """2 or 3: the run's images or volumes (runs saved before volumes existed are 2D)."""
-    return config["model"].get("spatial_dims", 2)
-
-
-def distance_unit(config: dict) -> str:
-    """HD95's and the NSD tolerance's unit: volumes carry their voxel spacing, 2D images do not."""
-    return "mm" if run_spatial_dims(config) == 3 else "px"
-
-
-def per_class_report(rows: list[dict], names: list[str]) -> dict:
+def per_class_report(rows: list[dict], task: Task) -> dict:
     """Multi-class: {"per_class": {organ: {"dice", "iou", "hd95", "nsd"}}, each the mean over the cases whose
     truth holds the organ, and "dice": their mean over the foreground classes, the number of Table 2}."""
     def mean_over_cases(key: str) -> float:  # NaN for a class no case scored: absent, not a score of 0
         stats = mean_and_std(rows, key)
         return stats["mean"] if stats["n"] else float("nan")
-    per_class = {name: {key: mean_over_cases(f"{key}/{name}") for key in CLASS_REPORTED} for name in names[1:]}
+    per_class = {name: {key: mean_over_cases(f"{key}/{name}") for key in task.reported_metrics}
+                 for name in task.class_names[1:]}
     dice = [scores["dice"] for scores in per_class.values() if scores["dice"] == scores["dice"]]  # not NaN
     return {"per_class": per_class, "dice": float(np.mean(dice)) if dice else float("nan"),
-            "classes": names}
+            "classes": list(task.class_names)}
 
 
 def analysis_report(rows: list[dict], maps: list[Path], out_dir: Path) -> dict:
@@ -293,28 +265,18 @@ def clean_folder(folder: Path) -> Path:
 
 
 @torch.no_grad()
-def write_samples(infer, dataset, rows: list[dict], count: int, folder: Path,
-                  class_names: list[str] | None = None) -> list[Path]:
-    """Panel PNGs of the ranked cases (of a volume: its middle axial, coronal and sagittal slices); each is
-    predicted again alone by `infer` (BatchNorm in eval mode makes that the same prediction), so no
-    prediction of the whole split is kept in memory. Multi-class: the argmax's label map in class colours."""
+def write_samples(task: Task, infer, dataset, rows: list[dict], count: int, folder: Path) -> list[Path]:
+    """Panel PNGs of the ranked cases (task.panel_png: of a volume, its middle axial, coronal and sagittal
+    slices; multi-class, the argmax in class colours); each is predicted again alone by `infer` (BatchNorm in
+    eval mode makes that the same prediction), so no prediction of the whole split is kept in memory."""
     paths = []
     for label, index in ranked_cases(rows, count):
         item = dataset[index]
         assert item["name"] == rows[index]["case"], "the loader must keep the dataset's order"
-        probabilities = infer(item["image"][None])[0].cpu()                        # (K, *S)
-        multiclass = len(probabilities) > 1
-        prediction = probabilities.argmax(0) if multiclass else probabilities[0]   # (*S)
+        prediction = task.labels(infer(item["image"][None]).cpu())[0]             # (*S)
         paths.append(folder / f"{label}_{file_stem(item['name'])}.png")
         caption = f"{label} {item['name']}: IoU {rows[index]['iou'] * 100:.2f} %, Dice {rows[index]['dice'] * 100:.2f} %"
-        if prediction.dim() == 3:
-            volume_panel_png(item["image"], item["mask"][0], prediction, paths[-1], multiclass=multiclass,
-                             caption=caption, class_names=class_names)
-        elif multiclass:
-            label_panel_png(to_rgb(item["image"]), item["mask"][0], prediction, paths[-1], caption=caption,
-                            class_names=class_names)
-        else:
-            panel_png(to_rgb(item["image"]), item["mask"][0], prediction, paths[-1], caption=caption)
+        task.panel_png(item["image"], item["mask"][0], prediction, paths[-1], caption)
     return paths
 
 

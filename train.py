@@ -75,22 +75,21 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-from llm4seg import losses
 from llm4seg.checkpoints import (has_checkpoint, keep_metrics_up_to, load_checkpoint, load_weights_of_run,
                                  read_run_config, remove_stale_temporaries, rng_state, run_dir_lock,
                                  save_checkpoint, set_rng_state, write_run_config)
 from llm4seg.cli import USER_ERROR_EXIT, USER_ERRORS, disk_error, user_error
-from llm4seg.data import PATCH_DATASETS, EpochItems, EpochOrder, check_cases, class_names, load_dataset, normalize_batch
+from llm4seg.data import EpochItems, EpochOrder, check_cases, load_dataset, normalize_batch
 from llm4seg.files import WriteError, write_atomically
-from llm4seg.metrics import OVERLAP_METRICS, SEGMENTATION_METRICS, evaluate_cases, mean_and_std
+from llm4seg.metrics import evaluate_cases, mean_and_std
 from llm4seg.model import count_params, set_frozen_dtype
 from llm4seg.pictures import curves_png
-from llm4seg.prediction import case_probabilities
 from llm4seg.runtime import (Processes, StopRequests, autocast, compile_mode, ignore_stop_signals, memory_format,
                              max_over_ranks, rank_zero_first, resolve_device, resolve_precision, set_cpu_threads,
                              sum_over_ranks, to_device)
 from llm4seg.settings import (build_or_rebuild_model, check_args, check_no_run_in, data_options, default_run_dir,
                               make_optimizer, parse_args)
+from llm4seg.task import Task
 
 POLY_POWER = 0.9
 CURVES_EVERY_S = 30
@@ -110,14 +109,8 @@ def learning_rate(args: argparse.Namespace, step: int, max_steps: int) -> float:
 def validate(run: "Run") -> dict[str, float]:
     """The paper's per-image metrics averaged over every validation image; multi-class: mean IoU and Dice over
     the organs (metrics.class_metrics), whole volumes through sliding windows of the training crops' size."""
-    rows, _ = evaluate_cases(run.net, run.val_loader, run.device, run.precision, surface=False,
-                             infer=case_probabilities(run.net, run.device, run.precision, run.roi_size),
-                             class_names=run.class_names)
-    return {name: mean_and_std(rows, name)["mean"] for name in validation_metrics(run)}
-
-
-def validation_metrics(run: "Run") -> tuple[str, ...]:
-    return SEGMENTATION_METRICS if run.class_names is None else OVERLAP_METRICS
+    rows, _ = evaluate_cases(run.task, run.net, run.val_loader, run.device, run.precision, surface=False)
+    return {name: mean_and_std(rows, name)["mean"] for name in run.task.validation_metrics}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -151,8 +144,7 @@ class Run:
     progress: Progress
     run_dir: Path
     max_steps: int
-    class_names: list[str] | None = None     # multi-class runs: the K classes, background first
-    roi_size: int | None = None              # validation by sliding windows of this side (patch datasets)
+    task: Task                    # binary or multi-class, images or volumes, sliding windows: asked, not tested
     compile_mode: str | None = None          # torch.compile's mode of `model`, None when eager
     compile_seconds: float | None = None     # the first compiled step, compilation included
     curves_drawn_at: float = -math.inf       # time.monotonic() of the last curves.png
@@ -193,8 +185,9 @@ def setup(argv: list[str] | None, processes: Processes, held: contextlib.ExitSta
     sampler = DistributedSampler(train_set, num_replicas=processes.world_size, rank=processes.rank,
                                  shuffle=True, seed=args.seed)
     iterations = math.ceil(len(sampler) / args.batch_size)
-    patches = args.data in PATCH_DATASETS  # trained on crops; validated on whole volumes of differing shapes
-    val_loader = DataLoader(val_set, batch_size=1 if patches else args.batch_size, num_workers=args.workers,
+    task = Task.of_run(vars(args), asdict(net.config))
+    # Trained on crops, validated by sliding windows over whole volumes of differing shapes: one a batch.
+    val_loader = DataLoader(val_set, batch_size=1 if task.roi_size else args.batch_size, num_workers=args.workers,
                             persistent_workers=args.workers > 0, worker_init_fn=ignore_stop_signals,
                             pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(args.seed))
     # Workers live across epochs, so each index carries its epoch (EpochOrder) and the augmentation, drawn from
@@ -205,11 +198,8 @@ def setup(argv: list[str] | None, processes: Processes, held: contextlib.ExitSta
                               # worker seeds from (seed, rank), not from the global RNG (the augmentation does
                               # not depend on them)
                               generator=torch.Generator().manual_seed(args.seed * 1_009 + processes.rank))
-    names = class_names(args.data, args.data_dir, multiclass=args.multiclass)  # background first
     run = Run(args, processes, device, precision, net, model, optimizer, sampler, train_set, val_loader, train_loader,
-              Progress(), run_dir, max_steps=args.epochs * iterations, compile_mode=mode,
-              class_names=names if net.config.num_classes > 1 else None,
-              roi_size=args.roi_size if patches else None)
+              Progress(), run_dir, max_steps=args.epochs * iterations, task=task, compile_mode=mode)
     if processes.local_rank == 0:  # before the first write; a start refused earlier leaves no folder behind
         held.enter_context(run_dir_lock(run_dir))
     start_in_run_dir(run, len(val_set), iterations)
@@ -345,8 +335,7 @@ def train_one_epoch(run: Run, epoch: int, stop: StopRequests) -> tuple[int | Non
                 torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are not read again
             with autocast(device, run.precision):  # 2D items come as uint8: normalised on the device
                 logits = run.model(normalize_batch(to_device(batch["image"], device)))
-            loss = losses.segmentation_loss(logits.float(), batch["mask"].to(device, non_blocking=True),
-                                            args.bce_weight)
+            loss = run.task.loss(logits.float(), batch["mask"].to(device, non_blocking=True), args.bce_weight)
             run.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             non_finite, stopping = step_flags_over_ranks(run, loss, stop)

@@ -1,6 +1,6 @@
-"""The segmentation losses of the papers' recipes (settings.RECIPES), on logits of any spatial rank.
+"""The segmentation losses of the papers' recipes (settings.RECIPES), on logits of any spatial rank; the run's
+Task (task.py) picks one: bce_dice_loss for one output channel, dice_ce_loss for K > 1.
 
-    segmentation_loss(logits, target, w)   one output channel: bce_dice_loss; K > 1 channels: dice_ce_loss
     bce_dice_loss(logits, target, w)       w BCE + (1 - soft Dice), LLM4Seg's (w 0.5) and MedVisionLlama's (w 1)
     dice_ce_loss(logits, labels)           CE + (1 - soft Dice) over softmax: MONAI's DiceCELoss(to_onehot_y=True,
                                            softmax=True), the BTCV loss of UNETR and 3D UX-Net
@@ -10,13 +10,6 @@ import torch
 import torch.nn.functional as F
 
 DICE_SMOOTH = 1e-5
-
-
-def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, bce_weight: float) -> torch.Tensor:
-    """One output channel: bce_dice_loss (sigmoid, binary); K > 1 channels: dice_ce_loss (softmax, a label map)."""
-    if logits.shape[1] == 1:
-        return bce_dice_loss(logits, target.float(), bce_weight)
-    return dice_ce_loss(logits, target)
 
 
 def dice_ce_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from .runtime import predict
+from .prediction import case_probabilities
 
 IOU_SMOOTH = 1e-5  # the authors' smoothing of IoU: empty vs empty scores 1
 RATIO_EPS = 1e-6  # the authors' guard in the denominators of SE, PC, SP and F1
@@ -256,44 +256,32 @@ def class_metrics(pred: Tensor, true: Tensor, num_classes: int, *, surface: bool
 # -----------------------------------------------------------------------------
 # a model over a loader
 
-def whole_image_probabilities(net: torch.nn.Module, device: torch.device, precision: torch.dtype):
-    """images (B, C, *S) -> probabilities (B, K, *S) float32 on `device`: sigmoid for one output channel
-    (binary), softmax over K > 1 classes. The default `infer` of evaluate_cases."""
-    def infer(images: Tensor) -> Tensor:
-        logits = predict(net, images, device, precision)
-        return torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
-    return infer
-
-
 @torch.no_grad()
-def evaluate_cases(net: torch.nn.Module, loader, device: torch.device, precision: torch.dtype, *,
-                   surface: bool = True, extra=None, infer=None, class_names: list[str] | None = None,
-                   empty: str = "monai") -> tuple[list[dict], dict[str, float]]:
+def evaluate_cases(task, net: torch.nn.Module, loader, device: torch.device, precision: torch.dtype, *,
+                   surface: bool = True, extra=None, empty: str = "monai") -> tuple[list[dict], dict[str, float]]:
     """Every case of `loader`, in order, through `net` in eval mode (BatchNorm's running statistics make
-    each image's output independent of its batch, so this is the paper's batch-1 protocol) ->
+    each image's output independent of its batch, so this is the paper's batch-1 protocol), whole or by the
+    task's sliding windows (prediction.case_probabilities) ->
       rows: one per case, {"case", "iou", ..., "accuracy"} plus "hd95", "nsd" when `surface`, plus
             what `extra(probabilities, masks)` returns (per-image (B,) tensors by name) when given;
       dataset-level: pooled {"pooled_iou", "pooled_dice"} and the mean IoU of the two trivial
             predictors, "all_foreground_iou" and "all_background_iou", to judge a score by.
-    infer(images) -> probabilities (B, K, *S) on `device`: whole_image_probabilities by default;
-    prediction.sliding_window's averages for volumes larger than the training patches.
-    Multi-class (class_names: the K names, background first; masks are (B, 1, *S) label maps): the
-    prediction is the argmax; each row holds "dice", "iou" (+ "hd95", "nsd") averaged over the foreground
-    classes class_metrics scores (those in the case's truth; for NSD by default also those predicted without
-    being there) and each class's as "dice/<name>", ...; no
-    dataset-level numbers. empty: the HD95 / NSD convention for empty masks (EMPTY_CONVENTIONS). The model's
-    train / eval mode is restored afterwards."""
+    A multi-class task (masks are (B, 1, *S) label maps): the prediction is the argmax; each row holds "dice",
+    "iou" (+ "hd95", "nsd") averaged over the foreground classes class_metrics scores (those in the case's
+    truth; for NSD by default also those predicted without being there) and each class's as "dice/<name>",
+    ...; no dataset-level numbers. empty: the HD95 / NSD convention for empty masks (EMPTY_CONVENTIONS). The
+    model's train / eval mode is restored afterwards."""
     was_training = net.training
     net.eval()
-    infer = infer or whole_image_probabilities(net, device, precision)
+    infer = case_probabilities(task, net, device, precision)
     rows, pooled, trivial = [], PooledOverlap(), {"all_foreground_iou": [], "all_background_iou": []}
     for batch in tqdm(loader, desc="evaluating", leave=False, disable=None):
         probabilities = infer(batch["image"])
         masks = batch["mask"].to(probabilities.device)  # sliding windows sum on the CPU
-        if class_names is not None:
-            per_image = foreground_means(class_metrics(probabilities.argmax(1), masks[:, 0], len(class_names),
+        if task.multiclass:
+            per_image = foreground_means(class_metrics(task.labels(probabilities), masks[:, 0], task.num_classes,
                                                        surface=surface, spacing=batch.get("spacing"), empty=empty),
-                                         class_names)
+                                         task.class_names)
         else:
             per_image = segmentation_metrics(probabilities, masks, from_logits=False)
             if surface:  # volumes carry their voxel size: distances in mm
@@ -307,7 +295,7 @@ def evaluate_cases(net: torch.nn.Module, loader, device: torch.device, precision
         rows += [{"case": name, **{key: values[i].item() for key, values in per_image.items()}}
                  for i, name in enumerate(batch["name"])]
     net.train(was_training)
-    if class_names is not None:
+    if task.multiclass:
         return rows, {}
     return rows, {**pooled.compute(), **{key: float(np.mean(values)) for key, values in trivial.items()}}
 

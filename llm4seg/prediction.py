@@ -1,46 +1,16 @@
-"""Predicting more than the network saw at once: new images at their own size, new volumes on their own
-grid, and volumes larger than the training patches, by sliding windows.
+"""Inference, in one place: a batch, a whole image at its own size, a whole volume by sliding windows. What the
+probabilities and labels are (sigmoid or softmax, threshold or argmax) is the run's Task (task.py).
 
-    predict_folder(net, img_size, images_dir, out_dir, device, precision) -> (written, skipped)
-    predict_volume_folder(net, data, img_size, roi_size, images_dir, out_dir, device, precision, class_names)
-        -> (written, skipped)
+    predict(net, images, device, precision) -> float32 logits (B, K, *S), computed at `precision`
+    case_probabilities(task, net, device, precision) -> infer(images (B, C, *S)) -> probabilities (B, K, *S):
+        whole inputs at once, or with task.roi_size sliding windows of that side (overlap 0.5, constant weights)
+    image_probabilities(task, net, rgb, img_size, device, precision) -> (K, H, W) at the image's own size
     sliding_window(predict, volume, roi_size, overlap=0.5, mode="constant", sw_batch_size=4) -> (N, K, *S)
 
-Images. Each image is read and resized as the training data was (data.read_rgb: grayscale, 16-bit, RGBA
-and palette images become RGB; data.resized_rgb: bilinear to img_size x img_size), ImageNet-normalised
-and predicted; the foreground probability (S, S) is resized back to the image's own (H, W) bilinearly
-and thresholded at metrics.THRESHOLD, so the mask follows the network's smooth output rather than
-the blocks of an enlarged binary mask. Written into out_dir:
-    <stem>.png               the mask, (H, W) uint8: 255 foreground, 0 background
-    <stem>_probability.png   with probabilities=True: the probability * 255, (H, W) uint8
-    overlays/<stem>.png      the image with the predicted contour (red), enlarged to >= 256 px
-A file that cannot be read is skipped and reported with its reason; the others are still written.
-
-Volumes in NIfTI (a 3D run's eval.py --images). Every *.nii and *.nii.gz file of the folder is segmented and
-written as out_dir/<stem>.nii.gz (the name less .nii / .nii.gz): a label map on the input's own grid, i.e. its
-shape (X, Y, Z) (a 4D one-channel (X, Y, Z, 1) input gives (X, Y, Z)) and its header (affine, qform / sform and
-their codes, voxel sizes), uint8, 0 background and k class k (a binary run: 1 foreground), NIfTI intent
-"label": what ITK-SNAP and 3D Slicer open over the scan. out_dir/label_legend.json maps each value to its class
-name ({"0": "background", "1": "liver", ...}). How a file becomes the network's input, and its prediction a
-label map on the file's grid, follows the run's data:
-  btcv, synthetic-organs  as BTCV's CTs (volumes/btcv.py, read_btcv_image): RAS, 1.5 x 1.5 x 2.0 mm, HU window
-                          [-175, 250] -> [0, 1], cropped to the body (HU > -175); sliding windows of the run's
-                          roi_size (case_probabilities: overlap 0.5, constant weights), argmax; back through
-                          volumes.to_original_grid: nearest neighbour onto the stored grid, background outside the
-                          body crop. synthetic-organs' volumes are drawn at BTCV's spacing and on its intensity
-                          scale (volumes/generated.py), so a CT in HU is what such a run reads; its toy abdomen is
-                          S voxels wide (48 mm at S = 32), so on a real CT its labels show that the pipeline runs,
-                          not organs.
-  msd, synthetic3d        as MSD's images (volumes/msd.py): (X, Y, Z) or (X, Y, Z, C) with the modalities last,
-                          each channel z-scored over the volume, resized to the run's img_size^3 (trilinear, axes
-                          as stored: these runs ignore orientation and spacing); one whole-volume prediction, argmax
-                          (binary: sigmoid > THRESHOLD); back by resizing the labels to the stored (X, Y, Z), nearest
-                          neighbour with the voxel centres aligned (torch's "nearest-exact", the inverse of the
-                          image's align_corners=False resize). Such a run records no original grid: a file is
-                          mapped as the run's own data was (for synthetic3d, z-scored volumes at 1 mm, any scan at
-                          its own voxels).
-A file that cannot be read, is not 3D (or 4D as above), has NaN voxels, or (CT) has no voxel above -175 HU is
-skipped with its one-line reason; macOS's `._` files beside MSD's volumes are not volumes and are not listed.
+A new image is read and resized as the training data was (data.read_rgb: grayscale, 16-bit, RGBA and palette
+images become RGB; data.resized_rgb: bilinear to img_size x img_size), ImageNet-normalised and predicted; its
+probabilities (K, S, S) are resized back to the image's own (H, W) bilinearly, so a mask follows the network's
+smooth output rather than the blocks of an enlarged binary mask. outputs.py writes what these give.
 
 Volumes by sliding windows. A network trained on patches of size r (roi_size, per axis) sees a volume
 x (N, C, *S), S = (H, W) or (D, H, W), through windows of size r. Along an axis of L voxels the windows start at
@@ -67,220 +37,50 @@ weights (1, 1, *S). A
 accumulate_device="cpu" keeps them off a GPU that is short.
 """
 import itertools
-import json
 import numbers
-from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from .data import normalize, read_rgb, resized_rgb
-from .files import InputError, write_atomically, write_png, write_text
-from .metrics import THRESHOLD, whole_image_probabilities
-from .pictures import label_colours, overlay_png
-from .volumes.btcv import read_btcv_image, to_original_grid
-from .volumes.nifti import read_nifti, resize_volume
+from .data import normalize, resized_rgb
+from .runtime import autocast, to_device
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
-VOLUME_SUFFIXES = (".nii", ".nii.gz")
-CT_DATASETS = ("btcv", "synthetic-organs")  # trained on CT-like volumes: a file is preprocessed as BTCV's CTs
-RESIZED_DATASETS = ("msd", "synthetic3d")   # trained on z-scored volumes resized to img_size^3
-LEGEND_NAME = "label_legend.json"
 BLEND_MODES = ("constant", "gaussian")  # sliding_window's window weights
 MIN_WEIGHT = 1e-3                       # the gaussian's floor (MONAI's compute_importance_map)
 
-# -----------------------------------------------------------------------------
-# new images at their own size
 
-def image_files(images_dir: Path) -> list[Path]:
-    """The files of `images_dir` with an image suffix, sorted by name (sub-folders are not searched)."""
-    images_dir = Path(images_dir)
-    if not images_dir.is_dir():
-        raise FileNotFoundError(f"--images {images_dir}: expected a folder of images, found none")
-    files = sorted(p for p in images_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise FileNotFoundError(f"--images {images_dir}: no image files ({', '.join(IMAGE_SUFFIXES)}) in it")
-    return files
+def predict(net: torch.nn.Module, images: Tensor, device: torch.device, precision: torch.dtype) -> Tensor:
+    """images (B, C, *S) -> float32 logits (B, classes, *S), computed at `precision`."""
+    with autocast(device, precision):
+        return net(to_device(images, device)).float()
+
+
+def case_probabilities(task, net: torch.nn.Module, device: torch.device, precision: torch.dtype):
+    """The evaluation's infer: images (B, C, *S) -> probabilities (B, K, *S) (task.probabilities) on `device`
+    (on the CPU for sliding windows). With task.roi_size, volumes larger than the training patches go through
+    sliding windows of roi_size per axis, overlap 0.5, the windows' probabilities averaged with constant
+    weights (the paper's 3D protocol averages softmax, then argmax)."""
+    def whole(images: Tensor) -> Tensor:
+        return task.probabilities(predict(net, images, device, precision))
+    if task.roi_size is None:
+        return whole
+    # The volume and the sums stay on the CPU (a 512 x 512 x 200 CT's 14 class sums are 3 GB); only the
+    # batches of windows go to `device`.
+    return lambda images: sliding_window(whole, images.cpu(), task.roi_size, overlap=0.5, mode="constant",
+                                         device=device, accumulate_device="cpu")
 
 
 @torch.no_grad()
-def predict_image(net: torch.nn.Module, rgb: Image.Image, img_size: int, device: torch.device,
-                  precision: torch.dtype) -> np.ndarray:
-    """An RGB PIL image (W, H) -> the foreground probability (H, W) float32 at the image's own size; of a
-    multi-class network, the class probabilities (K, H, W) (softmax), each resized the same way."""
+def image_probabilities(task, net: torch.nn.Module, rgb: Image.Image, img_size: int, device: str | torch.device = "cpu",
+                        precision: torch.dtype = torch.float32) -> Tensor:
+    """An RGB PIL image (W, H) -> its probabilities (K, H, W) float32 at the image's own size (K = 1: the
+    foreground's), each resized bilinearly from the network's img_size; computed on `device` at `precision`."""
     image = normalize(resized_rgb(rgb, img_size))                                             # (3, S, S)
-    probability = whole_image_probabilities(net, device, precision)(image[None])              # (1, K, S, S)
+    probabilities = case_probabilities(task, net, torch.device(device), precision)(image[None])   # (1, K, S, S)
     width, height = rgb.size
-    probability = F.interpolate(probability.cpu(), size=(height, width), mode="bilinear", align_corners=False)
-    return probability[0, 0].numpy() if probability.shape[1] == 1 else probability[0].numpy()  # (H, W) or (K, H, W)
-
-
-def predict_folder(net: torch.nn.Module, img_size: int, images_dir: Path, out_dir: Path, device: torch.device,
-                   precision: torch.dtype, *, probabilities: bool = False,
-                   class_names: list[str] | None = None) -> tuple[list[Path], list[tuple[Path, str]]]:
-    """Masks (and overlays, and optionally probabilities) of every image in `images_dir`, written
-    into `out_dir` -> (the masks written, [(unreadable file, why)]). A multi-class run (class_names: its K
-    names, background first) writes label maps instead: <stem>.png holds each pixel's class (the argmax),
-    overlays/ colour them, and label_legend.json names them."""
-    from tqdm import tqdm
-
-    files = image_files(images_dir)
-    out_dir = Path(out_dir)
-    (out_dir / "overlays").mkdir(parents=True, exist_ok=True)
-    written, skipped = [], []
-    for path in tqdm(files, desc="predicting", leave=False, disable=None):
-        if out_dir / f"{path.stem}.png" in written:
-            skipped.append((path, f"another image is also named {path.stem}: its mask would overwrite that one"))
-            continue
-        try:
-            rgb = read_rgb(path)
-        except ValueError as error:  # data.open_image's one-line reason
-            skipped.append((path, str(error)))
-            continue
-        probability = predict_image(net, rgb, img_size, device, precision)
-        written.append(out_dir / f"{path.stem}.png")
-        if class_names is not None:
-            labels = probability.argmax(0).astype(np.uint8)                                    # (H, W)
-            write_png(written[-1], labels)
-            image = np.asarray(rgb)
-            coloured = np.where(labels[..., None] > 0, image // 2 + label_colours(labels) // 2, image)
-            write_png(out_dir / "overlays" / f"{path.stem}.png", coloured.astype(np.uint8))
-            continue
-        mask = probability > THRESHOLD
-        write_png(written[-1], mask.astype(np.uint8) * 255)
-        if probabilities:
-            write_png(out_dir / f"{path.stem}_probability.png", (probability * 255).round().astype(np.uint8))
-        overlay_png(np.asarray(rgb), np.zeros_like(mask), mask, out_dir / "overlays" / f"{path.stem}.png")
-    if class_names is not None:
-        write_legend(out_dir, class_names)
-    return written, skipped
-
-
-def write_legend(out_dir: Path, class_names: list[str]) -> None:
-    """out_dir/label_legend.json: {label value: class name}, beside label maps (PNG or NIfTI)."""
-    legend = json.dumps({str(k): name for k, name in enumerate(class_names)}, indent=1)
-    write_text(out_dir / LEGEND_NAME, legend + "\n")
-
-
-# -----------------------------------------------------------------------------
-# new volumes: NIfTI in, NIfTI label maps on the input's own grid out
-
-def volume_files(images_dir: Path) -> list[Path]:
-    """The *.nii and *.nii.gz files of `images_dir`, sorted by name (sub-folders are not searched; macOS's
-    `._name` AppleDouble files, which MSD's tarballs ship beside every volume, are not volumes and are left out)."""
-    images_dir = Path(images_dir)
-    if not images_dir.is_dir():
-        raise FileNotFoundError(f"--images {images_dir}: expected a folder of NIfTI volumes, found none")
-    files = sorted(p for p in images_dir.iterdir() if p.is_file() and p.name.lower().endswith(VOLUME_SUFFIXES)
-                   and not p.name.startswith("._"))
-    if not files:
-        patterns = ", ".join(f"*{suffix}" for suffix in VOLUME_SUFFIXES)
-        raise FileNotFoundError(f"--images {images_dir}: no NIfTI files ({patterns}) in it")
-    return files
-
-
-def nifti_stem(path: Path) -> str:
-    """ct_01.nii.gz, ct_01.nii -> ct_01."""
-    name = Path(path).name
-    return name[:-len(".gz")][:-len(".nii")] if name.lower().endswith(".nii.gz") else name[:-len(".nii")]
-
-
-def check_volume_data(data: str) -> None:
-    """A one-line ValueError unless a run trained on `data` has a known way from a NIfTI file to its input."""
-    if data not in CT_DATASETS + RESIZED_DATASETS:
-        raise ValueError(f"--images: a run trained on {data} has no known mapping from a NIfTI file to its input; "
-                         f"expected a run on {', '.join(CT_DATASETS + RESIZED_DATASETS)}")
-
-
-def resized_volume(path: Path, img_size: int, in_channels: int) -> tuple[Tensor, tuple[int, int, int]]:
-    """A NIfTI volume read as volumes/msd.py reads an MSD image: (X, Y, Z), or (X, Y, Z, C) with the modality
-    last, each channel z-scored over the volume, (v - mean) / std (population std), trilinearly resized to
-    S^3 -> ((C, S, S, S) float32, the stored (X, Y, Z)); files.InputError naming the file when it cannot be
-    read, is not 3D / 4D or has other than `in_channels` channels. Axes stay as stored (MSD ignores the
-    orientation too)."""
-    image, _ = read_nifti(path, "image")
-    if image.ndim == 3:
-        image = image[..., None]                                                   # (X, Y, Z, 1)
-    if image.ndim != 4 or image.shape[3] != in_channels:
-        raise InputError(f"the image {path} is {list(image.shape)}; expected a 3D volume (X, Y, Z) or "
-                         f"(X, Y, Z, {in_channels}) with the run's {in_channels} modalities last")
-    volume = torch.from_numpy(image).permute(3, 0, 1, 2)                           # (C, X, Y, Z)
-    mean = volume.mean(dim=(1, 2, 3), keepdim=True)
-    std = volume.std(dim=(1, 2, 3), correction=0, keepdim=True).clamp_min(1e-6)   # a constant channel stays 0
-    return resize_volume((volume - mean) / std, img_size, "trilinear"), tuple(image.shape[:3])
-
-
-@torch.no_grad()
-def segment_volume(net: torch.nn.Module, path: Path, data: str, img_size: int, roi_size: int | None,
-                   device: torch.device, precision: torch.dtype) -> np.ndarray:
-    """One NIfTI file -> its label map (X, Y, Z) on the file's own grid (the module docstring's "Volumes in
-    NIfTI"), uint8 (int16 beyond 256 classes): 0 background, k class k (binary: 1 foreground)."""
-    if data in CT_DATASETS:
-        image, grid = read_btcv_image(path)                                        # (1, X', Y', Z')
-        infer = case_probabilities(net, device, precision, roi_size)
-    else:
-        image, shape = resized_volume(path, img_size, net.config.in_channels)      # (C, S, S, S)
-        infer = case_probabilities(net, device, precision)
-    probabilities = infer(image[None])[0].cpu()                                    # (K, *S')
-    dtype = torch.uint8 if len(probabilities) <= 256 else torch.int16
-    labels = (probabilities.argmax(0) if len(probabilities) > 1 else probabilities[0] > THRESHOLD).to(dtype)
-    if data in CT_DATASETS:
-        return to_original_grid(labels, grid)
-    return F.interpolate(labels[None, None].float(), size=shape, mode="nearest-exact")[0, 0].to(dtype).numpy()
-
-
-def write_label_nifti(labels: np.ndarray, like: Path, path: Path, classes: int) -> None:
-    """Save a label map (X, Y, Z) as gzipped NIfTI with the header of the volume it segments (`like`: its
-    affine, qform / sform and their codes, voxel sizes and units), uint8 (int16 beyond 255 classes),
-    unscaled, intent "label", display range 0..classes-1; atomically (files.write_atomically)."""
-    import gzip
-
-    import nibabel
-
-    source = nibabel.load(like)  # the header only: the voxels stay on the disk
-    dtype = np.uint8 if classes <= 256 else np.int16
-    image = type(source)(np.asarray(labels).astype(dtype), source.affine, source.header.copy())
-    image.set_data_dtype(dtype)
-    header = image.header
-    header.set_slope_inter(None, None)  # labels as they are, whatever scaling the CT's header had
-    header.set_intent("label")
-    header["cal_min"], header["cal_max"] = 0, classes - 1
-    header["descrip"] = b"LLM4Seg label map"
-    write_atomically(path, lambda temporary: Path(temporary).write_bytes(
-        gzip.compress(image.to_bytes(), compresslevel=1, mtime=0)))
-
-
-def predict_volume_folder(net: torch.nn.Module, data: str, img_size: int, roi_size: int | None, images_dir: Path,
-                          out_dir: Path, device: torch.device, precision: torch.dtype,
-                          class_names: list[str]) -> tuple[list[Path], list[tuple[Path, str]]]:
-    """Label maps of every NIfTI volume in `images_dir` by a run trained on `data` (its img_size, roi_size;
-    class_names: the K names, background first, ["background", "foreground"] for a binary run), written into
-    `out_dir` as <stem>.nii.gz, with label_legend.json -> (the label maps written, [(skipped file, why)])."""
-    from tqdm import tqdm
-
-    check_volume_data(data)
-    files = volume_files(images_dir)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_legend(out_dir, class_names)
-    written, skipped = [], []
-    for path in tqdm(files, desc="segmenting", unit="volume", leave=False, disable=None):
-        target = out_dir / f"{nifti_stem(path)}.nii.gz"
-        if target in written:
-            skipped.append((path, f"another volume is also named {nifti_stem(path)}: its labels would overwrite "
-                                  "that one's"))
-            continue
-        try:
-            labels = segment_volume(net, path, data, img_size, roi_size, device, precision)
-        except InputError as error:  # unreadable, not 3D, NaN voxels, no body: one line naming the file
-            skipped.append((path, str(error)))
-            continue
-        write_label_nifti(labels, path, target, len(class_names))
-        written.append(target)
-    return written, skipped
+    return F.interpolate(probabilities.cpu(), size=(height, width), mode="bilinear", align_corners=False)[0]
 
 
 # -----------------------------------------------------------------------------
@@ -405,19 +205,3 @@ def sliding_window(predict, volume: Tensor, roi_size, overlap=0.5, mode: str = "
         for (n, reads, crops), window in zip(batch, weighted, strict=True):
             output[(n, slice(None), *reads)] += window[(slice(None), *crops)]
     return output.div_(weight_sum)
-
-
-def case_probabilities(net: torch.nn.Module, device: torch.device, precision: torch.dtype,
-                       roi_size: int | None = None):
-    """The evaluation's infer (metrics.evaluate_cases): images (B, C, *S) -> probabilities (B, K, *S) on
-    `device` (on the CPU for sliding windows), sigmoid for one output channel and softmax over K > 1. With
-    roi_size, volumes larger than the training patches go through sliding windows of roi_size per axis,
-    overlap 0.5, the windows' probabilities averaged with constant weights (the paper's 3D protocol averages
-    softmax, then argmax)."""
-    whole = whole_image_probabilities(net, device, precision)
-    if roi_size is None:
-        return whole
-    # The volume and the sums stay on the CPU (a 512 x 512 x 200 CT's 14 class sums are 3 GB); only the
-    # batches of windows go to `device`.
-    return lambda images: sliding_window(whole, images.cpu(), roi_size, overlap=0.5, mode="constant", device=device,
-                                         accumulate_device="cpu")

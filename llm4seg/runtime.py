@@ -14,8 +14,8 @@ Library modules never pick a device; the entry scripts (train.py, eval.py) call 
                                and only the main process decides (it stops the workers itself)
     resolve_precision(name, d) "auto" | "bf16" | "fp32" -> the compute dtype: bf16 where the device
                                multiplies bf16 natively (CUDA; CPUs with AMX / AVX-512 BF16), else fp32
-    autocast(d, p), predict    the one precision policy of training and evaluation: autocast to p
-                               when p is bf16; logits always come back float32
+    autocast(d, p)             the one precision policy of training and evaluation (prediction.predict): autocast
+                               to p when p is bf16; logits always come back float32
     memory_format(d), to_device  channels_last for the CNN on the CPU (faster convolutions there),
                                the default layout on CUDA (not faster there)
     compile_mode(flag, d, p)   whether and how torch.compile runs the training step: on CUDA by
@@ -176,12 +176,6 @@ def to_device(images: Tensor, device: torch.device) -> Tensor:
     if images.dim() != 4:
         return images.to(device, non_blocking=True)
     return images.to(device, non_blocking=True, memory_format=memory_format(device))
-
-
-def predict(net: torch.nn.Module, images: Tensor, device: torch.device, precision: torch.dtype) -> Tensor:
-    """images (B, C, *S) -> float32 logits (B, classes, *S), computed at `precision`."""
-    with autocast(device, precision):
-        return net(to_device(images, device)).float()
 
 
 class StopRequests:

@@ -13,7 +13,7 @@ import torch
 
 from .checkpoints import has_checkpoint, load_weights_of_run, read_run_config, rebuild_model
 from .cli import add_runtime_flags, check_runtime_flags, defaults_of, one_line_error_parser
-from .data import (DATASETS, PATCH_DATASETS, RAW_DATASETS, check_data_options, input_channels, load_dataset,
+from .data import (DATASET_TABLE, DATASETS, PATCH_DATASETS, RAW_DATASETS, check_data_options, input_channels, load_dataset,
                    num_classes, spatial_dims)
 from .model import BACKBONES, DOWNSAMPLING, FINAL_NORMS, MODES, VIT_OPTIONS, build_model
 
@@ -40,7 +40,8 @@ RECIPES = {
                       schedule="constant", mapper_lora_rank=0, val_every=21),
 }
 OPTIMIZERS = ("sgd", "adam", "adamw")
-IMG_SIZE_2D, IMG_SIZE_3D = DATA_DEFAULTS["img_size"], VIT_OPTIONS["img_size"]  # 256 px; 128^3 (MedVisionLlama)
+# --img-size left None: LLM4Seg's 256 px images (load_dataset's default), MedVisionLlama's 128^3 volumes (its ViT's)
+IMG_SIZES = {2: DATA_DEFAULTS["img_size"], 3: VIT_OPTIONS["img_size"]}
 
 
 
@@ -138,7 +139,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--bce-weight", type=float, default=None,
                    help="loss = w BCE + (1 - Dice); None means the recipe's (0.5 LLM4Seg, 1 MedVisionLlama)")
     p.add_argument("--img-size", type=int, default=None,
-                   help=f"sides; None means {IMG_SIZE_2D} (2D) or {IMG_SIZE_3D} (3D). CNNs need a multiple of "
+                   help=f"sides; None means {IMG_SIZES[2]} (2D) or {IMG_SIZES[3]} (3D). CNNs need a multiple of "
                         f"{DOWNSAMPLING}, vit a multiple of --patch-size")
     p.add_argument("--val-every", type=int, default=None, metavar="N",
                    help="validate (and keep the best checkpoint) every N epochs and after the last; None means "
@@ -194,7 +195,7 @@ def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
         if getattr(args, name, None) is None:
             setattr(args, name, 0 if name == "mapper_lora_rank" and plain else value)
     if args.img_size is None:
-        args.img_size = IMG_SIZE_3D if spatial_dims(args.data) == 3 else IMG_SIZE_2D
+        args.img_size = IMG_SIZES[spatial_dims(args.data)]
     return args
 
 
@@ -223,7 +224,7 @@ def check_data_and_model(args: argparse.Namespace) -> None:
     dims, row = spatial_dims(args.data), BACKBONES[args.backbone]
     if dims not in row.spatial_dims:
         fitting = ", ".join(name for name, other in BACKBONES.items() if dims in other.spatial_dims)
-        raise ValueError(f"--data {args.data} holds {dims}D {'volumes' if dims == 3 else 'images'}; the "
+        raise ValueError(f"--data {args.data} holds {DATASET_TABLE[args.data].holds}; the "
                          f"{args.backbone} backbone is {row.spatial_dims[0]}D: use --backbone {fitting}")
     flag, side = ("--roi-size", args.roi_size) if args.data in PATCH_DATASETS else ("--img-size", args.img_size)
     try:

@@ -39,8 +39,8 @@ sys.path.insert(0, str(REPO / "tests"))
 from llm4seg.kernels.bench import LLMS, interleaved_ms  # noqa: E402
 from llm4seg.losses import dice_ce_loss  # noqa: E402
 from llm4seg.model import build_model, count_params, set_frozen_dtype  # noqa: E402
-from llm4seg.prediction import sliding_window  # noqa: E402
-from llm4seg.runtime import autocast, predict  # noqa: E402
+from llm4seg.prediction import predict, sliding_window  # noqa: E402
+from llm4seg.runtime import autocast  # noqa: E402
 from llm4seg.settings import RECIPES  # noqa: E402
 from llm4seg.volumes import BTCV_CLASSES  # noqa: E402
 from bench_sliding_window import measured  # noqa: E402

@@ -1,5 +1,5 @@
 """Tests of eval.py: the command line end to end on tiny runs trained by train.py, its choice of cases to
-draw, and --images on new images and new volumes (prediction.py's way from a NIfTI file to a 3D network and
+draw, and --images on new images and new volumes (outputs.py's way from a NIfTI file to a 3D network and
 back onto the file's grid)."""
 import contextlib
 import csv
@@ -19,12 +19,13 @@ import torch
 from PIL import Image
 
 import eval as ev
-from llm4seg import files, prediction
+from llm4seg import files, outputs
 import train
 from llm4seg.checkpoints import load_run
 from llm4seg.data import load_dataset, normalize
 from llm4seg.files import InputError
 from llm4seg.prediction import case_probabilities
+from llm4seg.task import Task
 from llm4seg.volumes import to_original_grid
 from llm4seg.volumes.btcv import read_btcv_image
 
@@ -372,9 +373,14 @@ def test_volumes_are_labelled_on_their_own_grid_and_unreadable_files_listed(orga
     # The file holds what the library composes: BTCV's preprocessing, sliding windows of 16, argmax, the way back.
     net, _, _ = load_run(organs_run)
     image, grid = read_btcv_image(scans / "lps.nii.gz")
-    probabilities = case_probabilities(net, torch.device("cpu"), torch.float32, 16)(image[None])[0]
+    task = Task(net.config.num_classes, 3, tuple(f"class {k}" for k in range(net.config.num_classes)), roi_size=16)
+    probabilities = case_probabilities(task, net, torch.device("cpu"), torch.float32)(image[None])[0]
     expected = to_original_grid(probabilities.argmax(0), grid)
     np.testing.assert_array_equal(np.asarray(nibabel.load(out / "lps.nii.gz").dataobj), expected)
+
+
+TWO_CLASSES = Task(2, 3, ("background", "foreground"))  # Threshold's two logits, whole volumes
+TWO_CLASSES_BY_WINDOWS = Task(2, 3, ("background", "foreground"), roi_size=16)
 
 
 class Threshold(torch.nn.Module):
@@ -397,8 +403,8 @@ def test_a_ct_labelled_at_the_target_spacing_comes_back_voxel_for_voxel(tmp_path
 
     hu, _ = btcv_volumes(np.random.default_rng(1), CT_SHAPE)
     save_ct(tmp_path / "ct.nii.gz", hu, EXACT_AFFINES[orientation])
-    labels = prediction.segment_volume(Threshold(), tmp_path / "ct.nii.gz", "btcv", 0, 16, torch.device("cpu"),
-                                       torch.float32)
+    labels = outputs.segment_volume(TWO_CLASSES_BY_WINDOWS, Threshold(), tmp_path / "ct.nii.gz", "btcv", 0,
+                                    torch.device("cpu"), torch.float32)
     assert labels.dtype == np.uint8
     np.testing.assert_array_equal(labels, hu > 37.5)
 
@@ -411,8 +417,8 @@ def test_a_resized_volume_keeps_a_boundary_through_the_round_trip(tmp_path):
     volume = np.zeros((10, 7, 5), np.float32)
     volume[:5] = 1
     nibabel.save(nibabel.Nifti1Image(volume, np.diag([0.8, 0.8, 2.5, 1])), tmp_path / "half.nii.gz")
-    labels = prediction.segment_volume(Threshold(), tmp_path / "half.nii.gz", "synthetic3d", 16, None,
-                                       torch.device("cpu"), torch.float32)
+    labels = outputs.segment_volume(TWO_CLASSES, Threshold(), tmp_path / "half.nii.gz", "synthetic3d", 16,
+                                    torch.device("cpu"), torch.float32)
     np.testing.assert_array_equal(labels, volume > 0)
 
 
@@ -423,10 +429,10 @@ def test_a_volume_for_an_msd_run_is_read_as_msd_reads_its_images(tmp_path):
     task = write_msd_task(tmp_path, cases=1, modalities=2)
     (case,), channels = msd_cases(task)
     expected = MSDVolumes([case], 8, channels, None).read_case(case)["image"]
-    image, shape = prediction.resized_volume(case.image, 8, channels)
+    image, shape = outputs.resized_volume(case.image, 8, channels)
     assert torch.equal(image, expected) and shape == (12, 10, 8)
     with pytest.raises(InputError, match=r"is \[12, 10, 8, 2\]; expected .* \(X, Y, Z, 3\)"):
-        prediction.resized_volume(case.image, 8, 3)
+        outputs.resized_volume(case.image, 8, 3)
 
 
 @pytest.mark.parametrize("data", ["synthetic3d", "synthetic-organs"])
@@ -438,8 +444,8 @@ def test_non_finite_voxels_are_refused_the_same_way_on_every_volume_path(tmp_pat
     nibabel.save(nibabel.Nifti1Image(volume, np.eye(4)), tmp_path / "scan.nii.gz")
     with pytest.raises(InputError, match=r"^the image .*scan\.nii\.gz has 2 NaN or infinite voxels; expected finite "
                                          r"values\. Fix or remove the file\.$"):
-        prediction.segment_volume(Threshold(), tmp_path / "scan.nii.gz", data, 16, 16, torch.device("cpu"),
-                                  torch.float32)
+        outputs.segment_volume(TWO_CLASSES_BY_WINDOWS, Threshold(), tmp_path / "scan.nii.gz", data, 16,
+                               torch.device("cpu"), torch.float32)
 
 
 def test_probabilities_of_volumes_are_refused_in_one_line(organs_run, tmp_path, capsys):
@@ -449,11 +455,13 @@ def test_probabilities_of_volumes_are_refused_in_one_line(organs_run, tmp_path, 
 
 
 def test_the_legend_names_the_classes_or_numbers_them_when_the_task_is_gone(tmp_path, capsys):
-    assert ev.legend_names({"data": "btcv"}, None, 14)[:2] == ["background", "spleen"]
-    assert ev.legend_names({"data": "msd"}, str(tmp_path), 1) == ["background", "foreground"]
-    assert ev.legend_names({"data": "msd", "multiclass": True}, str(tmp_path / "gone"), 3) == \
-        ["background", "class 1", "class 2"]
-    assert "label_legend.json numbers them" in capsys.readouterr().out
+    def names(settings: dict, num_classes: int, data_dir: str | None = None) -> list[str]:
+        return list(Task.of_run(settings, {"num_classes": num_classes, "spatial_dims": 3}, data_dir).class_names)
+
+    assert names({"data": "btcv"}, 14)[:2] == ["background", "spleen"]
+    assert names({"data": "msd"}, 1, str(tmp_path)) == ["background", "foreground"]
+    assert names({"data": "msd", "multiclass": True}, 3, str(tmp_path / "gone")) == ["background", "class 1", "class 2"]
+    assert "the class names are unknown" in capsys.readouterr().out
 
 
 def test_pictures_of_an_earlier_evaluation_do_not_stay_beside_a_new_one(tiny_runs, capsys):
@@ -474,10 +482,11 @@ def test_g_macs_of_a_patch_trained_run_are_counted_at_its_crop_size():
     net = build_model("mednext-tiny", None, mode="none", num_classes=3)
     config = {"train": {"data": "synthetic-organs", "img_size": 64, "roi_size": 32},
               "model": {"in_channels": 1, "spatial_dims": 3}}
-    report = ev.computation_report(net, config)
+    report = ev.computation_report(net, config, Task.of_run(config["train"], {"num_classes": 3, "spatial_dims": 3}))
     assert report["input_shape"] == [1, 1, 32, 32, 32]
     assert report["gmacs"] == count_gmacs(net, 1, 32, 3) < count_gmacs(net, 1, 64, 3)
-    msd = ev.computation_report(net, {**config, "train": {**config["train"], "data": "synthetic3d"}})
+    resized = {**config["train"], "data": "synthetic3d"}
+    msd = ev.computation_report(net, config, Task.of_run(resized, {"num_classes": 1, "spatial_dims": 3}))
     assert msd["input_shape"] == [1, 1, 64, 64, 64]  # whole volumes resized to --img-size
 
 
@@ -551,5 +560,5 @@ def test_a_class_no_case_holds_is_left_out_of_the_mean_not_scored_zero():
     rows = [{"case": "a", "dice/liver": 1.0, "iou/liver": 1.0, "hd95/liver": 0.0, "nsd/liver": 1.0,
              "dice/spleen": float("nan"), "iou/spleen": float("nan"), "hd95/spleen": float("nan"),
              "nsd/spleen": float("nan")}]
-    report = ev.per_class_report(rows, ["background", "liver", "spleen"])
+    report = ev.per_class_report(rows, Task(3, 3, ("background", "liver", "spleen")))
     assert report["dice"] == 1.0 and math.isnan(report["per_class"]["spleen"]["dice"])

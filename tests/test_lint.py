@@ -30,3 +30,56 @@ def test_no_code_asks_for_a_backbone_by_name():
              for path in [*sorted((root / "llm4seg").rglob("*.py")), *sorted(root.glob("*.py"))]
              for number, line in enumerate(path.read_text().splitlines(), 1) if named.search(line)]
     assert not found, "\n".join(found)
+
+
+# Where the kind of run may be decided (issue 30): the Task, the dataset table and the model rows.
+KIND_HOMES = ("llm4seg/task.py", "llm4seg/data/table.py", "llm4seg/model/", "llm4seg/vit.py", "llm4seg/kernels/")
+KIND_TESTS = re.compile(r"""num_classes["'\])]*\s*(>|<|>=|<=|==|!=)\s*\d|dims(\([^)]*\))?["'\])]*\s*(==|!=)\s*\d|"""
+                        r"\.ndim\b|\.dim\(\)|shape\[1\]\s*==\s*1|len\((probabilities|class_names|names)\)\s*[<>=]")
+# Rank tests that are not the run's kind: each checks what a file or an argument holds before it is used, or is
+# a rule of torch's own. (file, the line's code): why.
+RANK_CHECKS = {
+    ("llm4seg/volumes/msd.py", "if image.ndim == 3:"): "an MSD image is (X, Y, Z) or (X, Y, Z, C)",
+    ("llm4seg/volumes/msd.py", "if image.ndim != 4 or labels.ndim != 3 or image.shape[:3] != labels.shape:"):
+        "an MSD image is (X, Y, Z, C) with labels (X, Y, Z)",
+    ("llm4seg/volumes/nifti.py", "if array.ndim < 3:"): "a NIfTI volume has at least 3 dimensions",
+    ("llm4seg/volumes/nifti.py", 'raise InputError(f"the {what} {path} is {array.ndim}D {list(array.shape)}; '
+                                 'expected a 3D volume "'): "the same, said",
+    ("llm4seg/volumes/btcv.py", "if image.ndim == 4 and image.shape[3] == 1:"): "a CT may be (X, Y, Z, 1)",
+    ("llm4seg/volumes/btcv.py", "if image.ndim != 3:"): "else it is (X, Y, Z)",
+    ("llm4seg/volumes/btcv.py", "weight = (x - low).to(volume.dtype).view([-1 if d == dim else 1 for d in "
+                                "range(volume.ndim)])"): "interpolation weights broadcast along one axis",
+    ("llm4seg/outputs.py", "if image.ndim == 3:"): "a new volume is (X, Y, Z) or (X, Y, Z, C)",
+    ("llm4seg/outputs.py", "if image.ndim != 4 or image.shape[3] != in_channels:"): "with the run's C modalities",
+    ("llm4seg/pictures.py", "if image.dtype != np.uint8 or not (image.ndim == 2 or (image.ndim == 3 and "
+                            "image.shape[2] == 3)):"): "an image to draw is (H, W) gray or (H, W, 3) RGB",
+    ("llm4seg/pictures.py", "return np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image"):
+        "gray drawn as RGB",
+    ("llm4seg/metrics.py", "if output.dim() in (4, 5) and output.shape[1] == 1:"):
+        "metric arguments are (B, 1, *S) or (B, *S)",
+    ("llm4seg/metrics.py", "elif output.dim() != 3:"): "the same",
+    ("llm4seg/metrics.py", "spatial_dims = pred.ndim - 1"): "surface distances over the masks' own rank",
+    ("llm4seg/analysis.py", "if mask.dim() == 4 and mask.shape[1] == 1:"): "a mask argument is (B, 1, H, W)",
+    ("llm4seg/prediction.py", "if not isinstance(volume, Tensor) or volume.dim() not in (4, 5):"):
+        "sliding_window's volume is (N, C, *S)",
+    ("llm4seg/prediction.py", "dims = volume.dim() - 2"): "its windows have the volume's rank",
+    ("llm4seg/prediction.py", "if shape is None or len(shape) != windows.dim() or shape[0] != batch or "
+                              "shape[2:] != roi or ("): "predict's output is (B, K, *r)",
+    ("llm4seg/runtime.py", 'return torch.channels_last if device.type == "cpu" and spatial_dims == 2 else '
+                           "torch.contiguous_format"): "channels_last exists for 4-D tensors only (torch's rule)",
+    ("llm4seg/runtime.py", "if images.dim() != 4:"): "the same rule",
+}
+
+
+def test_the_kind_of_run_is_decided_in_its_homes_only():
+    """Binary or multi-class and 2D or 3D are asked of the Task, the dataset table or a model row: a grep for
+    `num_classes > 1`, `spatial_dims == 3`, `.ndim`, `.dim()` and the like lists every other place; the rank checks
+    of inputs in RANK_CHECKS are allowed, each for its stated reason."""
+    root = Path(__file__).parent.parent
+    found = []
+    for path in [*sorted((root / "llm4seg").rglob("*.py")), *sorted(root.glob("*.py"))]:
+        name = path.relative_to(root).as_posix()
+        if not name.startswith(KIND_HOMES):
+            found += [f"{name}:{number}: {line.strip()}" for number, line in enumerate(path.read_text().splitlines(), 1)
+                      if KIND_TESTS.search(line) and (name, line.strip()) not in RANK_CHECKS]
+    assert not found, "\n".join(found)

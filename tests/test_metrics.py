@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from llm4seg import metrics
+from llm4seg.task import Task
 
 FLOAT32_TOL = 1e-5  # float32 ratios of pixel counts up to a few hundred: error well below 1e-6
 
@@ -388,8 +389,8 @@ def test_evaluate_cases_averages_the_organs_a_case_has():
 
     loader = [{"image": torch.zeros(2, 1, 1, 1, 4), "mask": truth, "name": ["a", "b"],
                "spacing": torch.ones(2, 3, dtype=torch.float64)}]
-    rows, dataset_level = metrics.evaluate_cases(Fixed(), loader, torch.device("cpu"), torch.float32,
-                                                 class_names=["background", "liver", "spleen"])
+    task = Task(3, 3, ("background", "liver", "spleen"))
+    rows, dataset_level = metrics.evaluate_cases(task, Fixed(), loader, torch.device("cpu"), torch.float32)
     assert dataset_level == {}
     # case a: liver 2*1/(1+2) = 2/3, spleen 2*1/(2+1) = 2/3; case b: liver absent (NaN), spleen 2*2/(2+3) = 4/5
     assert rows[0]["dice"] == pytest.approx(2 / 3) and rows[1]["dice"] == pytest.approx(4 / 5)

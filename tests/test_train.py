@@ -26,6 +26,7 @@ from llm4seg import losses, settings
 from llm4seg.checkpoints import checkpoint_info
 from llm4seg.llm_layer import load_layer
 from llm4seg.model import build_model
+from llm4seg.task import Task
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -441,7 +442,7 @@ def test_dice_ce_loss_equals_monais_dice_ce_loss_and_its_gradient():
     (expected_grad,) = torch.autograd.grad(expected, logits)
     torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)
     torch.testing.assert_close(ours_grad, expected_grad, rtol=0, atol=1e-7)
-    assert losses.segmentation_loss(logits, labels, 0.5) == ours  # K > 1 channels: the multi-class loss
+    assert Task(4, 3, ("background", "a", "b", "c")).loss(logits, labels, 0.5) == ours  # the multi-class loss
 
 
 # --- LLM4Seg in 3D: a MedNeXt on multi-class synthetic organs -------------------------------------

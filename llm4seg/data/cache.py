@@ -347,7 +347,7 @@ class SegmentationFiles(Dataset):
         """Item `index` before normalisation: image (3, S, S) uint8 RGB, mask (1, S, S) uint8 0 / 1 (multiclass:
         the labels), augmented as __getitem__'s are. train.py's loader reads these (EpochItems) and normalises on
         the device (normalize_batch): a quarter of the bytes through the worker queues, no float work in the
-        workers; its losses take the uint8 masks as they are (segmentation_loss)."""
+        workers; its losses take the uint8 masks as they are (task.Task.loss)."""
         case, row = self.cases[index], self.rows[index]
         pixels = self.cache.row(row) if row is not None else None
         if pixels is None:

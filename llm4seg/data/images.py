@@ -255,7 +255,7 @@ def draw_symmetry(generator: torch.Generator) -> tuple[int, list[int]]:
 
 def resized_rgb(rgb: Image.Image, img_size: int) -> torch.Tensor:
     """An RGB PIL image -> (3, S, S) float in [0, 1] at S = img_size. PIL's bilinear antialiases when
-    shrinking (ISIC images are ~4000 px wide). Training data and new images (prediction.py) both pass here."""
+    shrinking (ISIC images are ~4000 px wide). Training data and new images (prediction.py, outputs.py) both pass here."""
     resized = np.array(rgb.resize((img_size, img_size), Image.Resampling.BILINEAR))   # (S, S, 3)
     return torch.from_numpy(resized).permute(2, 0, 1).float() / 255                  # (3, S, S)
 

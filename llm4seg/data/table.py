@@ -73,6 +73,11 @@ class DatasetRow:
     patches: bool = False                # trained on random crops, evaluated whole by sliding windows
     generated: bool = False              # drawn from (seed, index): fixed splits, no files
 
+    @property
+    def holds(self) -> str:
+        """What its items are, in messages: "2D images" or "3D volumes"."""
+        return "3D volumes" if self.spatial_dims == 3 else "2D images"
+
 
 def open_generated(request: Request) -> Dataset:
     """synthetic (polyps) and synthetic3d (blob volumes): drawn from (seed, index), split by index."""

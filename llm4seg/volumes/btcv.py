@@ -39,7 +39,7 @@ to_original_grid(labels, grid) maps a label map on the preprocessed grid back on
 resampled grid at the crop box (background outside it), nearest-neighbour resampling back to the canonical
 grid (voxel i samples x_i = i s / t, the inverse of step 2), the inverse orientation; save it with
 grid["affine"]. read_btcv_image(path) preprocesses any CT file alone (no label, any name) by the same steps
-and returns its grid: what eval.py --images does to a new scan (prediction.py).
+and returns its grid: what eval.py --images does to a new scan (outputs.py).
 
 Bad input is a files.InputError naming each bad file, one line each (data.check_cases collects them for
 every case before training): a missing, empty or cut NIfTI; an image and label of different shapes or
