@@ -20,7 +20,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from llm4seg import data, losses
+from llm4seg import data, losses, training
 import train
 from llm4seg.files import InputError
 from llm4seg.volumes.nifti import tensors_crc32
@@ -298,7 +298,7 @@ def test_training_on_uint8_items_resumes_exactly_with_persistent_workers(tree, t
     root, _ = tree
     (root / "split.json").unlink()  # the folder dataset's own 70 / 30 split
     torch.set_num_threads(1)
-    monkeypatch.setattr(train, "EpochItems", lambda dataset: data.EpochItems(dataset, raw=False))
+    monkeypatch.setattr(training, "EpochItems", lambda dataset: data.EpochItems(dataset, raw=False))
     assert train.main(tiny_run(tmp_path / "float", root)) == 0
     monkeypatch.undo()
     assert train.main(tiny_run(tmp_path / "uint8", root)) == 0
