@@ -148,6 +148,39 @@ def test_preprocessing_equals_monais_transforms(unetr):
     assert dataset[1]["image"].shape[1:3] != dataset[0]["image"].shape[1:3]  # the swapped case is transposed
 
 
+def lps(spacing, origin=(160.0, 140.0, -75.0)) -> np.ndarray:
+    return np.array([[-spacing[0], 0, 0, origin[0]], [0, -spacing[1], 0, origin[1]], [0, 0, spacing[2], origin[2]],
+                     [0, 0, 0, 1]])
+
+
+# Spacings where a new voxel falls exactly halfway between two old ones (j t / s = k + 1/2): odd-mm voxels
+# across (1.5 / 1 = 1.5, 1.5 / 3 = 0.5), 4 or 12 mm slices (2 / 4 = 0.5); MONAI's float64 rounding, not half
+# to even, decides those (issue 31, item 4). With 0.75 x 1.25 mm, 35 * 0.75 / 1.5 + 1 = 18.5 and
+# 39 * 1.25 / 1.5 + 1 = 33.5: the resampled size is such a tie, which MONAI's rounding decides through the
+# origin. The last spacing has no ties.
+TIE_AFFINES = {
+    "1 x 1 x 4 mm": lps((1.0, 1.0, 4.0)),
+    "3 x 1 x 12 mm, axes swapped": np.array([[0, -3.0, 0, 160.0], [-1.0, 0, 0, 140.0], [0, 0, 12.0, -75.0],
+                                             [0, 0, 0, 1]]),
+    "a size tie": lps((1.25, 0.75, 1.0), origin=(237.3, -198.0, -210.1)),
+    "no ties": lps((0.83, 0.71, 3.3)),
+}
+
+
+@pytest.mark.parametrize("spacing", TIE_AFFINES)
+def test_labels_equal_monais_where_new_voxels_fall_halfway(tmp_path, spacing):
+    """Voxel labels drawn at random, so that every voxel picked otherwise than by MONAI's Spacingd shows: the
+    resampled labels equal MONAI's voxel for voxel, the images within float32 rounding."""
+    make_btcv(tmp_path, "unetr", numbers=(1,), affines={1: TIE_AFFINES[spacing]})
+    dataset = data.load_dataset("btcv", str(tmp_path), "train").volumes
+    rng = np.random.default_rng(4)
+    rewrite(dataset.cases[0].masks[0], lambda labels: rng.integers(0, 14, labels.shape, dtype=np.uint8))
+    ours, reference = dataset[0], monai_preprocessed(dataset.cases[0])
+    assert ours["mask"].shape == reference["label"].shape
+    assert torch.equal(ours["mask"], reference["label"].as_tensor().long())
+    torch.testing.assert_close(ours["image"], reference["image"].as_tensor().float(), atol=1e-5, rtol=0)
+
+
 def test_the_original_grid_is_recorded_and_predictions_map_back_onto_it(tmp_path):
     make_btcv(tmp_path, "unetr", numbers=(1, 2, 3, 35), affines={1: EXACT_LPS, 2: EXACT_SWAPPED})
     dataset = data.load_dataset("btcv", str(tmp_path), "train").volumes

@@ -14,14 +14,22 @@ image files' names without .nii(.gz), e.g. "img0001".
 Preprocessing of a case (UNETR's transforms, in their order; MONAI names in brackets):
  1. orientation to RAS (Orientationd "RAS"): ornt = nibabel.io_orientation(affine), the array axes permuted
     and flipped by nibabel.apply_orientation, image and label alike, affine' = affine @ inv_ornt_aff(ornt).
- 2. resampling to 1.5 x 1.5 x 2.0 mm (Spacingd, bilinear / nearest), separably per axis, in MONAI's
-    voxel-centre convention: with s the axis's spacing (the column norm of affine'), t the target and n its
-    voxels, the new axis has n' = round((n - 1) s / t + 1) voxels (np.round, halves to even) and voxel j
-    samples the old axis at x_j = j t / s (so the first voxel centres coincide), x clamped to [0, n - 1]
-    (MONAI's border padding); the image linearly between floor(x) and floor(x) + 1 (trilinear overall), the
-    label at round(x) (halves to even, as grid_sample's nearest). This is exactly where Spacingd samples;
-    the values differ from it only by float rounding (it interpolates in float64, we in float32): measured
-    on LPS and axis-swapped cases, at most 1.2e-7 after step 3, labels identical (tests/test_btcv.py).
+ 2. resampling to 1.5 x 1.5 x 2.0 mm (Spacingd, bilinear / nearest, border padding), separably per axis,
+    where Spacingd samples: with s the axis's spacing (the column norm of affine'), t the target and n its
+    voxels, the new axis has n' = round((n - 1) s / t + 1) voxels and voxel j samples the old axis at
+    x_j = j t / s (the first voxel centres coincide), x clamped to [0, n - 1]; the image linearly between
+    floor(x) and floor(x) + 1 (trilinear overall), the label at the nearest voxel. Where x_j or n' - 1 is a
+    half in exact arithmetic (1 mm -> 1.5 mm and 4 mm -> 2 mm at odd j), float64 rounding decides the tie,
+    not a rule: MONAI computes, all in float64 (Spacingd's dtype), x = ((g a + b + 1) n - 1) / 2 (grid_sample's
+    unnormalizing) from g = linspace(-1, 1, n') (n' - 1) / n' (affine_grid's, align_corners False) and a, b
+    the axis's scale and shift in solve(source affine, target affine) carried to [-1, 1] coordinates
+    (to_norm_affine), and rounds x half to even (nearbyint); n' is np.round of compute_shape_offset's corner
+    extent, which goes through the affine's origin. resampled_shape and sampling_positions repeat these
+    operations in MONAI's order with the same numpy / torch calls, and resample_axis rounds half to even, so
+    every tie falls as in Spacingd; a spacing within 1e-3 of the target and an unchanged shape are left as
+    they are, as MONAI does (its AFFINE_TOL). Labels are identical to Spacingd's, tie spacings included; the
+    images differ by float rounding only (it interpolates in float64, we in float32): at most 1.2e-7 after
+    step 3 (tests/test_btcv.py).
  3. HU window (ScaleIntensityRanged a_min -175, a_max 250, b_min 0, b_max 1, clip): (v + 175) / 425 clipped
     to [0, 1].
  4. crop to the body (CropForegroundd, source the image, margin 0): the bounding box of image > 0, i.e.
@@ -67,8 +75,10 @@ BTCV_VAL = tuple(f"img{i:04d}" for i in range(35, 41))
 TARGET_SPACING = (1.5, 1.5, 2.0)  # mm
 HU_WINDOW = (-175.0, 250.0)
 AFFINE_TOLERANCE_MM = 1e-3
+MONAI_AFFINE_TOL = 1e-3  # monai.data.utils.AFFINE_TOL: Spacing leaves a volume this close to the target as it is
 # Part of every cache file's stamp: a change of the preprocessing rebuilds the caches.
-PREPROCESSING = "btcv-1 RAS; 1.5x1.5x2.0 mm voxel-centre linear/nearest; HU -175..250 -> 0..1; crop image > 0"
+PREPROCESSING = ("btcv-2 RAS; 1.5x1.5x2.0 mm at MONAI's float64 grid, linear/nearest; HU -175..250 -> 0..1; "
+                 "crop image > 0")
 CACHE_NAME = "btcv_1.5x1.5x2.0mm"
 BTCV_SOURCE = ("https://www.synapse.org/#!Synapse:syn3193805/wiki/217789 (a free Synapse account and the "
                "challenge's data terms are needed; Files > Abdomen > RawData.zip)")
@@ -224,15 +234,62 @@ def resample_axis(volume: torch.Tensor, dim: int, positions: np.ndarray, linear:
     return below + (volume.index_select(dim, high) - below) * weight
 
 
-def resampled_shape(shape, spacing, target) -> list[int]:
-    """MONAI's compute_shape_offset for scaling alone: round((n - 1) s / t + 1) per axis."""
-    return [int(np.round((n - 1) * s / t + 1.0)) for n, s, t in zip(shape, spacing, target, strict=True)]
+def spacing_affines(spacing, target, origin) -> tuple[np.ndarray, np.ndarray]:
+    """(source, target) 4 x 4 affines of an axis-aligned grid as MONAI's Spacing builds them (zoom_affine): the
+    target's axes are the source's rotation src[:3, :3] @ inv(cholesky(src' src)'), the identity up to float
+    rounding (s * (1 / s) is one ulp below 1 for 13% of random spacings), times the target spacing; its origin
+    is left at 0 (compute_shape_offset's input)."""
+    source = np.eye(4)
+    source[:3, :3], source[:3, 3] = np.diag(spacing), origin
+    scale = np.linalg.cholesky(source[:3, :3].T @ source[:3, :3]).T
+    destination = np.eye(4)
+    destination[:3, :3] = source[:3, :3] @ np.linalg.inv(scale) @ np.diag(target)
+    return source, destination
 
 
-def resample(volume: torch.Tensor, spacing, target, linear: bool) -> torch.Tensor:
-    """(X, Y, Z) at `spacing` -> the target spacing, voxel j of an axis at old position j t / s."""
-    for dim, n_out in enumerate(resampled_shape(volume.shape, spacing, target)):
-        volume = resample_axis(volume, dim, np.arange(n_out) * (target[dim] / spacing[dim]), linear)
+def resampled_shape(shape, spacing, target, origin=(0.0, 0.0, 0.0)) -> list[int]:
+    """MONAI's compute_shape_offset for an axis-aligned grid: round((n - 1) s / t + 1) per axis (np.round, halves
+    to even) of the corners mapped in its float64 order, which goes through the affine's origin."""
+    source, destination = spacing_affines(spacing, target, origin)
+    corners = np.asarray(np.meshgrid(*[(0.0, n - 1.0) for n in shape], indexing="ij")).reshape(3, -1)
+    corners = np.linalg.solve(destination, source) @ np.concatenate((corners, np.ones_like(corners[:1])))
+    return [int(n) for n in np.round(np.ptp(corners[:3] / corners[3], axis=1) + 1.0)]
+
+
+def normalizing(shape) -> torch.Tensor:
+    """MONAI's normalize_transform (align_corners False), (1, 4, 4) float64: voxel i -> (2 i + 1) / n - 1."""
+    size = torch.tensor([float(n) for n in shape], dtype=torch.float64)
+    matrix = torch.diag(torch.cat((2.0 / size, torch.ones(1, dtype=torch.float64))))
+    matrix[:3, 3] = 1.0 / size - 1.0
+    return matrix[None]
+
+
+def sampling_positions(shape, spacing, target, origin=(0.0, 0.0, 0.0)) -> list[np.ndarray]:
+    """Per axis, the old positions (float64) where MONAI's Spacing samples the new voxels: j t / s computed as its
+    spatial_resample, AffineTransform, affine_grid and grid_sample do (the module docstring's step 2)."""
+    out_shape = resampled_shape(shape, spacing, target, origin)
+    source, destination = spacing_affines(spacing, target, origin)
+    destination[:3, 3] = origin  # compute_shape_offset's offset: the first voxel centres coincide
+    xform = np.linalg.solve(source, destination)
+    if out_shape == list(shape) and (np.allclose(source, destination, atol=MONAI_AFFINE_TOL)
+                                     or np.allclose(xform, np.eye(4), atol=MONAI_AFFINE_TOL)):
+        return [np.arange(n, dtype=np.float64) for n in shape]  # Spacing returns such a volume as it is
+    # to_norm_affine: xform between grid_sample's [-1, 1] coordinates of the new and the old grid, (1, 4, 4)
+    theta = (normalizing(shape) @ torch.from_numpy(xform)[None]
+             @ torch.from_numpy(np.linalg.inv(normalizing(out_shape).numpy())))
+    positions = []
+    for dim, (n, m) in enumerate(zip(shape, out_shape, strict=True)):
+        base = torch.linspace(-1, 1, m, dtype=torch.float64) * (m - 1) / m    # affine_grid's, align_corners False
+        grid = base * theta[0, dim, dim] + theta[0, dim, 3]                     # (m,), theta is diagonal
+        positions.append((((grid + 1) * n - 1) / 2).numpy())                   # grid_sample's unnormalizing
+    return positions
+
+
+def resample(volume: torch.Tensor, spacing, target, linear: bool, origin=(0.0, 0.0, 0.0)) -> torch.Tensor:
+    """(X, Y, Z) at `spacing` (its first voxel at `origin`, mm) -> the target spacing, sampled where MONAI's
+    Spacing samples (sampling_positions)."""
+    for dim, positions in enumerate(sampling_positions(volume.shape, spacing, target, origin)):
+        volume = resample_axis(volume, dim, positions, linear)
     return volume
 
 
@@ -278,10 +335,11 @@ def preprocess(image: np.ndarray, nifti, path: Path, labels: np.ndarray | None =
     image, ornt, affine = canonical(image, nifti.affine)
     spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
     check_axis_aligned(affine, spacing, path)
-    image = resample(torch.from_numpy(np.ascontiguousarray(image)), spacing, TARGET_SPACING, linear=True)
+    origin = affine[:3, 3]  # MONAI's resampled size depends on it on ties (resampled_shape)
+    image = resample(torch.from_numpy(np.ascontiguousarray(image)), spacing, TARGET_SPACING, True, origin)
     if labels is not None:
         labels, _, _ = canonical(labels, nifti.affine)
-        labels = resample(torch.from_numpy(np.ascontiguousarray(labels)), spacing, TARGET_SPACING, linear=False)
+        labels = resample(torch.from_numpy(np.ascontiguousarray(labels)), spacing, TARGET_SPACING, False, origin)
     low, high = HU_WINDOW
     image = ((image - low) / (high - low)).clamp(0, 1)
     body = image > 0
