@@ -4,8 +4,8 @@ import torch
 from torch.utils.data import Dataset
 
 from ..synthetic import draw_polyp_scene
-from ..volumes import draw_blob_volume
-from .images import augmentation_generator, make_item
+from .generated import draw_blob_volume
+from .images.read import augmentation_generator, make_item
 from .splits import ceil_count
 
 SYNTHETIC_FRACTIONS = (0.2, 0.1)  # (val, test); train is the rest
