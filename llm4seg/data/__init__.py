@@ -2,8 +2,8 @@
 the authors' folder layout, and a synthetic polyp set that needs no files (the offline default); in 3D,
 any Medical Segmentation Decathlon task, BTCV (abdomen CT, 14 classes), synthetic blob volumes and synthetic
 multi-organ volumes. Images read from files are the images/ package's, volumes read from files the volumes/
-package's (each package's __init__.py is its map); the generated ones are drawn by generated.py (the polyps by
-../synthetic.py). This package turns a dataset name into a torch Dataset and owns the splits. In reading order:
+package's (each package's __init__.py is its map), the generated data generated.py's. This package turns a
+dataset name into a torch Dataset and owns the splits. In reading order:
 
     __init__.py          load_dataset (a DATASET_TABLE row's opener), check_cases, spatial_dims /
                          input_channels / num_classes / class_names (a multi-class folder's: folder_classes)
@@ -14,9 +14,8 @@ package's (each package's __init__.py is its map); the generated ones are drawn 
     volumes/             3D from files: MSD tasks (msd.py), BTCV with UNETR's preprocessing (btcv.py), the
                          training split's random patches (patches.py), NIfTI reading and the volumes' cache
                          (nifti.py)
-    generated.py         drawn from (seed, index) alone: synthetic3d's blob volumes, synthetic-organs' abdomen and
-                         SyntheticOrgans serving it
-    synthetic_cases.py   SyntheticCases: generated polyps and blob volumes, from (seed, index) alone
+    generated.py         drawn from (seed, index) alone, no files: the synthetic polyps, synthetic3d's blob volumes,
+                         synthetic-organs' abdomen, and the datasets serving them (SyntheticCases, SyntheticOrgans)
     cases.py             what images/ and volumes/ share: Case (a case's files), find_dir, and the stamp and
                          checksum of what is cached from a case's files (file_stamp, tensors_crc32)
     splits.py            the authors' lists, seeded splits written once as JSON, cross-validation folds
@@ -104,7 +103,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from ..files import InputError
-from .generated import ORGAN_CLASSES, SyntheticOrgans
+from .generated import ORGAN_CLASSES, SyntheticCases, SyntheticOrgans
 from .images.cache import (CACHE_FORMAT, STALE_TEMPORARY_S, SegmentationFiles, cache_cases, cache_paths,
                            map_pixels, open_cache, pixels_crc32, read_cache_header)
 from .images.classes import label_values, named_classes
@@ -114,7 +113,6 @@ from .images.read import (IMAGENET_MEAN, IMAGENET_STD, as_rgb, augmentation_gene
                           resized_rgb)
 from .loader import EpochItems, EpochOrder
 from .splits import FOLDS, SPLITS
-from .synthetic_cases import SyntheticCases
 from .table import (DATA_ROOT_ENV, DATASET_TABLE, DATASETS, GENERATED_DATASETS, LABEL_MAP_DATASETS,
                     MULTICLASS_DATASETS, PATCH_DATASETS, VOLUME_DATASETS, DatasetRow, Request, default_root)
 from .volumes import BTCV_CLASSES, BTCVVolumes, MSDVolumes, RandomPatches, msd_cases, msd_labels

@@ -6,7 +6,7 @@ Dataset out. The package's docstring says what each dataset's items and splits a
     open_raw          the 2D datasets as their owners ship them (images/raw_layouts.py), Kvasir-SEG downloaded
     open_msd          a Medical Segmentation Decathlon task (volumes/msd.py)
     open_btcv         BTCV with UNETR's preprocessing (volumes/btcv.py), random patches for training
-    open_generated    synthetic polyps and synthetic3d blob volumes (synthetic_cases.py)
+    open_generated    synthetic polyps and synthetic3d blob volumes (generated.py)
     open_organs       synthetic-organs, random patches for training (generated.py)
 Adding a dataset is a row, and an opener unless one of these fits; the name lists other modules read
 (VOLUME_DATASETS, PATCH_DATASETS, ...) are the table's columns.
@@ -20,12 +20,11 @@ from typing import Callable
 
 from torch.utils.data import Dataset
 
-from .generated import ORGAN_CLASSES, SyntheticOrgans
+from .generated import ORGAN_CLASSES, SyntheticOrgans, synthetic_range, synthetic_split
 from .images.cache import SegmentationFiles, cache_paths
 from .images.raw_layouts import RAW_DATASETS, download_kvasir, missing_dataset
 from .images.read import augmentation_generator
 from .splits import FOLDS, SPLITS, cross_validation_fold, find_author_lists, read_case_list, split_from_json
-from .synthetic_cases import synthetic_range, synthetic_split
 from .volumes import BTCVVolumes, MSDVolumes, RandomPatches, find_btcv, msd_cases, msd_labels
 
 MSD_FRACTIONS = (0.2, 0.1)  # (val, test) of all cases: MedVisionLlama's 70 / 20 / 10
