@@ -12,8 +12,8 @@ and LLMBridge(channels, layer, residual=False), the adapters around a layer, to 
 one's own: (B, C, *spatial) -> tokens (B, N, C) -> Linear(C, D) -> layer -> Linear(D, C) -> (B, C, *spatial).
 
 The packages and modules, in reading order (README.md, "How to read this code"): llm_layer/, model/, vit,
-kernels/ (imports nothing of the project), data/, volumes/, raw_layouts, synthetic, metrics, analysis,
-pictures, prediction, runtime, checkpoints, cli, files, settings.
+kernels/ (imports nothing of the project), data/ (its images/ and volumes/ packages, the generated data),
+metrics, analysis, pictures, prediction, runtime, checkpoints, cli, files, settings.
 """
 from .llm_layer import load_layer
 from .model import LLMBridge, build_model

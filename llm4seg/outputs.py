@@ -17,15 +17,15 @@ their codes, voxel sizes), uint8, 0 background and k class k (a binary run: 1 fo
 "label": what ITK-SNAP and 3D Slicer open over the scan. out_dir/label_legend.json maps each value to its class
 name ({"0": "background", "1": "liver", ...}). How a file becomes the network's input, and its prediction a
 label map on the file's grid, follows the run's data:
-  btcv, synthetic-organs  as BTCV's CTs (volumes/btcv.py, read_btcv_image): RAS, 1.5 x 1.5 x 2.0 mm, HU window
+  btcv, synthetic-organs  as BTCV's CTs (data/volumes/btcv.py, read_btcv_image): RAS, 1.5 x 1.5 x 2.0 mm, HU window
                           [-175, 250] -> [0, 1], cropped to the body (HU > -175); sliding windows of the run's
                           roi_size (case_probabilities: overlap 0.5, constant weights), argmax; back through
-                          volumes.to_original_grid: nearest neighbour onto the stored grid, background outside the
+                          data.volumes.to_original_grid: nearest neighbour onto the stored grid, background outside the
                           body crop. synthetic-organs' volumes are drawn at BTCV's spacing and on its intensity
-                          scale (volumes/generated.py), so a CT in HU is what such a run reads; its toy abdomen is
+                          scale (data/generated.py), so a CT in HU is what such a run reads; its toy abdomen is
                           S voxels wide (48 mm at S = 32), so on a real CT its labels show that the pipeline runs,
                           not organs.
-  msd, synthetic3d        as MSD's images (volumes/msd.py): (X, Y, Z) or (X, Y, Z, C) with the modalities last,
+  msd, synthetic3d        as MSD's images (data/volumes/msd.py): (X, Y, Z) or (X, Y, Z, C) with the modalities last,
                           each channel z-scored over the volume, resized to the run's img_size^3 (trilinear, axes
                           as stored: these runs ignore orientation and spacing); one whole-volume prediction, argmax
                           (binary: sigmoid > THRESHOLD); back by resizing the labels to the stored (X, Y, Z), nearest
@@ -49,8 +49,8 @@ from .data import read_rgb
 from .files import InputError, write_atomically, write_png, write_text
 from .pictures import label_colours, overlay_png
 from .prediction import case_probabilities, image_probabilities
-from .volumes.btcv import read_btcv_image, to_original_grid
-from .volumes.nifti import read_nifti, resize_volume
+from .data.volumes.btcv import read_btcv_image, to_original_grid
+from .data.volumes.nifti import read_nifti, resize_volume
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
 VOLUME_SUFFIXES = (".nii", ".nii.gz")
@@ -149,7 +149,7 @@ def check_volume_data(data: str) -> None:
 
 
 def resized_volume(path: Path, img_size: int, in_channels: int) -> tuple[Tensor, tuple[int, int, int]]:
-    """A NIfTI volume read as volumes/msd.py reads an MSD image: (X, Y, Z), or (X, Y, Z, C) with the modality
+    """A NIfTI volume read as data/volumes/msd.py reads an MSD image: (X, Y, Z), or (X, Y, Z, C) with the modality
     last, each channel z-scored over the volume, (v - mean) / std (population std), trilinearly resized to
     S^3 -> ((C, S, S, S) float32, the stored (X, Y, Z)); files.InputError naming the file when it cannot be
     read, is not 3D / 4D or has other than `in_channels` channels. Axes stay as stored (MSD ignores the

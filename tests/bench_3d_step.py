@@ -42,7 +42,7 @@ from llm4seg.model import build_model, count_params, set_frozen_dtype  # noqa: E
 from llm4seg.prediction import predict, sliding_window  # noqa: E402
 from llm4seg.runtime import autocast  # noqa: E402
 from llm4seg.settings import RECIPES  # noqa: E402
-from llm4seg.volumes import BTCV_CLASSES  # noqa: E402
+from llm4seg.data.volumes import BTCV_CLASSES  # noqa: E402
 from bench_sliding_window import measured  # noqa: E402
 from bench_step import TINY, layer_checkpoint  # noqa: E402
 

@@ -1,5 +1,6 @@
 """Feeding 2D training: items per second of one worker process at 256 px, decoded from the files each time (as
-before the cache) against read from the decoded-once cache (data/cache.py), measured in one run on generated trees.
+before the cache) against read from the decoded-once cache (data/images/cache.py), measured in one run on generated
+trees.
 
     python tests/bench_loader.py                        # 50 Kvasir-sized + 10 ISIC-sized cases, 256 px
     python tests/bench_loader.py --kvasir 200 --isic 20 --rss-cases 2000
@@ -171,7 +172,7 @@ def main() -> None:
     cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     model = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if line.startswith("Model name")), "?")
     print(f"CPU: {model}, {len(os.sched_getaffinity(0))} cores usable; torch threads 1; {args.size} px; "
-          f"cache builds in up to {data.cache.BUILD_PROCESSES} processes")
+          f"cache builds in up to {data.images.cache.BUILD_PROCESSES} processes")
 
     trees = {}
     for name, count in (("kvasir", args.kvasir), ("isic", args.isic)):

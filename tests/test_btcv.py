@@ -1,4 +1,4 @@
-"""BTCV through data.load_dataset (volumes/btcv.py): both layouts users have, the official split and
+"""BTCV through data.load_dataset (data/volumes/btcv.py): both layouts users have, the official split and
 dataset_0.json's, UNETR's preprocessing against MONAI's own transforms on the same files, the original grid
 recorded and mapped back, every kind of bad input as one line naming its file (and all of them listed by
 data.check_cases), the cache. Trees are tiny NIfTI files (40 x 36 x 12 voxels, LPS, anisotropic) written by
@@ -14,7 +14,7 @@ import torch
 
 from llm4seg import data
 from llm4seg.files import InputError
-from llm4seg.volumes import BTCV_TRAIN, BTCV_VAL, to_original_grid
+from llm4seg.data.volumes import BTCV_TRAIN, BTCV_VAL, to_original_grid
 from dataset_trees import BTCV_SHAPE, CACHE_DAMAGE, LPS_AFFINE, SWAPPED_AFFINE, make_btcv
 
 OFFICIAL = (*range(1, 11), *range(21, 41))  # the 30 labelled CTs of RawData.zip

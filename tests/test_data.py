@@ -10,7 +10,7 @@ from PIL import Image
 
 from llm4seg import data
 from llm4seg.files import InputError
-from llm4seg.synthetic import draw_polyp_scene
+from llm4seg.data.generated import draw_polyp_scene
 from dataset_trees import box_mask, make_busi, make_kvasir, symmetries, unnormalise, write_case, write_split
 
 

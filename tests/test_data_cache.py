@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from llm4seg import data, losses, training
 import train
 from llm4seg.files import InputError
-from llm4seg.volumes.nifti import tensors_crc32
+from llm4seg.data.cases import tensors_crc32
 from dataset_trees import CACHE_DAMAGE, box_mask, textured_rgb, uncached_item, write_split
 
 SIZE = 16
@@ -92,13 +92,13 @@ def test_cached_items_are_todays_items_bit_for_bit(tree, capsys):
 
 
 def test_a_second_run_reads_the_cache_and_decodes_nothing(cached, monkeypatch, capsys):
-    """The file is plain safetensors; its checksum is volumes.nifti's over its pixels and metadata."""
+    """The file is plain safetensors; its checksum is data.cases' tensors_crc32 over its pixels and metadata."""
     root, split_file, path = cached
     with safe_open(path, "pt") as f:
         metadata, pixels = f.metadata(), f.get_tensor("pixels")
     assert pixels.shape == (8, 4, SIZE, SIZE) and metadata["crc32"] == tensors_crc32(
         {"pixels": pixels}, {k: v for k, v in metadata.items() if k != "crc32"})
-    monkeypatch.setattr(data.cache, "decode_case", None)  # any decoding would fail
+    monkeypatch.setattr(data.images.cache, "decode_case", None)  # any decoding would fail
     train_set, val_set = splits(root, split_file)
     data.check_cases(train_set, val_set)
     assert cache_lines(capsys.readouterr().out) == []
@@ -167,8 +167,8 @@ def test_a_changed_source_file_is_decoded_again_and_a_cut_one_named(cached, monk
     root, split_file, path = cached
     image = root / "images" / "case1.png"
     textured_rgb(42, 32, np.random.default_rng(9)).save(image)  # case1 is 42 x 32, its mask too
-    decoded, real_decode = [], data.cache.decode_case
-    monkeypatch.setattr(data.cache, "decode_case", lambda case, *options: decoded.append(case.name) or
+    decoded, real_decode = [], data.images.cache.decode_case
+    monkeypatch.setattr(data.images.cache, "decode_case", lambda case, *options: decoded.append(case.name) or
                         real_decode(case, *options))
     train_set, val_set = splits(root, split_file)
     data.check_cases(train_set, val_set)
@@ -211,8 +211,8 @@ def test_a_read_only_root_caches_elsewhere_or_nowhere(tree, tmp_path, monkeypatc
 
 def build_slowly(root: Path, split_file: str) -> None:
     """A forked child: check_cases with each decode 20 ms slower, so two of them overlap."""
-    real_decode = data.cache.decode_case
-    data.cache.decode_case = lambda case, *options: time.sleep(0.02) or real_decode(case, *options)
+    real_decode = data.images.cache.decode_case
+    data.images.cache.decode_case = lambda case, *options: time.sleep(0.02) or real_decode(case, *options)
     data.check_cases(*splits(root, split_file))
 
 
@@ -326,7 +326,7 @@ def test_a_build_in_worker_processes_writes_the_same_file(tree, monkeypatch):
     path = root / "llm4seg_cache" / f"folder_{SIZE}px.safetensors"
     alone = path.read_bytes()
     path.unlink()
-    monkeypatch.setattr(data.cache, "PARALLEL_BUILD", 4)
-    monkeypatch.setattr(data.cache, "BUILD_PROCESSES", 2)
+    monkeypatch.setattr(data.images.cache, "PARALLEL_BUILD", 4)
+    monkeypatch.setattr(data.images.cache, "BUILD_PROCESSES", 2)
     data.check_cases(*splits(root, split_file))
     assert path.read_bytes() == alone

@@ -25,9 +25,9 @@ from llm4seg.checkpoints import load_run
 from llm4seg.data import load_dataset, normalize
 from llm4seg.files import InputError
 from llm4seg.prediction import case_probabilities
+from llm4seg.data.volumes import to_original_grid
+from llm4seg.data.volumes.btcv import read_btcv_image
 from llm4seg.task import Task
-from llm4seg.volumes import to_original_grid
-from llm4seg.volumes.btcv import read_btcv_image
 
 # Singular values of float32 rank-deficient maps leave ~1e-7 residues that add ~1e-5 of entropy.
 SPECTRUM_TOL = 1e-4
@@ -424,7 +424,7 @@ def test_a_resized_volume_keeps_a_boundary_through_the_round_trip(tmp_path):
 
 def test_a_volume_for_an_msd_run_is_read_as_msd_reads_its_images(tmp_path):
     from test_volumes import write_msd_task
-    from llm4seg.volumes import MSDVolumes, msd_cases
+    from llm4seg.data.volumes import MSDVolumes, msd_cases
 
     task = write_msd_task(tmp_path, cases=1, modalities=2)
     (case,), channels = msd_cases(task)

@@ -12,7 +12,7 @@ MAX_LINES = 500
 
 
 def module_name(path: Path) -> str:
-    """llm4seg/data/cache.py -> llm4seg.data.cache; llm4seg/data/__init__.py -> llm4seg.data."""
+    """llm4seg/data/images/cache.py -> llm4seg.data.images.cache; llm4seg/data/__init__.py -> llm4seg.data."""
     parts = path.relative_to(REPO).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 

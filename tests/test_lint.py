@@ -39,15 +39,15 @@ KIND_TESTS = re.compile(r"""num_classes["'\])]*\s*(>|<|>=|<=|==|!=)\s*\d|dims(\(
 # Rank tests that are not the run's kind: each checks what a file or an argument holds before it is used, or is
 # a rule of torch's own. (file, the line's code): why.
 RANK_CHECKS = {
-    ("llm4seg/volumes/msd.py", "if image.ndim == 3:"): "an MSD image is (X, Y, Z) or (X, Y, Z, C)",
-    ("llm4seg/volumes/msd.py", "if image.ndim != 4 or labels.ndim != 3 or image.shape[:3] != labels.shape:"):
+    ("llm4seg/data/volumes/msd.py", "if image.ndim == 3:"): "an MSD image is (X, Y, Z) or (X, Y, Z, C)",
+    ("llm4seg/data/volumes/msd.py", "if image.ndim != 4 or labels.ndim != 3 or image.shape[:3] != labels.shape:"):
         "an MSD image is (X, Y, Z, C) with labels (X, Y, Z)",
-    ("llm4seg/volumes/nifti.py", "if array.ndim < 3:"): "a NIfTI volume has at least 3 dimensions",
-    ("llm4seg/volumes/nifti.py", 'raise InputError(f"the {what} {path} is {array.ndim}D {list(array.shape)}; '
+    ("llm4seg/data/volumes/nifti.py", "if array.ndim < 3:"): "a NIfTI volume has at least 3 dimensions",
+    ("llm4seg/data/volumes/nifti.py", 'raise InputError(f"the {what} {path} is {array.ndim}D {list(array.shape)}; '
                                  'expected a 3D volume "'): "the same, said",
-    ("llm4seg/volumes/btcv.py", "if image.ndim == 4 and image.shape[3] == 1:"): "a CT may be (X, Y, Z, 1)",
-    ("llm4seg/volumes/btcv.py", "if image.ndim != 3:"): "else it is (X, Y, Z)",
-    ("llm4seg/volumes/btcv.py", "weight = (x - low).to(volume.dtype).view([-1 if d == dim else 1 for d in "
+    ("llm4seg/data/volumes/btcv.py", "if image.ndim == 4 and image.shape[3] == 1:"): "a CT may be (X, Y, Z, 1)",
+    ("llm4seg/data/volumes/btcv.py", "if image.ndim != 3:"): "else it is (X, Y, Z)",
+    ("llm4seg/data/volumes/btcv.py", "weight = (x - low).to(volume.dtype).view([-1 if d == dim else 1 for d in "
                                 "range(volume.ndim)])"): "interpolation weights broadcast along one axis",
     ("llm4seg/outputs.py", "if image.ndim == 3:"): "a new volume is (X, Y, Z) or (X, Y, Z, C)",
     ("llm4seg/outputs.py", "if image.ndim != 4 or image.shape[3] != in_channels:"): "with the run's C modalities",

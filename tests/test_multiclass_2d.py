@@ -83,7 +83,7 @@ def test_classes_come_from_the_masks_or_a_class_file(tree, monkeypatch):
     assert (data.num_classes("folder", str(root)), data.class_names("folder", str(root))) == \
         (1, ["background", "foreground"])  # binary stays binary: no mask is read
     # The values found are kept with the masks' stamps: asked again, no mask is read.
-    monkeypatch.setattr(data.classes, "mask_to_labels", None)
+    monkeypatch.setattr(data.images.classes, "mask_to_labels", None)
     assert data.num_classes("folder", str(root), multiclass=True) == 3
     monkeypatch.undo()
     labels = np.asarray(Image.open(root / "masks" / "case4.png")).copy()

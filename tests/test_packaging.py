@@ -113,7 +113,7 @@ def test_the_wheel_installs_and_imports_from_anywhere(tmp_path):
     subprocess.run([*pip, "install", "--no-deps", "--no-index", "-q", "--target", str(site), str(wheel)],
                    check=True, capture_output=True, timeout=240)
     code = ("import llm4seg, transformers; from transformers.models.llama import modeling_llama; "
-            "from llm4seg import build_model, load_layer; import llm4seg.data, llm4seg.volumes, llm4seg.kernels; "
+            "from llm4seg import build_model, load_layer; import llm4seg.data, llm4seg.data.volumes, llm4seg.kernels; "
             "print(llm4seg.__file__)")
     env = {**os.environ, "PYTHONPATH": str(site)}
     result = subprocess.run([sys.executable, "-c", code], cwd="/", env=env, capture_output=True, text=True,

@@ -1,4 +1,4 @@
-"""The training split of btcv and synthetic-organs (volumes/patches.py): R^3 patches centred on foreground half
+"""The training split of btcv and synthetic-organs (data/volumes/patches.py): R^3 patches centred on foreground half
 the time, the window kept inside the volume, MONAI's flips / rotation / intensity shift at their
 probabilities with image and label moved together, every draw a function of (seed, epoch, index) alone, and
 volumes smaller than a patch padded (said once)."""
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from llm4seg import data
-from llm4seg.volumes.patches import augmented, draw_centre, kth_voxel, padded, window_start
+from llm4seg.data.volumes.patches import augmented, draw_centre, kth_voxel, padded, window_start
 from dataset_trees import make_btcv
 
 

@@ -1,4 +1,4 @@
-"""Tests of raw_layouts.py through data.load_dataset: each owner's raw layout built small under tmp_path
+"""Tests of data/images/raw_layouts.py through data.load_dataset: each owner's raw layout built small under tmp_path
 (Kvasir's JPEG masks with compression noise, BUSI's extra masks and normal cases, ISIC's
 `_segmentation` names unpacked apart, TN-SCUI's `.PNG`), unpaired and missing files, and the Kvasir
 download against a local HTTP server."""
@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from llm4seg import data
-from llm4seg import raw_layouts
+from llm4seg.data.images import raw_layouts
 from dataset_trees import MEAN, STD, all_items, box_mask, make_busi, make_kvasir, symmetries, write_case, write_split
 
 

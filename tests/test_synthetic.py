@@ -1,4 +1,4 @@
-"""Tests of synthetic.py through data.load_dataset: the scenes are deterministic per (seed, index),
+"""Tests of data/generated.py's polyps through data.load_dataset: the scenes are deterministic per (seed, index),
 the splits disjoint, the masks binary, and no single-colour threshold solves them."""
 import torch
 

@@ -1,11 +1,11 @@
 """The class tables of every dataset (data.num_classes / class_names) and the offline multi-organ volumes
-(`synthetic-organs`, volumes/generated.py): every class present, reproducible, split 70 / 20 / 10, patches for
+(`synthetic-organs`, data/generated.py): every class present, reproducible, split 70 / 20 / 10, patches for
 training, and no intensity threshold that segments an organ."""
 import pytest
 import torch
 
 from llm4seg import data
-from llm4seg.volumes import BTCV_CLASSES
+from llm4seg.data.volumes import BTCV_CLASSES
 
 BINARY = ["background", "foreground"]
 

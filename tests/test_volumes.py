@@ -1,4 +1,4 @@
-"""volumes/ through data.load_dataset: MSD task folders in the exact shipped layout (3D and 4D NIfTI
+"""data/volumes/ through data.load_dataset: MSD task folders in the exact shipped layout (3D and 4D NIfTI
 written with nibabel, dataset.json, the tarballs' macOS `._*` files), their splits and folds, the clear
 errors, data.check_cases listing every bad case, the cache (rebuilt when it fails to read), and the
 synthetic volumes."""

@@ -1,19 +1,24 @@
 """Segmentation datasets: Kvasir-SEG, BUSI, ISIC 2018 and TN-SCUI read in their owners' raw layouts,
 the authors' folder layout, and a synthetic polyp set that needs no files (the offline default); in 3D,
 any Medical Segmentation Decathlon task, BTCV (abdomen CT, 14 classes), synthetic blob volumes and synthetic
-multi-organ volumes (the volumes/ package: their layouts, preprocessing and items). Where each 2D dataset
-comes from and how its files pair up is raw_layouts.py's table; the synthetic scenes are drawn by
-synthetic.py; this package turns them into torch Datasets and owns the splits.
+multi-organ volumes. Images read from files are the images/ package's, volumes read from files the volumes/
+package's (each package's __init__.py is its map), the generated data generated.py's. This package turns a
+dataset name into a torch Dataset and owns the splits. In reading order:
 
     __init__.py          load_dataset (a DATASET_TABLE row's opener), check_cases, spatial_dims /
                          input_channels / num_classes / class_names (a multi-class folder's: folder_classes)
     table.py             the dataset table: one row per dataset, its facts and the opener of its splits
-    images.py            reading one 2D case: image, mask(s) or label map, resize, augment, normalise
-    cache.py             the decoded-once cache of 2D cases (its docstring: what it holds, when it is rebuilt),
-                         and SegmentationFiles, the 2D dataset of cases read from files
-    classes.py           a multi-class folder's class file (classes.json) and the label values its masks hold
+    images/              2D from files: the owners' layouts (raw_layouts.py), reading one case (read.py), the
+                         decoded-once cache and SegmentationFiles (cache.py), a multi-class folder's classes
+                         (classes.py)
+    volumes/             3D from files: MSD tasks (msd.py), BTCV with UNETR's preprocessing (btcv.py), the
+                         training split's random patches (patches.py), NIfTI reading and the volumes' cache
+                         (nifti.py)
+    generated.py         drawn from (seed, index) alone, no files: the synthetic polyps, synthetic3d's blob volumes,
+                         synthetic-organs' abdomen, and the datasets serving them (SyntheticCases, SyntheticOrgans)
+    cases.py             what images/ and volumes/ share: Case (a case's files), find_dir, and the stamp and
+                         checksum of what is cached from a case's files (file_stamp, tensors_crc32)
     splits.py            the authors' lists, seeded splits written once as JSON, cross-validation folds
-    synthetic_cases.py   SyntheticCases: generated polyps and blob volumes, from (seed, index) alone
     loader.py            EpochOrder / EpochItems: train.py's loader, whose workers live across epochs
 
     load_dataset(name, root, split, img_size=S, seed) -> torch Dataset
@@ -58,7 +63,7 @@ maps); for MSD and BTCV, every volume read and cached (volumes/), each bad file 
 or cut NIfTI, image / label grids that differ, NaN voxels, label values outside 0..13).
 
 2D cases read from files are decoded once, by check_cases, into one memory-mapped cache file per
-dataset root, size and kind of mask (cache.py's docstring: what it holds and when it is rebuilt).
+dataset root, size and kind of mask (images/cache.py's docstring: what it holds and when it is rebuilt).
 
 Train items get the paper's augmentation: a random 90-degree rotation and random horizontal and
 vertical flips (together all 8 symmetries of the square) after resizing to S x S (bilinear image,
@@ -88,7 +93,7 @@ counts, so BUSI's 647 cases give the authors' 452 / 195. The authors' own lists
 `<name>_train.txt` / `<name>_val.txt` (or `..._train1.txt` / `..._val1.txt`), one case id a line,
 are used instead when found in `root` or the dataset folder.
 
-Kvasir-SEG downloads itself when its folder is absent (raw_layouts.download_kvasir); the others need
+Kvasir-SEG downloads itself when its folder is absent (images/raw_layouts.py's download_kvasir); the others need
 an account with their owners, so a missing one raises an error saying where to get it and which
 layout is expected.
 """
@@ -98,26 +103,25 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from ..files import InputError
-from ..raw_layouts import RAW_DATASETS, missing_dataset
-from ..volumes import (BTCV_CLASSES, ORGAN_CLASSES, BTCVVolumes, MSDVolumes, RandomPatches, SyntheticOrgans, msd_cases,
-                       msd_labels)
-from .cache import (CACHE_FORMAT, STALE_TEMPORARY_S, SegmentationFiles, cache_cases, cache_paths, map_pixels,
-                    open_cache, pixels_crc32, read_cache_header)
-from .classes import label_values, named_classes
-from .images import (IMAGENET_MEAN, IMAGENET_STD, as_rgb, augmentation_generator, case_problems, decode_image,
-                     denormalize, make_item, mask_to_binary, normalize, normalize_batch, read_mask, read_rgb,
-                     resized_rgb)
+from .generated import ORGAN_CLASSES, SyntheticCases, SyntheticOrgans
+from .images.cache import (CACHE_FORMAT, STALE_TEMPORARY_S, SegmentationFiles, cache_cases, cache_paths,
+                           map_pixels, open_cache, pixels_crc32, read_cache_header)
+from .images.classes import label_values, named_classes
+from .images.raw_layouts import RAW_DATASETS, missing_dataset
+from .images.read import (IMAGENET_MEAN, IMAGENET_STD, as_rgb, augmentation_generator, case_problems, decode_image,
+                          denormalize, make_item, mask_to_binary, normalize, normalize_batch, read_mask, read_rgb,
+                          resized_rgb)
 from .loader import EpochItems, EpochOrder
 from .splits import FOLDS, SPLITS
-from .synthetic_cases import SyntheticCases
 from .table import (DATA_ROOT_ENV, DATASET_TABLE, DATASETS, GENERATED_DATASETS, LABEL_MAP_DATASETS,
                     MULTICLASS_DATASETS, PATCH_DATASETS, VOLUME_DATASETS, DatasetRow, Request, default_root)
+from .volumes import BTCV_CLASSES, BTCVVolumes, MSDVolumes, RandomPatches, msd_cases, msd_labels
 
 LISTED_PROBLEMS = 20  # check_cases names this many bad files, then counts the rest
 
 
 # Every name other modules and the tests read from `data`. Patch a name in the module that looks it up:
-# decode_case, BUILD_PROCESSES and PARALLEL_BUILD in data.cache, mask_to_labels in data.classes.
+# decode_case, BUILD_PROCESSES and PARALLEL_BUILD in data.images.cache, mask_to_labels in data.images.classes.
 __all__ = ["DATASETS", "DATASET_TABLE", "DatasetRow", "Request", "VOLUME_DATASETS", "GENERATED_DATASETS",
            "MULTICLASS_DATASETS", "LABEL_MAP_DATASETS", "PATCH_DATASETS", "RAW_DATASETS", "DATA_ROOT_ENV",
            "LISTED_PROBLEMS", "check_dataset_name", "check_data_options", "load_dataset", "spatial_dims",

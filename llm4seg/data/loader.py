@@ -2,7 +2,7 @@
 item's augmentation follows its epoch whatever copy of the dataset a worker holds."""
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
-from .cache import SegmentationFiles
+from .images.cache import SegmentationFiles
 
 
 class EpochOrder(Sampler):

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ..files import InputError, write_atomically
-from ..raw_layouts import IMAGE_EXTENSIONS
+from .images.raw_layouts import IMAGE_EXTENSIONS
 
 FOLDS = 5  # fold=k: the non-test cases in 5 parts, part k validates
 SPLITS = ("train", "val", "test")

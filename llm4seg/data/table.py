@@ -3,11 +3,11 @@ generated or read from files) and the function that opens one split of it, load_
 Dataset out. The package's docstring says what each dataset's items and splits are.
 
     DATASET_TABLE[name] = DatasetRow(open, spatial_dims, channels, classes, patches, generated)
-    open_raw          the 2D datasets as their owners ship them (raw_layouts.py), Kvasir-SEG downloaded
+    open_raw          the 2D datasets as their owners ship them (images/raw_layouts.py), Kvasir-SEG downloaded
     open_msd          a Medical Segmentation Decathlon task (volumes/msd.py)
     open_btcv         BTCV with UNETR's preprocessing (volumes/btcv.py), random patches for training
-    open_generated    synthetic polyps and synthetic3d blob volumes (synthetic_cases.py)
-    open_organs       synthetic-organs, random patches for training (volumes/generated.py)
+    open_generated    synthetic polyps and synthetic3d blob volumes (generated.py)
+    open_organs       synthetic-organs, random patches for training (generated.py)
 Adding a dataset is a row, and an opener unless one of these fits; the name lists other modules read
 (VOLUME_DATASETS, PATCH_DATASETS, ...) are the table's columns.
 """
@@ -20,13 +20,12 @@ from typing import Callable
 
 from torch.utils.data import Dataset
 
-from ..raw_layouts import RAW_DATASETS, download_kvasir, missing_dataset
-from ..volumes import (ORGAN_CLASSES, BTCVVolumes, MSDVolumes, RandomPatches, SyntheticOrgans, find_btcv, msd_cases,
-                       msd_labels)
-from .cache import SegmentationFiles, cache_paths
-from .images import augmentation_generator
+from .generated import ORGAN_CLASSES, SyntheticOrgans, synthetic_range, synthetic_split
+from .images.cache import SegmentationFiles, cache_paths
+from .images.raw_layouts import RAW_DATASETS, download_kvasir, missing_dataset
+from .images.read import augmentation_generator
 from .splits import FOLDS, SPLITS, cross_validation_fold, find_author_lists, read_case_list, split_from_json
-from .synthetic_cases import synthetic_range, synthetic_split
+from .volumes import BTCVVolumes, MSDVolumes, RandomPatches, find_btcv, msd_cases, msd_labels
 
 MSD_FRACTIONS = (0.2, 0.1)  # (val, test) of all cases: MedVisionLlama's 70 / 20 / 10
 DATA_ROOT_ENV = "LLM4SEG_DATA"  # parent folder of every dataset's default root, ./data when unset
@@ -119,7 +118,7 @@ def open_msd(request: Request) -> Dataset:
 
 
 def open_raw(request: Request) -> Dataset:
-    """A 2D dataset as its owners ship it (raw_layouts.py), found anywhere under the root; Kvasir-SEG downloaded
+    """A 2D dataset as its owners ship it (images/raw_layouts.py), found anywhere under the root; Kvasir-SEG downloaded
     when the root is absent or empty."""
     raw, root_dir = RAW_DATASETS[request.name], request.root_dir
     data_dir = raw.locate(root_dir)
@@ -137,7 +136,7 @@ def open_raw(request: Request) -> Dataset:
                              multiclass=request.multiclass)
 
 
-# The owners' 2D datasets (raw_layouts.py), the generated polyps, and the 3D ones (the volumes/ package).
+# The owners' 2D datasets (the images/ package), the generated polyps, and the 3D ones (the volumes/ package).
 DATASET_TABLE = {
     **{name: DatasetRow(open_raw, classes="either" if name == "folder" else "binary") for name in RAW_DATASETS},
     "synthetic": DatasetRow(open_generated, generated=True),

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..files import InputError
-from ..raw_layouts import Case
+from ...files import InputError
+from ..cases import Case
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

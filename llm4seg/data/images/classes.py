@@ -8,11 +8,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ..files import InputError, write_atomically
-from ..raw_layouts import Case
-from ..volumes.nifti import file_stamp
+from ...files import InputError, write_atomically
+from ..cases import Case, file_stamp
 from .cache import CACHE_FOLDER
-from .images import MAX_LABEL, mask_to_labels, open_image
+from .read import MAX_LABEL, mask_to_labels, open_image
 
 CLASS_FILES = ("classes.json", "labels.json")  # a multi-class folder's class names, by label value
 LABELS_MEMO = "folder_labels.json"  # in CACHE_FOLDER: the label values of a multi-class folder's masks

@@ -1,5 +1,20 @@
-"""Volumes drawn from (seed, index) alone, no files: binary blobs (`--data synthetic3d`, served by
-data.SyntheticCases) and a multi-organ abdomen (`--data synthetic-organs`, SyntheticOrgans).
+"""Data drawn from (seed, index) alone, no files: the offline datasets `synthetic` (polyp scenes),
+`synthetic3d` (blob volumes) and `synthetic-organs` (a multi-organ abdomen), and the datasets serving them.
+In reading order:
+
+    draw_polyp_scene(S, generator)    image (3, S, S) in [0, 1], mask (1, S, S) in {0, 1}
+    draw_blob_volume(S, generator)    image (1, S, S, S) z-scored, mask (1, S, S, S) in {0, 1}
+    draw_organ_volume(S, generator)   image (1, S, S, S) in [0, 1], labels (1, S, S, S) int64 in 0..5
+    SyntheticCases                    the synthetic and synthetic3d cases; SyntheticOrgans, its subclass, the
+                                      synthetic-organs volumes: one prologue (the index checked, case i's
+                                      generator seeded with seed * 1_000_003 + i), a draw each
+    synthetic_range, synthetic_split  the splits: consecutive index ranges, 70 / 20 / 10 %
+
+synthetic: endoscopy-like scenes, a textured pink "mucosa" with a dark lumen, 1-3 distractor blobs (dark purple
+or yellow, not in the mask), then 1-3 dome-shaded polyps of the mucosa's own hue on top (the mask is their
+union), a vignette and a random brightness. The distractors span the polyps' range in every channel, so no
+single-colour threshold finds the polyps (tests/test_synthetic.py: the best scores IoU ~0.18); the network has
+to use outlines and shading. Train items are augmented as the 2D datasets' (images/read.py).
 
 synthetic3d: 1-3 ellipsoids of raised intensity (the mask is their union) and 1-2 bright distractor
 ellipsoids that are not, in a smooth random background with grain; image z-scored; spacing 1 mm.
@@ -33,13 +48,68 @@ texture and place. Every class is present in every volume down to 16^3 (checked 
 patches of 48^3 volumes, 70 training volumes) learns it on 2 CPU cores: whole-volume Dice on 20 val volumes
 0.70-0.92 per organ after 140 steps, 0.86-0.99 after 280 (about 3 minutes), 0.94-0.99 after 420.
 """
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from .images.read import augmentation_generator, make_item
+from .splits import ceil_count
+
+MUCOSA = (0.86, 0.52, 0.46)
+# Polyps share the mucosa's hue, as real ones do, and stand out by their outline and dome shading.
+POLYP_TINT = (0.95, 0.78, 0.78)
+# Not in the mask: the dark lumen, vessel-purple and yellow patches. Together they span the
+# polyps' range in every channel, so no single-channel threshold finds the polyps.
+DISTRACTORS = ((0.40, 0.24, 0.46), (0.95, 0.88, 0.45))
 ORGAN_CLASSES = ("background", "liver", "spleen", "kidney", "aorta", "stomach")
 ORGAN_SPACING = (1.5, 1.5, 2.0)  # mm, as BTCV after preprocessing
+SYNTHETIC_FRACTIONS = (0.2, 0.1)  # (val, test); train is the rest
+
+
+def draw_polyp_scene(size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A textured pink background with a dark lumen and 1-3 distractor blobs, then 1-3 shaded
+    polyps on top: image (3, S, S) in [0, 1] and mask (1, S, S) = union of the polyps."""
+    def uniform(low: float, high: float, shape=()) -> torch.Tensor:
+        return low + (high - low) * torch.rand(shape, generator=generator)
+
+    centres = (torch.arange(size) + 0.5) / size
+    y, x = torch.meshgrid(centres, centres, indexing="ij")                        # (S, S) each
+
+    def shaded_ellipse(radius_low: float, radius_high: float) -> tuple[torch.Tensor, torch.Tensor]:
+        cx, cy = uniform(0.15, 0.85, (2,))
+        a, b = uniform(radius_low, radius_high, (2,))
+        angle = uniform(0, math.pi)
+        u = ((x - cx) * angle.cos() + (y - cy) * angle.sin()) / a
+        v = (-(x - cx) * angle.sin() + (y - cy) * angle.cos()) / b
+        r2 = u ** 2 + v ** 2
+        dome = 0.55 + 0.45 * (1 - r2).clamp(min=0).sqrt()  # lit from the front, darker rim
+        return r2 <= 1, dome
+
+    low_frequency = F.interpolate(torch.rand(1, 3, 6, 6, generator=generator), size=(size, size),
+                                  mode="bicubic", align_corners=False)[0]          # (3, S, S)
+    grain = torch.rand(3, size, size, generator=generator)
+    tint = 1 + 0.08 * torch.randn(3, 1, 1, generator=generator)
+    mucosa = torch.tensor(MUCOSA).view(3, 1, 1) * tint
+    image = mucosa * (0.7 + 0.35 * low_frequency + 0.06 * grain)
+    lumen_x, lumen_y, lumen_radius = uniform(0, 1), uniform(0, 1), uniform(0.12, 0.3)
+    image = image * (1 - 0.85 * (-((x - lumen_x) ** 2 + (y - lumen_y) ** 2)
+                                 / (2 * lumen_radius ** 2)).exp())
+    for _ in range(int(torch.randint(1, 4, (), generator=generator))):
+        inside, dome = shaded_ellipse(0.04, 0.14)
+        colour = torch.tensor(DISTRACTORS[int(torch.randint(2, (), generator=generator))])
+        image = torch.where(inside, colour.view(3, 1, 1) * dome, image)
+    mask = torch.zeros(size, size, dtype=torch.bool)
+    for _ in range(int(torch.randint(1, 4, (), generator=generator))):
+        inside, dome = shaded_ellipse(0.06, 0.18)
+        colour = mucosa * torch.tensor(POLYP_TINT).view(3, 1, 1) * uniform(0.8, 1.1)
+        image = torch.where(inside, colour * dome * (0.94 + 0.06 * grain), image)
+        mask |= inside
+    vignette = 1 - 0.6 * ((x - 0.5) ** 2 + (y - 0.5) ** 2)  # endoscope light falls off outward
+    brightness = uniform(0.75, 1.1)
+    return (image * vignette * brightness).clamp(0, 1), mask.float().unsqueeze(0)
 
 
 def draw_blob_volume(size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,14 +227,15 @@ def draw_organ_volume(size: int, generator: torch.Generator) -> tuple[torch.Tens
     return torch.from_numpy(image)[None], torch.from_numpy(labels)[None]
 
 
-class SyntheticOrgans(Dataset):
-    """`length` whole organ volumes with global indices first_index..; volume i depends only on (seed, i).
-    item = {"image": (1, S, S, S) float32, "mask": (1, S, S, S) int64 in 0..5, "name", "spacing": (3,)}.
-    `epoch` is there because train.py sets it on every dataset; whole volumes are not augmented (the
-    training split wraps them in patches.RandomPatches)."""
+class SyntheticCases(Dataset):
+    """`length` scenes of dataset `name` ("synthetic" or "synthetic3d") with global indices first_index..;
+    scene i depends only on (seed, i). Polyps are augmented when `augment`, scene i in epoch `epoch` (set by
+    train.py) by the symmetry drawn from (seed, epoch, i); volumes are not, and carry a 1 mm spacing.
+    SyntheticOrgans shares everything but `draw`."""
 
-    def __init__(self, length: int, first_index: int, img_size: int, seed: int):
-        self.length, self.first_index, self.img_size, self.seed = length, first_index, img_size, seed
+    def __init__(self, name: str, length: int, first_index: int, img_size: int, seed: int, augment: bool):
+        self.name, self.length, self.first_index = name, length, first_index
+        self.img_size, self.seed, self.augment = img_size, seed, augment
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -172,8 +243,49 @@ class SyntheticOrgans(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < self.length:
-            raise IndexError(f"index {index} out of range for {self.length} synthetic-organs cases")
+            raise IndexError(f"index {index} out of range for {self.length} {self.name} cases")
         scene = self.first_index + index
-        image, labels = draw_organ_volume(self.img_size, torch.Generator().manual_seed(self.seed * 1_000_003 + scene))
+        return self.draw(scene, torch.Generator().manual_seed(self.seed * 1_000_003 + scene))
+
+    def draw(self, scene: int, generator: torch.Generator) -> dict:
+        """The item of scene `scene` (a global index), its random numbers from `generator`."""
+        if self.name == "synthetic3d":
+            image, mask = draw_blob_volume(self.img_size, generator)
+            return {"image": image, "mask": mask, "name": f"synthetic3d_{scene:05d}",
+                    "spacing": torch.ones(3, dtype=torch.float64)}
+        image, mask = draw_polyp_scene(self.img_size, generator)
+        # Its own generator: the scene stays the same whatever the epoch.
+        augmentation = augmentation_generator(self.seed, self.epoch, scene) if self.augment else None
+        return make_item(image, mask, f"synthetic_{scene:05d}", augmentation)
+
+
+class SyntheticOrgans(SyntheticCases):
+    """`length` whole organ volumes with global indices first_index..; volume i depends only on (seed, i).
+    item = {"image": (1, S, S, S) float32, "mask": (1, S, S, S) int64 in 0..5, "name", "spacing": (3,)}.
+    `epoch` is there because train.py sets it on every dataset; whole volumes are not augmented (the
+    training split wraps them in volumes.patches.RandomPatches)."""
+
+    def __init__(self, length: int, first_index: int, img_size: int, seed: int):
+        super().__init__("synthetic-organs", length, first_index, img_size, seed, augment=False)
+
+    def draw(self, scene: int, generator: torch.Generator) -> dict:
+        image, labels = draw_organ_volume(self.img_size, generator)
         return {"image": image, "mask": labels, "name": f"synthetic-organs_{scene:05d}",
                 "spacing": torch.tensor(ORGAN_SPACING, dtype=torch.float64)}
+
+
+def synthetic_range(split: str, total: int) -> tuple[int, int]:
+    """(first index, length) of a split of `total` generated cases: consecutive index ranges per split, so
+    the splits are disjoint by construction."""
+    val, test = (ceil_count(fraction, total) for fraction in SYNTHETIC_FRACTIONS)
+    ranges = {"train": (0, total - val - test), "val": (total - val - test, val),
+              "test": (total - test, test)}
+    first, length = ranges[split]
+    if length < 1:
+        raise ValueError(f"synthetic_size={total} leaves no {split} cases; expected at least 3")
+    return first, length
+
+
+def synthetic_split(name: str, split: str, total: int, img_size: int, seed: int) -> SyntheticCases:
+    first, length = synthetic_range(split, total)
+    return SyntheticCases(name, length, first, img_size, seed, augment=split == "train")

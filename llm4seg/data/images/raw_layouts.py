@@ -22,6 +22,8 @@ from typing import Callable
 
 from tqdm import tqdm
 
+from ..cases import Case, find_dir
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 KVASIR_URL = "https://datasets.simula.no/downloads/kvasir-seg.zip"
 KVASIR_URL_ENV = "LLM4SEG_KVASIR_URL"
@@ -32,24 +34,8 @@ BUSI_CLASSES = ("benign", "malignant", "normal")
 BUSI_MASK = re.compile(r"^(?P<case>.+)_mask(_\d+)?$")
 
 
-@dataclass(frozen=True)
-class Case:
-    name: str                 # the case id used in split files, e.g. "benign (301)"
-    image: Path
-    masks: tuple[Path, ...]   # BUSI has several per case; the label is their union
-
-
 # ---------------------------------------------------------------------------------------------
 # Pairing images and masks
-
-def find_dir(root: Path, matches) -> Path | None:
-    """The shallowest folder at or under root for which matches(folder) holds."""
-    if not root.is_dir():
-        return None
-    folders = [root] + sorted((p for p in root.rglob("*") if p.is_dir()),
-                              key=lambda p: (len(p.parts), str(p)))
-    return next((folder for folder in folders if matches(folder)), None)
-
 
 def image_files(folder: Path) -> list[Path]:
     files = sorted(p for p in folder.iterdir()

@@ -27,9 +27,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..files import InputError, listed_path
-from ..raw_layouts import Case
-from .nifti import checked_labels, file_stamp, read_cached, read_nifti, resize_volume, write_cached
+from ...files import InputError, listed_path
+from ..cases import Case, file_stamp
+from .nifti import checked_labels, read_cached, read_nifti, resize_volume, write_cached
 
 MSD_LAYOUT = "TaskNN_Name/dataset.json with imagesTr/*.nii.gz and labelsTr/*.nii.gz"
 

@@ -1,5 +1,6 @@
 """What every file-backed volume dataset shares: reading a NIfTI file into one clear error when it cannot
-be used, and the cache of preprocessed cases.
+be used, and the cache of preprocessed cases (its stamp and checksum are data.cases', which the 2D cache
+uses too).
 
 Cache file = safetensors of the item's tensors, with string metadata:
     "source"  the NIfTI files' sizes and modification times (plus the preprocessing's version where it has
@@ -21,9 +22,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..files import InputError, write_atomically
-
-CHECKSUM, STAMP = "crc32", "source"
+from ...files import InputError, write_atomically
+from ..cases import CHECKSUM, STAMP, tensors_crc32
 
 
 def read_nifti_file(path: Path, what: str, dtype=np.float32):
@@ -84,26 +84,6 @@ def resize_volume(volume: torch.Tensor, size: int, mode: str) -> torch.Tensor:
     """(C, X, Y, Z) -> (C, S, S, S)."""
     options = {"align_corners": False} if mode == "trilinear" else {}
     return F.interpolate(volume[None], size=(size,) * 3, mode=mode, **options)[0]
-
-
-def tensors_crc32(tensors: dict[str, torch.Tensor], extra: dict[str, str] | None = None) -> str:
-    """CRC-32 of the tensors' bytes in key order (a few ms for 32 MB), then of the extra strings in key
-    order, as hex."""
-    crc = 0
-    for key in sorted(tensors):
-        crc = zlib.crc32(tensors[key].contiguous().numpy(), crc)
-    for key in sorted(extra or {}):
-        crc = zlib.crc32(extra[key].encode(), crc)
-    return f"{crc:08x}"
-
-
-def file_stamp(*paths: Path) -> str:
-    """size:mtime:ctime:inode of each file, the key a cache entry is valid for. Size and mtime alone missed a
-    file replaced by one of the same size and mtime (cp -p, rsync -t, a restored backup); no user can set the
-    ctime, and a file written anew has a new one (and usually a new inode). Read from one stat() per file, as
-    before: no cost. A chmod changes the ctime too, which only costs one rebuild."""
-    stats = [path.stat() for path in paths]
-    return ";".join(f"{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}:{stat.st_ino}" for stat in stats)
 
 
 def read_cached(cached: Path, stamp: str) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:

@@ -63,9 +63,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..files import InputError, listed_path
-from ..raw_layouts import Case, find_dir
-from .nifti import checked_labels, file_stamp, not_finite, read_cached, read_nifti_file, write_cached
+from ...files import InputError, listed_path
+from ..cases import Case, file_stamp, find_dir
+from .nifti import checked_labels, not_finite, read_cached, read_nifti_file, write_cached
 
 BTCV_CLASSES = ("background", "spleen", "right kidney", "left kidney", "gallbladder", "esophagus", "liver",
                 "stomach", "aorta", "inferior vena cava", "portal and splenic veins", "pancreas",

@@ -8,9 +8,9 @@ memory-mapped (DataLoader workers share its pages; an item is a copy of one 256 
     "pixels"    (N, 4, S, S) uint8, one row per case: RGB resized bilinear in channels 0..2, the mask resized
                 nearest in channel 3, 0 / 1 or the label value (decode_case; a JPEG of both sides >= 4 S is
                 decoded at a reduced scale, within a few grey levels: decode_image)
-    metadata    "names" (the rows' case ids, JSON), "source" (each row's files' size:mtime, volumes.nifti's
+    metadata    "names" (the rows' case ids, JSON), "source" (each row's files' size:mtime, data.cases's
                 file_stamp), "img_size", "format", "mask" ("binary" or "labels"; a file without it, written
-                before label maps existed, is binary), "crc32" (volumes.nifti's tensors_crc32 of the pixels,
+                before label maps existed, is binary), "crc32" (data.cases's tensors_crc32 of the pixels,
                 then of the other values)
 One file rather than one per split (splits depend on seed, fold and fractions: every split of every run shares
 the decoded cases; a run adds the ones the file lacks) or per case (one map and one checksum, not thousands).
@@ -36,10 +36,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from ..files import InputError, WriteError, write_atomically
-from ..raw_layouts import Case
-from ..volumes.nifti import CHECKSUM, STAMP, file_stamp, tensors_crc32
-from .images import augmentation_generator, case_problems, decode_case, draw_symmetry, normalize
+from ...files import InputError, WriteError, write_atomically
+from ..cases import CHECKSUM, STAMP, Case, file_stamp, tensors_crc32
+from .read import augmentation_generator, case_problems, decode_case, draw_symmetry, normalize
 
 CACHE_FOLDER = "llm4seg_cache"  # in a dataset's root, beside its split files (the MSD cache is there too)
 CACHE_ENV = "LLM4SEG_CACHE"  # where 2D caches go when the dataset's root cannot be written (~/.cache/llm4seg unset)
@@ -102,7 +101,7 @@ def mask_kind(multiclass: bool) -> str:
 
 
 def case_stamp(case: Case) -> str | None:
-    """The sizes and modification times of a case's files (volumes.nifti.file_stamp); None when one is missing."""
+    """The sizes and modification times of a case's files (data.cases.file_stamp); None when one is missing."""
     try:
         return file_stamp(case.image, *case.masks)
     except OSError:
@@ -129,7 +128,7 @@ def map_pixels(path: Path, start: int, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def pixels_crc32(pixels: np.ndarray, metadata: dict[str, str]) -> str:
-    """volumes.nifti's checksum (tensors_crc32) of the pixels and every metadata value but the checksum."""
+    """data.cases's checksum (tensors_crc32) of the pixels and every metadata value but the checksum."""
     return tensors_crc32({PIXELS: torch.from_numpy(pixels)}, {k: v for k, v in metadata.items() if k != CHECKSUM})
 
 
