@@ -79,7 +79,7 @@ from llm4seg.outputs import LEGEND_NAME, check_volume_data, predict_folder, pred
 from llm4seg.pictures import heatmap_pair_png, to_rgb
 from llm4seg.prediction import case_probabilities, predict
 from llm4seg.runtime import Processes, memory_format, resolve_device, resolve_precision, set_cpu_threads
-from llm4seg.settings import data_options
+from llm4seg.run_config import RunConfig
 from llm4seg.task import Task
 
 # How the printed table shows each metric: (label, scale, unit); the files keep fractions and pixels unscaled.
@@ -94,15 +94,15 @@ def evaluate_run(args) -> int:
     run_dir = Path(args.run_dir)
     config = read_run_config(run_dir)
     check_args(args, config, run_dir)
-    settings = config["train"]
+    settings = RunConfig.from_saved(config["train"])
     device = resolve_device(args.device, Processes())
     set_cpu_threads(args.workers, Processes())
     precision = resolve_precision(args.precision, device)
-    data_dir = args.data_dir or settings["data_dir"]
-    dataset = load_dataset(settings["data"], data_dir, args.split, settings["img_size"], settings["seed"],
-                           **data_options(settings))
+    data_dir = args.data_dir or settings.data_dir
+    dataset = load_dataset(settings.data, data_dir, args.split, settings.img_size, settings.seed,
+                           **settings.data_options())
     check_cases(dataset)
-    task = Task.of_run(settings, config["model"], data_dir)
+    task = Task.of_run(config, data_dir)
     # Sliding windows read whole volumes, of differing shapes: one a batch.
     loader = DataLoader(dataset, batch_size=1 if task.roi_size else args.batch_size, num_workers=args.workers,
                         pin_memory=device.type == "cuda")
@@ -161,13 +161,13 @@ def predict_images(args) -> int:
     run_dir = Path(args.run_dir)
     config = read_run_config(run_dir)
     check_runtime_flags(args)
-    settings = config["train"]
-    task = Task.of_run(settings, config["model"], args.data_dir)
+    settings = RunConfig.from_saved(config["train"])
+    task = Task.of_run(config, args.data_dir)
     if task.volumes:
         if args.probabilities:
             raise ValueError(f"--probabilities writes PNG probability maps of 2D images; {run_dir} segments volumes "
                              "into NIfTI label maps only: drop --probabilities")
-        check_volume_data(settings["data"])
+        check_volume_data(settings.data)
     elif task.multiclass and args.probabilities:
         raise ValueError(f"--probabilities draws a binary run's foreground probability; {run_dir} is multi-class "
                          f"and its masks hold each pixel's class: drop --probabilities")
@@ -178,11 +178,11 @@ def predict_images(args) -> int:
     set_frozen_dtype(net, precision).to(device, memory_format=memory_format(device, net.config.spatial_dims))
     out_dir = Path(args.out or run_dir / f"predict-{Path(args.images).resolve().name}")
     if task.volumes:
-        written, skipped = predict_volume_folder(task, net, settings["data"], settings["img_size"], args.images,
+        written, skipped = predict_volume_folder(task, net, settings.data, settings.img_size, args.images,
                                                  out_dir, device, precision)
         print(f"wrote {len(written)} label maps (NIfTI, each on its input's grid) and {LEGEND_NAME} to {out_dir}")
     else:
-        written, skipped = predict_folder(task, net, settings["img_size"], args.images, out_dir, device, precision,
+        written, skipped = predict_folder(task, net, settings.img_size, args.images, out_dir, device, precision,
                                           probabilities=args.probabilities)
         print(f"wrote {len(written)} {'label maps' if task.multiclass else 'masks'} (and overlays/) to {out_dir}")
     for path, reason in skipped:
@@ -197,6 +197,7 @@ def check_args(args, config: dict, run_dir: Path) -> None:
             raise ValueError(f"--{name}: expected a number >= 0, got {getattr(args, name)}")
     if args.analyze and (reason := cannot_analyze(config["model"])):
         raise ValueError(f"--analyze cannot read {run_dir}: {reason}; drop --analyze for this run")
+
 
 def computation_report(net: torch.nn.Module, config: dict, task: Task) -> dict:
     """The paper's Table 1 columns for this run's model at the size it runs on: its crops (--roi-size) for a

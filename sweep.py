@@ -42,6 +42,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from dataclasses import asdict, replace
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -49,6 +50,7 @@ from llm4seg.analysis import cannot_analyze
 from llm4seg.checkpoints import checkpoint_info, has_checkpoint, read_run_config, run_dir_lock
 from llm4seg.cli import USER_ERRORS, disk_error, one_line_error_parser, user_error
 from llm4seg.files import InputError, WriteError
+from llm4seg.run_config import RunConfig
 from llm4seg.settings import CHANGEABLE_ON_RESUME, PER_INVOCATION, check_args, make_parser, resolve_defaults
 from llm4seg.sweeps import Run, find_baseline, plot, setting_label, summarise, write_tables
 
@@ -151,8 +153,8 @@ def plan_runs(args, varying, fixed) -> list[Run]:
             train_argv = [part for (flag, _), value in zip(varying, setting, strict=True) for part in (flag, value)]
             train_argv += fixed + ["--seed", str(seed)]
             run_dir = Path(args.out) / "runs" / run_name(varying, setting, seed)
-            parsed = resolve_defaults(make_parser().parse_args(train_argv + ["--out", str(run_dir)]))
-            check_args(argparse.Namespace(**{**vars(parsed), "resume": None, "out": str(run_dir / "never")}))
+            parsed = resolve_defaults(RunConfig(**vars(make_parser().parse_args(train_argv + ["--out", str(run_dir)]))))
+            check_args(replace(parsed, resume=None, out=str(run_dir / "never")))
             check_same_settings(parsed, run_dir)
             runs.append(Run(setting, seed, train_argv, run_dir))
     return runs
@@ -171,13 +173,13 @@ def same_without_llm(args, varying, setting: tuple, fixed: list[str]) -> tuple |
     return tuple(value for (flag, _), value in zip(varying, setting, strict=True) if flag not in LLM_ONLY_FLAGS)
 
 
-def check_same_settings(parsed: argparse.Namespace, run_dir: Path) -> None:
+def check_same_settings(parsed: RunConfig, run_dir: Path) -> None:
     """A run already in OUT must have been trained with this sweep's settings, or skipping or resuming
     it would put another experiment's numbers in the table."""
     if not (run_dir / "config.json").is_file():
         return
     saved = read_run_config(run_dir)["train"]
-    for name, value in vars(parsed).items():
+    for name, value in asdict(parsed).items():
         if name in PER_INVOCATION or name in CHANGEABLE_ON_RESUME or name not in saved or saved[name] == value:
             continue
         flag = "--" + name.replace("_", "-")

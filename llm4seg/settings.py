@@ -1,28 +1,27 @@
-"""The settings of a training run: train.py's flags and defaults, the --resume rules, the cheap checks, the run
+"""The settings of a training run: train.py's flags, the recipes, the --resume rules, the cheap checks, the run
 directory's default name, and the model and optimizer the flags describe. A library module, so that train.py and
-sweep.py (which spans a grid of these flags) read one definition; every default is defined once, here or in the
-signature of the function a flag configures (build_model, load_dataset), printed at start and saved in
-config.json.
+sweep.py (which spans a grid of these flags) read one definition. The flags fill a run_config.RunConfig, whose
+field defaults are the flags' (each defined once, there); it is printed at start and saved in config.json.
 """
 import argparse
 import math
 import os
+from dataclasses import fields
 from pathlib import Path
 
 import torch
 
 from .checkpoints import has_checkpoint, load_weights_of_run, read_run_config, rebuild_model
-from .cli import add_runtime_flags, check_runtime_flags, defaults_of, one_line_error_parser
-from .data import (DATASET_TABLE, DATASETS, PATCH_DATASETS, RAW_DATASETS, check_data_options, input_channels, load_dataset,
+from .cli import add_runtime_flags, check_runtime_flags, one_line_error_parser
+from .data import (DATASET_TABLE, DATASETS, PATCH_DATASETS, RAW_DATASETS, check_data_options, input_channels,
                    num_classes, spatial_dims)
 from .model import BACKBONES, DOWNSAMPLING, FINAL_NORMS, MODES, VIT_OPTIONS, build_model
+from .run_config import DATA_DEFAULTS, RunConfig, run_config_defaults
 
 # --resume takes every setting from the run's config.json except these, which belong to one invocation,
 PER_INVOCATION = ("resume", "out", "stop_after_epoch", "init_from")
 # and these, which may be changed (a different --workers changes the augmentations when > 0).
 CHANGEABLE_ON_RESUME = ("device", "workers", "compile")
-# The flags that configure build_model and load_dataset take their defaults from those signatures.
-MODEL_DEFAULTS, DATA_DEFAULTS = defaults_of(build_model), defaults_of(load_dataset)
 # The two papers' training recipes; --recipe picks one, and a flag given explicitly wins over it.
 # mapper_lora_rank applies to runs with an LLM layer (a plain backbone has no mappers).
 RECIPES = {
@@ -77,129 +76,117 @@ def train_epilog() -> str:
 
 def make_parser() -> argparse.ArgumentParser:
     p = one_line_error_parser(TRAIN_DESCRIPTION, train_epilog())
-    p.add_argument("--data", default="kvasir", choices=DATASETS, help="dataset name")
-    p.add_argument("--data-dir", default=None,
-                   help="dataset root; None means $LLM4SEG_DATA/<data>, or ./data/<data>")
-    p.add_argument("--synthetic-size", type=int, default=DATA_DEFAULTS["synthetic_size"],
-                   help="cases of --data synthetic or synthetic3d")
-    p.add_argument("--fold", type=int, default=None, help="0..4: cross-validation fold on the non-test cases")
-    p.add_argument("--test-fraction", type=float, default=None,
-                   help="of all cases, held out as the test split (eval.py --split test) for the datasets read "
+    p.add_argument("--data", choices=DATASETS, help="dataset name")
+    p.add_argument("--data-dir", help="dataset root; None means $LLM4SEG_DATA/<data>, or ./data/<data>")
+    p.add_argument("--synthetic-size", type=int, help="cases of --data synthetic or synthetic3d")
+    p.add_argument("--fold", type=int, help="0..4: cross-validation fold on the non-test cases")
+    p.add_argument("--test-fraction", type=float, help="of all cases, held out as the test split (eval.py --split test) for the datasets read "
                         "from files; None means the dataset's: 0.1 for kvasir and msd, 0 for the others")
-    p.add_argument("--split-file", default=None, metavar="JSON",
+    p.add_argument("--split-file", metavar="JSON",
                    help='the split, {"train": [case names], "val": [...], "test": [...]}: read when it exists, else '
                         "written there; None means a file beside the data (btcv: the official split)")
-    p.add_argument("--label", type=int, default=None,
-                   help="msd: the label value that is foreground; None means every label > 0")
+    p.add_argument("--label", type=int, help="msd: the label value that is foreground; None means every label > 0")
     p.add_argument("--multiclass", action="store_true",
                    help="msd: every label of dataset.json is its own class (softmax, Dice + CE) instead of one "
                         "foreground; folder: each mask is a label map (gray or palette PNG) whose values 0..K-1 are "
                         "the classes, K = 1 + the largest, named by a classes.json in --data-dir if there is one "
                         "(the data package's docstring); btcv and synthetic-organs are always multi-class, the other 2D "
                         "datasets binary")
-    p.add_argument("--roi-size", type=int, default=DATA_DEFAULTS["roi_size"],
-                   help="btcv, synthetic-organs: the side of the training crops and of the sliding windows that "
+    p.add_argument("--roi-size", type=int, help="btcv, synthetic-organs: the side of the training crops and of the sliding windows that "
                         "evaluate whole volumes (a multiple of 16)")
-    p.add_argument("--backbone", default=MODEL_DEFAULTS["backbone"], choices=sorted(BACKBONES),
+    p.add_argument("--backbone", choices=sorted(BACKBONES),
                    help="a row of model.BACKBONES: " + ", ".join(
                        f"{name} ({' or '.join(f'{dims}D' for dims in sorted(row.spatial_dims))})"
                        for name, row in BACKBONES.items()) + "; vit is MedVisionLlama's ViT")
-    p.add_argument("--llm", default=MODEL_DEFAULTS["llm"],
-                   help="alias (listed below), Hub repo id, local model directory or .gguf file; 'none' for the "
+    p.add_argument("--llm", help="alias (listed below), Hub repo id, local model directory or .gguf file; 'none' for the "
                         "plain backbone")
-    p.add_argument("--layer", type=int, default=MODEL_DEFAULTS["layer"],
-                   help="the paper's 1-based layer number")
-    p.add_argument("--mode", default=MODEL_DEFAULTS["mode"], choices=MODES,
+    p.add_argument("--layer", type=int, help="the paper's 1-based layer number")
+    p.add_argument("--mode", choices=MODES,
                    help="frozen (paper), trainable ('(T)'), random ('+Transformer') or none (the plain backbone)")
-    p.add_argument("--lora-rank", type=int, default=MODEL_DEFAULTS["lora_rank"],
-                   help="LoRA on q/v inside a frozen layer; 0 = off")
-    p.add_argument("--mapper-lora-rank", type=int, default=None,
-                   help="loralib's LoRA on the two mappers around the layer (MedVisionLlama: weights frozen, "
+    p.add_argument("--lora-rank", type=int, help="LoRA on q/v inside a frozen layer; 0 = off")
+    p.add_argument("--mapper-lora-rank", type=int, help="loralib's LoRA on the two mappers around the layer (MedVisionLlama: weights frozen, "
                         "bias and B A train); 0 = plain Linears; None means the recipe's")
-    p.add_argument("--residual", default=None, action=argparse.BooleanOptionalAction,
+    p.add_argument("--residual", action=argparse.BooleanOptionalAction,
                    help="the bridge computes h + layer(h); None means on for vit, off for the CNNs")
-    p.add_argument("--final-norm", default=None, choices=FINAL_NORMS,
+    p.add_argument("--final-norm", choices=FINAL_NORMS,
                    help="after the layer, the LLM's final RMSNorm: unit = weight 1 (MedVisionLlama's code), pretrained "
                         "= its model.norm.weight; None means unit for vit, none for the CNNs")
-    p.add_argument("--patch-size", type=int, default=VIT_OPTIONS["patch_size"], help="vit: patch side")
-    p.add_argument("--embed-dim", type=int, default=VIT_OPTIONS["embed_dim"], help="vit: token width E")
-    p.add_argument("--depth", type=int, default=VIT_OPTIONS["depth"], help="vit: transformer blocks")
-    p.add_argument("--heads", type=int, default=VIT_OPTIONS["heads"], help="vit: attention heads")
-    p.add_argument("--dropout", type=float, default=VIT_OPTIONS["dropout"], help="vit: dropout")
-    p.add_argument("--recipe", default="llm4seg", choices=sorted(RECIPES),
+    p.add_argument("--patch-size", type=int, help="vit: patch side")
+    p.add_argument("--embed-dim", type=int, help="vit: token width E")
+    p.add_argument("--depth", type=int, help="vit: transformer blocks")
+    p.add_argument("--heads", type=int, help="vit: attention heads")
+    p.add_argument("--dropout", type=float, help="vit: dropout")
+    p.add_argument("--recipe", choices=sorted(RECIPES),
                    help="sets optimizer, lr, weight decay, batch size, epochs, loss and schedule as that paper; "
                         "flags given explicitly win")
-    p.add_argument("--optimizer", default=None, choices=OPTIMIZERS, help="None means the recipe's")
-    p.add_argument("--epochs", type=int, default=None, help="passes over the training set; None means the recipe's")
-    p.add_argument("--lr", type=float, default=None, help="base learning rate; None means the recipe's")
-    p.add_argument("--schedule", default=None, choices=("poly", "constant"),
+    p.add_argument("--optimizer", choices=OPTIMIZERS, help="None means the recipe's")
+    p.add_argument("--epochs", type=int, help="passes over the training set; None means the recipe's")
+    p.add_argument("--lr", type=float, help="base learning rate; None means the recipe's")
+    p.add_argument("--schedule", choices=("poly", "constant"),
                    help="lr per iteration: poly = lr (1 - it / max_it)^0.9; None means the recipe's")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    p.add_argument("--weight-decay", type=float, default=None, help="None means the recipe's")
-    p.add_argument("--bce-weight", type=float, default=None,
-                   help="loss = w BCE + (1 - Dice); None means the recipe's (0.5 LLM4Seg, 1 MedVisionLlama)")
-    p.add_argument("--img-size", type=int, default=None,
-                   help=f"sides; None means {IMG_SIZES[2]} (2D) or {IMG_SIZES[3]} (3D). CNNs need a multiple of "
+    p.add_argument("--momentum", type=float, help="SGD momentum")
+    p.add_argument("--weight-decay", type=float, help="None means the recipe's")
+    p.add_argument("--bce-weight", type=float, help="loss = w BCE + (1 - Dice); None means the recipe's (0.5 LLM4Seg, 1 MedVisionLlama)")
+    p.add_argument("--img-size", type=int, help=f"sides; None means {IMG_SIZES[2]} (2D) or {IMG_SIZES[3]} (3D). CNNs need a multiple of "
                         f"{DOWNSAMPLING}, vit a multiple of --patch-size")
-    p.add_argument("--val-every", type=int, default=None, metavar="N",
+    p.add_argument("--val-every", type=int, metavar="N",
                    help="validate (and keep the best checkpoint) every N epochs and after the last; None means "
                         "the recipe's (1; 21 for llm4seg3d)")
-    p.add_argument("--seed", type=int, default=DATA_DEFAULTS["seed"],
-                   help="weights, data split, data order and augmentation")
+    p.add_argument("--seed", type=int, help="weights, data split, data order and augmentation")
     add_runtime_flags(p)
-    p.set_defaults(batch_size=None)  # the recipe's
-    p.add_argument("--compile", default=None, action=argparse.BooleanOptionalAction,
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction,
                    help="torch.compile the training step (CUDA graphs in one process); None means on CUDA only")
-    p.add_argument("--out", default=None, help="run directory; None means runs/<name from the settings>")
-    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR")
-    p.add_argument("--init-from", default=None, metavar="RUN_DIR",
+    p.add_argument("--out", help="run directory; None means runs/<name from the settings>")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
+    p.add_argument("--init-from", metavar="RUN_DIR",
                    help="start a new run from the weights of RUN_DIR's best checkpoint (fine-tuning, or training "
                         "longer with a new schedule); the model must be the same, the optimizer starts afresh")
-    p.add_argument("--stop-after-epoch", type=int, default=None, metavar="N",
+    p.add_argument("--stop-after-epoch", type=int, metavar="N",
                    help="save and exit 0 after epoch N, resumable later (e.g. to fit a time slot)")
+    # Every default is RunConfig's (run_config.py), batch size included (None: the recipe's).
+    p.set_defaults(**run_config_defaults())
     return p
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None) -> RunConfig:
     """The command line, or with --resume the run's saved settings, where only the flags of
     CHANGEABLE_ON_RESUME may differ (and those of PER_INVOCATION come from the command line)."""
     parser = make_parser()
-    args = parser.parse_args(argv)
-    if args.resume is None:
-        return resolve_defaults(args)
-    run_dir = Path(args.resume)
+    given = RunConfig(**vars(parser.parse_args(argv)))
+    if given.resume is None:
+        return resolve_defaults(given)
+    run_dir = Path(given.resume)
     if not (run_dir / "config.json").is_file():
         raise FileNotFoundError(f"--resume {run_dir}: expected a run directory with config.json, found none")
-    if args.out is not None and Path(args.out).resolve() != run_dir.resolve():
-        raise ValueError(f"--resume {run_dir} writes into that run; got a different --out {args.out}")
-    saved = {**vars(parser.parse_args([])), **read_run_config(run_dir)["train"]}
-    resolved = {}
-    for name, value in vars(args).items():
-        given = value != parser.get_default(name)
-        if name in PER_INVOCATION or (given and name in CHANGEABLE_ON_RESUME):
-            resolved[name] = value
-        elif given and value != saved[name]:
+    if given.out is not None and Path(given.out).resolve() != run_dir.resolve():
+        raise ValueError(f"--resume {run_dir} writes into that run; got a different --out {given.out}")
+    saved = RunConfig.from_saved(read_run_config(run_dir)["train"])
+    for field in fields(RunConfig):
+        name, value = field.name, getattr(given, field.name)
+        flagged = value != field.default
+        if name in PER_INVOCATION or (flagged and name in CHANGEABLE_ON_RESUME):
+            setattr(saved, name, value)
+        elif flagged and value != getattr(saved, name):
             flag = "--" + name.replace("_", "-")
             raise ValueError(f"--resume continues {run_dir} with its saved settings: expected {flag} "
-                             f"{saved[name]} or no {flag}, got {value}; start a new run with --out to change it")
-        else:
-            resolved[name] = saved[name]
+                             f"{getattr(saved, name)} or no {flag}, got {value}; start a new run with --out to "
+                             "change it")
+    saved.out = str(run_dir)
     # A run saved before a flag existed has it as None: resolved the way that run resolved it.
-    return resolve_defaults(argparse.Namespace(**{**resolved, "out": str(run_dir)}))
+    return resolve_defaults(saved)
 
 
-def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill the flags left None: the recipe's values, and the image size of the data's dimension."""
-    plain = args.llm == "none" or args.mode == "none"
-    for name, value in {"val_every": 1, **RECIPES[args.recipe]}.items():
-        if getattr(args, name, None) is None:
-            setattr(args, name, 0 if name == "mapper_lora_rank" and plain else value)
-    if args.img_size is None:
-        args.img_size = IMG_SIZES[spatial_dims(args.data)]
-    return args
+def resolve_defaults(config: RunConfig) -> RunConfig:
+    """Fill the fields left None: the recipe's values, and the image size of the data's dimension."""
+    for name, value in {"val_every": 1, **RECIPES[config.recipe]}.items():
+        if getattr(config, name) is None:
+            setattr(config, name, 0 if name == "mapper_lora_rank" and config.plain else value)
+    if config.img_size is None:
+        config.img_size = IMG_SIZES[spatial_dims(config.data)]
+    return config
 
 
-def check_args(args: argparse.Namespace) -> None:
+def check_args(args: RunConfig) -> None:
     """The cheap checks, before anything is loaded."""
     check_data_and_model(args)
     check_runtime_flags(args)
@@ -214,7 +201,7 @@ def check_args(args: argparse.Namespace) -> None:
     check_out_dir(Path(args.out), resuming=args.resume is not None)
 
 
-def check_data_and_model(args: argparse.Namespace) -> None:
+def check_data_and_model(args: RunConfig) -> None:
     """The data options, and the backbone against the data: its dimension, and the side it runs on (the crops of
     a patch-trained dataset, else the images) against its halvings or patches and its smallest side."""
     try:
@@ -233,7 +220,7 @@ def check_data_and_model(args: argparse.Namespace) -> None:
         raise ValueError(f"{flag}: {error}") from None
 
 
-def check_numbers(args: argparse.Namespace) -> None:
+def check_numbers(args: RunConfig) -> None:
     """Counts positive, real-valued flags finite and in their ranges, --test-fraction where a split is drawn."""
     for name in ("epochs", "synthetic_size", "val_every", "roi_size"):
         if getattr(args, name) < 1:
@@ -254,7 +241,7 @@ def check_numbers(args: argparse.Namespace) -> None:
             raise ValueError(f"--test-fraction: expected a finite number in [0, 1), got {args.test_fraction}")
 
 
-def numeric_ranges(args: argparse.Namespace) -> list[tuple[str, float, float, float, tuple[bool, bool]]]:
+def numeric_ranges(args: RunConfig) -> list[tuple[str, float, float, float, tuple[bool, bool]]]:
     """(flag, value, low, high, (low included, high included)) of every real-valued flag."""
     return [("--lr", args.lr, 0, math.inf, (False, False)),
             ("--momentum", args.momentum, 0, 1, (True, False)),
@@ -299,7 +286,7 @@ def check_no_run_in(out: Path) -> None:
         raise ValueError(f"{out} already holds a run: continue it with --resume {out}, or pick another --out")
 
 
-def default_run_dir(args: argparse.Namespace) -> str:
+def default_run_dir(args: RunConfig) -> str:
     fold = f"_fold{args.fold}" if args.fold is not None else ""
     if args.llm == "none" or args.mode == "none":
         return f"runs/{args.data}_{args.backbone}{fold}_seed{args.seed}"
@@ -309,15 +296,7 @@ def default_run_dir(args: argparse.Namespace) -> str:
     return f"runs/{args.data}_{args.backbone}_{llm_name}-L{args.layer}-{args.mode}{extras}{fold}_seed{args.seed}"
 
 
-def data_options(settings: dict) -> dict:
-    """The load_dataset keywords of a run's settings beyond (name, root, split, size, seed); .get: runs saved
-    before a flag existed."""
-    return {"synthetic_size": settings["synthetic_size"], "fold": settings.get("fold"), "label": settings.get("label"),
-            "multiclass": settings.get("multiclass", False), "roi_size": settings.get("roi_size", DATA_DEFAULTS["roi_size"]),
-            "test_fraction": settings.get("test_fraction"), "split_file": settings.get("split_file")}
-
-
-def build_or_rebuild_model(args: argparse.Namespace) -> torch.nn.Module:
+def build_or_rebuild_model(args: RunConfig) -> torch.nn.Module:
     """A resumed run's model exactly as it was built (LLM commit pinned), or a new one from the flags."""
     if args.resume:
         return rebuild_model(read_run_config(Path(args.out)))
@@ -338,7 +317,7 @@ def build_or_rebuild_model(args: argparse.Namespace) -> torch.nn.Module:
     return net
 
 
-def make_optimizer(args: argparse.Namespace, trainable: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+def make_optimizer(args: RunConfig, trainable: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     """SGD with momentum (LLM4Seg), Adam (MedVisionLlama) or AdamW (LLM4Seg in 3D, as 3D UX-Net) over the
     trainable tensors only."""
     if args.optimizer == "adam":

@@ -27,11 +27,11 @@ import torch
 from torch import Tensor
 
 from . import losses
-from .cli import defaults_of
-from .data import PATCH_DATASETS, class_names, load_dataset
+from .data import PATCH_DATASETS, class_names
 from .files import InputError
 from .metrics import OVERLAP_METRICS, SEGMENTATION_METRICS, SURFACE_METRICS, THRESHOLD
 from .pictures import label_panel_png, panel_png, to_rgb, volume_panel_png
+from .run_config import RunConfig
 
 BINARY_NAMES = ("background", "foreground")
 
@@ -44,23 +44,22 @@ class Task:
     roi_size: int | None = None      # whole inputs through sliding windows of this side; None: at once
 
     @classmethod
-    def of_run(cls, settings: dict, model: dict, data_dir: str | None = None) -> "Task":
-        """The task of a run: settings are train.py's flags (config.json's "train"), model its ModelConfig
-        ("model"); runs saved before volumes or roi_size existed are 2D, or used the default roi_size. The class
-        names are the data's (data.class_names, reading data_dir, else the run's data folder, where the names are
-        in a file); where that folder is not (predicting on another machine), the classes are numbered."""
+    def of_run(cls, config: dict, data_dir: str | None = None) -> "Task":
+        """The task of a run from its config.json (checkpoints.read_run_config / load_run): its "train" settings
+        (RunConfig.from_saved) and "model" (ModelConfig; runs saved before volumes existed are 2D). The class
+        names are the data's (data.class_names, reading data_dir, else the run's data folder, where the names
+        are in a file); where that folder is not (predicting on another machine), the classes are numbered."""
+        settings, model = RunConfig.from_saved(config["train"]), config["model"]
         num_classes, names = model["num_classes"], BINARY_NAMES
         if num_classes > 1:
             try:
-                names = class_names(settings["data"], data_dir or settings.get("data_dir"),
-                                    multiclass=settings.get("multiclass", False))
+                names = class_names(settings.data, data_dir or settings.data_dir, multiclass=settings.multiclass)
             except (FileNotFoundError, InputError) as error:
                 print(f"the class names are unknown ({error}); they are numbered (--data-dir names the folder that "
                       "holds them, e.g. an MSD task's dataset.json)")
                 names = ["background", *(f"class {k}" for k in range(1, num_classes))]
-        roi_size = settings.get("roi_size", defaults_of(load_dataset)["roi_size"])
         return cls(num_classes, model.get("spatial_dims", 2), tuple(names),
-                   roi_size if settings["data"] in PATCH_DATASETS else None)
+                   settings.roi_size if settings.data in PATCH_DATASETS else None)
 
     @property
     def multiclass(self) -> bool:

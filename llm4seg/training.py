@@ -43,7 +43,6 @@ Under torchrun, each process trains with --batch-size images on its share of the
 (DistributedSampler, DistributedDataParallel, gloo on CPU and nccl on CUDA): the global batch is
 world_size * batch_size. Rank 0 validates on the whole validation set, prints and writes files.
 """
-import argparse
 import contextlib
 import io
 import json
@@ -70,8 +69,9 @@ from .model import count_params, set_frozen_dtype
 from .pictures import curves_png
 from .runtime import (Processes, StopRequests, compile_mode, ignore_stop_signals, max_over_ranks, memory_format,
                       rank_zero_first, resolve_device, resolve_precision, set_cpu_threads, sum_over_ranks)
-from .settings import (build_or_rebuild_model, check_args, check_no_run_in, data_options, default_run_dir,
-                       make_optimizer, parse_args)
+from .run_config import RunConfig
+from .settings import (build_or_rebuild_model, check_args, check_no_run_in, default_run_dir, make_optimizer,
+                       parse_args)
 from .task import Task
 
 POLY_POWER = 0.9
@@ -91,7 +91,7 @@ class Progress:
 
 @dataclass
 class Run:
-    args: argparse.Namespace
+    args: RunConfig
     processes: Processes
     device: torch.device
     precision: torch.dtype        # the compute dtype: bf16 (autocast) or float32
@@ -146,7 +146,7 @@ def setup(argv: list[str] | None, processes: Processes, held: contextlib.ExitSta
     sampler = DistributedSampler(train_set, num_replicas=processes.world_size, rank=processes.rank,
                                  shuffle=True, seed=args.seed)
     iterations = math.ceil(len(sampler) / args.batch_size)
-    task = Task.of_run(vars(args), asdict(net.config))
+    task = Task.of_run({"train": asdict(args), "model": asdict(net.config)})
     # Trained on crops, validated by sliding windows over whole volumes of differing shapes: one a batch.
     val_loader = DataLoader(val_set, batch_size=1 if task.roi_size else args.batch_size, num_workers=args.workers,
                             persistent_workers=args.workers > 0, worker_init_fn=ignore_stop_signals,
@@ -168,7 +168,7 @@ def setup(argv: list[str] | None, processes: Processes, held: contextlib.ExitSta
     return run
 
 
-def model_and_data(args: argparse.Namespace) -> tuple[torch.nn.Module, Dataset, Dataset]:
+def model_and_data(args: RunConfig) -> tuple[torch.nn.Module, Dataset, Dataset]:
     """The model and the train / val splits, every file of them opened once (check_cases), not found broken an
     epoch in. The layer (the Hub) and the data fail independently: a fresh offline machine hears of both at once."""
     net, problems = None, []
@@ -179,7 +179,7 @@ def model_and_data(args: argparse.Namespace) -> tuple[torch.nn.Module, Dataset, 
     try:  # after a failed layer only for its own problems: quietly, as no work starts
         with contextlib.redirect_stdout(io.StringIO()) if problems else contextlib.nullcontext():
             train_set, val_set = (load_dataset(args.data, args.data_dir, split, args.img_size, args.seed,
-                                               **data_options(vars(args))) for split in ("train", "val"))
+                                               **args.data_options()) for split in ("train", "val"))
     except USER_ERRORS as error:
         problems.append(error)
     if len(problems) > 1:
@@ -213,7 +213,7 @@ def start_in_run_dir(run: Run, val_cases: int, iterations: int) -> None:
         # best checkpoint belong to that attempt.
         keep_metrics_up_to(run_dir / "metrics.jsonl", 0)
         (run_dir / "best.safetensors").unlink(missing_ok=True)
-        write_run_config(run_dir, vars(args), run.net, processes.world_size, len(run.train_set), val_cases,
+        write_run_config(run_dir, asdict(args), run.net, processes.world_size, len(run.train_set), val_cases,
                          iterations)
 
 
@@ -233,7 +233,7 @@ def print_settings(run: Run, val_images: int, iterations: int) -> None:
     args, net, processes = run.args, run.net, run.processes
     layer = net.bridge.layer.config if net.bridge is not None else None
     trainable_count, frozen_count = count_params(net)
-    print("settings:", json.dumps(vars(args)))
+    print("settings:", json.dumps(asdict(args)))
     print(f"model: {args.backbone}, {trainable_count:,} trainable / {frozen_count:,} frozen parameters")
     if layer:
         print(f"LLM layer: {layer.source} @ {layer.commit or 'local files'}, model.layers.{layer.index} "
@@ -255,7 +255,7 @@ def print_settings(run: Run, val_images: int, iterations: int) -> None:
 # ----------------------------------------------------------------------------------------------
 # The recipe, the log and the checkpoint of an epoch
 
-def learning_rate(args: argparse.Namespace, step: int, max_steps: int) -> float:
+def learning_rate(args: RunConfig, step: int, max_steps: int) -> float:
     """The lr of optimizer step `step` (0-based): constant, or poly-decayed per iteration."""
     if args.schedule == "constant":
         return args.lr

@@ -456,7 +456,8 @@ def test_probabilities_of_volumes_are_refused_in_one_line(organs_run, tmp_path, 
 
 def test_the_legend_names_the_classes_or_numbers_them_when_the_task_is_gone(tmp_path, capsys):
     def names(settings: dict, num_classes: int, data_dir: str | None = None) -> list[str]:
-        return list(Task.of_run(settings, {"num_classes": num_classes, "spatial_dims": 3}, data_dir).class_names)
+        model = {"num_classes": num_classes, "spatial_dims": 3}
+        return list(Task.of_run({"train": settings, "model": model}, data_dir).class_names)
 
     assert names({"data": "btcv"}, 14)[:2] == ["background", "spleen"]
     assert names({"data": "msd"}, 1, str(tmp_path)) == ["background", "foreground"]
@@ -481,12 +482,12 @@ def test_g_macs_of_a_patch_trained_run_are_counted_at_its_crop_size():
 
     net = build_model("mednext-tiny", None, mode="none", num_classes=3)
     config = {"train": {"data": "synthetic-organs", "img_size": 64, "roi_size": 32},
-              "model": {"in_channels": 1, "spatial_dims": 3}}
-    report = ev.computation_report(net, config, Task.of_run(config["train"], {"num_classes": 3, "spatial_dims": 3}))
+              "model": {"in_channels": 1, "spatial_dims": 3, "num_classes": 3}}
+    report = ev.computation_report(net, config, Task.of_run(config))
     assert report["input_shape"] == [1, 1, 32, 32, 32]
     assert report["gmacs"] == count_gmacs(net, 1, 32, 3) < count_gmacs(net, 1, 64, 3)
-    resized = {**config["train"], "data": "synthetic3d"}
-    msd = ev.computation_report(net, config, Task.of_run(resized, {"num_classes": 1, "spatial_dims": 3}))
+    resized = {**config, "train": {**config["train"], "data": "synthetic3d"}}
+    msd = ev.computation_report(net, resized, Task.of_run(resized))
     assert msd["input_shape"] == [1, 1, 64, 64, 64]  # whole volumes resized to --img-size
 
 
