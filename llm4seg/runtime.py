@@ -16,6 +16,7 @@ Library modules never pick a device; the entry scripts (train.py, eval.py) call 
                                multiplies bf16 natively (CUDA; CPUs with AMX / AVX-512 BF16), else fp32
     autocast(d, p)             the one precision policy of training and evaluation (prediction.predict): autocast
                                to p when p is bf16; logits always come back float32
+    free_memory(d)             bytes the device has free: CUDA's free memory, the CPU's MemAvailable (Linux)
     memory_format(d), to_device  channels_last for the CNN on the CPU (faster convolutions there),
                                the default layout on CUDA (not faster there)
     compile_mode(flag, d, p)   whether and how torch.compile runs the training step: on CUDA by
@@ -159,6 +160,18 @@ def compile_mode(requested: bool | None, device: torch.device, processes: Proces
     if requested is False or (requested is None and device.type != "cuda"):
         return None
     return "reduce-overhead" if device.type == "cuda" and not processes.distributed else "default"
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes `device` has free now: on CUDA the driver's free memory, on the CPU /proc/meminfo's MemAvailable (what
+    can be allocated without swapping); None where that is not known (other systems)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            return next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
 
 
 def memory_format(device: torch.device, spatial_dims: int = 2) -> torch.memory_format:

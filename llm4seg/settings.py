@@ -15,8 +15,9 @@ from .checkpoints import has_checkpoint, load_weights_of_run, read_run_config, r
 from .cli import add_runtime_flags, check_runtime_flags, one_line_error_parser
 from .data import (DATASET_TABLE, DATASETS, PATCH_DATASETS, RAW_DATASETS, check_data_options, input_channels,
                    num_classes, spatial_dims)
-from .model import BACKBONES, DOWNSAMPLING, FINAL_NORMS, MODES, VIT_OPTIONS, build_model
+from .model import BACKBONES, DOWNSAMPLING, FINAL_NORMS, MODES, VIT_OPTIONS, build_model, count_activation_bytes
 from .run_config import DATA_DEFAULTS, RunConfig, run_config_defaults
+from .runtime import free_memory
 
 # --resume takes every setting from the run's config.json except these, which belong to one invocation,
 PER_INVOCATION = ("resume", "out", "stop_after_epoch", "init_from")
@@ -315,6 +316,23 @@ def build_or_rebuild_model(args: RunConfig) -> torch.nn.Module:
         info = load_weights_of_run(net, args.init_from)
         print(f"weights from {args.init_from} (best checkpoint: epoch {info.get('epoch')}, step {info['global_step']})")
     return net
+
+
+def check_step_fits(net: torch.nn.Module, args: RunConfig, device: torch.device, precision: torch.dtype) -> None:
+    """Refuse, before any work, a run whose training step cannot fit in the memory `device` has free: the
+    activations one step keeps for backward (model.count_activation_bytes on the crops or images of a batch; half
+    of them under bf16 autocast, an estimate), the weights, and the gradients and Adam state of the trainable ones."""
+    free = free_memory(device)
+    if free is None:
+        return
+    flag, side = ("--roi-size", args.roi_size) if args.data in PATCH_DATASETS else ("--img-size", args.img_size)
+    batch = (args.batch_size, net.config.in_channels, *(side,) * net.config.spatial_dims)
+    activations = count_activation_bytes(net, batch) * (0.5 if precision == torch.bfloat16 else 1.0)
+    weights = sum(p.numel() * p.element_size() * (4 if p.requires_grad else 1) for p in net.parameters())
+    if activations + weights > free:
+        raise ValueError(f"{flag} {side}: one training step of {args.backbone} on batches of {args.batch_size} needs "
+                         f"about {(activations + weights) / 1e9:,.1f} GB ({activations / 1e9:,.1f} GB of activations), "
+                         f"and {device} has {free / 1e9:,.1f} GB free: use a smaller {flag} or --batch-size")
 
 
 def make_optimizer(args: RunConfig, trainable: list[torch.nn.Parameter]) -> torch.optim.Optimizer:

@@ -70,8 +70,8 @@ from .pictures import curves_png
 from .runtime import (Processes, StopRequests, compile_mode, ignore_stop_signals, max_over_ranks, memory_format,
                       rank_zero_first, resolve_device, resolve_precision, set_cpu_threads, sum_over_ranks)
 from .run_config import RunConfig
-from .settings import (build_or_rebuild_model, check_args, check_no_run_in, default_run_dir, make_optimizer,
-                       parse_args)
+from .settings import (build_or_rebuild_model, check_args, check_no_run_in, check_step_fits, default_run_dir,
+                       make_optimizer, parse_args)
 from .task import Task
 
 POLY_POWER = 0.9
@@ -130,7 +130,7 @@ def setup(argv: list[str] | None, processes: Processes, held: contextlib.ExitSta
     np.random.seed(args.seed)
     random.seed(args.seed)
     with rank_zero_first(processes):
-        net, train_set, val_set = model_and_data(args)
+        net, train_set, val_set = model_and_data(args, device, precision)
     torch.manual_seed(args.seed + processes.rank)
 
     set_frozen_dtype(net, precision).to(device, memory_format=memory_format(device, net.config.spatial_dims))
@@ -168,12 +168,15 @@ def setup(argv: list[str] | None, processes: Processes, held: contextlib.ExitSta
     return run
 
 
-def model_and_data(args: RunConfig) -> tuple[torch.nn.Module, Dataset, Dataset]:
-    """The model and the train / val splits, every file of them opened once (check_cases), not found broken an
-    epoch in. The layer (the Hub) and the data fail independently: a fresh offline machine hears of both at once."""
+def model_and_data(args: RunConfig, device: torch.device,
+                   precision: torch.dtype) -> tuple[torch.nn.Module, Dataset, Dataset]:
+    """The model (its step checked against the device's free memory) and the train / val splits, every file of
+    them opened once (check_cases), not found broken an epoch in. The layer (the Hub) and the data fail
+    independently: a fresh offline machine hears of both at once."""
     net, problems = None, []
     try:
         net = build_or_rebuild_model(args)
+        check_step_fits(net, args, device, precision)
     except USER_ERRORS as error:
         problems.append(error)
     try:  # after a failed layer only for its own problems: quietly, as no work starts

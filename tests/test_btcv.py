@@ -98,7 +98,9 @@ def test_dataset_0_json_entries_outside_the_folder_are_refused(tmp_path, entry):
 def test_official_cases_missing_from_the_folder_are_listed(tmp_path):
     make_btcv(tmp_path, "challenge", numbers=(1, 2, 35))
     with pytest.raises(InputError, match=r"btcv: 44 files of the cases in the official split \(UNETR's\) are "
-                                         r"missing under .*Training: img/img0003.nii.gz, label/label0003.nii.gz, "):
+                                         r"missing under .*Training: img/img0003.nii.gz, label/label0003.nii.gz, "
+                                         r".*Restore them, or train a run on the cases you have \(train.py "
+                                         r"--split-file <JSON of them>\)\.$"):
         data.load_dataset("btcv", str(tmp_path), "train")
 
 

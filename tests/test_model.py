@@ -353,3 +353,20 @@ def test_set_frozen_dtype_moves_only_the_frozen_weights(tiny_dir):
     assert dtypes["bridge.layer.self_attn.q_proj.lora_a"] == torch.float32
     assert net(torch.randn(1, 3, 32, 32)).dtype == torch.float32
     assert set_frozen_dtype(build_model("cmunext", None), torch.bfloat16).head.weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("backbone, shape", [("mednext-tiny", (2, 1, 32, 32, 32)), ("cmunext", (2, 3, 32, 32))])
+def test_activation_bytes_counted_on_a_meta_copy_equal_what_autograd_keeps(backbone, shape):
+    """count_activation_bytes sizes a step before any memory is used (train.py refuses a --roi-size no memory
+    holds): on the meta copy it counts exactly the bytes autograd saves for backward on the real model, plus the
+    logits; the model itself is not touched."""
+    from llm4seg.model import count_activation_bytes
+
+    torch.manual_seed(0)
+    net = build_model(backbone, None, mode="none", num_classes=3)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
+                                                  lambda t: t):
+        logits = net(torch.randn(shape))
+    assert count_activation_bytes(net, shape) == sum(saved) + logits.numel() * 4
+    assert all(p.device.type == "cpu" for p in net.parameters())

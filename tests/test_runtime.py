@@ -132,3 +132,12 @@ def test_cpu_threads_are_this_processs_share_of_its_cores_less_its_workers(monke
         assert set_cpu_threads(0, Processes()) == 3  # left as the user set it
     finally:
         torch.set_num_threads(threads)
+
+
+def test_free_memory_asks_cuda_on_a_gpu_and_meminfo_on_the_cpu(monkeypatch):
+    """The CUDA branch runs here with the driver's answer faked; the CPU's is /proc/meminfo's MemAvailable."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (7 * 2**30, 80 * 2**30))
+    assert runtime.free_memory(torch.device("cuda", 0)) == 7 * 2**30
+    with open("/proc/meminfo") as meminfo:
+        available = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
+    assert abs(runtime.free_memory(torch.device("cpu")) - available) < 2**30  # it moves while we read

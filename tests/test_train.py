@@ -510,6 +510,9 @@ def test_a_multiclass_run_is_evaluated_per_organ(two_organ_epochs, capsys):
     (["--roi-size", "16"], "--roi-size: got 16; the mednext-tiny bottleneck would be 1 voxel wide, and its instance / "
                            "group norms need more than one value per channel: expected 32 or more"),
     (["--roi-size", "16", "--backbone", "uxnet3d"], "--roi-size: got 16; the uxnet3d bottleneck would be 1 voxel wide"),
+    # a step that no memory holds: refused with its estimate before any work (issue 31, item 21)
+    (["--roi-size", "512", "--img-size", "512"], "--roi-size 512: one training step of mednext-tiny on batches of 4 "
+                                                 "needs about 1,"),
     (["--multiclass"], "--data synthetic-organs: multiclass applies to msd (every label value its class); "
                        "synthetic-organs is multi-class already"),
 ])

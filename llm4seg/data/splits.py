@@ -59,7 +59,7 @@ def find_author_lists(name: str, folders: list[Path]) -> tuple[Path, Path] | Non
                     pairs.add((train, val))
     if len(pairs) > 1:
         raise ValueError(f"found several split lists {sorted(str(t) for t, _ in pairs)}; expected "
-                         "one pair. Remove the others or pass --split-file <JSON>")
+                         "one pair. Remove the others, or name the split with train.py --split-file <JSON>")
     return pairs.pop() if pairs else None
 
 
@@ -68,8 +68,8 @@ def write_json_atomically(path: Path, content: dict) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomically(path, lambda tmp: tmp.write_text(json.dumps(content, indent=1)))
     except OSError as err:
-        raise OSError(f"cannot write the split file {path}: {err}. Pass --split-file <a writable "
-                      "path> to keep it elsewhere.") from err
+        raise OSError(f"cannot write the split file {path}: {err}. Keep it elsewhere with train.py "
+                      "--split-file <a writable path>.") from err
 
 
 def split_from_json(name: str, found: list[str], path: Path, must_cover: bool, seed: int,

@@ -17,12 +17,12 @@ from .backbones_2d import CMUNEXT_DIMS, NNUNET_CHANNELS, UNET_CHANNELS
 from .backbones_3d import MEDNEXT_SIZES, UXNET_WIDTHS, mednext_parts, uxnet3d_parts
 from .bridge import LLMBridge, LoRALinear, add_lora, lora_mapper, set_frozen_dtype, unit_final_norm
 from .build import (BACKBONES, FINAL_NORMS, MODES, VIT_OPTIONS, Backbone, ModelConfig, backbone_defaults,
-                    build_model, cnn, count_gmacs, count_params, llm_bridge)
+                    build_model, cnn, count_activation_bytes, count_gmacs, count_params, llm_bridge)
 from .u_shape import DOWNSAMPLING, DecoderStage, Parts, SegmentationNet, check_image_sides, check_image_size
 
 __all__ = ["BACKBONES", "CMUNEXT_DIMS", "DOWNSAMPLING", "FINAL_NORMS",
            "MEDNEXT_SIZES", "MODES", "NNUNET_CHANNELS", "UNET_CHANNELS", "UXNET_WIDTHS", "VIT_OPTIONS", "Backbone",
            "DecoderStage", "LLMBridge", "LoRALinear", "ModelConfig", "Parts", "SegmentationNet", "add_lora",
-           "backbone_defaults", "build_model", "check_image_sides", "cnn", "check_image_size", "count_gmacs",
+           "backbone_defaults", "build_model", "check_image_sides", "cnn", "check_image_size", "count_activation_bytes", "count_gmacs",
            "count_params", "llm_bridge", "lora_mapper", "mednext_parts", "set_frozen_dtype", "unit_final_norm",
            "uxnet3d_parts"]

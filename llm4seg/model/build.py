@@ -1,5 +1,5 @@
 """build_model: a backbone (a row of BACKBONES) with an LLM layer in its bridge, the ModelConfig that rebuilds
-it, and parameter and MAC counts.
+it, and parameter, MAC and activation counts.
 
     build_model(backbone, llm, layer, mode, in_channels=None, num_classes=1, spatial_dims=None, ...)
         config  = ModelConfig(the arguments, None resolved from the row)
@@ -246,16 +246,42 @@ def pretrained_final_norm(config: ModelConfig, layer: nn.Module) -> torch.Tensor
     return weight
 
 
+def meta_copy(net: nn.Module) -> nn.Module:
+    """A copy of `net` on the meta device (shapes, no data), built without copying any weight: each parameter
+    and buffer is replaced by an empty meta tensor of its shape, dtype and requires_grad."""
+    memo = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+            for p in net.parameters()}
+    memo |= {id(b): torch.empty_like(b, device="meta") for b in net.buffers()}
+    return copy.deepcopy(net, memo)
+
+
 def count_gmacs(net: nn.Module, in_channels: int, img_size: int, spatial_dims: int = 2) -> float:
     """G multiply-accumulates of one (1, in_channels, S, S) forward (S, S, S with spatial_dims 3):
     FlopCounterMode's FLOPs / 2 (convs and matmuls, attention included; the paper's thop also counts
     BatchNorm and upsampling, ~1-3 % more), run on a meta-device copy, since the count needs only shapes."""
     from torch.utils.flop_counter import FlopCounterMode  # 0.2 s of imports that training never needs
 
-    meta_net = copy.deepcopy(net).to("meta")
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        meta_net(torch.zeros(1, in_channels, *(img_size,) * spatial_dims, device="meta"))
+        meta_copy(net)(torch.zeros(1, in_channels, *(img_size,) * spatial_dims, device="meta"))
     return counter.get_total_flops() / 2 / 1e9
+
+
+def count_activation_bytes(net: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Bytes of the tensors a training forward of a float32 (B, C, *S) batch keeps for backward (autograd's
+    saved tensors: each layer's inputs, normalisation statistics, ...) plus its logits, counted on a meta copy
+    (no memory used, ~1 s for MedNeXt). Measured against the process's peak RSS: MedNeXt-tiny at 4 x 64^3, 1.93 GB
+    counted, 2.16 GB grown (the rest: gradients and the allocator's slack)."""
+    saved = 0
+
+    def count(tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal saved
+        saved += tensor.numel() * tensor.element_size()
+        return tensor
+
+    meta_net = meta_copy(net).train()
+    with torch.autograd.graph.saved_tensors_hooks(count, lambda tensor: tensor):
+        logits = meta_net(torch.zeros(input_shape, device="meta"))
+    return saved + logits.numel() * logits.element_size()
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:

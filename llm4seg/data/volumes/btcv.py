@@ -112,8 +112,8 @@ class BTCVFolder:
             shown = ", ".join(str(path.relative_to(self.data_dir)) for path in missing[:10])
             raise InputError(f"btcv: {len(missing)} files of the cases in {self.source} are missing under "
                              f"{self.data_dir}: {shown}{' ...' if len(missing) > 10 else ''}; expected each case's "
-                             "image and label (the 30 labelled CTs of RawData.zip). Restore them, or pass "
-                             "--split-file <JSON of the cases you have>.")
+                             "image and label (the 30 labelled CTs of RawData.zip). Restore them, or train a run on the "
+                             "cases you have (train.py --split-file <JSON of them>).")
         return cases
 
     def expected_case(self, name: str) -> Case:
