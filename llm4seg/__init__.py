@@ -13,7 +13,9 @@ one's own: (B, C, *spatial) -> tokens (B, N, C) -> Linear(C, D) -> layer -> Line
 
 The packages and modules, in reading order (README.md, "How to read this code"): llm_layer/, model/, vit,
 kernels/ (imports nothing of the project), data/ (its images/ and volumes/ packages, the generated data),
-metrics, analysis, pictures, prediction, runtime, checkpoints, cli, files, settings.
+training and losses (what train.py drives), metrics, analysis, pictures, runtime, checkpoints, cli, files,
+sweeps, then what a run is: run_config (its settings, typed), settings (the flags, recipes and checks), task
+(the kind of run, decided once), prediction (inference) and outputs (the files eval.py --images writes).
 """
 from .llm_layer import load_layer
 from .model import LLMBridge, build_model

@@ -14,7 +14,10 @@ Llama-3.2-1B's shapes (tests/bench_step.layer_checkpoint: random bf16 values; th
 cost depends on shapes only); at S = 96 it sees (S / 16)^3 = 216 tokens. Time per step: the median of
 --repeats, after one warm-up step each, the two models of a backbone timed in turns (kernels.bench.
 interleaved_ms). The layer's share = (with - alone) / with: the layer, its two adapters and the optimizer's
-work on the adapters.
+work on the adapters. What the paper's 3D column costs, per backbone with the layer: the activations of a step
+as train.py counts them before it starts (model.count_activation_bytes; halved under bf16), on CUDA the memory
+a step peaked at, and the hours the recipe's 40,000 steps take at the measured rate (eager; train.py compiles
+on CUDA).
 
 The sliding window: MedNeXt-S alone, 14 classes, eval mode, the step's precision, over a seeded random volume
 (1, 1, *--volume; default 160 x 160 x 96 scaled by S / 96), windows of S (--roi), overlap 0.5, --mode
@@ -38,7 +41,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 from llm4seg.kernels.bench import LLMS, interleaved_ms  # noqa: E402
 from llm4seg.losses import dice_ce_loss  # noqa: E402
-from llm4seg.model import build_model, count_params, set_frozen_dtype  # noqa: E402
+from llm4seg.model import build_model, count_activation_bytes, count_params, set_frozen_dtype  # noqa: E402
 from llm4seg.prediction import predict, sliding_window  # noqa: E402
 from llm4seg.runtime import autocast  # noqa: E402
 from llm4seg.settings import RECIPES  # noqa: E402
@@ -50,6 +53,7 @@ BACKBONES = ("mednext", "mednext-s", "uxnet3d")  # LLM4Seg's Table 2 3D rows: Me
 WINDOW_BACKBONE = "mednext-s"
 CUDA_VOLUME = (160, 160, 96)  # at S = 96; scaled by S / 96 for other sizes
 CLASSES = len(BTCV_CLASSES)
+RECIPE_ITERATIONS = 40_000  # llm4seg3d on BTCV: 1,667 epochs of 24 steps (UNETR's protocol)
 SW_BATCH_SIZE = 4
 
 
@@ -81,23 +85,42 @@ def training_step(net: torch.nn.Module, device: torch.device, batch: int, size: 
 
 def bench_steps(device: torch.device, backbones, size: int, batch: int, repeats: int, llm_dir: Path,
                 layer: int) -> dict:
-    """{backbone: {"alone_ms", "with_ms", "share", "trainable_alone", "trainable_with"}}, printed as they come."""
+    """{backbone: {"alone_ms", "with_ms", "share", "trainable_alone", "trainable_with", "counted_gb", "peak_gb",
+    "hours_40k"}}, printed as they come. counted_gb: the activations of one step with the layer as train.py sizes
+    them before it starts (model.count_activation_bytes, halved under bf16 autocast); peak_gb: on CUDA, the memory
+    that step peaked at (torch.cuda.max_memory_allocated; NaN on the CPU); hours_40k: the with-layer step's time
+    x the 40,000 iterations of the llm4seg3d recipe on BTCV."""
     results = {}
     for backbone in backbones:
         torch.manual_seed(0)
         nets = {"alone": build_model(backbone, None, num_classes=CLASSES),
                 "with": build_model(backbone, str(llm_dir), layer, "frozen", num_classes=CLASSES)}
         trainable = {name: count_params(net)[0] for name, net in nets.items()}
+        counted = count_activation_bytes(nets["with"], (batch, 1, size, size, size)) / 1e9
         steps = {name: training_step(net, device, batch, size) for name, net in nets.items()}
         timings = interleaved_ms(steps, device, repeats)
         results[backbone] = {"alone_ms": timings["alone"], "with_ms": timings["with"],
                              "share": (timings["with"] - timings["alone"]) / timings["with"],
-                             "trainable_alone": trainable["alone"], "trainable_with": trainable["with"]}
+                             "trainable_alone": trainable["alone"], "trainable_with": trainable["with"],
+                             "counted_gb": counted * (0.5 if step_precision(device) == torch.bfloat16 else 1.0),
+                             "peak_gb": step_peak_gb(steps["with"], device),
+                             "hours_40k": timings["with"] * RECIPE_ITERATIONS / 3.6e6}
         print(f"  {backbone}: alone {timings['alone']:.1f} ms, with the layer {timings['with']:.1f} ms", flush=True)
         del nets, steps
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return results
+
+
+def step_peak_gb(step, device: torch.device) -> float:
+    """The memory one more step peaks at on CUDA (GB); NaN on the CPU, whose heap keeps earlier steps' blocks."""
+    if device.type != "cuda":
+        return float("nan")
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) / 1e9
 
 
 def bench_window(device: torch.device, volume_size, roi: int, mode: str, repeats: int) -> dict:
@@ -143,11 +166,14 @@ def print_tables(result: dict, device: torch.device, size: int, batch: int, repe
     precision = "bf16 autocast" if step_precision(device) == torch.bfloat16 else "float32"
     print(f"\n{name}, torch {torch.__version__}: one training step, B{batch} x 1 x {size}^3, {CLASSES} classes, "
           f"{precision}, Dice + CE, AdamW, eager; {llm}, {(size // 16) ** 3} tokens; median of {repeats}")
-    print("| backbone | alone ms/step | + layer ms/step | layer's share | trainable alone | trainable with |")
-    print("|---|---|---|---|---|---|")
+    print("| backbone | alone ms/step | + layer ms/step | layer's share | trainable alone | trainable with "
+          "| + layer: activations GB (counted) | step peak GB | 40,000 steps h |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for backbone, row in result["steps"].items():
+        peak = "-" if row["peak_gb"] != row["peak_gb"] else f"{row['peak_gb']:.2f}"
         print(f"| {backbone} | {row['alone_ms']:.1f} | {row['with_ms']:.1f} | {row['share'] * 100:.1f} % "
-              f"| {row['trainable_alone']:,} | {row['trainable_with']:,} |")
+              f"| {row['trainable_alone']:,} | {row['trainable_with']:,} | {row['counted_gb']:.2f} | {peak} "
+              f"| {row['hours_40k']:.1f} |")
     window = result["window"]
     print(f"\nsliding window, {WINDOW_BACKBONE} alone, volume 1 x 1 x {' x '.join(map(str, result['volume']))}, "
           f"roi {result['roi']}, overlap 0.5, {mode}, sw_batch_size {SW_BATCH_SIZE}, {precision}, median of {repeats}")
