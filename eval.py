@@ -162,7 +162,7 @@ def predict_images(args) -> int:
     config = read_run_config(run_dir)
     check_runtime_flags(args)
     settings = RunConfig.from_saved(config["train"])
-    task = Task.of_run(config, args.data_dir)
+    task = Task.of_run(config, args.data_dir, number_unknown=True)  # the labels of new files need no data
     if task.volumes:
         if args.probabilities:
             raise ValueError(f"--probabilities writes PNG probability maps of 2D images; {run_dir} segments volumes "

@@ -42,8 +42,8 @@ import shutil
 import subprocess
 import sys
 import textwrap
-from dataclasses import asdict, replace
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from llm4seg.analysis import cannot_analyze
@@ -51,7 +51,8 @@ from llm4seg.checkpoints import checkpoint_info, has_checkpoint, read_run_config
 from llm4seg.cli import USER_ERRORS, disk_error, one_line_error_parser, user_error
 from llm4seg.files import InputError, WriteError
 from llm4seg.run_config import RunConfig
-from llm4seg.settings import CHANGEABLE_ON_RESUME, PER_INVOCATION, check_args, make_parser, resolve_defaults
+from llm4seg.settings import (CHANGEABLE_ON_RESUME, PER_INVOCATION, check_args, command_line, make_parser,
+                              resolve_defaults)
 from llm4seg.sweeps import Run, find_baseline, plot, setting_label, summarise, write_tables
 
 HERE = Path(__file__).resolve().parent
@@ -153,7 +154,7 @@ def plan_runs(args, varying, fixed) -> list[Run]:
             train_argv = [part for (flag, _), value in zip(varying, setting, strict=True) for part in (flag, value)]
             train_argv += fixed + ["--seed", str(seed)]
             run_dir = Path(args.out) / "runs" / run_name(varying, setting, seed)
-            parsed = resolve_defaults(RunConfig(**vars(make_parser().parse_args(train_argv + ["--out", str(run_dir)]))))
+            parsed = resolve_defaults(command_line(train_argv + ["--out", str(run_dir)]))
             check_args(replace(parsed, resume=None, out=str(run_dir / "never")))
             check_same_settings(parsed, run_dir)
             runs.append(Run(setting, seed, train_argv, run_dir))
@@ -167,8 +168,7 @@ def same_without_llm(args, varying, setting: tuple, fixed: list[str]) -> tuple |
     """For a setting without an LLM layer (--mode none or --llm none): its values of the flags that still
     matter, which identify it; None for a setting with a layer."""
     train_argv = [part for (flag, _), value in zip(varying, setting, strict=True) for part in (flag, value)] + fixed
-    parsed = make_parser().parse_args(train_argv + ["--out", str(args.out)])
-    if parsed.mode != "none" and parsed.llm != "none":
+    if not command_line(train_argv + ["--out", str(args.out)]).plain:
         return None
     return tuple(value for (flag, _), value in zip(varying, setting, strict=True) if flag not in LLM_ONLY_FLAGS)
 

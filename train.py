@@ -14,8 +14,8 @@ MedNeXt or 3D UX-Net) or MedVisionLlama (a ViT with one after its patch embeddin
 A step: logits = model(images); loss = task.loss(logits, masks) (binary: w BCE + 1 - Dice; several classes:
 CE + 1 - Dice over softmax); backward; the optimizer steps the trainable tensors (the frozen layer has none) at
 the recipe's lr. After each epoch (every --val-every): validation, `best` by validation IoU, `last`.
-The flags, recipes and defaults: settings.py and `--help`; the recipes' math, the run directory, resuming,
-stopping and torchrun: llm4seg/training.py, which sets a run up.
+The flags and recipes: llm4seg/settings.py and `--help`; their defaults: llm4seg/run_config.py; the recipes'
+math, the run directory, resuming, stopping and torchrun: llm4seg/training.py, which sets a run up.
 """
 import contextlib
 import math

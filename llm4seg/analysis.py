@@ -29,21 +29,25 @@ from .metrics import THRESHOLD, confusion_counts, iou_and_dice
 from .model import BACKBONES
 
 CONCENTRATION_THRESHOLD = 0.4  # paper Fig. 2(b)
+ANALYSED = ("concentration_iou", "effective_rank", "lsvr")
 
 
 def cannot_analyze(model: dict) -> str | None:
     """Why the analysis cannot read a run's model (config.json's "model"), or None when it can: it compares a 2D
-    CNN's bottleneck feature maps before and after the LLM layer (the paper's Fig. 2)."""
+    CNN's bottleneck feature maps before and after the LLM layer (the paper's Fig. 2, Sec. 4.2); the model's
+    row in BACKBONES says whether it has such maps."""
     backbone = model["backbone"]
-    if not BACKBONES[backbone].feature_maps:
+    row = BACKBONES.get(backbone)
+    if row is None:
+        return f"its backbone {backbone!r} is none of this version's ({', '.join(BACKBONES)})"
+    if not row.feature_maps:
         return f"the {backbone} backbone has no bottleneck feature maps"
-    if model.get("spatial_dims", 2) != 2:  # runs saved before volumes existed are 2D
-        return f"it draws a 2D CNN's bottleneck maps (Fig. 2), and this run is a {model['spatial_dims']}D {backbone}"
+    if 2 not in row.spatial_dims:
+        return f"it draws a 2D CNN's bottleneck maps (Fig. 2), and this run is a {row.spatial_dims[0]}D {backbone}"
     if model["mode"] == "none":
         return (f"it compares the features before and after the LLM layer, and this run is a plain {backbone} "
-                "(trained with --llm none)")
+                "(trained with --llm none): expected a run with an LLM bridge")
     return None
-ANALYSED = ("concentration_iou", "effective_rank", "lsvr")
 
 
 def activation_map(features: Tensor) -> Tensor:

@@ -44,13 +44,17 @@ def defaults_of(function) -> dict:
             if parameter.default is not inspect.Parameter.empty}
 
 
+# The runtime flags' defaults, train.py's (run_config.RunConfig) and eval.py's alike.
+RUNTIME_DEFAULTS = {"device": "auto", "workers": None, "precision": "auto"}
+
+
 def add_runtime_flags(parser: argparse.ArgumentParser, batch_size: int = 8) -> None:
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--device", default=RUNTIME_DEFAULTS["device"], help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--batch-size", type=int, default=batch_size,
                         help="images per forward pass, per process (metrics stay per image)")
-    parser.add_argument("--workers", type=int, default=None,
+    parser.add_argument("--workers", type=int, default=RUNTIME_DEFAULTS["workers"],
                         help="DataLoader worker processes; None means min(4, the CPU cores this process may use)")
-    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
+    parser.add_argument("--precision", default=RUNTIME_DEFAULTS["precision"], choices=PRECISIONS,
                         help="compute dtype: auto = bf16 where the device has native bf16, else fp32")
 
 

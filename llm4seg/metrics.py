@@ -53,6 +53,7 @@ and `paired_difference` (is a gain real? the paired bootstrap CI and sign-flip p
 per-image differences, which sweep.py tabulates).
 """
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -61,6 +62,9 @@ from torch import Tensor
 from tqdm import tqdm
 
 from .prediction import case_probabilities
+
+if TYPE_CHECKING:  # task.py imports this module
+    from .task import Task
 
 IOU_SMOOTH = 1e-5  # the authors' smoothing of IoU: empty vs empty scores 1
 RATIO_EPS = 1e-6  # the authors' guard in the denominators of SE, PC, SP and F1
@@ -257,7 +261,7 @@ def class_metrics(pred: Tensor, true: Tensor, num_classes: int, *, surface: bool
 # a model over a loader
 
 @torch.no_grad()
-def evaluate_cases(task, net: torch.nn.Module, loader, device: torch.device, precision: torch.dtype, *,
+def evaluate_cases(task: "Task", net: torch.nn.Module, loader, device: torch.device, precision: torch.dtype, *,
                    surface: bool = True, extra=None, empty: str = "monai") -> tuple[list[dict], dict[str, float]]:
     """Every case of `loader`, in order, through `net` in eval mode (BatchNorm's running statistics make
     each image's output independent of its batch, so this is the paper's batch-1 protocol), whole or by the

@@ -46,11 +46,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .data import read_rgb
+from .data.volumes.btcv import read_btcv_image, to_original_grid
+from .data.volumes.nifti import read_nifti, resize_volume
 from .files import InputError, write_atomically, write_png, write_text
 from .pictures import label_colours, overlay_png
 from .prediction import case_probabilities, image_probabilities
-from .data.volumes.btcv import read_btcv_image, to_original_grid
-from .data.volumes.nifti import read_nifti, resize_volume
+from .task import Task
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp")
 VOLUME_SUFFIXES = (".nii", ".nii.gz")
@@ -72,7 +73,7 @@ def image_files(images_dir: Path) -> list[Path]:
     return files
 
 
-def predict_folder(task, net: torch.nn.Module, img_size: int, images_dir: Path, out_dir: Path,
+def predict_folder(task: Task, net: torch.nn.Module, img_size: int, images_dir: Path, out_dir: Path,
                    device: torch.device, precision: torch.dtype, *,
                    probabilities: bool = False) -> tuple[list[Path], list[tuple[Path, str]]]:
     """Masks (and overlays, and optionally probabilities) of every image in `images_dir`, written
@@ -112,7 +113,7 @@ def predict_folder(task, net: torch.nn.Module, img_size: int, images_dir: Path, 
     return written, skipped
 
 
-def write_legend(out_dir: Path, task) -> None:
+def write_legend(out_dir: Path, task: Task) -> None:
     """out_dir/label_legend.json: {label value: class name}, beside label maps (PNG or NIfTI)."""
     legend = json.dumps(task.legend(), indent=1)
     write_text(out_dir / LEGEND_NAME, legend + "\n")
@@ -167,7 +168,7 @@ def resized_volume(path: Path, img_size: int, in_channels: int) -> tuple[Tensor,
 
 
 @torch.no_grad()
-def segment_volume(task, net: torch.nn.Module, path: Path, data: str, img_size: int, device: torch.device,
+def segment_volume(task: Task, net: torch.nn.Module, path: Path, data: str, img_size: int, device: torch.device,
                    precision: torch.dtype) -> np.ndarray:
     """One NIfTI file -> its label map (X, Y, Z) on the file's own grid (the module docstring's "Volumes in
     NIfTI"), uint8 (int16 beyond 256 classes): 0 background, k class k (binary: 1 foreground)."""
@@ -182,29 +183,29 @@ def segment_volume(task, net: torch.nn.Module, path: Path, data: str, img_size: 
     return F.interpolate(labels[None, None].float(), size=shape, mode="nearest-exact")[0, 0].to(labels.dtype).numpy()
 
 
-def write_label_nifti(labels: np.ndarray, like: Path, path: Path, classes: int) -> None:
-    """Save a label map (X, Y, Z), integers 0..classes-1 in their own dtype (Task.label_dtype: uint8, int16
-    beyond 256 classes), as gzipped NIfTI with the header of the volume it segments (`like`: its affine, qform /
-    sform and their codes, voxel sizes and units), unscaled, intent "label", display range 0..classes-1;
-    atomically (files.write_atomically)."""
+def write_label_nifti(labels: np.ndarray, like: Path, path: Path, task: Task) -> None:
+    """Save a label map (X, Y, Z), integers 0..K-1 (K the task's classes, 2 for a binary run), as gzipped NIfTI
+    in the task's label dtype (uint8, int16 beyond 256 classes) with the header of the volume it segments (`like`:
+    its affine, qform / sform and their codes, voxel sizes and units), unscaled, intent "label", display range
+    0..K-1; atomically (files.write_atomically)."""
     import gzip
 
     import nibabel
 
     source = nibabel.load(like)  # the header only: the voxels stay on the disk
-    labels = np.asarray(labels)
+    labels = np.asarray(labels).astype(task.label_dtype_numpy)
     image = type(source)(labels, source.affine, source.header.copy())
     image.set_data_dtype(labels.dtype)
     header = image.header
     header.set_slope_inter(None, None)  # labels as they are, whatever scaling the CT's header had
     header.set_intent("label")
-    header["cal_min"], header["cal_max"] = 0, classes - 1
+    header["cal_min"], header["cal_max"] = 0, len(task.class_names) - 1
     header["descrip"] = b"LLM4Seg label map"
     write_atomically(path, lambda temporary: Path(temporary).write_bytes(
         gzip.compress(image.to_bytes(), compresslevel=1, mtime=0)))
 
 
-def predict_volume_folder(task, net: torch.nn.Module, data: str, img_size: int, images_dir: Path, out_dir: Path,
+def predict_volume_folder(task: Task, net: torch.nn.Module, data: str, img_size: int, images_dir: Path, out_dir: Path,
                           device: torch.device, precision: torch.dtype) -> tuple[list[Path], list[tuple[Path, str]]]:
     """Label maps of every NIfTI volume in `images_dir` by a run trained on `data` (its img_size; the task's
     roi_size and classes), written into `out_dir` as <stem>.nii.gz, with label_legend.json -> (the label maps
@@ -228,6 +229,6 @@ def predict_volume_folder(task, net: torch.nn.Module, data: str, img_size: int, 
         except InputError as error:  # unreadable, not 3D, NaN voxels, no body: one line naming the file
             skipped.append((path, str(error)))
             continue
-        write_label_nifti(labels, path, target, len(task.class_names))
+        write_label_nifti(labels, path, target, task)
         written.append(target)
     return written, skipped

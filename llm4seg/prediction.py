@@ -38,6 +38,7 @@ accumulate_device="cpu" keeps them off a GPU that is short.
 """
 import itertools
 import numbers
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +47,9 @@ from torch import Tensor
 
 from .data import normalize, resized_rgb
 from .runtime import autocast, to_device
+
+if TYPE_CHECKING:  # task.py imports this module (through metrics.py)
+    from .task import Task
 
 BLEND_MODES = ("constant", "gaussian")  # sliding_window's window weights
 MIN_WEIGHT = 1e-3                       # the gaussian's floor (MONAI's compute_importance_map)
@@ -57,7 +61,7 @@ def predict(net: torch.nn.Module, images: Tensor, device: torch.device, precisio
         return net(to_device(images, device)).float()
 
 
-def case_probabilities(task, net: torch.nn.Module, device: torch.device, precision: torch.dtype):
+def case_probabilities(task: "Task", net: torch.nn.Module, device: torch.device, precision: torch.dtype):
     """The evaluation's infer: images (B, C, *S) -> probabilities (B, K, *S) (task.probabilities) on `device`
     (on the CPU for sliding windows). With task.roi_size, volumes larger than the training patches go through
     sliding windows of roi_size per axis, overlap 0.5, the windows' probabilities averaged with constant
@@ -73,7 +77,7 @@ def case_probabilities(task, net: torch.nn.Module, device: torch.device, precisi
 
 
 @torch.no_grad()
-def image_probabilities(task, net: torch.nn.Module, rgb: Image.Image, img_size: int, device: str | torch.device = "cpu",
+def image_probabilities(task: "Task", net: torch.nn.Module, rgb: Image.Image, img_size: int, device: str | torch.device = "cpu",
                         precision: torch.dtype = torch.float32) -> Tensor:
     """An RGB PIL image (W, H) -> its probabilities (K, H, W) float32 at the image's own size (K = 1: the
     foreground's), each resized bilinearly from the network's img_size; computed on `device` at `precision`."""

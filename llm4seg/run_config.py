@@ -16,8 +16,8 @@ trained: each takes its default, which is what such a run did (multiclass False,
 """
 from dataclasses import asdict, dataclass, fields
 
-from .cli import defaults_of
-from .data import load_dataset
+from .cli import RUNTIME_DEFAULTS, defaults_of
+from .data import PATCH_DATASETS, load_dataset
 from .model import VIT_OPTIONS, build_model
 
 MODEL_DEFAULTS, DATA_DEFAULTS = defaults_of(build_model), defaults_of(load_dataset)
@@ -63,9 +63,9 @@ class RunConfig:
     val_every: int | None = None
     batch_size: int | None = None
     # the run
-    device: str = "auto"
-    workers: int | None = None                # None: min(4, the usable cores)
-    precision: str = "auto"
+    device: str = RUNTIME_DEFAULTS["device"]
+    workers: int | None = RUNTIME_DEFAULTS["workers"]  # None: min(4, the usable cores)
+    precision: str = RUNTIME_DEFAULTS["precision"]
     compile: bool | None = None               # None: on CUDA only
     out: str | None = None                    # None: runs/<a name from the settings>
     resume: str | None = None
@@ -83,6 +83,12 @@ class RunConfig:
     def plain(self) -> bool:
         """No LLM layer: the plain backbone, the papers' baseline rows."""
         return self.llm == "none" or self.mode == "none"
+
+    @property
+    def input_side(self) -> tuple[str, int]:
+        """(its flag, the side) of what the network trains on: the crops of a patch-trained dataset, else the
+        images (or volumes)."""
+        return ("--roi-size", self.roi_size) if self.data in PATCH_DATASETS else ("--img-size", self.img_size)
 
     def data_options(self) -> dict:
         """The load_dataset keywords beyond (name, root, split, img_size, seed)."""

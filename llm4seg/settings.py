@@ -13,7 +13,7 @@ import torch
 
 from .checkpoints import has_checkpoint, load_weights_of_run, read_run_config, rebuild_model
 from .cli import add_runtime_flags, check_runtime_flags, one_line_error_parser
-from .data import (DATASET_TABLE, DATASETS, PATCH_DATASETS, RAW_DATASETS, check_data_options, input_channels,
+from .data import (DATASET_TABLE, DATASETS, RAW_DATASETS, check_data_options, input_channels,
                    num_classes, spatial_dims)
 from .model import BACKBONES, DOWNSAMPLING, FINAL_NORMS, MODES, VIT_OPTIONS, build_model, count_activation_bytes
 from .run_config import DATA_DEFAULTS, RunConfig, run_config_defaults
@@ -81,7 +81,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="dataset root; None means $LLM4SEG_DATA/<data>, or ./data/<data>")
     p.add_argument("--synthetic-size", type=int, help="cases of --data synthetic or synthetic3d")
     p.add_argument("--fold", type=int, help="0..4: cross-validation fold on the non-test cases")
-    p.add_argument("--test-fraction", type=float, help="of all cases, held out as the test split (eval.py --split test) for the datasets read "
+    p.add_argument("--test-fraction", type=float,
+                   help="of all cases, held out as the test split (eval.py --split test) for the datasets read "
                         "from files; None means the dataset's: 0.1 for kvasir and msd, 0 for the others")
     p.add_argument("--split-file", metavar="JSON",
                    help='the split, {"train": [case names], "val": [...], "test": [...]}: read when it exists, else '
@@ -93,19 +94,22 @@ def make_parser() -> argparse.ArgumentParser:
                         "the classes, K = 1 + the largest, named by a classes.json in --data-dir if there is one "
                         "(the data package's docstring); btcv and synthetic-organs are always multi-class, the other 2D "
                         "datasets binary")
-    p.add_argument("--roi-size", type=int, help="btcv, synthetic-organs: the side of the training crops and of the sliding windows that "
+    p.add_argument("--roi-size", type=int,
+                   help="btcv, synthetic-organs: the side of the training crops and of the sliding windows that "
                         "evaluate whole volumes (a multiple of 16)")
     p.add_argument("--backbone", choices=sorted(BACKBONES),
                    help="a row of model.BACKBONES: " + ", ".join(
                        f"{name} ({' or '.join(f'{dims}D' for dims in sorted(row.spatial_dims))})"
                        for name, row in BACKBONES.items()) + "; vit is MedVisionLlama's ViT")
-    p.add_argument("--llm", help="alias (listed below), Hub repo id, local model directory or .gguf file; 'none' for the "
+    p.add_argument("--llm",
+                   help="alias (listed below), Hub repo id, local model directory or .gguf file; 'none' for the "
                         "plain backbone")
     p.add_argument("--layer", type=int, help="the paper's 1-based layer number")
     p.add_argument("--mode", choices=MODES,
                    help="frozen (paper), trainable ('(T)'), random ('+Transformer') or none (the plain backbone)")
     p.add_argument("--lora-rank", type=int, help="LoRA on q/v inside a frozen layer; 0 = off")
-    p.add_argument("--mapper-lora-rank", type=int, help="loralib's LoRA on the two mappers around the layer (MedVisionLlama: weights frozen, "
+    p.add_argument("--mapper-lora-rank", type=int,
+                   help="loralib's LoRA on the two mappers around the layer (MedVisionLlama: weights frozen, "
                         "bias and B A train); 0 = plain Linears; None means the recipe's")
     p.add_argument("--residual", action=argparse.BooleanOptionalAction,
                    help="the bridge computes h + layer(h); None means on for vit, off for the CNNs")
@@ -127,8 +131,10 @@ def make_parser() -> argparse.ArgumentParser:
                    help="lr per iteration: poly = lr (1 - it / max_it)^0.9; None means the recipe's")
     p.add_argument("--momentum", type=float, help="SGD momentum")
     p.add_argument("--weight-decay", type=float, help="None means the recipe's")
-    p.add_argument("--bce-weight", type=float, help="loss = w BCE + (1 - Dice); None means the recipe's (0.5 LLM4Seg, 1 MedVisionLlama)")
-    p.add_argument("--img-size", type=int, help=f"sides; None means {IMG_SIZES[2]} (2D) or {IMG_SIZES[3]} (3D). CNNs need a multiple of "
+    p.add_argument("--bce-weight", type=float,
+                   help="loss = w BCE + (1 - Dice); None means the recipe's (0.5 LLM4Seg, 1 MedVisionLlama)")
+    p.add_argument("--img-size", type=int,
+                   help=f"sides; None means {IMG_SIZES[2]} (2D) or {IMG_SIZES[3]} (3D). CNNs need a multiple of "
                         f"{DOWNSAMPLING}, vit a multiple of --patch-size")
     p.add_argument("--val-every", type=int, metavar="N",
                    help="validate (and keep the best checkpoint) every N epochs and after the last; None means "
@@ -149,11 +155,15 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
+def command_line(argv: list[str] | None) -> RunConfig:
+    """train.py's flags as given, the fields they leave None unresolved (resolve_defaults)."""
+    return RunConfig(**vars(make_parser().parse_args(argv)))
+
+
 def parse_args(argv: list[str] | None) -> RunConfig:
     """The command line, or with --resume the run's saved settings, where only the flags of
     CHANGEABLE_ON_RESUME may differ (and those of PER_INVOCATION come from the command line)."""
-    parser = make_parser()
-    given = RunConfig(**vars(parser.parse_args(argv)))
+    given = command_line(argv)
     if given.resume is None:
         return resolve_defaults(given)
     run_dir = Path(given.resume)
@@ -214,7 +224,7 @@ def check_data_and_model(args: RunConfig) -> None:
         fitting = ", ".join(name for name, other in BACKBONES.items() if dims in other.spatial_dims)
         raise ValueError(f"--data {args.data} holds {DATASET_TABLE[args.data].holds}; the "
                          f"{args.backbone} backbone is {row.spatial_dims[0]}D: use --backbone {fitting}")
-    flag, side = ("--roi-size", args.roi_size) if args.data in PATCH_DATASETS else ("--img-size", args.img_size)
+    flag, side = args.input_side
     try:
         row.check_sides(args.backbone, (side,) * dims, patch_size=args.patch_size)
     except ValueError as error:
@@ -289,7 +299,7 @@ def check_no_run_in(out: Path) -> None:
 
 def default_run_dir(args: RunConfig) -> str:
     fold = f"_fold{args.fold}" if args.fold is not None else ""
-    if args.llm == "none" or args.mode == "none":
+    if args.plain:
         return f"runs/{args.data}_{args.backbone}{fold}_seed{args.seed}"
     extras = (f"-lora{args.lora_rank}" if args.lora_rank else "") + \
         (f"-mapperlora{args.mapper_lora_rank}" if args.mapper_lora_rank else "") + ("-residual" if args.residual else "")
@@ -320,15 +330,17 @@ def build_or_rebuild_model(args: RunConfig) -> torch.nn.Module:
 
 def check_step_fits(net: torch.nn.Module, args: RunConfig, device: torch.device, precision: torch.dtype) -> None:
     """Refuse, before any work, a run whose training step cannot fit in the memory `device` has free: the
-    activations one step keeps for backward (model.count_activation_bytes on the crops or images of a batch; half
-    of them under bf16 autocast, an estimate), the weights, and the gradients and Adam state of the trainable ones."""
+    activations one step keeps for backward (model.count_activation_bytes on a batch of the crops or images, a
+    lower bound; about half of it under bf16 autocast), the frozen weights at the run's precision, and the
+    trainable ones with their gradients and Adam's two moments."""
     free = free_memory(device)
     if free is None:
         return
-    flag, side = ("--roi-size", args.roi_size) if args.data in PATCH_DATASETS else ("--img-size", args.img_size)
+    flag, side = args.input_side
     batch = (args.batch_size, net.config.in_channels, *(side,) * net.config.spatial_dims)
-    activations = count_activation_bytes(net, batch) * (0.5 if precision == torch.bfloat16 else 1.0)
-    weights = sum(p.numel() * p.element_size() * (4 if p.requires_grad else 1) for p in net.parameters())
+    bf16 = precision == torch.bfloat16
+    activations = count_activation_bytes(net, batch) * (0.5 if bf16 else 1.0)
+    weights = sum(p.numel() * (16 if p.requires_grad else 2 if bf16 else 4) for p in net.parameters())
     if activations + weights > free:
         raise ValueError(f"{flag} {side}: one training step of {args.backbone} on batches of {args.batch_size} needs "
                          f"about {(activations + weights) / 1e9:,.1f} GB ({activations / 1e9:,.1f} GB of activations), "

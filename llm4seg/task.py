@@ -23,6 +23,7 @@ S = (H, W) or (D, H, W). class_names holds the K names, background first; a bina
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -44,22 +45,32 @@ class Task:
     roi_size: int | None = None      # whole inputs through sliding windows of this side; None: at once
 
     @classmethod
-    def of_run(cls, config: dict, data_dir: str | None = None) -> "Task":
-        """The task of a run from its config.json (checkpoints.read_run_config / load_run): its "train" settings
-        (RunConfig.from_saved) and "model" (ModelConfig; runs saved before volumes existed are 2D). The class
-        names are the data's (data.class_names, reading data_dir, else the run's data folder, where the names
-        are in a file); where that folder is not (predicting on another machine), the classes are numbered."""
-        settings, model = RunConfig.from_saved(config["train"]), config["model"]
-        num_classes, names = model["num_classes"], BINARY_NAMES
+    def of(cls, settings: RunConfig, num_classes: int, spatial_dims: int, data_dir: str | None = None, *,
+           number_unknown: bool = False) -> "Task":
+        """The task of a run with these settings and a model of num_classes outputs in spatial_dims. The class
+        names are the data's (data.class_names, reading data_dir, else the run's data folder, where the names are
+        in a file); with number_unknown, where that folder is not (predicting on another machine), the classes
+        are numbered instead of the error."""
+        names = BINARY_NAMES
         if num_classes > 1:
             try:
                 names = class_names(settings.data, data_dir or settings.data_dir, multiclass=settings.multiclass)
             except (FileNotFoundError, InputError) as error:
+                if not number_unknown:
+                    raise
                 print(f"the class names are unknown ({error}); they are numbered (--data-dir names the folder that "
                       "holds them, e.g. an MSD task's dataset.json)")
                 names = ["background", *(f"class {k}" for k in range(1, num_classes))]
-        return cls(num_classes, model.get("spatial_dims", 2), tuple(names),
-                   settings.roi_size if settings.data in PATCH_DATASETS else None)
+        roi_size = settings.roi_size if settings.data in PATCH_DATASETS else None
+        return cls(num_classes, spatial_dims, tuple(names), roi_size)
+
+    @classmethod
+    def of_run(cls, config: dict, data_dir: str | None = None, *, number_unknown: bool = False) -> "Task":
+        """The task of a run from its config.json (checkpoints.read_run_config / load_run): its "train" settings
+        (RunConfig.from_saved) and "model" (a run saved before volumes existed is 2D)."""
+        model = config["model"]
+        return cls.of(RunConfig.from_saved(config["train"]), model["num_classes"], model.get("spatial_dims", 2),
+                      data_dir, number_unknown=number_unknown)
 
     @property
     def multiclass(self) -> bool:
@@ -88,6 +99,10 @@ class Task:
     def label_dtype(self) -> torch.dtype:
         """What label maps on disk hold: uint8, int16 beyond 256 classes."""
         return torch.uint8 if self.num_classes <= 256 else torch.int16
+
+    @property
+    def label_dtype_numpy(self) -> np.dtype:
+        return np.dtype(np.uint8) if self.label_dtype == torch.uint8 else np.dtype(np.int16)
 
     def loss(self, logits: Tensor, target: Tensor, bce_weight: float) -> Tensor:
         """logits (B, K, *S) float32; target (B, 1, *S): a {0, 1} mask (binary) or a label map."""

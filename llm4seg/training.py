@@ -8,7 +8,8 @@ and LoRA rank 8 on the mappers; --recipe llm4seg3d AdamW 1e-4 (weight decay 1e-5
 1,667 epochs validated every 21 (40,000 iterations and every 500 on BTCV) (settings.RECIPES). A dataset of
 several classes (btcv, synthetic-organs, msd --multiclass, folder --multiclass) trains K logits with
 dice_ce_loss (CE + 1 - soft Dice over softmax, MONAI's DiceCELoss) and validates by the mean IoU / Dice over
-the classes (volumes of a patch-trained run by sliding windows of --roi-size). Flags given explicitly win over any recipe:
+the classes (volumes of a patch-trained run by sliding windows of --roi-size). Flags given explicitly win over any
+recipe:
     loss   = w * BCEWithLogits(z, g) + (1 - mean_b Dice_b),  w = 0.5
              Dice_b = (2 sum(sigmoid(z_b) g_b) + 1e-5) / (sum sigmoid(z_b) + sum g_b + 1e-5)
     SGD(lr 0.01, momentum 0.9, weight decay 1e-4) over the trainable tensors only,
@@ -146,7 +147,7 @@ def setup(argv: list[str] | None, processes: Processes, held: contextlib.ExitSta
     sampler = DistributedSampler(train_set, num_replicas=processes.world_size, rank=processes.rank,
                                  shuffle=True, seed=args.seed)
     iterations = math.ceil(len(sampler) / args.batch_size)
-    task = Task.of_run({"train": asdict(args), "model": asdict(net.config)})
+    task = Task.of(args, net.config.num_classes, net.config.spatial_dims)
     # Trained on crops, validated by sliding windows over whole volumes of differing shapes: one a batch.
     val_loader = DataLoader(val_set, batch_size=1 if task.roi_size else args.batch_size, num_workers=args.workers,
                             persistent_workers=args.workers > 0, worker_init_fn=ignore_stop_signals,

@@ -457,7 +457,7 @@ def test_probabilities_of_volumes_are_refused_in_one_line(organs_run, tmp_path, 
 def test_the_legend_names_the_classes_or_numbers_them_when_the_task_is_gone(tmp_path, capsys):
     def names(settings: dict, num_classes: int, data_dir: str | None = None) -> list[str]:
         model = {"num_classes": num_classes, "spatial_dims": 3}
-        return list(Task.of_run({"train": settings, "model": model}, data_dir).class_names)
+        return list(Task.of_run({"train": settings, "model": model}, data_dir, number_unknown=True).class_names)
 
     assert names({"data": "btcv"}, 14)[:2] == ["background", "spleen"]
     assert names({"data": "msd"}, 1, str(tmp_path)) == ["background", "foreground"]

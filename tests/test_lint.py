@@ -34,8 +34,10 @@ def test_no_code_asks_for_a_backbone_by_name():
 
 # Where the kind of run may be decided (issue 30): the Task, the dataset table and the model rows.
 KIND_HOMES = ("llm4seg/task.py", "llm4seg/data/table.py", "llm4seg/model/", "llm4seg/vit.py", "llm4seg/kernels/")
-KIND_TESTS = re.compile(r"""num_classes["'\])]*\s*(>|<|>=|<=|==|!=)\s*\d|dims(\([^)]*\))?["'\])]*\s*(==|!=)\s*\d|"""
-                        r"\.ndim\b|\.dim\(\)|shape\[1\]\s*==\s*1|len\((probabilities|class_names|names)\)\s*[<>=]")
+# x OP n, x(...) OP n, x"] OP n, x", default) OP n for x num_classes or *dims, OP a comparison; ranks of tensors.
+_ASKED = r"""(\([^)]*\)|["'\]]+(\s*,[^)]*\))?)?\s*(==|!=|<=|>=|<|>)\s*\d"""
+KIND_TESTS = re.compile(rf"num_classes{_ASKED}|dims{_ASKED}|\.ndim\b|\.dim\(\)|shape\[1\]\s*==\s*1|"
+                        r"len\((probabilities|class_names|names)\)\s*[<>=]")
 # Rank tests that are not the run's kind: each checks what a file or an argument holds before it is used, or is
 # a rule of torch's own. (file, the line's code): why.
 RANK_CHECKS = {

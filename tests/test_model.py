@@ -355,18 +355,46 @@ def test_set_frozen_dtype_moves_only_the_frozen_weights(tiny_dir):
     assert set_frozen_dtype(build_model("cmunext", None), torch.bfloat16).head.weight.dtype == torch.float32
 
 
-@pytest.mark.parametrize("backbone, shape", [("mednext-tiny", (2, 1, 32, 32, 32)), ("cmunext", (2, 3, 32, 32))])
-def test_activation_bytes_counted_on_a_meta_copy_equal_what_autograd_keeps(backbone, shape):
+def autograd_saved_bytes(net, shape) -> int:
+    """What autograd keeps for backward in a real CPU forward of a random batch (weights, and views of them, left
+    out), plus the logits."""
+    weights, saved = {id(p) for p in net.parameters()}, []
+
+    def pack(tensor):
+        if id(tensor) not in weights and id(tensor._base) not in weights:
+            saved.append(tensor.numel() * tensor.element_size())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        logits = net(torch.randn(shape))
+    return sum(saved) + logits.numel() * 4
+
+
+VIT_SHAPE = dict(img_size=32, patch_size=4, embed_dim=32, depth=2, heads=4)
+
+
+@pytest.mark.parametrize("backbone, shape, options", [("mednext-tiny", (2, 1, 32, 32, 32), {}),
+                                                      ("cmunext", (2, 3, 32, 32), {}),
+                                                      ("vit", (2, 1, 32, 32, 32), {**VIT_SHAPE, "dropout": 0.0})])
+def test_activation_bytes_counted_on_a_meta_copy_equal_what_autograd_keeps(tiny_llm, backbone, shape, options):
     """count_activation_bytes sizes a step before any memory is used (train.py refuses a --roi-size no memory
-    holds): on the meta copy it counts exactly the bytes autograd saves for backward on the real model, plus the
-    logits; the model itself is not touched."""
+    holds): on a meta copy it counts exactly the bytes autograd keeps on the real model (with an LLM layer; the
+    CPU's fused attention keeps what the count assumes), and touches no weight of the model."""
     from llm4seg.model import count_activation_bytes
 
     torch.manual_seed(0)
-    net = build_model(backbone, None, mode="none", num_classes=3)
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
-                                                  lambda t: t):
-        logits = net(torch.randn(shape))
-    assert count_activation_bytes(net, shape) == sum(saved) + logits.numel() * 4
+    net = build_model(backbone, str(tiny_llm), 2, num_classes=3, **options).train()
+    assert count_activation_bytes(net, shape) == autograd_saved_bytes(net, shape)
     assert all(p.device.type == "cpu" for p in net.parameters())
+
+
+def test_activation_bytes_are_a_lower_bound_where_the_cpu_materialises_attention(tiny_llm):
+    """Attention dropout keeps the CPU off its fused kernel: it stores each block's (T, T) weights, which the count
+    (fused kernels, as on CUDA) leaves out."""
+    from llm4seg.model import count_activation_bytes
+
+    net = build_model("vit", None, mode="none", num_classes=3, **VIT_SHAPE, dropout=0.2).train()
+    shape = (2, 1, 32, 32, 32)
+    tokens = (32 // 4) ** 3
+    weights = 2 * 2 * VIT_SHAPE["heads"] * tokens * tokens * 4  # 2 blocks x B 2 x heads x T x T float32
+    assert count_activation_bytes(net, shape) < autograd_saved_bytes(net, shape) - weights

@@ -513,10 +513,14 @@ def test_a_multiclass_run_is_evaluated_per_organ(two_organ_epochs, capsys):
     # a step that no memory holds: refused with its estimate before any work (issue 31, item 21)
     (["--roi-size", "512", "--img-size", "512"], "--roi-size 512: one training step of mednext-tiny on batches of 4 "
                                                  "needs about 1,"),
+    # what a machine with 1 GiB free is told of 64^3 crops (the suite's machines have more)
+    (["--roi-size", "64"], "--roi-size 64: one training step of mednext-tiny on batches of 4 needs about 2.0 GB (2.0 GB "
+                           "of activations), and cpu has 1.1 GB free: use a smaller --roi-size or --batch-size"),
     (["--multiclass"], "--data synthetic-organs: multiclass applies to msd (every label value its class); "
                        "synthetic-organs is multi-class already"),
 ])
-def test_bad_3d_flags_exit_2_with_one_line(tiny_llm, tmp_path, capsys, flags, message):
+def test_bad_3d_flags_exit_2_with_one_line(tiny_llm, tmp_path, capsys, monkeypatch, flags, message):
+    monkeypatch.setattr(settings, "free_memory", lambda device: 2**30)
     assert train.main(organs_run(tiny_llm, tmp_path / "never", "--epochs", "1", *flags)) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err, err

@@ -15,7 +15,7 @@ dataset name into a torch Dataset and owns the splits. In reading order:
                          training split's random patches (patches.py), NIfTI reading and the volumes' cache
                          (nifti.py)
     generated.py         drawn from (seed, index) alone, no files: the synthetic polyps, synthetic3d's blob volumes,
-                         synthetic-organs' abdomen, and the datasets serving them (SyntheticCases, SyntheticOrgans)
+                         synthetic-organs' abdomen, and the datasets serving them (SyntheticCases and one subclass each)
     cases.py             what images/ and volumes/ share: Case (a case's files), find_dir, and the stamp and
                          checksum of what is cached from a case's files (file_stamp, tensors_crc32)
     splits.py            the authors' lists, seeded splits written once as JSON, cross-validation folds
@@ -103,7 +103,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from ..files import InputError
-from .generated import ORGAN_CLASSES, SyntheticCases, SyntheticOrgans
+from .generated import ORGAN_CLASSES, SyntheticCases
 from .images.cache import (CACHE_FORMAT, STALE_TEMPORARY_S, SegmentationFiles, cache_cases, cache_paths,
                            map_pixels, open_cache, pixels_crc32, read_cache_header)
 from .images.classes import label_values, named_classes
@@ -290,7 +290,7 @@ def check_cases(*datasets: Dataset) -> None:
     for dataset in datasets:
         patches = dataset if isinstance(dataset, RandomPatches) else None
         dataset = dataset.volumes if patches is not None else dataset
-        if isinstance(dataset, (SyntheticCases, SyntheticOrgans)):
+        if isinstance(dataset, SyntheticCases):
             continue
         volumes, shapes = isinstance(dataset, (MSDVolumes, BTCVVolumes)), []
         total += len(dataset.cases)

@@ -5,9 +5,9 @@ In reading order:
     draw_polyp_scene(S, generator)    image (3, S, S) in [0, 1], mask (1, S, S) in {0, 1}
     draw_blob_volume(S, generator)    image (1, S, S, S) z-scored, mask (1, S, S, S) in {0, 1}
     draw_organ_volume(S, generator)   image (1, S, S, S) in [0, 1], labels (1, S, S, S) int64 in 0..5
-    SyntheticCases                    the synthetic and synthetic3d cases; SyntheticOrgans, its subclass, the
-                                      synthetic-organs volumes: one prologue (the index checked, case i's
-                                      generator seeded with seed * 1_000_003 + i), a draw each
+    SyntheticCases                    what the generated datasets share (the index checked, case i's generator
+                                      seeded with seed * 1_000_003 + i); SyntheticPolyps, SyntheticBlobs and
+                                      SyntheticOrgans each draw their items
     synthetic_range, synthetic_split  the splits: consecutive index ranges, 70 / 20 / 10 %
 
 synthetic: endoscopy-like scenes, a textured pink "mucosa" with a dark lumen, 1-3 distractor blobs (dark purple
@@ -228,10 +228,9 @@ def draw_organ_volume(size: int, generator: torch.Generator) -> tuple[torch.Tens
 
 
 class SyntheticCases(Dataset):
-    """`length` scenes of dataset `name` ("synthetic" or "synthetic3d") with global indices first_index..;
-    scene i depends only on (seed, i). Polyps are augmented when `augment`, scene i in epoch `epoch` (set by
-    train.py) by the symmetry drawn from (seed, epoch, i); volumes are not, and carry a 1 mm spacing.
-    SyntheticOrgans shares everything but `draw`."""
+    """What every generated dataset shares: `length` scenes of dataset `name` with global indices first_index..,
+    scene i drawn from (seed, i) alone by the subclass's `draw`; `epoch` is set by train.py on every dataset.
+    SyntheticPolyps (synthetic), SyntheticBlobs (synthetic3d) and SyntheticOrgans (synthetic-organs) draw."""
 
     def __init__(self, name: str, length: int, first_index: int, img_size: int, seed: int, augment: bool):
         self.name, self.length, self.first_index = name, length, first_index
@@ -249,14 +248,27 @@ class SyntheticCases(Dataset):
 
     def draw(self, scene: int, generator: torch.Generator) -> dict:
         """The item of scene `scene` (a global index), its random numbers from `generator`."""
-        if self.name == "synthetic3d":
-            image, mask = draw_blob_volume(self.img_size, generator)
-            return {"image": image, "mask": mask, "name": f"synthetic3d_{scene:05d}",
-                    "spacing": torch.ones(3, dtype=torch.float64)}
+        raise NotImplementedError(f"{type(self).__name__} must define draw")
+
+
+class SyntheticPolyps(SyntheticCases):
+    """synthetic: polyp scenes, augmented when `augment` (scene i in epoch e by the symmetry drawn from
+    (seed, e, i)); items as data.images' 2D cases."""
+
+    def draw(self, scene: int, generator: torch.Generator) -> dict:
         image, mask = draw_polyp_scene(self.img_size, generator)
         # Its own generator: the scene stays the same whatever the epoch.
         augmentation = augmentation_generator(self.seed, self.epoch, scene) if self.augment else None
         return make_item(image, mask, f"synthetic_{scene:05d}", augmentation)
+
+
+class SyntheticBlobs(SyntheticCases):
+    """synthetic3d: blob volumes, not augmented, at a 1 mm spacing."""
+
+    def draw(self, scene: int, generator: torch.Generator) -> dict:
+        image, mask = draw_blob_volume(self.img_size, generator)
+        return {"image": image, "mask": mask, "name": f"synthetic3d_{scene:05d}",
+                "spacing": torch.ones(3, dtype=torch.float64)}
 
 
 class SyntheticOrgans(SyntheticCases):
@@ -286,6 +298,9 @@ def synthetic_range(split: str, total: int) -> tuple[int, int]:
     return first, length
 
 
+GENERATED = {"synthetic": SyntheticPolyps, "synthetic3d": SyntheticBlobs}  # synthetic-organs: open_organs
+
+
 def synthetic_split(name: str, split: str, total: int, img_size: int, seed: int) -> SyntheticCases:
     first, length = synthetic_range(split, total)
-    return SyntheticCases(name, length, first, img_size, seed, augment=split == "train")
+    return GENERATED[name](name, length, first, img_size, seed, augment=split == "train")

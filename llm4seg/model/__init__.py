@@ -20,9 +20,8 @@ from .build import (BACKBONES, FINAL_NORMS, MODES, VIT_OPTIONS, Backbone, ModelC
                     build_model, cnn, count_activation_bytes, count_gmacs, count_params, llm_bridge)
 from .u_shape import DOWNSAMPLING, DecoderStage, Parts, SegmentationNet, check_image_sides, check_image_size
 
-__all__ = ["BACKBONES", "CMUNEXT_DIMS", "DOWNSAMPLING", "FINAL_NORMS",
-           "MEDNEXT_SIZES", "MODES", "NNUNET_CHANNELS", "UNET_CHANNELS", "UXNET_WIDTHS", "VIT_OPTIONS", "Backbone",
-           "DecoderStage", "LLMBridge", "LoRALinear", "ModelConfig", "Parts", "SegmentationNet", "add_lora",
-           "backbone_defaults", "build_model", "check_image_sides", "cnn", "check_image_size", "count_activation_bytes", "count_gmacs",
-           "count_params", "llm_bridge", "lora_mapper", "mednext_parts", "set_frozen_dtype", "unit_final_norm",
-           "uxnet3d_parts"]
+__all__ = ["BACKBONES", "CMUNEXT_DIMS", "DOWNSAMPLING", "FINAL_NORMS", "MEDNEXT_SIZES", "MODES", "NNUNET_CHANNELS",
+           "UNET_CHANNELS", "UXNET_WIDTHS", "VIT_OPTIONS", "add_lora", "Backbone", "backbone_defaults",
+           "build_model", "check_image_sides", "check_image_size", "cnn", "count_activation_bytes", "count_gmacs",
+           "count_params", "DecoderStage", "llm_bridge", "LLMBridge", "lora_mapper", "LoRALinear", "mednext_parts",
+           "ModelConfig", "Parts", "SegmentationNet", "set_frozen_dtype", "unit_final_norm", "uxnet3d_parts"]

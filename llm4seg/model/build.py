@@ -18,6 +18,7 @@ backbone takes the dimensions its row names: asking a 2D CNN for spatial_dims 3,
 Adding a backbone is one row: a function giving its Parts (backbones_2d.py, backbones_3d.py) and cnn(parts,
 dims), or a Backbone whose network(config, bridge_at) builds any other shape.
 """
+import contextlib
 import copy
 from dataclasses import dataclass, field
 from functools import partial
@@ -25,6 +26,7 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..llm_layer import MODES as LLM_MODES
 from ..llm_layer import load_final_norm, load_layer
@@ -61,6 +63,8 @@ class ModelConfig:
     dropout: float | None = None
 
 
+# MedVisionLlama's ViT shape (its code's defaults): 128^3 inputs, 8^3 patches, 64-wide tokens, 16 blocks of 4 heads.
+VIT_OPTIONS = {"img_size": 128, "patch_size": 8, "embed_dim": 64, "depth": 16, "heads": 4, "dropout": 0.2}
 BridgeAt = Callable[[int], "LLMBridge | None"]  # the LLM bridge at a network's width C, or None for a plain one
 
 
@@ -118,8 +122,6 @@ def cnn(parts: Callable[[int, int], Parts], spatial_dims: int, min_side: int = D
 
 
 NEEDS_TWO_BOTTLENECK_VOXELS = 2 * DOWNSAMPLING  # InstanceNorm (nnU-Net, 3D UX-Net's decoder), MedNeXt's GroupNorm
-# MedVisionLlama's ViT shape (its code's defaults): 128^3 inputs, 8^3 patches, 64-wide tokens, 16 blocks of 4 heads.
-VIT_OPTIONS = {"img_size": 128, "patch_size": 8, "embed_dim": 64, "depth": 16, "heads": 4, "dropout": 0.2}
 BACKBONES = {
     "unet": cnn(unet_parts, 2),
     "cmunext": cnn(cmunext_parts, 2),
@@ -136,7 +138,7 @@ BACKBONES = {
     "mednext-tiny": cnn(partial(mednext_parts, size="S", kernel=3, width=8), 3, NEEDS_TWO_BOTTLENECK_VOXELS),
     # MedVisionLlama: a ViT on 2D images or 3D volumes (1-channel volumes by default), the layer after the patch
     # embedding with the residual and the LLM's final norm (unit weight) around it.
-    "vit": Backbone(vision_transformer, (3, 2), in_channels=1, residual=True, final_norm="unit", options=VIT_OPTIONS,
+    "vit": Backbone(vision_transformer, (3, 2), in_channels=1, residual=True, final_norm="unit", options=dict(VIT_OPTIONS),
                     feature_maps=False),
 }
 
@@ -267,21 +269,52 @@ def count_gmacs(net: nn.Module, in_channels: int, img_size: int, spatial_dims: i
 
 
 def count_activation_bytes(net: nn.Module, input_shape: tuple[int, ...]) -> int:
-    """Bytes of the tensors a training forward of a float32 (B, C, *S) batch keeps for backward (autograd's
-    saved tensors: each layer's inputs, normalisation statistics, ...) plus its logits, counted on a meta copy
-    (no memory used, ~1 s for MedNeXt). Measured against the process's peak RSS: MedNeXt-tiny at 4 x 64^3, 1.93 GB
-    counted, 2.16 GB grown (the rest: gradients and the allocator's slack)."""
-    saved = 0
+    """Bytes of the activations a training forward of a float32 (B, C, *S) batch keeps for backward (autograd's
+    saved tensors, the weights left out: each layer's inputs, normalisation statistics, ...) plus its logits,
+    counted on a meta copy (no memory used; 0.1 s for MedNeXt after a first call's ~1 s). Attention is counted as
+    fused kernels keep it (FusedAttentionShapes); where a CPU materialises the (T, T) weights instead (attention
+    dropout) a step needs more, so the count is a lower bound there. Measured against the process's peak RSS:
+    MedNeXt-tiny at 4 x 64^3, 1.93 GB counted, 2.16 GB grown (gradients and the allocator's slack)."""
+    meta_net, saved = meta_copy(net).train(), 0
+    weights = {id(p) for p in meta_net.parameters()}
 
     def count(tensor: torch.Tensor) -> torch.Tensor:
         nonlocal saved
-        saved += tensor.numel() * tensor.element_size()
+        if id(tensor) not in weights and id(tensor._base) not in weights:  # a weight or a view of one: not counted
+            saved += tensor.numel() * tensor.element_size()
         return tensor
 
-    meta_net = meta_copy(net).train()
-    with torch.autograd.graph.saved_tensors_hooks(count, lambda tensor: tensor):
+    with torch.autograd.graph.saved_tensors_hooks(count, lambda tensor: tensor), fused_attention_shapes():
         logits = meta_net(torch.zeros(input_shape, device="meta"))
     return saved + logits.numel() * logits.element_size()
+
+
+class FusedAttentionShapes(torch.autograd.Function):
+    """softmax(q k^T) v as a fused kernel runs it, in shapes only: it keeps q, k, v, the output and one float32
+    log-sum-exp per query for backward (flash attention on CUDA, kernels/attention.py), never the (T, T) weights
+    that the meta device's math path would keep."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out = q.new_empty(*q.shape[:-1], v.shape[-1])                                  # (B, H, T, d_v)
+        ctx.save_for_backward(q, k, v, out, q.new_empty(q.shape[:-1], dtype=torch.float32))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        raise RuntimeError("FusedAttentionShapes counts a forward's saved tensors; it has no backward")
+
+
+@contextlib.contextmanager
+def fused_attention_shapes():
+    """F.scaled_dot_product_attention (which nn.MultiheadAttention and the LLM layers call) as
+    FusedAttentionShapes, for the meta counts above."""
+    original = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = lambda q, k, v, *args, **kwargs: FusedAttentionShapes.apply(q, k, v)
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:
