@@ -102,6 +102,7 @@ class Task:
 
     @property
     def label_dtype_numpy(self) -> np.dtype:
+        """label_dtype as numpy's, for the label maps written as NIfTI."""
         return np.dtype(np.uint8) if self.label_dtype == torch.uint8 else np.dtype(np.int16)
 
     def loss(self, logits: Tensor, target: Tensor, bce_weight: float) -> Tensor:
@@ -119,8 +120,8 @@ class Task:
         return probabilities.argmax(1) if self.multiclass else probabilities[:, 0] > THRESHOLD
 
     def panel_png(self, image: Tensor, truth: Tensor, prediction: Tensor, path: Path, caption: str) -> None:
-        """One case's picture: image (C, *S) as the network read it, truth (*S) and prediction (*S), the labels
-        or the foreground probability; pictures.py draws it."""
+        """One case's picture: image (C, *S) as the network read it, its truth (*S) and predicted labels (*S,
+        task.labels); pictures.py draws it."""
         names = list(self.class_names) if self.multiclass else None
         if self.volumes:
             volume_panel_png(image, truth, prediction, path, multiclass=self.multiclass, caption=caption,

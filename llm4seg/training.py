@@ -8,8 +8,8 @@ and LoRA rank 8 on the mappers; --recipe llm4seg3d AdamW 1e-4 (weight decay 1e-5
 1,667 epochs validated every 21 (40,000 iterations and every 500 on BTCV) (settings.RECIPES). A dataset of
 several classes (btcv, synthetic-organs, msd --multiclass, folder --multiclass) trains K logits with
 dice_ce_loss (CE + 1 - soft Dice over softmax, MONAI's DiceCELoss) and validates by the mean IoU / Dice over
-the classes (volumes of a patch-trained run by sliding windows of --roi-size). Flags given explicitly win over any
-recipe:
+the classes (volumes of a patch-trained run by sliding windows of --roi-size). Flags given explicitly win
+over any recipe. LLM4Seg's:
     loss   = w * BCEWithLogits(z, g) + (1 - mean_b Dice_b),  w = 0.5
              Dice_b = (2 sum(sigmoid(z_b) g_b) + 1e-5) / (sum sigmoid(z_b) + sum g_b + 1e-5)
     SGD(lr 0.01, momentum 0.9, weight decay 1e-4) over the trainable tensors only,

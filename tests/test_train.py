@@ -671,3 +671,18 @@ def test_the_layer_and_the_data_are_reported_together(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "tiny-org/no-such-model" in err and str(tmp_path / "absent") in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_the_memory_check_asks_cuda_and_halves_the_activations_under_bf16(monkeypatch):
+    """settings.check_step_fits on a GPU, its driver faked: 4 x 64^3 MedNeXt-tiny crops keep ~2.0 GB in float32,
+    about half under bf16 autocast; with 1.5 GB free the first is refused in one line, the second fits."""
+    from llm4seg.run_config import RunConfig
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (int(1.5e9), int(80e9)))
+    net = build_model("mednext-tiny", None, mode="none", num_classes=6)
+    config = RunConfig(data="synthetic-organs", backbone="mednext-tiny", roi_size=64, batch_size=4)
+    cuda = torch.device("cuda", 0)
+    settings.check_step_fits(net, config, cuda, torch.bfloat16)
+    with pytest.raises(ValueError, match=r"^--roi-size 64: one training step of mednext-tiny on batches of 4 needs "
+                                         r"about 2\.0 GB \(2\.0 GB of activations\), and cuda:0 has 1\.5 GB free"):
+        settings.check_step_fits(net, config, cuda, torch.float32)
