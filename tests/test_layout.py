@@ -1,7 +1,8 @@
 """The layout rules of README.md's "How to read this code", read from the import statements themselves:
 the entry scripts sit on top and never import each other, the library never imports an entry script, the
-kernels import nothing else of the project, the library's modules import each other without a cycle, and no
-library file or entry script outgrows 500 lines (a concern that does becomes a small package named for it)."""
+kernels import nothing else of the project, the library's modules import each other without a cycle, no library
+file outgrows 500 lines (a concern that does becomes a small package named for it), the entry scripts stay under
+400, and train.py shows its step on its first screen."""
 import ast
 from pathlib import Path
 
@@ -9,6 +10,8 @@ REPO = Path(__file__).resolve().parents[1]
 LIBRARY = REPO / "llm4seg"
 ENTRY_SCRIPTS = ("train", "eval", "sweep")
 MAX_LINES = 500
+MAX_ENTRY_LINES = 400  # thin: what the library can hold, it holds
+FIRST_SCREEN = 80
 
 
 def module_name(path: Path) -> str:
@@ -81,3 +84,16 @@ def test_no_library_file_or_entry_script_over_500_lines():
     files = {**MODULES, **{script: REPO / f"{script}.py" for script in ENTRY_SCRIPTS}}
     long = {name: n for name, path in files.items() if (n := len(path.read_text().splitlines())) > MAX_LINES}
     assert not long, f"over {MAX_LINES} lines: {long}; split by concern (the library's part into llm4seg/)"
+
+
+def test_the_entry_scripts_stay_thin():
+    long = {script: n for script in ENTRY_SCRIPTS
+            if (n := len((REPO / f"{script}.py").read_text().splitlines())) >= MAX_ENTRY_LINES}
+    assert not long, f"{MAX_ENTRY_LINES} lines or more: {long}; move what is not the script's own flow into llm4seg/"
+
+
+def test_train_py_shows_the_step_on_its_first_screen():
+    """nanoGPT's promise: a reader who opens train.py finds forward, loss, backward and the optimizer step at once."""
+    first_screen = "\n".join((REPO / "train.py").read_text().splitlines()[:FIRST_SCREEN])
+    for part in ("logits = run.model(", "run.task.loss(", "loss.backward()", "run.optimizer.step()"):
+        assert part in first_screen, f"train.py's first {FIRST_SCREEN} lines lack {part!r}"
