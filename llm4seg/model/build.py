@@ -138,8 +138,8 @@ BACKBONES = {
     "mednext-tiny": cnn(partial(mednext_parts, size="S", kernel=3, width=8), 3, NEEDS_TWO_BOTTLENECK_VOXELS),
     # MedVisionLlama: a ViT on 2D images or 3D volumes (1-channel volumes by default), the layer after the patch
     # embedding with the residual and the LLM's final norm (unit weight) around it.
-    "vit": Backbone(vision_transformer, (3, 2), in_channels=1, residual=True, final_norm="unit", options=dict(VIT_OPTIONS),
-                    feature_maps=False),
+    "vit": Backbone(vision_transformer, (3, 2), in_channels=1, residual=True, final_norm="unit",
+                    options=dict(VIT_OPTIONS), feature_maps=False),
 }
 
 # After the layer: nothing, the LLM's final RMSNorm with unit weight (MedVisionLlama's code), or with its
