@@ -15,7 +15,8 @@ from .checkpoints import has_checkpoint, load_weights_of_run, read_run_config, r
 from .cli import add_runtime_flags, check_runtime_flags, one_line_error_parser
 from .data import (DATASET_TABLE, DATASETS, RAW_DATASETS, check_data_options, input_channels,
                    num_classes, spatial_dims)
-from .model import BACKBONES, DOWNSAMPLING, FINAL_NORMS, MODES, VIT_OPTIONS, build_model, count_activation_bytes
+from .model import (BACKBONES, DOWNSAMPLING, FINAL_NORMS, MODES, VIT_OPTIONS, backbones_for, build_model,
+                    count_activation_bytes)
 from .run_config import DATA_DEFAULTS, RunConfig, run_config_defaults
 from .runtime import free_memory
 
@@ -221,7 +222,7 @@ def check_data_and_model(args: RunConfig) -> None:
         raise ValueError(f"--data {args.data}: {error}") from None
     dims, row = spatial_dims(args.data), BACKBONES[args.backbone]
     if dims not in row.spatial_dims:
-        fitting = ", ".join(name for name, other in BACKBONES.items() if dims in other.spatial_dims)
+        fitting = ", ".join(backbones_for(dims))
         raise ValueError(f"--data {args.data} holds {DATASET_TABLE[args.data].holds}; the "
                          f"{args.backbone} backbone is {row.spatial_dims[0]}D: use --backbone {fitting}")
     flag, side = args.input_side

@@ -21,14 +21,21 @@ def test_load_dataset_is_a_lookup_and_a_call():
     assert "`load_dataset` is too complex" not in result.stdout, result.stdout
 
 
+def code_lines():
+    """(file relative to the repository, line number, the line stripped) of every library module and entry
+    script."""
+    root = Path(__file__).parent.parent
+    for path in [*sorted((root / "llm4seg").rglob("*.py")), *sorted(root.glob("*.py"))]:
+        name = path.relative_to(root).as_posix()
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            yield name, number, line.strip()
+
+
 def test_no_code_asks_for_a_backbone_by_name():
     """A backbone's facts are its BACKBONES row (issue 30): no library module or entry script tests
     `backbone == "vit"` (or any other name); they read the row's fields instead."""
-    root = Path(__file__).parent.parent
     named = re.compile(r"""backbone["'\]]*\s*[!=]=\s*["']|["']\s*[!=]=\s*\w*backbone\b""")
-    found = [f"{path.relative_to(root)}:{number}: {line.strip()}"
-             for path in [*sorted((root / "llm4seg").rglob("*.py")), *sorted(root.glob("*.py"))]
-             for number, line in enumerate(path.read_text().splitlines(), 1) if named.search(line)]
+    found = [f"{name}:{number}: {line}" for name, number, line in code_lines() if named.search(line)]
     assert not found, "\n".join(found)
 
 
@@ -77,11 +84,6 @@ def test_the_kind_of_run_is_decided_in_its_homes_only():
     """Binary or multi-class and 2D or 3D are asked of the Task, the dataset table or a model row: a grep for
     `num_classes > 1`, `spatial_dims == 3`, `.ndim`, `.dim()` and the like lists every other place; the rank checks
     of inputs in RANK_CHECKS are allowed, each for its stated reason."""
-    root = Path(__file__).parent.parent
-    found = []
-    for path in [*sorted((root / "llm4seg").rglob("*.py")), *sorted(root.glob("*.py"))]:
-        name = path.relative_to(root).as_posix()
-        if not name.startswith(KIND_HOMES):
-            found += [f"{name}:{number}: {line.strip()}" for number, line in enumerate(path.read_text().splitlines(), 1)
-                      if KIND_TESTS.search(line) and (name, line.strip()) not in RANK_CHECKS]
+    found = [f"{name}:{number}: {line}" for name, number, line in code_lines()
+             if not name.startswith(KIND_HOMES) and KIND_TESTS.search(line) and (name, line) not in RANK_CHECKS]
     assert not found, "\n".join(found)

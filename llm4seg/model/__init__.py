@@ -17,11 +17,11 @@ from .backbones_2d import CMUNEXT_DIMS, NNUNET_CHANNELS, UNET_CHANNELS
 from .backbones_3d import MEDNEXT_SIZES, UXNET_WIDTHS, mednext_parts, uxnet3d_parts
 from .bridge import LLMBridge, LoRALinear, add_lora, lora_mapper, set_frozen_dtype, unit_final_norm
 from .build import (BACKBONES, FINAL_NORMS, MODES, VIT_OPTIONS, Backbone, ModelConfig, backbone_defaults,
-                    build_model, cnn, count_activation_bytes, count_gmacs, count_params, llm_bridge)
+                    backbones_for, build_model, cnn, count_activation_bytes, count_gmacs, count_params, llm_bridge)
 from .u_shape import DOWNSAMPLING, DecoderStage, Parts, SegmentationNet, check_image_sides, check_image_size
 
 __all__ = ["BACKBONES", "CMUNEXT_DIMS", "DOWNSAMPLING", "FINAL_NORMS", "MEDNEXT_SIZES", "MODES", "NNUNET_CHANNELS",
            "UNET_CHANNELS", "UXNET_WIDTHS", "VIT_OPTIONS", "add_lora", "Backbone", "backbone_defaults",
-           "build_model", "check_image_sides", "check_image_size", "cnn", "count_activation_bytes", "count_gmacs",
-           "count_params", "DecoderStage", "llm_bridge", "LLMBridge", "lora_mapper", "LoRALinear", "mednext_parts",
+           "backbones_for", "build_model", "check_image_sides", "check_image_size", "cnn", "count_activation_bytes",
+           "count_gmacs", "count_params", "DecoderStage", "llm_bridge", "LLMBridge", "lora_mapper", "LoRALinear", "mednext_parts",
            "ModelConfig", "Parts", "SegmentationNet", "set_frozen_dtype", "unit_final_norm", "uxnet3d_parts"]

@@ -147,6 +147,11 @@ BACKBONES = {
 FINAL_NORMS = ("none", "unit", "pretrained")
 
 
+def backbones_for(spatial_dims: int) -> list[str]:
+    """The backbones that take inputs of this dimension, in BACKBONES' order."""
+    return [name for name, row in BACKBONES.items() if spatial_dims in row.spatial_dims]
+
+
 def backbone_defaults(backbone: str) -> dict:
     """in_channels, spatial_dims, residual, final_norm where build_model is given None."""
     row = BACKBONES[backbone]
@@ -213,7 +218,7 @@ def check_model_options(backbone, llm, mode, plain, lora_rank, mapper_lora_rank,
     own = sorted(BACKBONES[backbone].spatial_dims)
     if spatial_dims not in own:
         data = "volumes" if spatial_dims == 3 else "images"
-        fitting = ", ".join(name for name, row in BACKBONES.items() if spatial_dims in row.spatial_dims)
+        fitting = ", ".join(backbones_for(spatial_dims))
         raise ValueError(f"backbone {backbone!r} is {' or '.join(f'{dims}D' for dims in own)}: got "
                          f"spatial_dims={spatial_dims}; for {data} use one of {fitting}")
 
