@@ -24,4 +24,5 @@ __all__ = ["BACKBONES", "CMUNEXT_DIMS", "DOWNSAMPLING", "FINAL_NORMS", "MEDNEXT_
            "UNET_CHANNELS", "UXNET_WIDTHS", "VIT_OPTIONS", "add_lora", "Backbone", "backbone_defaults",
            "backbones_for", "build_model", "check_image_sides", "check_image_size", "cnn", "count_activation_bytes",
            "count_gmacs", "count_params", "DecoderStage", "llm_bridge", "LLMBridge", "lora_mapper", "LoRALinear",
-           "mednext_parts", "ModelConfig", "Parts", "SegmentationNet", "set_frozen_dtype", "unit_final_norm", "uxnet3d_parts"]
+           "mednext_parts", "ModelConfig", "Parts", "SegmentationNet", "set_frozen_dtype", "unit_final_norm",
+           "uxnet3d_parts"]
